@@ -1,0 +1,212 @@
+"""A token bucket with explicit time: the unit every limit in ratekeeper is built from."""
+
+from __future__ import annotations
+
+import math
+from typing import final
+
+__all__ = ["TokenBucket"]
+
+# Relative slack when comparing a level with an amount. ``time_until`` divides
+# and ``level_at`` multiplies back, so a take exactly at the promised instant can
+# land a few ulps short; the slack makes that take succeed without letting a take
+# measurably early through.
+_REL_EPS = 1e-9
+
+
+def _check_amount(amount: float, name: str = "amount") -> float:
+    if not amount >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be a non-negative number, got {amount!r}")
+    return float(amount)
+
+
+def _check_capacity(capacity: float) -> float:
+    if not capacity > 0 or capacity == math.inf:
+        raise ValueError(f"capacity must be a positive finite number, got {capacity!r}")
+    return float(capacity)
+
+
+def _check_rate(rate: float) -> float:
+    if not rate >= 0 or rate == math.inf:
+        raise ValueError(f"rate must be a non-negative finite number, got {rate!r}")
+    return float(rate)
+
+
+def _check_now(now: float) -> float:
+    if math.isnan(now):
+        raise ValueError("now must be a number, got nan")
+    return float(now)
+
+
+@final
+class TokenBucket:
+    """A bucket that refills continuously at ``rate`` tokens per second up to ``capacity``.
+
+    Every method takes ``now`` (seconds, any epoch, as a float) instead of
+    reading a clock, so the same object serves real time, virtual time and
+    tests alike. A ``now`` earlier than one already seen counts as that latest
+    time: going back and forward again never earns the same interval twice.
+
+    The level may go below zero, down to ``-debt_limit``, through ``charge``:
+    that is how a request that turned out to cost more than it reserved is
+    settled. ``try_take`` never goes below zero.
+
+    >>> b = TokenBucket(capacity=10, rate=1.0, level=0.0, now=0.0)
+    >>> b.try_take(3, now=2.0)
+    False
+    >>> b.time_until(3, now=2.0)
+    1.0
+    >>> b.try_take(3, now=3.0)
+    True
+    >>> b.level_at(3.0)
+    0.0
+    """
+
+    __slots__ = ("_capacity", "_debt_limit", "_level", "_rate", "_t")
+
+    def __init__(
+        self,
+        capacity: float,
+        rate: float,
+        *,
+        level: float | None = None,
+        now: float = 0.0,
+        debt_limit: float | None = None,
+    ) -> None:
+        self._capacity = _check_capacity(capacity)
+        self._rate = _check_rate(rate)
+        self._debt_limit = self._capacity if debt_limit is None else _check_amount(debt_limit, "debt_limit")
+        self._t = _check_now(now)
+        if level is None:
+            self._level = self._capacity
+        else:
+            if math.isnan(level):
+                raise ValueError("level must be a number, got nan")
+            self._level = min(max(float(level), -self._debt_limit), self._capacity)
+
+    # -- read-only views ---------------------------------------------------
+
+    @property
+    def capacity(self) -> float:
+        """The most tokens the bucket holds."""
+        return self._capacity
+
+    @property
+    def rate(self) -> float:
+        """Tokens added per second."""
+        return self._rate
+
+    @property
+    def debt_limit(self) -> float:
+        """How far below zero ``charge`` may take the level."""
+        return self._debt_limit
+
+    @property
+    def last_time(self) -> float:
+        """The latest ``now`` this bucket has seen."""
+        return self._t
+
+    def level_at(self, now: float) -> float:
+        """The level at ``now``, without changing the bucket."""
+        dt = now - self._t
+        if dt <= 0:  # also NaN: never mint tokens from a bad clock
+            return self._level
+        level = self._level + dt * self._rate
+        return level if level < self._capacity else self._capacity
+
+    def time_until(self, amount: float, now: float) -> float:
+        """Seconds from ``now`` until ``amount`` tokens are available.
+
+        ``0.0`` if they are available now, ``math.inf`` if they never will be
+        (more than the capacity, or no refill).
+        """
+        amount = _check_amount(amount)
+        if amount > self._capacity:
+            return math.inf
+        t = self._t if now < self._t else now
+        level = self.level_at(t)
+        if level >= amount - _REL_EPS * max(1.0, amount):
+            return 0.0
+        if self._rate == 0.0:
+            return math.inf
+        return (t - now) + (amount - level) / self._rate
+
+    # -- changes -------------------------------------------------------------
+
+    def _advance(self, now: float) -> None:
+        if now > self._t:
+            self._level = self.level_at(now)
+            self._t = now
+        elif math.isnan(now):
+            raise ValueError("now must be a number, got nan")
+
+    def try_take(self, amount: float, now: float) -> bool:
+        """Take ``amount`` tokens if they are there now; report whether it did."""
+        amount = _check_amount(amount)
+        self._advance(now)
+        if self._level >= amount - _REL_EPS * max(1.0, amount):
+            self._level = max(self._level - amount, min(self._level, 0.0))
+            return True
+        return False
+
+    def charge(self, amount: float, now: float) -> None:
+        """Take ``amount`` whether or not it is there, going into debt (at most ``debt_limit``).
+
+        Used when the server already spent the tokens: an extra charge at
+        settlement, or traffic learned about after the fact.
+        """
+        amount = _check_amount(amount)
+        self._advance(now)
+        self._level = max(self._level - amount, -self._debt_limit)
+
+    def give_back(self, amount: float, now: float) -> None:
+        """Return ``amount`` tokens (a refund); the level never exceeds the capacity."""
+        amount = _check_amount(amount)
+        self._advance(now)
+        level = self._level + amount
+        self._level = level if level < self._capacity else self._capacity
+
+    def set_level(self, level: float, now: float) -> None:
+        """Set the level at ``now``, clamped to ``[-debt_limit, capacity]``."""
+        if math.isnan(level):
+            raise ValueError("level must be a number, got nan")
+        self._advance(now)
+        self._level = min(max(float(level), -self._debt_limit), self._capacity)
+
+    def resync(self, remaining: float, now: float, *, allow_increase: bool = False) -> float:
+        """Pull the level down to what a server reports as ``remaining``.
+
+        The level only goes down unless ``allow_increase``: a report can be
+        stale, and the client must never admit more than the server would.
+        Returns the change applied (negative when tokens were removed).
+        """
+        if math.isnan(remaining):
+            raise ValueError("remaining must be a number, got nan")
+        self._advance(now)
+        before = self._level
+        target = min(max(float(remaining), -self._debt_limit), self._capacity)
+        if target < before or allow_increase:
+            self._level = target
+        return self._level - before
+
+    def set_limits(self, now: float, *, capacity: float | None = None, rate: float | None = None) -> None:
+        """Change capacity and/or rate in place, after bringing the level up to ``now``.
+
+        What was used stays used: a bucket that grows keeps its deficit (the
+        server's bucket was that size all along), one that shrinks is clamped.
+        """
+        new_capacity = self._capacity if capacity is None else _check_capacity(capacity)
+        new_rate = self._rate if rate is None else _check_rate(rate)
+        self._advance(now)
+        used = self._capacity - self._level
+        if self._debt_limit == self._capacity:
+            self._debt_limit = new_capacity
+        self._capacity = new_capacity
+        self._rate = new_rate
+        self._level = min(max(new_capacity - used, -self._debt_limit), new_capacity)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenBucket(capacity={self._capacity:g}, rate={self._rate:g}/s, "
+            f"level={self._level:g} at t={self._t:g})"
+        )
