@@ -405,6 +405,18 @@ def test_resolve_never_crashes(model: str) -> None:
     assert cls in model_classes()
 
 
+@given(st.one_of(st.text(), st.from_regex(r"[Tt]ier[ _-]?[0-9]{0,6}", fullmatch=True)))
+def test_preset_lookup_never_crashes(preset: str) -> None:
+    try:
+        name = batch_limits(preset).preset
+    except ConfigurationError as exc:
+        message = str(exc)
+    else:
+        assert name in preset_names()
+        return
+    assert message.startswith(f"unknown preset {preset!r}; known presets: ")
+
+
 # ---------------------------------------------------------------- pools
 
 

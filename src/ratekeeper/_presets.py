@@ -281,7 +281,7 @@ def _tables() -> _Tables:
 def _preset(preset: str) -> _Preset:
     tables = _tables()
     key = re.sub(r"[\s_]+", "-", preset.strip().lower())
-    m = re.fullmatch(r"tier-?([0-9]+)", key)
+    m = re.fullmatch(r"tier-?([0-9]{1,3})", key)
     if m:
         key = f"tier-{int(m[1])}"
     found = tables.presets.get(key)
