@@ -1,0 +1,1327 @@
+"""The gate: requests wait in ``acquire()`` until every bucket they need can admit them.
+
+Layout: ``Limiter`` owns one ``_PoolRuntime`` per shared limit (model class,
+batches, count_tokens). A runtime pairs the pure ``Pool`` (buckets) with a
+priority queue of waiters. All state is guarded by one ``threading.Lock`` so
+async tasks and worker threads can share a limiter; nothing awaits while
+holding it.
+
+Scheduling: the oldest waiter of the highest priority is the *head*. It is
+granted as soon as its cost fits. While it waits, a later waiter may go first
+only if that does not delay the head (EASY backfilling), looking at a bounded
+window behind the head so a grant costs the same however long the queue is.
+Only the head sleeps on a timer; everybody else sleeps until a grant or a
+change of plan wakes exactly them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Final, final
+
+import anyio
+import sniffio
+
+from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
+from ratekeeper._bucket import TokenBucket
+from ratekeeper._errors import (
+    AcquireTimeout,
+    ConfigurationError,
+    InsufficientCredits,
+    SpendLimitReached,
+    UnknownModelError,
+    WouldBlock,
+)
+from ratekeeper._headers import RateLimitSnapshot, parse_headers
+from ratekeeper._pool import Pool
+from ratekeeper._presets import batch_limits, count_tokens_rpm, limits_for, spend_cap
+from ratekeeper._stats import AdmittedWindow, LimiterEvent, LimiterStatistics, PoolStatistics, WaitSamples
+
+__all__ = ["Limiter", "Permit"]
+
+log = logging.getLogger("ratekeeper")
+
+#: Token ``-remaining`` headers are rounded to the nearest thousand.
+ROUNDING_MARGIN: Final = 500.0
+#: Header dimension names that map onto pool buckets.
+_RESYNC_DIMS: Final = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "tokens",
+    "priority_input_tokens",
+    "priority_output_tokens",
+)
+_DEFAULT_PRESET: Final = "tier-1"
+_FALLBACK_PRESET: Final = "start"
+
+_ACTIVE, _SETTLED, _RELEASED = 0, 1, 2
+_WAITING, _GRANTED, _FAILED, _GONE = 0, 1, 2, 3
+
+
+def _draws(cost: Cost) -> dict[str, float]:
+    out = {"requests": cost.requests, "input_tokens": cost.input_tokens, "output_tokens": cost.output_tokens}
+    tokens = cost.input_tokens + cost.output_tokens
+    if tokens:
+        out["tokens"] = tokens
+    if cost.priority_input_tokens or cost.priority_output_tokens:
+        out["priority_input_tokens"] = cost.priority_input_tokens
+        out["priority_output_tokens"] = cost.priority_output_tokens
+    return out
+
+
+def _diff(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
+    keys = a.keys() | b.keys()
+    return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in keys if a.get(k, 0.0) != b.get(k, 0.0)}
+
+
+class _Waiter:
+    __slots__ = (
+        "draws",
+        "enqueued_at",
+        "error",
+        "event",
+        "loop_thread",
+        "permit",
+        "priority",
+        "seq",
+        "state",
+        "sync_event",
+        "threadsafe",
+    )
+
+    def __init__(self, draws: dict[str, float], priority: int, seq: int, now: float) -> None:
+        self.draws = draws
+        self.priority = priority
+        self.seq = seq
+        self.enqueued_at = now
+        self.state = _WAITING
+        self.error: BaseException | None = None
+        self.event: anyio.Event | None = None
+        self.sync_event: threading.Event | None = None
+        self.loop_thread = 0
+        self.threadsafe: Callable[[Callable[[], object]], object] | None = None
+        self.permit: Permit | None = None
+
+    def wake(self) -> None:
+        sync_event = self.sync_event
+        if sync_event is not None:
+            sync_event.set()
+            return
+        event = self.event
+        if event is None:
+            return
+        if self.threadsafe is None or threading.get_ident() == self.loop_thread:
+            event.set()
+        else:
+            self.threadsafe(event.set)
+
+
+class _PoolRuntime:
+    """A pool, its queue and its counters."""
+
+    __slots__ = (
+        "admitted",
+        "cache_reads_count",
+        "granted",
+        "in_flight",
+        "next_wake",
+        "overload_backoff",
+        "overloaded",
+        "pool",
+        "queue",
+        "queued",
+        "rate_limited",
+        "rate_limited_predicted",
+        "resyncs",
+        "rules",
+        "waits",
+    )
+
+    def __init__(self, pool: Pool, rules: AccountingRules) -> None:
+        self.pool = pool
+        self.rules = rules
+        self.cache_reads_count = rules.cache_reads_count
+        # priority -> FIFO of waiters; cancelled waiters stay until they reach the front
+        self.queue: dict[int, deque[_Waiter]] = {}
+        self.queued = 0
+        self.in_flight: dict[int, Permit] = {}
+        self.next_wake = math.inf
+        self.granted = 0
+        self.rate_limited = 0
+        self.rate_limited_predicted = 0
+        self.overloaded = 0
+        self.overload_backoff = 0.0
+        self.resyncs = 0
+        self.waits = WaitSamples()
+        self.admitted = AdmittedWindow()
+
+    def ordered(self) -> list[deque[_Waiter]]:
+        return [self.queue[p] for p in sorted(self.queue, reverse=True)]
+
+    def head(self) -> _Waiter | None:
+        for dq in self.ordered():
+            while dq and dq[0].state != _WAITING:
+                dq.popleft()
+            if dq:
+                return dq[0]
+        return None
+
+
+@final
+class Permit:
+    """The right to send one request, held from admission until it is settled.
+
+    Use it inside ``async with limiter.acquire(...) as permit:``. After the
+    response, ``observe`` its headers and ``settle`` its usage; leaving the
+    block without settling releases what was reserved (see ``release``).
+    """
+
+    __slots__ = (
+        "_charged",
+        "_limiter",
+        "_runtime",
+        "_state",
+        "credits",
+        "model",
+        "pool",
+        "reserved",
+        "response_status",
+        "sent",
+        "seq",
+        "started_at",
+    )
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        runtime: _PoolRuntime,
+        model: str,
+        draws: dict[str, float],
+        credits: float,
+        seq: int,
+        now: float,
+    ) -> None:
+        self._limiter = limiter
+        self._runtime = runtime
+        self.pool = runtime.pool.name
+        self.model = model
+        self.reserved: Mapping[str, float] = draws
+        self._charged = dict(draws)
+        self.credits = credits
+        self.seq = seq
+        self.started_at = now
+        self._state = _ACTIVE
+        self.sent = False
+        self.response_status: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """True until the permit is settled or released."""
+        return self._state == _ACTIVE
+
+    def mark_sent(self) -> None:
+        """Record that the request is leaving for the server (its RPM token is spent)."""
+        self.sent = True
+
+    def record_output(self, output_tokens: int) -> None:
+        """Charge output produced so far (cumulative), as a stream runs.
+
+        Under the real-time OTPM rule output is charged as it is produced; under
+        the ``max_tokens`` rule the reservation already covers it and this only
+        guards against going over it.
+        """
+        self._limiter._progress(self, float(output_tokens))
+
+    def observe(
+        self,
+        headers: object,
+        *,
+        status: int = 200,
+        body: object = None,
+    ) -> RateLimitSnapshot:
+        """Feed the response's headers (and, for errors, its JSON body) back to the limiter."""
+        self.sent = True
+        self.response_status = status
+        return self._limiter._observe(headers, status=status, body=body, permit=self, runtime=self._runtime)
+
+    def settle(self, usage: object, *, credits: float | None = None) -> Cost:
+        """Apply the actual usage: refund what was over-reserved, charge what was under.
+
+        ``usage`` is an SDK ``Usage`` object, a mapping with the usage fields, or a
+        ``Usage``. ``credits`` is the wallet's actual charge, when known. Returns the
+        settled cost. Settling twice is an error; settling after release does nothing.
+        """
+        if self._state == _SETTLED:
+            raise ConfigurationError("this permit is already settled")
+        if self._state == _RELEASED:
+            return Cost()
+        return self._limiter._settle(self, Usage.from_any(usage), credits)
+
+    def release(self) -> None:
+        """Give back what the request did not use, without a usage report.
+
+        A request that never left gives everything back. One that reached the
+        server keeps its RPM token; after an error response its tokens are given
+        back (the server refused it); after a successful response with no usage
+        settled, the reservation stands (the server charged it).
+        """
+        if self._state == _ACTIVE:
+            self._limiter._release(self)
+
+    def __repr__(self) -> str:
+        state = ("active", "settled", "released")[self._state]
+        return f"<Permit {self.pool} #{self.seq} {state} reserved={dict(self.reserved)}>"
+
+
+@final
+class _Acquire:
+    """``async with limiter.acquire(...)``; also usable as ``await`` for the bare permit."""
+
+    __slots__ = ("_args", "_limiter", "_permit")
+
+    def __init__(self, limiter: Limiter, args: tuple[Any, ...]) -> None:
+        self._limiter = limiter
+        self._args = args
+        self._permit: Permit | None = None
+
+    async def __aenter__(self) -> Permit:
+        self._permit = await self._limiter._acquire(*self._args)
+        return self._permit
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        permit = self._permit
+        if permit is not None and permit._state == _ACTIVE:
+            self._limiter._release(permit)
+
+    def __await__(self) -> Any:
+        return self._limiter._acquire(*self._args).__await__()
+
+
+@final
+class _SyncAcquire:
+    """``with limiter.acquire_sync(...)``: the blocking form for threads."""
+
+    __slots__ = ("_args", "_limiter", "_permit")
+
+    def __init__(self, limiter: Limiter, args: tuple[Any, ...]) -> None:
+        self._limiter = limiter
+        self._args = args
+        self._permit: Permit | None = None
+
+    def __enter__(self) -> Permit:
+        self._permit = self._limiter._acquire_blocking(*self._args)
+        return self._permit
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        permit = self._permit
+        if permit is not None and permit._state == _ACTIVE:
+            self._limiter._release(permit)
+
+
+@final
+class Limiter:
+    """Gates requests to the Messages API so they stay inside the organization's limits.
+
+    ``preset`` (``"tier-1"`` .. ``"tier-4"``, ``"start"``, ``"build"``,
+    ``"scale"``) gives the starting limits; without one the limiter starts at
+    Tier 1 and learns the real limits from the first responses' ``-limit``
+    headers. ``limits`` overrides per pool, e.g. ``{"sonnet-4": {"requests":
+    50, "input_tokens": 30000, "output_tokens": 8000, "tokens": 20000}}`` (a
+    ``tokens`` entry adds a combined limit, such as a workspace's).
+
+    Under asyncio and trio alike::
+
+        limiter = Limiter("tier-2")
+        async with limiter.acquire("claude-sonnet-4-5", input_tokens=1200, max_tokens=1024) as permit:
+            response = await send()
+            permit.observe(response.headers)
+            permit.settle(response.usage)
+
+    Options: ``output_rule`` (how OTPM counts), ``burst`` (fraction of a
+    minute a bucket holds; ``adaptive_burst`` shrinks it after a 429 the model
+    did not predict and grows it back after ``burst_recovery`` clean seconds),
+    ``warmup`` (seconds of slow start from ``warmup_floor`` of the rate),
+    ``wallet_balance`` (credits of a prepaid wallet), ``clock`` (a
+    zero-argument function returning seconds; default: the event loop's clock
+    in async code, ``time.monotonic`` in threads), ``on_event`` (called with a
+    ``LimiterEvent`` for pauses, resyncs, 429s...), ``backfill_window``.
+    """
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        *,
+        rules: AccountingRules | None = None,
+        output_rule: OutputRule | str | None = None,
+        limits: Mapping[str, Mapping[str, float]] | None = None,
+        batch: bool = True,
+        burst: float = 1.0,
+        adaptive_burst: bool = True,
+        burst_recovery: float = 60.0,
+        warmup: float | None = None,
+        warmup_floor: float = 0.1,
+        wallet_balance: float | None = None,
+        learn_limits: bool = True,
+        backfill_window: int = 16,
+        clock: Callable[[], float] | None = None,
+        on_event: Callable[[LimiterEvent], None] | None = None,
+        backend: object = None,
+    ) -> None:
+        if backend is not None:
+            raise ConfigurationError(
+                "this limiter keeps its state in-process; a shared backend is given to "
+                "ratekeeper.RedisBackend-aware limiters"
+            )
+        if rules is not None and output_rule is not None:
+            raise ConfigurationError("give either rules or output_rule, not both")
+        if isinstance(output_rule, str):
+            try:
+                output_rule = OutputRule(output_rule)
+            except ValueError:
+                choices = ", ".join(r.value for r in OutputRule)
+                raise ConfigurationError(
+                    f"unknown output_rule {output_rule!r}; choose one of: {choices}"
+                ) from None
+        self._rules = rules or AccountingRules(output_rule=output_rule or OutputRule.MAX_TOKENS)
+        self._preset = preset
+        if preset is not None:
+            spend_cap(preset)  # an unknown preset raises the presets module's error, listing the names
+        if warmup is not None and not warmup > 0:
+            raise ConfigurationError(f"warmup must be a positive number of seconds, got {warmup!r}")
+        if not 0 < warmup_floor <= 1:
+            raise ConfigurationError(f"warmup_floor must be in (0, 1], got {warmup_floor!r}")
+        if backfill_window < 0:
+            raise ConfigurationError(f"backfill_window must be >= 0, got {backfill_window!r}")
+        Pool("check", {}, now=0.0, burst=burst)  # validates burst with the pool's own message
+        self._overrides = {k: dict(v) for k, v in (limits or {}).items()}
+        self._batch = batch
+        self._burst = burst
+        self._adaptive = adaptive_burst
+        self._burst_recovery = burst_recovery
+        self._warmup = warmup
+        self._warmup_floor = warmup_floor
+        self._warm_start: float | None = None
+        self._learn = learn_limits
+        self._window = backfill_window
+        self._clock = clock
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._pools: dict[str, _PoolRuntime] = {}
+        self._model_pool: dict[str, str] = {}
+        self._seq = itertools.count()
+        self._wallet: TokenBucket | None = None
+        if wallet_balance is not None:
+            self._wallet = _wallet_bucket(wallet_balance)
+        self._spend_until: float | None = None
+        self._spend_resets_at: _dt.datetime | None = None
+        self._unified_warned: set[tuple[str | None, str | None]] = set()
+        self._async_clock_ok: bool | None = None
+
+    # ------------------------------------------------------------------ clock
+
+    def _now(self) -> float:
+        clock = self._clock
+        if clock is not None:
+            return clock()
+        try:
+            return anyio.current_time()
+        except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
+            return time.monotonic()
+
+    # ------------------------------------------------------------------ pools
+
+    def _runtime_for(self, model: str, now: float) -> _PoolRuntime:
+        name = self._model_pool.get(model)
+        if name is not None:
+            return self._pools[name]
+        if model in self._overrides and model not in self._pools:
+            rt = self._new_pool(model, self._overrides[model], AccountingRules(), now)
+            self._model_pool[model] = model
+            return rt
+        try:
+            ml = limits_for(self._preset or _DEFAULT_PRESET, model)
+        except UnknownModelError:
+            if self._preset is not None:
+                raise
+            # no preset: start from the newer scheme for classes Tier 1 doesn't list
+            ml = limits_for(_FALLBACK_PRESET, model)
+        pool_name = ml.pool
+        rt_existing = self._pools.get(pool_name)
+        if rt_existing is None:
+            base = {
+                "requests": float(ml.rpm),
+                "input_tokens": float(ml.itpm),
+                "output_tokens": float(ml.otpm),
+            }
+            base.update(self._overrides.get(pool_name, {}))
+            rules = _rules_with(self._rules, ml.cache_reads_count)
+            rt_existing = self._new_pool(pool_name, base, rules, now)
+        self._model_pool[model] = pool_name
+        return rt_existing
+
+    def _new_pool(
+        self, name: str, limits: Mapping[str, float], rules: AccountingRules, now: float
+    ) -> _PoolRuntime:
+        scale = self._warm_scale(now)
+        pool = Pool(name, limits, now=now, burst=self._burst, rate_scale=scale)
+        if scale < 1.0:
+            for bucket in pool.buckets.values():
+                bucket.set_level(bucket.capacity * scale, now)
+        rt = _PoolRuntime(pool, rules)
+        self._pools[name] = rt
+        return rt
+
+    def _special_pool(self, name: str, limits: Mapping[str, float], now: float) -> _PoolRuntime:
+        rt = self._pools.get(name)
+        if rt is None:
+            rt = _PoolRuntime(Pool(name, limits, now=now), self._rules)
+            self._pools[name] = rt
+        return rt
+
+    def _warm_scale(self, now: float) -> float:
+        if self._warmup is None:
+            return 1.0
+        if self._warm_start is None:
+            self._warm_start = now
+        progress = (now - self._warm_start) / self._warmup
+        if progress >= 1.0:
+            return 1.0
+        return self._warmup_floor + (1.0 - self._warmup_floor) * max(0.0, progress)
+
+    def _apply_warmup(self, now: float) -> None:
+        if self._warmup is None:
+            return
+        scale = self._warm_scale(now)
+        for rt in self._pools.values():
+            rt.pool.scale_rates(scale, now)
+        if scale >= 1.0:
+            self._warmup = None
+
+    def pool_of(self, model: str) -> str:
+        """The name of the shared pool ``model`` draws from (e.g. ``"sonnet-4"``)."""
+        with self._lock:
+            return self._runtime_for(model, self._now()).pool.name
+
+    def set_limits(self, pool_or_model: str, **limits: float) -> None:
+        """Change a pool's per-minute limits by hand: ``set_limits("sonnet-4", requests=100)``.
+
+        State is brought up to date first, then the change applies, then the
+        waiters that can now go are woken.
+        """
+        with self._lock:
+            now = self._now()
+            rt = self._pools.get(pool_or_model) or self._runtime_for(pool_or_model, now)
+            for dim, value in limits.items():
+                rt.pool.set_limit(dim, float(value), now)
+            self._emit("limit_change", rt, now, dict(limits))
+            self._dispatch(rt, now)
+
+    # ------------------------------------------------------------------ acquire
+
+    def acquire(
+        self,
+        model: str,
+        *,
+        input_tokens: int = 0,
+        max_tokens: int = 0,
+        cache_read_input_tokens: int = 0,
+        cache_creation_input_tokens: int = 0,
+        expected_output_tokens: int | None = None,
+        service_tier: str | None = None,
+        credits: float = 0.0,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> _Acquire:
+        """Wait until the model's pool can admit the request, then hold a ``Permit``.
+
+        ``input_tokens`` is the uncached input, ``cache_read_input_tokens`` and
+        ``cache_creation_input_tokens`` the predicted cache split. ``priority``
+        orders the queue (higher first; FIFO within a level). ``service_tier``
+        ``"priority"`` draws on Priority Tier limits too. Raises
+        ``CapacityExceeded`` at once for a cost no bucket could ever admit,
+        ``AcquireTimeout`` after ``timeout`` seconds, ``SpendLimitReached`` and
+        ``InsufficientCredits`` when waiting cannot help.
+        """
+        demand = Demand(
+            input_tokens=input_tokens,
+            max_tokens=max_tokens,
+            cache_read_input_tokens=cache_read_input_tokens,
+            cache_creation_input_tokens=cache_creation_input_tokens,
+            expected_output_tokens=expected_output_tokens,
+            priority=service_tier == "priority",
+            credits=credits,
+        )
+        return _Acquire(self, (model, demand, priority, timeout))
+
+    def acquire_demand(
+        self, model: str, demand: Demand, *, priority: int = 0, timeout: float | None = None
+    ) -> _Acquire:
+        """Like ``acquire`` with a ready ``Demand`` (for example from ``TokenEstimator``)."""
+        return _Acquire(self, (model, demand, priority, timeout))
+
+    def acquire_sync(
+        self, model: str, demand: Demand, *, priority: int = 0, timeout: float | None = None
+    ) -> _SyncAcquire:
+        """The blocking form, for synchronous code in threads: ``with limiter.acquire_sync(...) as p:``.
+
+        In a worker thread started by anyio it waits in the event loop; in any
+        other thread it waits on the thread itself, with ``time.monotonic``
+        (which is asyncio's clock too, so threads and asyncio tasks can share a
+        limiter).
+        """
+        return _SyncAcquire(self, (model, demand, priority, timeout))
+
+    def acquire_nowait(
+        self,
+        model: str,
+        *,
+        input_tokens: int = 0,
+        max_tokens: int = 0,
+        cache_read_input_tokens: int = 0,
+        cache_creation_input_tokens: int = 0,
+        expected_output_tokens: int | None = None,
+        service_tier: str | None = None,
+        credits: float = 0.0,
+    ) -> Permit:
+        """Admit the request now or raise ``WouldBlock`` (with the earliest retry time)."""
+        demand = Demand(
+            input_tokens=input_tokens,
+            max_tokens=max_tokens,
+            cache_read_input_tokens=cache_read_input_tokens,
+            cache_creation_input_tokens=cache_creation_input_tokens,
+            expected_output_tokens=expected_output_tokens,
+            priority=service_tier == "priority",
+            credits=credits,
+        )
+        with self._lock:
+            now = self._now()
+            rt, draws, credit = self._prepare(model, demand, now)
+            wait = rt.pool.wait_time(draws, now)
+            if rt.queued or wait > 0.0:
+                reason = rt.pool.pause_reason if rt.pool.paused_until > now else ""
+                raise WouldBlock(rt.pool.name, wait, reason)
+            return self._grant_now(rt, model, draws, credit, now)
+
+    def _prepare(
+        self, model: str, demand: Demand, now: float
+    ) -> tuple[_PoolRuntime, dict[str, float], float]:
+        self._check_spend(now)
+        if self._warmup is not None:
+            self._apply_warmup(now)
+        if isinstance(demand, _BatchDemand) or model == "count_tokens":
+            rt = self._pools[model]
+            draws = {"requests": 1.0}
+            if isinstance(demand, _BatchDemand):
+                draws["queued_requests"] = float(demand.requests)
+            rt.pool.check(draws)
+            return rt, draws, 0.0
+        rt = self._runtime_for(model, now)
+        cost = rt.rules.admission_cost(demand)
+        draws = _draws(cost)
+        rt.pool.check(draws)
+        credit = cost.credits
+        if credit:
+            self._check_wallet(credit, now)
+        return rt, draws, credit
+
+    def _grant_now(
+        self, rt: _PoolRuntime, model: str, draws: dict[str, float], credit: float, now: float
+    ) -> Permit:
+        rt.pool.take(draws, now)
+        if credit and self._wallet is not None:
+            self._wallet.charge(credit, now)
+        seq = next(self._seq)
+        permit = Permit(self, rt, model, draws, credit, seq, now)
+        rt.in_flight[seq] = permit
+        rt.granted += 1
+        rt.admitted.add(now, draws)
+        return permit
+
+    async def _acquire(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
+        with self._lock:
+            now = self._now()
+            rt, draws, credit = self._prepare(model, demand, now)
+            if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
+                rt.waits.add(0.0)
+                return self._grant_now(rt, model, draws, credit, now)
+            if timeout is not None and timeout <= 0:
+                raise AcquireTimeout(rt.pool.name, timeout)
+            waiter = self._enqueue(rt, draws, priority, now)
+            waiter.permit = None
+            self._bind_async(waiter)
+            self._dispatch(rt, now)
+        deadline = math.inf if timeout is None else now + timeout
+        try:
+            return await self._wait_async(rt, waiter, model, credit, deadline, timeout)
+        except BaseException:
+            with self._lock:
+                self._abandon(rt, waiter, self._now())
+            raise
+
+    def _bind_async(self, waiter: _Waiter) -> None:
+        waiter.loop_thread = threading.get_ident()
+        if sniffio.current_async_library() == "trio":
+            import trio
+
+            waiter.threadsafe = trio.lowlevel.current_trio_token().run_sync_soon
+        else:
+            import asyncio
+
+            waiter.threadsafe = asyncio.get_running_loop().call_soon_threadsafe
+
+    async def _wait_async(
+        self,
+        rt: _PoolRuntime,
+        waiter: _Waiter,
+        model: str,
+        credit: float,
+        deadline: float,
+        timeout: float | None,
+    ) -> Permit:
+        while True:
+            with self._lock:
+                now = self._now()
+                permit = self._collect(rt, waiter, model, credit, now, deadline, timeout)
+                if permit is not None:
+                    return permit
+                event = anyio.Event()
+                waiter.event = event
+                until = deadline
+                if rt.head() is waiter and rt.next_wake < until:
+                    until = rt.next_wake
+            if until == math.inf:
+                await event.wait()
+            else:
+                with anyio.move_on_after(max(0.0, until - now)):
+                    await event.wait()
+            if not event.is_set():
+                with self._lock:
+                    if waiter.state == _WAITING:
+                        self._dispatch(rt, self._now())
+
+    def _collect(
+        self,
+        rt: _PoolRuntime,
+        waiter: _Waiter,
+        model: str,
+        credit: float,
+        now: float,
+        deadline: float,
+        timeout: float | None,
+    ) -> Permit | None:
+        """Under the lock: the waiter's permit if granted, an error if failed, None to keep waiting."""
+        if waiter.state == _GRANTED:
+            permit = Permit(self, rt, model, waiter.draws, credit, waiter.seq, now)
+            permit.started_at = rt.in_flight.pop(waiter.seq).started_at if waiter.seq in rt.in_flight else now
+            rt.in_flight[waiter.seq] = permit
+            if credit and self._wallet is not None:
+                self._wallet.charge(credit, now)
+            waiter.permit = permit
+            return permit
+        if waiter.state == _FAILED:
+            assert waiter.error is not None
+            raise waiter.error
+        if now >= deadline:
+            self._abandon(rt, waiter, now)
+            raise AcquireTimeout(rt.pool.name, timeout if timeout is not None else 0.0)
+        return None
+
+    def _acquire_blocking(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
+        try:
+            sniffio.current_async_library()
+        except sniffio.AsyncLibraryNotFoundError:
+            pass
+        else:
+            raise ConfigurationError(
+                "acquire_sync blocks; in async code use `async with limiter.acquire(...)`"
+            )
+        try:
+            return anyio.from_thread.run(self._acquire, model, demand, priority, timeout)
+        except RuntimeError as exc:
+            if "not running in a worker thread" not in str(exc).lower() and "event loop" not in str(exc):
+                raise
+        return self._acquire_thread(model, demand, priority, timeout)
+
+    def _acquire_thread(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
+        with self._lock:
+            now = self._now()
+            rt, draws, credit = self._prepare(model, demand, now)
+            if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
+                rt.waits.add(0.0)
+                return self._grant_now(rt, model, draws, credit, now)
+            waiter = self._enqueue(rt, draws, priority, now)
+            waiter.sync_event = threading.Event()
+            self._dispatch(rt, now)
+        deadline = math.inf if timeout is None else now + timeout
+        try:
+            while True:
+                with self._lock:
+                    now = self._now()
+                    permit = self._collect(rt, waiter, model, credit, now, deadline, timeout)
+                    if permit is not None:
+                        return permit
+                    waiter.sync_event.clear()
+                    until = deadline
+                    if rt.head() is waiter and rt.next_wake < until:
+                        until = rt.next_wake
+                woke = waiter.sync_event.wait(None if until == math.inf else max(0.0, until - now))
+                if not woke:
+                    with self._lock:
+                        if waiter.state == _WAITING:
+                            self._dispatch(rt, self._now())
+        except BaseException:
+            with self._lock:
+                self._abandon(rt, waiter, self._now())
+            raise
+
+    def _enqueue(self, rt: _PoolRuntime, draws: dict[str, float], priority: int, now: float) -> _Waiter:
+        waiter = _Waiter(draws, priority, next(self._seq), now)
+        dq = rt.queue.get(priority)
+        if dq is None:
+            dq = rt.queue[priority] = deque()
+        dq.append(waiter)
+        rt.queued += 1
+        return waiter
+
+    def _abandon(self, rt: _PoolRuntime, waiter: _Waiter, now: float) -> None:
+        """A waiter leaves (cancelled, timed out, failed): nothing it held stays reserved."""
+        if waiter.state == _WAITING:
+            waiter.state = _GONE
+            rt.queued -= 1
+            self._dispatch(rt, now)
+        elif waiter.state == _GRANTED:
+            permit = waiter.permit
+            if permit is None:
+                # granted but the task never picked it up: it never left, give it all back
+                rt.in_flight.pop(waiter.seq, None)
+                rt.pool.give_back(waiter.draws, now)
+                rt.granted -= 1
+                rt.admitted.add(now, waiter.draws, -1.0)
+                waiter.state = _GONE
+                self._dispatch(rt, now)
+            elif permit._state == _ACTIVE and not permit.sent:
+                self._release_locked(permit, now)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _dispatch(self, rt: _PoolRuntime, now: float) -> None:
+        """Grant every waiter that can go now; wake exactly those, plus a new head."""
+        pool = rt.pool
+        old_head = rt.head()
+        if self._warmup is not None:
+            self._apply_warmup(now)
+        while True:
+            head = rt.head()
+            if head is None:
+                rt.next_wake = math.inf
+                return
+            wait = pool.wait_time(head.draws, now)
+            if wait > 0.0:
+                break
+            self._grant_waiter(rt, head, now)
+        rt.next_wake = now + wait
+        if self._window:
+            scanned = 0
+            for dq in rt.ordered():
+                for w in list(itertools.islice(dq, 0, self._window + 1)):
+                    if w is head or w.state != _WAITING:
+                        continue
+                    scanned += 1
+                    if pool.fits_without_delaying(w.draws, head.draws, wait, now):
+                        self._grant_waiter(rt, w, now)
+                    if scanned >= self._window:
+                        break
+                if scanned >= self._window:
+                    break
+        if head is not old_head or head.event is None or not head.event.is_set():
+            head.wake()  # the head re-plans its timer
+
+    def _grant_waiter(self, rt: _PoolRuntime, w: _Waiter, now: float) -> None:
+        rt.pool.take(w.draws, now)
+        w.state = _GRANTED
+        rt.queued -= 1
+        rt.granted += 1
+        rt.waits.add(now - w.enqueued_at)
+        rt.admitted.add(now, w.draws)
+        # a placeholder so observe() of earlier permits counts this one as in flight
+        rt.in_flight[w.seq] = _placeholder(self, rt, w, now)
+        if self._on_event is not None:
+            self._emit("grant", rt, now, {"waited": now - w.enqueued_at})
+        w.wake()
+
+    def _fail_all(self, error_for: Callable[[], BaseException]) -> None:
+        for rt in self._pools.values():
+            for dq in rt.queue.values():
+                for w in dq:
+                    if w.state == _WAITING:
+                        w.state = _FAILED
+                        w.error = error_for()
+                        rt.queued -= 1
+                        w.wake()
+                dq.clear()
+            rt.next_wake = math.inf
+
+    # ------------------------------------------------------------------ settlement
+
+    def _settle(self, permit: Permit, usage: Usage, credits: float | None) -> Cost:
+        with self._lock:
+            now = self._now()
+            rt = permit._runtime
+            priority = permit.reserved.get("priority_input_tokens", 0.0) > 0.0
+            actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
+            new = _draws(actual)
+            diff = _diff(permit._charged, new)
+            rt.pool.give_back(diff, now)
+            if diff:
+                rt.admitted.add(now, diff, -1.0)
+            if self._wallet is not None and permit.credits and credits is not None:
+                self._wallet.give_back(permit.credits - credits, now) if permit.credits >= credits else (
+                    self._wallet.charge(credits - permit.credits, now)
+                )
+            permit._charged = new
+            permit._state = _SETTLED
+            rt.in_flight.pop(permit.seq, None)
+            if self._adaptive:
+                old = rt.pool.burst
+                if rt.pool.grow_burst(now, clean_for=self._burst_recovery) != old:
+                    self._emit("burst_change", rt, now, {"burst": rt.pool.burst})
+            self._dispatch(rt, now)
+            return actual
+
+    def _progress(self, permit: Permit, output: float) -> None:
+        if permit._state != _ACTIVE:
+            return
+        with self._lock:
+            charged = permit._charged.get("output_tokens", 0.0)
+            extra = output - charged
+            if extra <= 0.0:
+                return
+            now = self._now()
+            rt = permit._runtime
+            more = {"output_tokens": extra, "tokens": extra}
+            if "priority_output_tokens" in permit._charged:
+                more["priority_output_tokens"] = extra
+            rt.pool.take(more, now)
+            rt.admitted.add(now, more)
+            for dim, amount in more.items():
+                permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
+
+    def _release(self, permit: Permit) -> None:
+        with self._lock:
+            if permit._state == _ACTIVE:
+                self._release_locked(permit, self._now())
+
+    def _release_locked(self, permit: Permit, now: float) -> None:
+        rt = permit._runtime
+        charged = permit._charged
+        if not permit.sent:
+            refund = dict(charged)
+        elif permit.response_status is not None and permit.response_status >= 400:
+            refund = {k: v for k, v in charged.items() if k != "requests"}
+        else:
+            refund = {}
+        if refund:
+            rt.pool.give_back(refund, now)
+            rt.admitted.add(now, refund, -1.0)
+        if self._wallet is not None and permit.credits and (not permit.sent or refund):
+            self._wallet.give_back(permit.credits, now)
+        permit._state = _RELEASED
+        rt.in_flight.pop(permit.seq, None)
+        self._dispatch(rt, now)
+
+    # ------------------------------------------------------------------ feedback
+
+    def observe(
+        self, headers: object, *, model: str | None = None, status: int = 200, body: object = None
+    ) -> RateLimitSnapshot:
+        """Feed a response that no permit covers (another client's, a probe...).
+
+        Without ``model`` the headers can only pause or fail (429, spend limit,
+        subscription status); with it they also resync that model's pool,
+        counting all of this limiter's in-flight requests as unseen by the server.
+        """
+        runtime = None
+        if model is not None:
+            with self._lock:
+                runtime = self._runtime_for(model, self._now())
+        return self._observe(headers, status=status, body=body, permit=None, runtime=runtime)
+
+    def _observe(
+        self,
+        headers: object,
+        *,
+        status: int,
+        body: object,
+        permit: Permit | None,
+        runtime: _PoolRuntime | None,
+    ) -> RateLimitSnapshot:
+        snap = parse_headers(headers)  # type: ignore[arg-type]
+        error_type, error_code, message = _error_fields(body)
+        with self._lock:
+            now = self._now()
+            skew = _skew(snap)
+            if error_code == "enforced_spend_limit_reached":
+                self._spend_limit(snap, now, message)
+            if runtime is not None:
+                self._resync(runtime, snap, permit, now)
+                if status == 429 and error_code != "enforced_spend_limit_reached":
+                    self._on_429(runtime, snap, permit, now)
+                elif status == 529 or error_type == "overloaded_error":
+                    self._on_529(runtime, snap, now)
+                elif status < 400:
+                    runtime.overload_backoff = 0.0
+            if snap.unified is not None:
+                self._on_unified(snap, now, skew, status, runtime)
+            if snap.quota is not None:
+                self._on_quota(snap, permit, now)
+            if status == 402 and self._wallet is not None:
+                # the proxy refused: the wallet holds less than this reservation
+                held = permit.credits if permit is not None else 0.0
+                self._wallet.resync(max(0.0, held - 1.0), now)
+        return snap
+
+    def _resync(self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> None:
+        limits = snap.limits()
+        if not limits:
+            return
+        pool = rt.pool
+        changed = False
+        since = permit.seq if permit is not None else -1
+        unseen: dict[str, float] = {}
+        for other in rt.in_flight.values():
+            if other.seq > since and other is not permit:
+                for dim, amount in other._charged.items():
+                    unseen[dim] = unseen.get(dim, 0.0) + amount
+        for dim in _RESYNC_DIMS:
+            info = limits.get(dim)
+            if info is None:
+                continue
+            if info.limit is not None and info.limit > 0 and self._learn:
+                if dim == "tokens":
+                    combined = pool.limits.get("input_tokens", 0.0) + pool.limits.get("output_tokens", 0.0)
+                    learn = dim in pool.limits or info.limit < combined
+                else:
+                    learn = dim in pool.limits or dim.startswith("priority")
+                if learn and pool.set_limit(dim, float(info.limit), now, rate_scale=self._warm_scale(now)):
+                    changed = True
+                    self._emit("limit_change", rt, now, {dim: info.limit})
+            if info.remaining is not None and dim in pool.limits:
+                margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
+                target = info.remaining - margin - unseen.get(dim, 0.0)
+                delta = pool.resync(dim, target, now)
+                if delta < 0.0:
+                    changed = True
+                    rt.resyncs += 1
+                    self._emit("resync", rt, now, {"dimension": dim, "delta": delta})
+        if changed:
+            self._dispatch(rt, now)
+
+    def _on_429(self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> None:
+        rt.rate_limited += 1
+        pool = rt.pool
+        # Predicted: the server's own remaining shows a dimension this request doesn't fit in,
+        # so the refusal is explained by usage we now know about. Otherwise the server
+        # enforces a shorter interval than our burst assumes.
+        predicted = False
+        if permit is not None:
+            for dim, info in snap.limits().items():
+                need = permit.reserved.get(dim, 0.0)
+                if info.remaining is not None and need > 0 and info.remaining < need:
+                    predicted = True
+                    break
+        if predicted:
+            rt.rate_limited_predicted += 1
+        elif self._adaptive:
+            burst = pool.shrink_burst(now)
+            self._emit("burst_change", rt, now, {"burst": burst})
+        retry = snap.retry_after
+        if retry is None:
+            retry = 1.0
+        if pool.pause(now + retry, "429 rate_limit_error"):
+            self._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
+        self._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
+        self._dispatch(rt, now)
+
+    def _on_529(self, rt: _PoolRuntime, snap: RateLimitSnapshot, now: float) -> None:
+        rt.overloaded += 1
+        backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
+        rt.overload_backoff = backoff
+        wait = snap.retry_after if snap.retry_after is not None else backoff
+        if rt.pool.pause(now + wait, "529 overloaded"):
+            self._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
+        self._emit("overloaded", rt, now, {"backoff": wait})
+        self._dispatch(rt, now)
+
+    def _on_unified(
+        self,
+        snap: RateLimitSnapshot,
+        now: float,
+        skew: float,
+        status: int,
+        runtime: _PoolRuntime | None,
+    ) -> None:
+        unified = snap.unified
+        assert unified is not None
+        if unified.status == "rejected" or (status == 429 and unified.status is not None):
+            wait = 0.0
+            if unified.reset is not None and snap.server_date is not None:
+                wait = (unified.reset - snap.server_date).total_seconds()
+            elif unified.reset is not None:
+                wait = (unified.reset - _dt.datetime.now(_dt.UTC)).total_seconds() + skew
+            if snap.retry_after is not None:
+                wait = max(wait, snap.retry_after)
+            wait = max(wait, 1.0)
+            targets = _unified_targets(unified.representative_claim, self._pools, runtime)
+            for rt in targets:
+                if rt.pool.pause(now + wait, f"subscription limit ({unified.representative_claim})"):
+                    self._emit("pause", rt, now, {"seconds": wait, "reason": "unified rejected"})
+                self._dispatch(rt, now)
+        elif unified.status == "allowed_warning":
+            key = (unified.representative_claim, unified.reset.isoformat() if unified.reset else None)
+            if key not in self._unified_warned:
+                self._unified_warned.add(key)
+                name = runtime.pool.name if runtime is not None else "*"
+                log.warning(
+                    "subscription usage warning: %s window, resets %s",
+                    unified.representative_claim,
+                    unified.reset,
+                )
+                if self._on_event is not None:
+                    self._on_event(
+                        LimiterEvent(
+                            "unified_warning",
+                            name,
+                            now,
+                            {"claim": unified.representative_claim, "reset": unified.reset},
+                        )
+                    )
+
+    def _on_quota(self, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> None:
+        quota = snap.quota
+        assert quota is not None
+        balance = quota.balance if quota.balance is not None else quota.balance_reserved
+        if balance is None:
+            return
+        if self._wallet is None:
+            self._wallet = _wallet_bucket(max(balance, 0.0))
+            self._wallet.set_level(balance, now)
+        since = permit.seq if permit is not None else -1
+        unseen = sum(
+            p.credits
+            for rt in self._pools.values()
+            for p in rt.in_flight.values()
+            if p.seq > since and p.active
+        )
+        wallet = self._wallet
+        if balance > wallet.capacity:
+            wallet.set_limits(now, capacity=balance)
+        wallet.resync(balance - unseen, now, allow_increase=True)
+
+    def _check_wallet(self, credit: float, now: float) -> None:
+        wallet = self._wallet
+        if wallet is not None and wallet.level_at(now) < credit:
+            raise InsufficientCredits(credit, max(wallet.level_at(now), 0.0))
+
+    def _spend_limit(self, snap: RateLimitSnapshot, now: float, message: str) -> None:
+        base = snap.server_date or _dt.datetime.now(_dt.UTC)
+        resets = _first_of_next_month(base)
+        self._spend_resets_at = resets
+        self._spend_until = now + (resets - base).total_seconds()
+        log.error("monthly spend limit reached; usage resumes at %s", resets.isoformat())
+        if self._on_event is not None:
+            self._on_event(LimiterEvent("spend_limit", "*", now, {"resets_at": resets}))
+        self._fail_all(lambda: SpendLimitReached(resets, message))
+
+    def _check_spend(self, now: float) -> None:
+        if self._spend_until is not None:
+            if now < self._spend_until:
+                assert self._spend_resets_at is not None
+                raise SpendLimitReached(self._spend_resets_at)
+            self._spend_until = None
+
+    def _emit(self, kind: str, rt: _PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
+        if kind != "grant":
+            log.debug("%s %s %s", rt.pool.name, kind, detail)
+        if self._on_event is not None:
+            try:
+                self._on_event(LimiterEvent(kind, rt.pool.name, now, dict(detail)))
+            except Exception:  # a broken hook must not break admission
+                log.exception("on_event hook raised")
+
+    # ------------------------------------------------------------------ special endpoints
+
+    def acquire_count_tokens(self, rpm: float | None = None, *, timeout: float | None = None) -> _Acquire:
+        """Gate a ``count_tokens`` call by its own RPM (the preset's, or ``rpm``)."""
+        with self._lock:
+            if "count_tokens" not in self._pools:
+                limit = rpm or count_tokens_rpm(self._preset or _DEFAULT_PRESET) or 100
+                self._special_pool("count_tokens", {"requests": float(limit)}, self._now())
+        return _Acquire(self, ("count_tokens", Demand(), 0, timeout))
+
+    def acquire_batch(self, requests: int, *, timeout: float | None = None) -> _Acquire:
+        """Gate a Message Batches create call: the batch RPM and the queued-requests cap.
+
+        The permit's ``queued_requests`` stay taken after the block until
+        ``batch_finished(requests)`` is called for the batch's end.
+        """
+        with self._lock:
+            if "batches" not in self._pools:
+                bl = batch_limits(self._preset or _DEFAULT_PRESET)
+                self._special_pool("batches", {"requests": float(bl.rpm)}, self._now())
+                self._pools["batches"].pool.buckets["queued_requests"] = TokenBucket(
+                    float(bl.max_queued_requests), 0.0, now=self._now(), debt_limit=0.0
+                )
+                self._pools["batches"].pool.limits["queued_requests"] = float(bl.max_queued_requests)
+        return _Acquire(self, ("batches", _BatchDemand(requests), 0, timeout))
+
+    def batch_finished(self, requests: int) -> None:
+        """A batch ended (or was cancelled): its requests leave the processing queue."""
+        with self._lock:
+            rt = self._pools.get("batches")
+            if rt is None:
+                return
+            now = self._now()
+            rt.pool.give_back({"queued_requests": float(requests)}, now)
+            self._dispatch(rt, now)
+
+    # ------------------------------------------------------------------ introspection
+
+    def statistics(self) -> LimiterStatistics:
+        """A frozen snapshot of every pool: limits, levels, queue, waits, 429s, utilization."""
+        with self._lock:
+            now = self._now()
+            pools = {}
+            for name, rt in self._pools.items():
+                pool = rt.pool
+                admitted = rt.admitted.totals(now)
+                pools[name] = PoolStatistics(
+                    name=name,
+                    limits=dict(pool.limits),
+                    levels=pool.levels(now),
+                    capacity={d: b.capacity for d, b in pool.buckets.items()},
+                    burst=pool.burst,
+                    in_flight=sum(1 for p in rt.in_flight.values() if p.active),
+                    queue_depth=rt.queued,
+                    granted=rt.granted,
+                    wait_p50=rt.waits.quantile(0.5),
+                    wait_p99=rt.waits.quantile(0.99),
+                    rate_limited=rt.rate_limited,
+                    rate_limited_predicted=rt.rate_limited_predicted,
+                    overloaded=rt.overloaded,
+                    resyncs=rt.resyncs,
+                    paused_for=max(0.0, pool.paused_until - now),
+                    pause_reason=pool.pause_reason if pool.paused_until > now else "",
+                    utilization={d: admitted.get(d, 0.0) / lim for d, lim in pool.limits.items() if lim > 0},
+                )
+            wallet = self._wallet.level_at(now) if self._wallet is not None else None
+            return LimiterStatistics(
+                time=now,
+                pools=pools,
+                wallet_balance=wallet,
+                spend_limited=self._spend_until is not None and now < self._spend_until,
+            )
+
+    def __repr__(self) -> str:
+        with self._lock:
+            pools = ", ".join(
+                f"{name}: {rt.queued} waiting, {len(rt.in_flight)} in flight"
+                for name, rt in self._pools.items()
+            )
+        return f"<Limiter preset={self._preset!r} {pools or 'no pools yet'}>"
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class _BatchDemand:
+    """Marker demand for batch creation: 1 request and ``requests`` queue slots."""
+
+    __slots__ = ("requests",)
+
+    def __init__(self, requests: int) -> None:
+        if requests < 1 or requests > 100_000:
+            raise ConfigurationError(f"a batch holds 1 to 100,000 requests, got {requests!r}")
+        self.requests = requests
+
+
+def _placeholder(limiter: Limiter, rt: _PoolRuntime, w: _Waiter, now: float) -> Permit:
+    return Permit(limiter, rt, "", w.draws, 0.0, w.seq, now)
+
+
+def _rules_with(rules: AccountingRules, cache_reads_count: bool) -> AccountingRules:
+    if rules.cache_reads_count == cache_reads_count:
+        return rules
+    import attrs
+
+    return attrs.evolve(rules, cache_reads_count=cache_reads_count)
+
+
+def _wallet_bucket(balance: float) -> TokenBucket:
+    if not balance >= 0:
+        raise ConfigurationError(f"wallet_balance must be a non-negative number, got {balance!r}")
+    # a wallet does not refill: rate 0, and it may not go into debt
+    return TokenBucket(max(balance, 1.0), 0.0, level=balance, debt_limit=0.0)
+
+
+def _skew(snap: RateLimitSnapshot) -> float:
+    if snap.server_date is None or snap.received_at is None:
+        return 0.0
+    return (snap.server_date - snap.received_at).total_seconds()
+
+
+def _first_of_next_month(moment: _dt.datetime) -> _dt.datetime:
+    moment = moment.astimezone(_dt.UTC)
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    return _dt.datetime(year, month, 1, tzinfo=_dt.UTC)
+
+
+def _error_fields(body: object) -> tuple[str | None, str | None, str]:
+    """``(error.type, error.details.error_code, error.message)`` of an error body, tolerantly."""
+    if isinstance(body, bytes | bytearray):
+        import json
+
+        try:
+            body = json.loads(body[:65536])
+        except ValueError:
+            return None, None, ""
+    if not isinstance(body, Mapping):
+        return None, None, ""
+    error = body.get("error")
+    if not isinstance(error, Mapping):
+        return None, None, ""
+    etype = error.get("type")
+    message = error.get("message")
+    details = error.get("details")
+    code = details.get("error_code") if isinstance(details, Mapping) else None
+    return (
+        etype if isinstance(etype, str) else None,
+        code if isinstance(code, str) else None,
+        message if isinstance(message, str) else "",
+    )
+
+
+def _unified_targets(
+    claim: str | None, pools: Mapping[str, _PoolRuntime], runtime: _PoolRuntime | None
+) -> list[_PoolRuntime]:
+    """The pools a subscription rejection holds: model-specific claims hold only that family."""
+    if claim in ("seven_day_opus", "seven_day_sonnet"):
+        family = claim.rsplit("_", 1)[1]
+        chosen = [rt for name, rt in pools.items() if name.startswith(family)]
+    else:
+        chosen = [rt for name, rt in pools.items() if name not in ("count_tokens", "batches")]
+    if runtime is not None and runtime not in chosen:
+        chosen.append(runtime)
+    return chosen

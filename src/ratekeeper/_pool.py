@@ -1,0 +1,239 @@
+"""One pool's buckets: the pure state behind admission, settlement and resync.
+
+A pool is one shared limit on the server (a model class such as ``sonnet-4``,
+the batch endpoints, ...). It holds one ``TokenBucket`` per limited dimension
+and knows nothing of queues, tasks or clocks: every call takes ``now``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import final
+
+from ratekeeper._bucket import TokenBucket
+from ratekeeper._errors import CapacityExceeded
+
+__all__ = ["Pool"]
+
+# The adaptive burst never shrinks below one second's worth of the limit: the
+# tightest enforcement the server is documented to use ("60 RPM as 1 per second").
+MIN_BURST = 1.0 / 60.0
+
+
+@final
+class Pool:
+    """The buckets of one shared limit, with pauses and an adaptive burst.
+
+    ``limits`` maps a dimension (``requests``, ``input_tokens``, ...) to its
+    per-minute limit. Each bucket refills at ``limit / 60`` per second and holds
+    ``limit * burst`` tokens. A request costing more than the bucket holds (but
+    no more than the per-minute limit) is admitted when the bucket is full and
+    leaves it in debt, as a server enforcing a shorter interval would, so a
+    small burst never makes a legal request impossible.
+
+    >>> p = Pool("sonnet-4", {"requests": 50, "output_tokens": 8000}, now=0.0)
+    >>> p.wait_time({"requests": 1, "output_tokens": 8000}, now=0.0)
+    0.0
+    >>> p.take({"requests": 1, "output_tokens": 8000}, now=0.0)
+    >>> round(p.wait_time({"requests": 1, "output_tokens": 4000}, now=0.0), 6)
+    30.0
+    """
+
+    __slots__ = (
+        "_burst",
+        "_clean_since",
+        "buckets",
+        "limits",
+        "name",
+        "pause_reason",
+        "paused_until",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        limits: Mapping[str, float],
+        *,
+        now: float,
+        burst: float = 1.0,
+        rate_scale: float = 1.0,
+    ) -> None:
+        self.name = name
+        self._burst = _check_burst(burst)
+        self.limits: dict[str, float] = {}
+        self.buckets: dict[str, TokenBucket] = {}
+        self.paused_until = -math.inf
+        self.pause_reason = ""
+        self._clean_since = now
+        for dim, limit in limits.items():
+            self._add(dim, limit, now, rate_scale)
+
+    def _add(self, dim: str, limit: float, now: float, rate_scale: float) -> None:
+        if not limit > 0 or limit == math.inf:
+            raise ValueError(f"{self.name}: the {dim} limit must be a positive finite number, got {limit!r}")
+        self.limits[dim] = float(limit)
+        capacity = max(limit * self._burst, 1.0) if dim == "requests" else limit * self._burst
+        self.buckets[dim] = TokenBucket(capacity, limit / 60.0 * rate_scale, now=now, debt_limit=limit)
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def burst(self) -> float:
+        """The fraction of the per-minute limit a bucket holds (1.0 = a full minute)."""
+        return self._burst
+
+    def check(self, draws: Mapping[str, float]) -> None:
+        """Raise ``CapacityExceeded`` if some draw could never be admitted."""
+        limits = self.limits
+        for dim, amount in draws.items():
+            limit = limits.get(dim)
+            if limit is not None and amount > limit:
+                raise CapacityExceeded(self.name, dim, amount, limit)
+
+    def wait_time(self, draws: Mapping[str, float], now: float) -> float:
+        """Seconds until every draw fits at once (0.0: now; inf: never, e.g. no refill)."""
+        wait = self.paused_until - now
+        if wait < 0.0:
+            wait = 0.0
+        buckets = self.buckets
+        for dim, amount in draws.items():
+            bucket = buckets.get(dim)
+            if bucket is None or amount <= 0.0:
+                continue
+            need = amount if amount < bucket.capacity else bucket.capacity
+            t = bucket.time_until(need, now)
+            if t > wait:
+                wait = t
+        return wait
+
+    def fits_without_delaying(
+        self, draws: Mapping[str, float], head: Mapping[str, float], head_wait: float, now: float
+    ) -> bool:
+        """Whether ``draws`` can go now without pushing ``head``'s grant past ``now + head_wait``.
+
+        The backfill rule (EASY backfilling): a small request may pass a large
+        one that is waiting only if the large one still goes at the time it
+        would have gone anyway.
+        """
+        if self.paused_until > now:
+            return False
+        buckets = self.buckets
+        for dim, amount in draws.items():
+            bucket = buckets.get(dim)
+            if bucket is None or amount <= 0.0:
+                continue
+            level = bucket.level_at(now)
+            need = amount if amount < bucket.capacity else bucket.capacity
+            if level < need - 1e-9 * max(1.0, need):
+                return False
+            head_amount = head.get(dim, 0.0)
+            if head_amount > 0.0:
+                head_need = head_amount if head_amount < bucket.capacity else bucket.capacity
+                if level - amount + bucket.rate * head_wait < head_need - 1e-9 * max(1.0, head_need):
+                    return False
+        return True
+
+    def levels(self, now: float) -> dict[str, float]:
+        """The level of every bucket at ``now``."""
+        return {dim: b.level_at(now) for dim, b in self.buckets.items()}
+
+    # -- changes -----------------------------------------------------------------
+
+    def take(self, draws: Mapping[str, float], now: float) -> None:
+        """Take every draw (call after ``wait_time`` returned 0)."""
+        buckets = self.buckets
+        for dim, amount in draws.items():
+            bucket = buckets.get(dim)
+            if bucket is not None and amount > 0.0:
+                bucket.charge(amount, now)
+
+    def give_back(self, amounts: Mapping[str, float], now: float) -> None:
+        """Refund positive amounts and charge negative ones (a settlement's difference)."""
+        buckets = self.buckets
+        for dim, amount in amounts.items():
+            bucket = buckets.get(dim)
+            if bucket is None or amount == 0.0:
+                continue
+            if amount > 0.0:
+                bucket.give_back(amount, now)
+            else:
+                bucket.charge(-amount, now)
+
+    def set_limit(self, dim: str, limit: float, now: float, *, rate_scale: float = 1.0) -> bool:
+        """Set a dimension's per-minute limit (adding the bucket if new). True if it changed."""
+        bucket = self.buckets.get(dim)
+        if bucket is None:
+            self._add(dim, limit, now, rate_scale)
+            return True
+        if self.limits[dim] == limit:
+            return False
+        if not limit > 0 or limit == math.inf:
+            raise ValueError(f"{self.name}: the {dim} limit must be a positive finite number, got {limit!r}")
+        self.limits[dim] = float(limit)
+        bucket.set_limits(now, capacity=self._capacity(dim, limit), rate=limit / 60.0 * rate_scale)
+        return True
+
+    def _capacity(self, dim: str, limit: float) -> float:
+        capacity = limit * self._burst
+        return max(capacity, 1.0) if dim == "requests" else capacity
+
+    def scale_rates(self, rate_scale: float, now: float) -> None:
+        """Scale every refill rate (a warm-up ramp); levels are brought up to ``now`` first."""
+        for dim, bucket in self.buckets.items():
+            bucket.set_limits(now, rate=self.limits[dim] / 60.0 * rate_scale)
+
+    def set_burst(self, burst: float, now: float) -> None:
+        """Resize every bucket to ``burst`` times its per-minute limit."""
+        self._burst = _check_burst(burst)
+        for dim, bucket in self.buckets.items():
+            bucket.set_limits(now, capacity=self._capacity(dim, self.limits[dim]))
+
+    def resync(self, dim: str, target: float, now: float) -> float:
+        """Lower a bucket to ``target`` if it holds more; return the change (<= 0)."""
+        bucket = self.buckets.get(dim)
+        if bucket is None:
+            return 0.0
+        return bucket.resync(target, now)
+
+    def pause(self, until: float, reason: str) -> bool:
+        """Admit nothing before ``until``; True if that extends the current pause."""
+        if until > self.paused_until:
+            self.paused_until = until
+            self.pause_reason = reason
+            return True
+        return False
+
+    # -- adaptive burst ------------------------------------------------------------
+
+    def shrink_burst(self, now: float, factor: float = 0.5) -> float:
+        """An unpredicted 429: the server enforces a shorter interval than assumed."""
+        self.set_burst(max(MIN_BURST, self._burst * factor), now)
+        self._clean_since = now
+        return self._burst
+
+    def grow_burst(self, now: float, *, clean_for: float = 60.0, factor: float = 1.25) -> float:
+        """After ``clean_for`` seconds without a 429, let the burst grow back by ``factor``."""
+        if self._burst < 1.0 and now - self._clean_since >= clean_for:
+            self.set_burst(min(1.0, self._burst * factor), now)
+            self._clean_since = now
+        return self._burst
+
+    def __repr__(self) -> str:
+        dims = ", ".join(f"{d}={b.level_at(b.last_time):g}/{b.capacity:g}" for d, b in self.buckets.items())
+        return f"Pool({self.name!r}, {dims}, burst={self._burst:g})"
+
+
+def _check_burst(burst: float) -> float:
+    if not (MIN_BURST - 1e-12 <= burst <= 1.0):
+        raise ValueError(f"burst must be between 1/60 and 1, got {burst!r}")
+    return float(burst)
+
+
+def total(draws: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Sum draws dimension by dimension."""
+    out: dict[str, float] = {}
+    for d in draws:
+        for dim, amount in d.items():
+            out[dim] = out.get(dim, 0.0) + amount
+    return out
