@@ -6,6 +6,7 @@ as an argument; the async ``Limiter`` gates requests on top of it.
 
 from __future__ import annotations
 
+from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
 from ratekeeper._bucket import TokenBucket
 from ratekeeper._errors import (
     AcquireTimeout,
@@ -27,6 +28,7 @@ from ratekeeper._headers import (
     UnifiedWindow,
     parse_headers,
 )
+from ratekeeper._limiter import Limiter, Permit
 from ratekeeper._presets import (
     LONG_CONTEXT_BETA,
     LONG_CONTEXT_MIN_INPUT_TOKENS,
@@ -45,21 +47,31 @@ from ratekeeper._presets import (
     resolve_model,
     spend_cap,
 )
+from ratekeeper._stats import LimiterEvent, LimiterStatistics, PoolStatistics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccountingRules",
     "AcquireTimeout",
     "BackendUnavailable",
     "BatchLimits",
     "CapacityExceeded",
     "ConfigurationError",
+    "Cost",
+    "Demand",
     "InsufficientCredits",
     "LONG_CONTEXT_BETA",
     "LONG_CONTEXT_MIN_INPUT_TOKENS",
     "LimitInfo",
+    "Limiter",
+    "LimiterEvent",
+    "LimiterStatistics",
     "MissingDependency",
     "ModelLimits",
+    "OutputRule",
+    "Permit",
+    "PoolStatistics",
     "QuotaInfo",
     "RateKeeperError",
     "RateLimitSnapshot",
@@ -69,8 +81,8 @@ __all__ = [
     "UnifiedInfo",
     "UnifiedWindow",
     "UnknownModelError",
+    "Usage",
     "WouldBlock",
-    "__version__",
     "batch_limits",
     "cache_reads_count",
     "count_tokens_rpm",
@@ -83,4 +95,5 @@ __all__ = [
     "register_model",
     "resolve_model",
     "spend_cap",
+    "__version__",
 ]
