@@ -968,11 +968,11 @@ class Limiter:
         permit: Permit | None,
         runtime: _PoolRuntime | None,
     ) -> RateLimitSnapshot:
-        snap = parse_headers(headers)  # type: ignore[arg-type]
+        snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
         error_type, error_code, message = _error_fields(body)
         with self._lock:
             now = self._now()
-            skew = _skew(snap)
+            skew = snap.clock_skew or 0.0
             if error_code == "enforced_spend_limit_reached":
                 self._spend_limit(snap, now, message)
             if runtime is not None:
@@ -1274,12 +1274,6 @@ def _wallet_bucket(balance: float) -> TokenBucket:
         raise ConfigurationError(f"wallet_balance must be a non-negative number, got {balance!r}")
     # a wallet does not refill: rate 0, and it may not go into debt
     return TokenBucket(max(balance, 1.0), 0.0, level=balance, debt_limit=0.0)
-
-
-def _skew(snap: RateLimitSnapshot) -> float:
-    if snap.server_date is None or snap.received_at is None:
-        return 0.0
-    return (snap.server_date - snap.received_at).total_seconds()
 
 
 def _first_of_next_month(moment: _dt.datetime) -> _dt.datetime:
