@@ -307,6 +307,19 @@ class _Acquire:
     def __await__(self) -> Any:
         return self._limiter._acquire(*self._args).__await__()
 
+    # The blocking form too, so the special endpoints (count_tokens, batches) can be
+    # gated from threads: ``with limiter.acquire_count_tokens() as permit:``.
+    def __enter__(self) -> Permit:
+        self._permit = self._limiter._acquire_blocking(*self._args)
+        return self._permit
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        permit = self._permit
+        if permit is not None and permit._state == _ACTIVE:
+            self._limiter._release(permit)
+
 
 @final
 class _SyncAcquire:
@@ -1176,6 +1189,7 @@ class Limiter:
 
         The permit's ``queued_requests`` stay taken after the block until
         ``batch_finished(requests)`` is called for the batch's end.
+        ``acquire_batch(0)`` gates the other batch endpoints by the RPM alone.
         """
         with self._lock:
             if "batches" not in self._pools:
@@ -1252,7 +1266,8 @@ class _BatchDemand:
     __slots__ = ("requests",)
 
     def __init__(self, requests: int) -> None:
-        if requests < 1 or requests > 100_000:
+        # 0: the other batch endpoints (retrieve, list, results, cancel), gated by the RPM only
+        if requests < 0 or requests > 100_000:
             raise ConfigurationError(f"a batch holds 1 to 100,000 requests, got {requests!r}")
         self.requests = requests
 
