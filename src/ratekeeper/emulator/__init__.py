@@ -18,6 +18,7 @@ from ratekeeper.emulator._config import (
     UnifiedConfig,
     WalletConfig,
 )
+from ratekeeper.emulator._http import EmulatorHTTPServer, serve
 from ratekeeper.emulator._log import RequestRecord
 from ratekeeper.emulator._models import Price
 from ratekeeper.emulator._server import EmulatedServer
@@ -31,6 +32,7 @@ __all__ = [
     "Clock",
     "EmulatedServer",
     "EmulatorConfig",
+    "EmulatorHTTPServer",
     "EmulatorRequest",
     "EmulatorTransport",
     "ForeignTraffic",
@@ -45,4 +47,5 @@ __all__ = [
     "VirtualClock",
     "WalletConfig",
     "count_text",
+    "serve",
 ]

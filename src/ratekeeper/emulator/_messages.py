@@ -350,6 +350,7 @@ class _Admission:
             and st.rng.random() < cfg.midstream_error_probability
         ):
             tl, broken = tl.cut(st.rng.randrange(len(tl.chunks))), True
+            self.rec.error_type = "overloaded_error"  # sent as an SSE error event after a 200
         st.cache.commit(self.plan, now, now + tl.start, rid)
         rec = self.rec
         rec.status = 200

@@ -1,0 +1,176 @@
+"""The emulator as a real HTTP server on loopback, in wall-clock time."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Self, final
+
+from ratekeeper._errors import ConfigurationError
+from ratekeeper.emulator._config import EmulatorConfig
+from ratekeeper.emulator._server import EmulatedServer
+from ratekeeper.emulator._wire import EmulatorRequest, Reply
+
+__all__ = ["EmulatorHTTPServer", "serve"]
+
+_SKIP = {"content-length", "transfer-encoding", "connection"}
+
+
+def _check_loopback(host: str) -> None:
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigurationError(f"the emulator listens on loopback addresses only, not {host!r}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HTTPServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the request log is in ``EmulatedServer.log``."""
+
+    def do_GET(self) -> None:
+        """Answer a GET."""
+        self._serve()
+
+    def do_POST(self) -> None:
+        """Answer a POST."""
+        self._serve()
+
+    def do_DELETE(self) -> None:
+        """Answer a DELETE."""
+        self._serve()
+
+    def _serve(self) -> None:
+        owner = self.server.owner
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        host = self.headers.get("host") or f"{owner.host}:{owner.port}"
+        req = EmulatorRequest(self.command, self.path, body, dict(self.headers.items()), f"http://{host}")
+        arrival = owner.now()
+        with owner.lock:
+            reply = owner.server.handle(req, arrival)
+        owner.sleep_until(arrival + reply.delay)
+        self.send_response_only(reply.status)
+        for name, value in reply.headers:
+            if name.lower() not in _SKIP:
+                self.send_header(name, value)
+        if reply.is_stream:
+            self._stream(reply, arrival)
+        else:
+            data = reply.body_bytes()
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    def _stream(self, reply: Reply, arrival: float) -> None:
+        owner = self.server.owner
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        try:
+            for event in reply.events:
+                owner.sleep_until(arrival + event.at)
+                data = event.encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:  # the client went away: settle what it got
+            with owner.lock:
+                owner.server.abandon(reply.request_id, owner.now())
+            self.close_connection = True
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: EmulatorHTTPServer
+
+
+@final
+class EmulatorHTTPServer:
+    """A running loopback HTTP server answering from an :class:`EmulatedServer`.
+
+    Server time is wall-clock seconds since the server started. ``url`` is
+    the base URL to give the SDK; ``close()`` (or leaving the ``with`` block)
+    stops it.
+    """
+
+    def __init__(self, server: EmulatedServer, host: str = "127.0.0.1", port: int = 0) -> None:
+        _check_loopback(host)
+        self.server = server
+        self.lock = threading.Lock()
+        self._httpd = _HTTPServer((host, port), _Handler)
+        self._httpd.owner = self
+        self.host = host
+        self.port = int(self._httpd.server_address[1])
+        self._origin = time.monotonic()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"EmulatorHTTPServer(url={self.url!r})"
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def now(self) -> float:
+        """Server time: seconds since start."""
+        return time.monotonic() - self._origin
+
+    def sleep_until(self, t: float) -> None:
+        """Sleep until server time ``t``."""
+        delay = t - self.now()
+        if delay > 0:
+            time.sleep(delay)
+
+    def start(self) -> Self:
+        """Serve in a background thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever, name="ratekeeper-emulator", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until ``close()`` is called from another one, or an interrupt."""
+        self._httpd.serve_forever()
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def serve(
+    config: EmulatorConfig | EmulatedServer | None = None, host: str = "127.0.0.1", port: int = 0
+) -> EmulatorHTTPServer:
+    """Start the emulator on ``host:port`` (loopback only; port 0 picks a free one), in a background thread.
+
+    >>> with serve(EmulatorConfig(preset="tier-2")) as http:  # doctest: +ELLIPSIS
+    ...     http.url
+    'http://127.0.0.1:...'
+    """
+    server = config if isinstance(config, EmulatedServer) else EmulatedServer(config or EmulatorConfig())
+    return EmulatorHTTPServer(server, host, port).start()
