@@ -33,8 +33,8 @@ def _check_rate(rate: float) -> float:
 
 
 def _check_now(now: float) -> float:
-    if math.isnan(now):
-        raise ValueError("now must be a number, got nan")
+    if not math.isfinite(now):  # an infinite time would refill an empty bucket or freeze it for good
+        raise ValueError(f"now must be a finite number, got {now!r}")
     return float(now)
 
 
@@ -109,8 +109,10 @@ class TokenBucket:
     def level_at(self, now: float) -> float:
         """The level at ``now``, without changing the bucket."""
         dt = now - self._t
-        if dt <= 0:  # also NaN: never mint tokens from a bad clock
+        if dt <= 0:  # never mint tokens from a clock that went back
             return self._level
+        if not dt < math.inf:  # NaN or +inf
+            _check_now(now)
         level = self._level + dt * self._rate
         return level if level < self._capacity else self._capacity
 
@@ -121,24 +123,34 @@ class TokenBucket:
         (more than the capacity, or no refill).
         """
         amount = _check_amount(amount)
+        now = _check_now(now)
         if amount > self._capacity:
             return math.inf
         t = self._t if now < self._t else now
         level = self.level_at(t)
-        if level >= amount - _REL_EPS * max(1.0, amount):
+        enough = amount - _REL_EPS * max(1.0, amount)
+        if level >= enough:
             return 0.0
         if self._rate == 0.0:
             return math.inf
-        return (t - now) + (amount - level) / self._rate
+        wait = (t - now) + (amount - level) / self._rate
+        # ``now + wait`` is rounded to a float, which can land an ulp or two short of
+        # the instant the tokens are there (at epoch seconds, or when ``now`` < 0):
+        # step the wait forward, doubling the step, until a take there succeeds.
+        step = math.ulp(now + wait)
+        while now + wait < math.inf and self.level_at(now + wait) < enough:
+            wait += step
+            step *= 2
+        return wait
 
     # -- changes -------------------------------------------------------------
 
     def _advance(self, now: float) -> None:
         if now > self._t:
-            self._level = self.level_at(now)
+            self._level = self.level_at(now)  # rejects +inf
             self._t = now
-        elif math.isnan(now):
-            raise ValueError("now must be a number, got nan")
+        elif not now > -math.inf:  # NaN or -inf
+            _check_now(now)
 
     def try_take(self, amount: float, now: float) -> bool:
         """Take ``amount`` tokens if they are there now; report whether it did."""
