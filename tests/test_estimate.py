@@ -37,7 +37,7 @@ from ratekeeper import (
     TokenEstimator,
     UnknownModelError,
 )
-from ratekeeper._estimate import _image_size, _json_len
+from ratekeeper._body_scan import image_size, json_len
 
 SONNET = "claude-sonnet-4-5"
 Body = dict[str, Any]
@@ -350,8 +350,8 @@ def test_image_tokens(block: dict[str, object], tokens: int) -> None:
 def test_jpeg_beyond_the_header_window_falls_back() -> None:
     # 128 KiB of base64 is 96 KiB of JPEG: a SOF after one 60 KB segment is in
     # reach, after two it is not, and the image gets the default.
-    assert _image_size(b64(jpeg(10, 10, exif_bytes=60_000))) == (10, 10)
-    assert _image_size(b64(jpeg(10, 10, exif_bytes=60_000, exif_blocks=2))) is None
+    assert image_size(b64(jpeg(10, 10, exif_bytes=60_000))) == (10, 10)
+    assert image_size(b64(jpeg(10, 10, exif_bytes=60_000, exif_blocks=2))) is None
     e = estimate(body(user([image(jpeg(10, 10, 60_000, 2), "image/jpeg"), text(X350)])))
     assert e.demand.input_tokens == 100 + 4 + 3 + 1600
 
@@ -364,7 +364,7 @@ def test_image_sizes_of_real_files(fmt: str, media: str, lossless: bool) -> None
     pil = pytest.importorskip("PIL.Image")
     buf = io.BytesIO()
     pil.new("RGB", (321, 123), (200, 30, 30)).save(buf, format=fmt, lossless=lossless)
-    assert _image_size(b64(buf.getvalue())) == (321, 123)
+    assert image_size(b64(buf.getvalue())) == (321, 123)
 
 
 PDF_CASES: list[tuple[str, dict[str, object], int]] = [
@@ -1112,7 +1112,7 @@ plain_json = st.recursive(
 
 @given(plain_json)
 def test_json_length_matches_json_dumps(value: object) -> None:
-    assert _json_len(value, "v") == len(json.dumps(value, separators=(",", ":")))
+    assert json_len(value, "v") == len(json.dumps(value, separators=(",", ":")))
 
 
 def test_public_names() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
 from ratekeeper._bucket import TokenBucket
+from ratekeeper._cache_predict import CachePrediction, PromptCachePredictor
 from ratekeeper._errors import (
     AcquireTimeout,
     BackendUnavailable,
@@ -20,7 +21,7 @@ from ratekeeper._errors import (
     UnknownModelError,
     WouldBlock,
 )
-from ratekeeper._estimate import CachePrediction, Calibration, Estimate, PromptCachePredictor, TokenEstimator
+from ratekeeper._estimate import Calibration, Estimate, TokenEstimator
 from ratekeeper._headers import (
     LimitInfo,
     QuotaInfo,
@@ -30,6 +31,7 @@ from ratekeeper._headers import (
     parse_headers,
 )
 from ratekeeper._limiter import Limiter, Permit
+from ratekeeper._meta import meta
 from ratekeeper._presets import (
     LONG_CONTEXT_BETA,
     LONG_CONTEXT_MIN_INPUT_TOKENS,
@@ -93,6 +95,7 @@ __all__ = [
     "cache_reads_count",
     "count_tokens_rpm",
     "limits_for",
+    "meta",
     "long_context_limits",
     "model_classes",
     "parse_headers",
