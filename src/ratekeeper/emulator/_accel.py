@@ -20,8 +20,8 @@ __all__ = ["acceleration_wait", "note_admission"]
 def _passes(times: list[float], t: float, acc: AccelerationLimit, rpm: int, foreign_rps: float) -> bool:
     start_recent = t - acc.window
     start_base = start_recent - acc.baseline
-    i_base = bisect.bisect_left(times, start_base)
-    i_recent = bisect.bisect_left(times, start_recent)
+    i_base = bisect.bisect_right(times, start_base)  # the windows are (start, end]
+    i_recent = bisect.bisect_right(times, start_recent)
     recent = len(times) - i_recent + foreign_rps * acc.window
     base = i_recent - i_base + foreign_rps * acc.baseline
     allowed = acc.factor * base / acc.baseline + acc.floor_fraction * rpm / 60.0
@@ -40,7 +40,7 @@ def acceleration_wait(pool: Pool, acc: AccelerationLimit, now: float) -> float |
         return None
     for a in times:
         t = a + acc.window
-        if t > now and _passes(times, t + 1e-9, acc, rpm, foreign):
+        if t > now and _passes(times, t, acc, rpm, foreign):
             return t - now
     return math.inf
 

@@ -1,0 +1,80 @@
+"""The emulator as a real loopback HTTP server, with the real SDK pointed at it, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import anthropic
+import httpx2
+import pytest
+from anthropic.types import MessageParam
+
+from ratekeeper._cli import main
+from ratekeeper._errors import ConfigurationError
+from ratekeeper.emulator import EmulatedServer, EmulatorConfig, LatencyModel, serve
+
+FAST = LatencyModel(ttft=0.01, tokens_per_second=5_000.0, error_delay=0.0)
+MODEL = "claude-haiku-4-5"
+HELLO: list[MessageParam] = [{"role": "user", "content": "Hello there"}]
+
+
+def test_sdk_against_the_http_server() -> None:
+    server = EmulatedServer(EmulatorConfig(latency=FAST))
+    with serve(server, port=0) as http:
+        assert http.url.startswith("http://127.0.0.1:")
+        client = anthropic.Anthropic(api_key="test", base_url=http.url, max_retries=0)
+        msg = client.messages.create(model=MODEL, max_tokens=30, messages=HELLO)
+        assert msg.usage.output_tokens >= 1
+        with client.messages.stream(model=MODEL, max_tokens=30, messages=HELLO) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert final.content[0].type == "text"
+        assert final.content[0].text == text
+        raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=5, messages=HELLO)
+        assert raw.headers["anthropic-ratelimit-requests-remaining"] == "47"
+        assert client.messages.count_tokens(model=MODEL, messages=HELLO).input_tokens == 9
+        url = http.url
+    assert [r.status for r in server.log] == [200, 200, 200, 200]
+    with pytest.raises(httpx2.ConnectError):
+        httpx2.get(url + "/v1/messages")
+
+
+def test_http_server_refuses_non_loopback_hosts() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"^the emulator listens on loopback addresses only, not '0\.0\.0\.0'$"
+    ):
+        serve(EmulatorConfig(), host="0.0.0.0")
+
+
+def test_cli_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "emulate" in out
+    assert out.startswith("usage: ratekeeper")
+
+
+def test_cli_emulate_serves_until_interrupted() -> None:
+    code = "from ratekeeper._cli import main; raise SystemExit(main())"
+    args = [sys.executable, "-c", code, "emulate", "--port", "0", "--ttft", "0.01", "--preset", "tier-2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("listening on http://127.0.0.1:")
+        url = line.removeprefix("listening on ")
+        req = urllib.request.Request(
+            url + "/v1/messages/count_tokens",
+            data=b'{"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "Hi"}]}',
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+            assert resp.headers["anthropic-ratelimit-requests-limit"] == "2000"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
