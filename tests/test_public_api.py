@@ -43,6 +43,7 @@ EXPECTED = {
     "cache_reads_count",
     "count_tokens_rpm",
     "limits_for",
+    "meta",
     "long_context_limits",
     "model_classes",
     "parse_headers",
