@@ -634,3 +634,21 @@ def test_unknown_route_and_bad_json() -> None:
     huge = s.handle(EmulatorRequest("POST", "/v1/messages", b" " * (32 * 1024 * 1024 + 1)), 0.0)
     assert huge.status == 413
     assert huge.header("anthropic-ratelimit-requests-limit") is None
+
+
+def test_public_api_is_listed_and_documented() -> None:
+    import inspect
+
+    import ratekeeper.emulator as emulator
+
+    assert set(emulator.__all__) == {
+        "DEFAULT_EPOCH", "AccelerationLimit", "Clock", "EmulatedServer", "EmulatorConfig",
+        "EmulatorHTTPServer", "EmulatorRequest", "EmulatorTransport", "ForeignTraffic", "LatencyModel",
+        "PoolLimits", "Price",
+        "RealClock", "Reply", "RequestRecord", "SseEvent", "UnifiedConfig", "VirtualClock", "WalletConfig",
+        "count_text", "serve",
+    }  # fmt: skip
+    for name in emulator.__all__:
+        obj = getattr(emulator, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert inspect.getdoc(obj), name

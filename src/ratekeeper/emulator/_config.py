@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, final
 
 import attrs
 
@@ -50,6 +50,7 @@ def _probability(_inst: object, attr: attrs.Attribute[Any], value: float) -> Non
         raise ConfigurationError(f"{attr.name} must be between 0 and 1, got {value!r}")
 
 
+@final
 @attrs.frozen
 class PoolLimits:
     """Explicit per-minute limits for one pool: requests, input tokens, output tokens."""
@@ -59,6 +60,7 @@ class PoolLimits:
     otpm: int = attrs.field(validator=_positive)
 
 
+@final
 @attrs.frozen(kw_only=True)
 class LatencyModel:
     """How long a request takes: time to first token, then output at a steady rate.
@@ -76,6 +78,7 @@ class LatencyModel:
     max_delta_events: int = attrs.field(default=40, validator=_positive)
 
 
+@final
 @attrs.frozen(kw_only=True)
 class AccelerationLimit:
     """A sharp increase in traffic gets 429 even under the limits.
@@ -94,6 +97,7 @@ class AccelerationLimit:
     floor_fraction: float = attrs.field(default=0.2, validator=_non_negative)
 
 
+@final
 @attrs.frozen(kw_only=True)
 class ForeignTraffic:
     """Other clients of the same organization, drawing from ``pool``'s buckets.
@@ -108,6 +112,7 @@ class ForeignTraffic:
     otpm: float = attrs.field(default=0.0, validator=_non_negative)
 
 
+@final
 @attrs.frozen(kw_only=True)
 class UnifiedConfig:
     """Subscription ("unified") mode: a 5-hour and a 7-day window, budgets in USD of list price.
@@ -126,6 +131,7 @@ class UnifiedConfig:
     detailed_headers: bool = True
 
 
+@final
 @attrs.frozen(kw_only=True)
 class WalletConfig:
     """Credit-wallet proxy mode (seed 002).
@@ -147,6 +153,7 @@ def _default_prices() -> Mapping[str, Price]:
     return dict(DEFAULT_PRICES)
 
 
+@final
 @attrs.frozen(kw_only=True)
 class EmulatorConfig:
     """Configuration of an :class:`~ratekeeper.emulator.EmulatedServer`.

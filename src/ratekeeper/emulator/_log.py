@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from typing import Final, Literal
+from typing import Final, Literal, final
 
 import attrs
 
@@ -14,6 +14,7 @@ Dimension = Literal["requests", "input_tokens", "output_tokens"]
 DIMENSIONS: Final[tuple[Dimension, ...]] = ("requests", "input_tokens", "output_tokens")
 
 
+@final
 @attrs.define(kw_only=True)
 class RequestRecord:
     """One request as the server saw it (treat as read-only; the server fills it in as it settles).

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, final
 
 import attrs
 
 __all__ = ["DEFAULT_PRICES", "ModelTraits", "Price", "display_model_id", "model_traits"]
 
 
+@final
 @attrs.frozen
 class Price:
     """List price of a model class in USD per million tokens.

@@ -9,7 +9,7 @@ import math
 import random
 import urllib.parse
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, final
 
 import attrs
 
@@ -91,6 +91,7 @@ def _lower_keys(headers: Mapping[str, str]) -> Mapping[str, str]:
     return {k.lower(): v for k, v in headers.items()}
 
 
+@final
 @attrs.frozen
 class EmulatorRequest:
     """One HTTP request as the emulated server receives it.
@@ -126,6 +127,7 @@ class EmulatorRequest:
         return self.headers.get(name.lower())
 
 
+@final
 @attrs.frozen
 class SseEvent:
     """One server-sent event of a stream, ``at`` seconds after the request arrived."""
@@ -140,6 +142,7 @@ class SseEvent:
         return f"event: {self.event}\ndata: {payload}\n\n".encode()
 
 
+@final
 @attrs.frozen
 class Reply:
     """The server's answer to one request.
