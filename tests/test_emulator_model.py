@@ -609,6 +609,8 @@ def test_admitted_never_exceeds_allowed() -> None:
         s.handle(msg(out=5), t)
         t += 0.07
     s.advance(200.0)
+    assert s.goodput(0.0, 200.0) == 5 * sum(r.status == 200 for r in s.log)
+    assert s.goodput(0.0, 200.0, pool="nonesuch") == 0
     for t0 in (0.0, 13.0, 50.0):
         for dim in ("requests", "input_tokens", "output_tokens"):
             assert s.admitted_in_window(POOL, dim, t0, t0 + 30.0) <= s.allowed_in_window(

@@ -137,6 +137,19 @@ class EmulatedServer:
         b = self._st.pools[pool].buckets[dimension]
         return b.capacity + b.rate * max(0.0, t1 - t0)
 
+    def goodput(self, t0: float, t1: float, pool: str | None = None) -> int:
+        """Output tokens of Messages requests that completed (200, not abandoned) in ``[t0, t1)``."""
+        return sum(
+            r.output_tokens
+            for r in self._st.records
+            if r.endpoint == "messages"
+            and r.status == 200
+            and not r.abandoned
+            and r.settled_at is not None
+            and t0 <= r.settled_at < t1
+            and (pool is None or r.pool == pool)
+        )
+
     def foreign_taken(self, pool: str, dimension: str) -> float:
         """What foreign traffic has taken from ``pool``'s ``dimension`` so far."""
         return self._st.pools[pool].buckets[dimension].foreign_taken
