@@ -898,6 +898,10 @@ MALFORMED: list[tuple[object, str]] = [
         "system[0].cache_control.ttl must be '5m' or '1h', got '2h'",
     ),
     (
+        body(user("hi"), tools=[{"name": "n", "input_schema": {}, "cache_control": {"ttl": []}}]),
+        "tools[0].cache_control.ttl must be '5m' or '1h', got []",
+    ),
+    (
         body(user([text(str(i), cache_control=CC) for i in range(5)])),
         "at most 4 cache_control breakpoints are allowed, got 5",
     ),

@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, final
 
 import attrs
 
@@ -135,8 +135,11 @@ _NEW_FORM: Final = re.compile(r"(?:^|-)(opus|sonnet|haiku|fable)-(\d{1,2})(?:-(\
 _OLD_FORM: Final = re.compile(r"(?:^|-)(\d{1,2})(?:-(\d{1,2}))?-(opus|sonnet|haiku)(?=-|$)")
 
 
+@final
 @attrs.frozen
 class Profile:
+    """What estimation needs to know about a model: family, tokenizer ratio, cache minimum, tool prompt."""
+
     family: str
     chars_per_token: float
     min_cacheable: int
@@ -404,8 +407,11 @@ class _Breakpoint:
     candidates: tuple[tuple[bytes, int, int], ...]
 
 
+@final
 @attrs.frozen
 class Scan:
+    """What one pass over a body found: its counts, and its breakpoints with their prefix keys."""
+
     model: str
     profile: Profile
     max_tokens: int
@@ -426,14 +432,18 @@ def token_counter(per_char: float) -> Callable[[int, int], int]:
     return tokens
 
 
+@final
 @attrs.frozen
 class LaidOutBreakpoint:
+    """A breakpoint in tokens: its prefix, its TTL, and the prefixes the API would look up for it."""
+
     tokens: int
     ttl: float
     #: (prefix key, tokens up to there), nearest (the breakpoint itself) first.
     candidates: tuple[tuple[bytes, int], ...]
 
 
+@final
 @attrs.frozen
 class Layout:
     """The cache-relevant shape of a request, in tokens."""
@@ -659,7 +669,7 @@ def _cache_ttl(block: Mapping[str, Any], path: str) -> float | None:
     if not isinstance(control, Mapping):
         raise bad(f"{path}.cache_control", "a mapping", control)
     ttl = control.get("ttl", "5m")
-    if ttl not in TTL_SECONDS:
+    if not isinstance(ttl, str) or ttl not in TTL_SECONDS:  # a list would not even hash
         raise bad(f"{path}.cache_control.ttl", "'5m' or '1h'", ttl)
     return TTL_SECONDS[ttl]
 

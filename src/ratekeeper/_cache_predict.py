@@ -91,7 +91,7 @@ class PromptCachePredictor:
         """The cache split ``body`` is predicted to get if sent at ``now``.
 
         Token counts here are the uncalibrated character estimate; a
-        :class:`TokenEstimator` that holds this predictor uses its calibrated ones.
+        :class:`~ratekeeper.TokenEstimator` that holds this predictor uses its calibrated ones.
         """
         scan = scan_body(body)
         return self._predict(Layout.of(scan, token_counter(1.0 / scan.profile.chars_per_token)), now)
