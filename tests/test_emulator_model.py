@@ -654,3 +654,18 @@ def test_public_api_is_listed_and_documented() -> None:
         obj = getattr(emulator, name)
         if inspect.isclass(obj) or inspect.isfunction(obj):
             assert inspect.getdoc(obj), name
+
+
+def test_transport_without_httpx2_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import ratekeeper.emulator as emulator
+    from ratekeeper._errors import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "httpx2", None)
+    monkeypatch.delitem(sys.modules, "ratekeeper.emulator._transport", raising=False)
+    with pytest.raises(
+        MissingDependency,
+        match=r"^httpx2 is not installed; install it with: pip install 'ratekeeper\[anthropic\]'$",
+    ):
+        emulator.__getattr__("EmulatorTransport")

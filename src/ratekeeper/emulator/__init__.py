@@ -8,6 +8,9 @@ loopback. See ``docs/emulator.md``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ratekeeper.emulator._clock import Clock, RealClock, VirtualClock
 from ratekeeper.emulator._config import (
     DEFAULT_EPOCH,
     AccelerationLimit,
@@ -23,8 +26,10 @@ from ratekeeper.emulator._log import RequestRecord
 from ratekeeper.emulator._models import Price
 from ratekeeper.emulator._server import EmulatedServer
 from ratekeeper.emulator._tokens import count_text
-from ratekeeper.emulator._transport import Clock, EmulatorTransport, RealClock, VirtualClock
 from ratekeeper.emulator._wire import EmulatorRequest, Reply, SseEvent
+
+if TYPE_CHECKING:
+    from ratekeeper.emulator._transport import EmulatorTransport
 
 __all__ = [
     "DEFAULT_EPOCH",
@@ -49,3 +54,16 @@ __all__ = [
     "count_text",
     "serve",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The transport needs httpx2 (the ``anthropic`` extra); the rest of the emulator does not.
+    if name == "EmulatorTransport":
+        try:
+            from ratekeeper.emulator._transport import EmulatorTransport
+        except ImportError as exc:
+            from ratekeeper._errors import MissingDependency
+
+            raise MissingDependency("httpx2", "anthropic") from exc
+        return EmulatorTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

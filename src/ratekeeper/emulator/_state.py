@@ -90,7 +90,7 @@ class ServerState:
         return math.inf
 
     def _make_pool(self, name: str, limits: Mapping[str, int], aliases: Iterable[str] = ()) -> Pool:
-        req = self.config.enforcement_interval
+        req = 60.0 if name == "wallet" else self.config.enforcement_interval  # the proxy has its own limiter
         tok = self.config.token_enforcement_interval or req
         drain: dict[str, float] = {}
         for f in self.config.foreign:
