@@ -22,6 +22,7 @@ when it ends however it ends.
 from __future__ import annotations
 
 import collections
+import datetime as _dt
 import inspect
 import json
 import logging
@@ -37,7 +38,7 @@ import httpx2
 from ratekeeper._accounting import Demand, Usage
 from ratekeeper._errors import ConfigurationError, InsufficientCredits, UnknownModelError
 from ratekeeper._estimate import Estimate, TokenEstimator
-from ratekeeper._headers import RateLimitSnapshot
+from ratekeeper._headers import RateLimitSnapshot, parse_headers
 from ratekeeper._limiter import Limiter, Permit
 from ratekeeper._meta import attach_meta
 from ratekeeper.anthropic._stream import (
@@ -64,6 +65,9 @@ _ERROR_STATUS: Final = {"overloaded_error": 529, "rate_limit_error": 429, "api_e
 #: The fields of a Messages body that ``count_tokens`` accepts.
 _COUNT_FIELDS: Final = ("model", "messages", "system", "tools", "tool_choice", "thinking")
 _COUNT_CACHE: Final = 64
+#: Characters per output token before a stream of the family has finished: the docs' rule of
+#: thumb, which counts more tokens than English prose has (charging early errs on the safe side).
+_OUTPUT_CPT: Final = 3.5
 
 _C = TypeVar("_C", anthropic.Anthropic, anthropic.AsyncAnthropic)
 #: Wraps a response body for a meter: ``MeteredSyncStream`` or ``MeteredAsyncStream``.
@@ -159,6 +163,7 @@ class _Exchange:
         self.permit = permit
         self._path = urllib.parse.urlsplit(url).path
         self._headers: httpx2.Headers | None = None
+        self._received: _dt.datetime | None = None
 
     # -- failures before a response
 
@@ -179,6 +184,7 @@ class _Exchange:
         permit, plan = self.permit, self._plan
         status = response.status_code
         self._headers = response.headers
+        self._received = _dt.datetime.now(_dt.UTC)
         if status >= 400:
             error_body = _json_of(response)
             snapshot = permit.observe(response.headers, status=status, body=error_body)
@@ -201,41 +207,53 @@ class _Exchange:
         plan = self._plan
         self._mw._response_started(plan.estimate)
         if _is_read(response):
-            return self._settle_message(_json_of(response), complete=True)
+            return self._settle_message(_json_of(response), complete=True, observed=False)
         # the body is still to come: observe the headers now, settle when the body ends
         self.permit.observe(response.headers)
         encoding = response.headers.get("content-encoding", "")
         meter: Meter
         if _is_sse(response):
             max_tokens = plan.demand.max_tokens if plan.demand is not None else 0
-            meter = SseMeter(self, content_encoding=encoding, max_tokens=max_tokens)
+            cpt = self._mw._output_chars_per_token(plan.estimate)
+            meter = SseMeter(self, content_encoding=encoding, max_tokens=max_tokens, chars_per_token=cpt)
         else:  # with_streaming_response: the caller reads the JSON body later
             meter = JsonMeter(self, content_encoding=encoding)
         response.stream = metered(response.stream, meter)
         return None
 
-    def _settle_message(self, body: object, *, complete: bool, output: int = 0) -> RateLimitSnapshot:
-        """Settle from a Message (or the usage a stream showed), then observe the headers.
+    def _settle_message(
+        self, body: object, *, complete: bool, observed: bool, output: int = 0
+    ) -> RateLimitSnapshot:
+        """Observe the headers (unless ``observed`` already), settle from ``body``'s usage, learn.
 
-        Settle first: a wallet's post-charge ``X-Quota-Balance`` already includes
-        this request, so the limiter must not still be holding its reservation.
+        The rate-limit headers describe the server at the request's admission,
+        before its own settlement, so they are observed before settling (the
+        limiter's documented order). A wallet's balance is the exception: the
+        proxy reports it after the charge, so it is fed after settling, or the
+        limiter would give this request's reservation back a second time.
         """
         permit, headers = self.permit, self._headers
         assert headers is not None
+        snapshot = parse_headers(headers, received_at=self._received)
+        if not observed:
+            permit.observe([(k, v) for k, v in headers.multi_items() if not k.startswith("x-quota-")])
         usage = body.get("usage") if isinstance(body, dict) else None
         quota = body.get("quota") if isinstance(body, dict) else None
+        quota = quota if isinstance(quota, dict) else {}
         if not isinstance(usage, dict):
-            snapshot = permit.observe(headers)
             permit.release()
             return snapshot
         if output > (_number(usage.get("output_tokens")) or 0.0):
             usage = {**usage, "output_tokens": output}  # a cut stream: what its deltas showed
-        credits = _number(quota.get("credits_used")) if isinstance(quota, dict) else None
+        credits = _number(quota.get("credits_used"))
+        if credits is None and snapshot.quota is not None:
+            credits = snapshot.quota.credits_used
         if permit.active:
             permit.settle(usage, credits=credits)
-        snapshot = permit.observe(headers)
-        balance = _number(quota.get("balance_after")) if isinstance(quota, dict) else None
-        if balance is not None and (snapshot.quota is None or snapshot.quota.balance is None):
+        balance = _number(quota.get("balance_after"))
+        if balance is None and snapshot.quota is not None:
+            balance = snapshot.quota.balance
+        if balance is not None:
             permit.observe({"x-quota-balance": repr(balance)})
         self._mw._learn(self._plan.estimate, usage, credits, complete=complete)
         return snapshot
@@ -254,13 +272,17 @@ class _Exchange:
             kind = error.get("type") if isinstance(error, dict) else None
             permit.observe({}, status=_ERROR_STATUS.get(str(kind), 500), body=outcome.error)
         if outcome.json_body is not None:
-            self._settle_message(outcome.json_body, complete=outcome.completed)
+            self._settle_message(outcome.json_body, complete=outcome.completed, observed=True)
         elif outcome.started:
             body: dict[str, Any] = {"usage": outcome.usage}
             if outcome.quota is not None:
                 body["quota"] = outcome.quota
             complete = outcome.completed and outcome.error is None
-            self._settle_message(body, complete=complete, output=outcome.output_estimate)
+            # a stream cut before its final usage: count the output its deltas showed
+            output = 0 if outcome.final_usage else outcome.output_estimate
+            self._settle_message(body, complete=complete, observed=True, output=output)
+            if complete and outcome.final_usage:
+                self._mw._learn_output(self._plan.estimate, outcome)
         else:
             # nothing seen: keep the reservation (the server charged it), give back what it didn't
             permit.release()
@@ -331,6 +353,8 @@ class RateLimitMiddleware(anthropic.Middleware):
         self._open_batches: dict[str, int] = {}
         # exact counts by body identity, so the SDK's retries of one call count once
         self._counts: collections.OrderedDict[int, tuple[object, int]] = collections.OrderedDict()
+        # characters per output token by model family, learned from finished streams
+        self._output_cpt: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"<RateLimitMiddleware {self._limiter!r} open_batches={len(self._open_batches)}>"
@@ -519,6 +543,20 @@ class RateLimitMiddleware(anthropic.Middleware):
         if estimate is not None:
             # the prefixes this request writes are cached from the start of its response
             self._estimator.predictor.record(estimate, self._now())
+
+    def _output_chars_per_token(self, estimate: Estimate | None) -> float:
+        with self._lock:
+            return self._output_cpt.get(estimate.family if estimate is not None else "", _OUTPUT_CPT)
+
+    def _learn_output(self, estimate: Estimate | None, outcome: BodyOutcome) -> None:
+        """Learn characters per output token from a finished stream, for the next running estimates."""
+        output = _number(outcome.usage.get("output_tokens")) or 0.0
+        if estimate is None or output < 20 or outcome.output_chars <= 0:
+            return  # too little text to say anything
+        sample = outcome.output_chars / output
+        with self._lock:
+            old = self._output_cpt.get(estimate.family)
+            self._output_cpt[estimate.family] = sample if old is None else old + 0.2 * (sample - old)
 
     def _learn(
         self, estimate: Estimate | None, usage: Mapping[str, Any], credits: float | None, *, complete: bool

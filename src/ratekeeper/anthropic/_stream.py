@@ -100,8 +100,12 @@ class BodyOutcome:
 
     usage: dict[str, Any] = attrs.Factory(dict)
     started: bool = False
+    #: A ``message_delta`` with usage came: the output count is final.
+    final_usage: bool = False
     completed: bool = False
     output_estimate: int = 0
+    #: Characters of output text seen in content deltas.
+    output_chars: int = 0
     error: Mapping[str, Any] | None = None
     quota: Mapping[str, Any] | None = None
     json_body: object = None
@@ -244,7 +248,6 @@ class SseMeter(Meter):
         self._data: list[str] = []
         self._max_tokens = max_tokens if max_tokens > 0 else math.inf
         self._chars_per_token = chars_per_token
-        self._chars = 0
         self._reported = 0
         self._charged = 0
 
@@ -299,7 +302,7 @@ class SseMeter(Meter):
                 for key in ("text", "thinking", "partial_json"):
                     text = delta.get(key)
                     if isinstance(text, str):
-                        self._chars += len(text)
+                        outcome.output_chars += len(text)
                 self._progress()
         elif kind == "message_start":
             message = payload.get("message")
@@ -307,6 +310,8 @@ class SseMeter(Meter):
             outcome.started = True
             self._merge(usage)
         elif kind == "message_delta":
+            if isinstance(payload.get("usage"), dict):
+                outcome.final_usage = True
             self._merge(payload.get("usage"))
         elif kind == "message_stop":
             outcome.completed = True
@@ -330,7 +335,7 @@ class SseMeter(Meter):
         self._progress(exact=True)
 
     def _progress(self, *, exact: bool = False) -> None:
-        estimate = max(self._reported, math.ceil(self._chars / self._chars_per_token))
+        estimate = max(self._reported, math.ceil(self.outcome.output_chars / self._chars_per_token))
         estimate = int(min(estimate, self._max_tokens))
         self.outcome.output_estimate = estimate
         if estimate > self._charged and (exact or estimate - self._charged >= _PROGRESS_STEP):
