@@ -34,6 +34,7 @@ EXPECTED = {
     "QuotaInfo",
     "RateKeeperError",
     "RateLimitSnapshot",
+    "RedisBackend",
     "SpendCap",
     "SpendLimitReached",
     "TokenBucket",
