@@ -106,3 +106,30 @@ async def test_errors_map_to_sdk_exceptions() -> None:
     async with client.messages.stream(model=MODEL, max_tokens=200, messages=HELLO) as stream:
         with pytest.raises(anthropic.APIStatusError, match="overloaded_error"):
             await stream.get_final_message()
+
+
+async def test_wallet_stream_ends_with_quota_usage_the_sdk_tolerates() -> None:
+    from ratekeeper.emulator import WalletConfig
+
+    server = EmulatedServer(
+        EmulatorConfig(latency=FAST, mode="wallet", wallet=WalletConfig(balance=1_000_000))
+    )
+    client = make(server)
+    async with client.messages.stream(
+        model="anthropic/claude-sonnet-4.6", max_tokens=50, messages=HELLO
+    ) as stream:
+        assert int(stream.response.headers["x-quota-credits-reserved"]) > 0
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_message()
+    assert kinds[-1] == "quota_usage"
+    assert final.model == "claude-sonnet-4-6"
+    assert final.usage.output_tokens == server.log[0].output_tokens
+
+
+async def test_unified_headers_reach_the_sdk() -> None:
+    server = EmulatedServer(EmulatorConfig(latency=FAST, mode="unified"))
+    client = make(server)
+    raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=20, messages=HELLO)
+    assert raw.headers["anthropic-ratelimit-unified-status"] == "allowed"
+    assert raw.headers["anthropic-ratelimit-unified-representative-claim"] == "five_hour"
+    assert "anthropic-ratelimit-requests-limit" not in raw.headers
