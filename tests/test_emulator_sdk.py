@@ -119,11 +119,11 @@ async def test_wallet_stream_ends_with_quota_usage_the_sdk_tolerates() -> None:
         model="anthropic/claude-sonnet-4.6", max_tokens=50, messages=HELLO
     ) as stream:
         assert int(stream.response.headers["x-quota-credits-reserved"]) > 0
-        kinds = [event.type async for event in stream]
+        kinds: list[str] = [event.type async for event in stream]
         final = await stream.get_final_message()
     assert kinds[-1] == "quota_usage"
     assert final.model == "claude-sonnet-4-6"
-    assert final.usage.output_tokens == server.log[0].output_tokens
+    assert final.usage.output_tokens == server.log[0].planned_output_tokens
 
 
 async def test_unified_headers_reach_the_sdk() -> None:
