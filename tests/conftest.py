@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
+# a real redis-server on a free port, for the Redis backend's tests
+from redis_server import redis_server  # noqa: F401
 from trio.testing import MockClock
 
 

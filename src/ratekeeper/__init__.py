@@ -6,6 +6,8 @@ as an argument; the async ``Limiter`` gates requests on top of it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
 from ratekeeper._bucket import TokenBucket
 from ratekeeper._cache_predict import CachePrediction, PromptCachePredictor
@@ -52,6 +54,9 @@ from ratekeeper._presets import (
 )
 from ratekeeper._stats import LimiterEvent, LimiterStatistics, PoolStatistics
 
+if TYPE_CHECKING:
+    from ratekeeper._redis import RedisBackend
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -82,6 +87,7 @@ __all__ = [
     "QuotaInfo",
     "RateKeeperError",
     "RateLimitSnapshot",
+    "RedisBackend",
     "SpendCap",
     "SpendLimitReached",
     "TokenBucket",
@@ -106,3 +112,12 @@ __all__ = [
     "spend_cap",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # RedisBackend is loaded on first use, so ``import ratekeeper`` never imports redis
+    if name == "RedisBackend":
+        from ratekeeper._redis import RedisBackend
+
+        return RedisBackend
+    raise AttributeError(f"module 'ratekeeper' has no attribute {name!r}")

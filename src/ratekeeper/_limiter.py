@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import anyio
 import sniffio
@@ -44,6 +44,9 @@ from ratekeeper._headers import RateLimitSnapshot, parse_headers
 from ratekeeper._pool import Pool
 from ratekeeper._presets import batch_limits, count_tokens_rpm, limits_for, spend_cap
 from ratekeeper._stats import AdmittedWindow, LimiterEvent, LimiterStatistics, PoolStatistics, WaitSamples
+
+if TYPE_CHECKING:
+    from ratekeeper._remote import RemoteEngine
 
 __all__ = ["Limiter", "Permit"]
 
@@ -393,10 +396,10 @@ class Limiter:
         on_event: Callable[[LimiterEvent], None] | None = None,
         backend: object = None,
     ) -> None:
-        if backend is not None:
+        bind = getattr(backend, "_bind_limiter", None)
+        if backend is not None and bind is None:
             raise ConfigurationError(
-                "this limiter keeps its state in-process; a shared backend is given to "
-                "ratekeeper.RedisBackend-aware limiters"
+                f"backend must be a ratekeeper backend such as RedisBackend, got {backend!r}"
             )
         if rules is not None and output_rule is not None:
             raise ConfigurationError("give either rules or output_rule, not both")
@@ -442,6 +445,8 @@ class Limiter:
         self._spend_resets_at: _dt.datetime | None = None
         self._unified_warned: set[tuple[str | None, str | None]] = set()
         self._async_clock_ok: bool | None = None
+        # remote mode: every permit operation goes to the backend's engine (_remote.py)
+        self._backend: RemoteEngine | None = bind(self) if bind is not None else None
 
     # ------------------------------------------------------------------ clock
 
@@ -540,7 +545,10 @@ class Limiter:
             for dim, value in limits.items():
                 rt.pool.set_limit(dim, float(value), now)
             self._emit("limit_change", rt, now, dict(limits))
-            self._dispatch(rt, now)
+            if self._backend is not None:
+                self._backend.set_limits(rt, limits)
+            else:
+                self._dispatch(rt, now)
 
     # ------------------------------------------------------------------ acquire
 
@@ -619,6 +627,8 @@ class Limiter:
             priority=service_tier == "priority",
             credits=credits,
         )
+        if self._backend is not None:
+            return self._backend.acquire_nowait(model, demand)
         with self._lock:
             now = self._now()
             rt, draws, credit = self._prepare(model, demand, now)
@@ -664,6 +674,8 @@ class Limiter:
         return permit
 
     async def _acquire(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
+        if self._backend is not None:
+            return await self._backend.acquire(model, demand, priority, timeout)
         with self._lock:
             now = self._now()
             rt, draws, credit = self._prepare(model, demand, now)
@@ -769,6 +781,8 @@ class Limiter:
         return self._acquire_thread(model, demand, priority, timeout)
 
     def _acquire_thread(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
+        if self._backend is not None:
+            return self._backend.acquire_thread(model, demand, priority, timeout)
         with self._lock:
             now = self._now()
             rt, draws, credit = self._prepare(model, demand, now)
@@ -890,6 +904,8 @@ class Limiter:
     # ------------------------------------------------------------------ settlement
 
     def _settle(self, permit: Permit, usage: Usage, credits: float | None) -> Cost:
+        if self._backend is not None:
+            return self._backend.settle(permit, usage, credits)
         with self._lock:
             now = self._now()
             rt = permit._runtime
@@ -917,6 +933,8 @@ class Limiter:
     def _progress(self, permit: Permit, output: float) -> None:
         if permit._state != _ACTIVE:
             return
+        if self._backend is not None:
+            return self._backend.progress(permit, output)
         with self._lock:
             charged = permit._charged.get("output_tokens", 0.0)
             extra = output - charged
@@ -933,6 +951,8 @@ class Limiter:
                 permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
 
     def _release(self, permit: Permit) -> None:
+        if self._backend is not None:
+            return self._backend.release(permit)
         with self._lock:
             if permit._state == _ACTIVE:
                 self._release_locked(permit, self._now())
@@ -981,6 +1001,8 @@ class Limiter:
         permit: Permit | None,
         runtime: _PoolRuntime | None,
     ) -> RateLimitSnapshot:
+        if self._backend is not None:
+            return self._backend.observe(headers, status=status, body=body, permit=permit, runtime=runtime)
         snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
         error_type, error_code, message = _error_fields(body)
         with self._lock:
@@ -1209,7 +1231,10 @@ class Limiter:
                 return
             now = self._now()
             rt.pool.give_back({"queued_requests": float(requests)}, now)
-            self._dispatch(rt, now)
+            if self._backend is not None:
+                self._backend.give_back(rt, {"queued_requests": float(requests)})
+            else:
+                self._dispatch(rt, now)
 
     # ------------------------------------------------------------------ introspection
 

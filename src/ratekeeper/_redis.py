@@ -1,0 +1,488 @@
+"""``RedisBackend``: one organization's limits shared by every process and machine, in Redis.
+
+This module imports ``redis`` only when a backend is constructed, so
+``import ratekeeper`` works without the extra. The scheduling logic that uses
+the backend is in ``_remote.py``; this module is the transport: keys, the Lua
+scripts (package data in ``ratekeeper/lua``), EVALSHA with a reload on
+NOSCRIPT, timeouts, the unavailability state and the outbox of changes that
+synchronous permit methods leave for later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.resources
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, final
+
+import anyio
+import sniffio
+
+from ratekeeper._errors import BackendUnavailable, ConfigurationError, MissingDependency
+
+if TYPE_CHECKING:
+    from ratekeeper._limiter import Limiter
+    from ratekeeper._remote import RemoteEngine
+
+__all__ = ["RedisBackend"]
+
+log = logging.getLogger("ratekeeper")
+
+_SCRIPTS: Final = ("reserve", "settle", "release", "resync", "control", "init")
+#: Changes waiting to be sent are capped: during a long outage the oldest are dropped
+#: (they only refund or correct; dropping them errs on the side of admitting less).
+_OUTBOX_LIMIT: Final = 10_000
+_POLICIES: Final = ("fail", "local")
+
+Reply = list[str]
+
+
+@final
+class Op:
+    """One script call: ``script`` with ``keys`` and ``args``; ``on_reply`` sees its reply."""
+
+    __slots__ = ("args", "keys", "on_reply", "script")
+
+    def __init__(
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[str | int | float],
+        on_reply: Callable[[Reply], None] | None = None,
+    ) -> None:
+        self.script = script
+        self.keys = tuple(keys)
+        self.args = tuple(args)
+        self.on_reply = on_reply
+
+
+class Down(Exception):
+    """Internal: Redis did not answer (connection refused, reset, timed out)."""
+
+
+def _load_scripts() -> dict[str, tuple[str, str]]:
+    folder = importlib.resources.files("ratekeeper") / "lua"
+    common = (folder / "_common.lua").read_text(encoding="utf-8")
+    out = {}
+    for name in _SCRIPTS:
+        text = common + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")
+        out[name] = (text, hashlib.sha1(text.encode()).hexdigest())
+    return out
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode(raw: object) -> Reply:
+    if isinstance(raw, list):
+        return [_text(v) for v in raw]
+    return [_text(raw)]
+
+
+@final
+class RedisBackend:
+    """Keeps an organization's rate-limit state in Redis, for ``Limiter(..., backend=...)``.
+
+    Every process that uses the same API key creates its own backend (after
+    forking) with the same ``url_or_client``, ``prefix`` and ``org``; their
+    limiters then share buckets, pauses, the in-flight set and a fair line of
+    waiters. ``url_or_client`` is a ``redis://`` URL or a ready ``redis.Redis`` /
+    ``redis.RedisCluster`` client (its own timeouts then apply);
+    ``async_client`` optionally adds a ``redis.asyncio`` client for asyncio code
+    (with a URL one is made per event loop; under trio the synchronous client
+    runs in a worker thread).
+
+    ``on_unavailable``: ``"fail"`` raises ``BackendUnavailable`` while Redis
+    cannot be reached; ``"local"`` admits through a process-local limiter
+    holding ``fallback_fraction`` of each limit (e.g. ``1 / number_of_processes``).
+    Redis is tried again ``retry_interval`` seconds after a failure; every call
+    gives up after ``timeout`` seconds.
+
+    ``lease``: seconds after which a reservation whose process never settled it
+    leaves the in-flight set (its charge stands). ``ticket_ttl``: seconds after
+    which a silent process loses its place in line. ``poll_interval``: the
+    longest a waiting process goes without asking Redis again (others' refunds
+    are noticed this fast). See ``docs/redis.md``.
+    """
+
+    def __init__(
+        self,
+        url_or_client: Any,
+        *,
+        prefix: str = "ratekeeper",
+        org: str = "default",
+        async_client: Any = None,
+        on_unavailable: str = "fail",
+        fallback_fraction: float = 0.5,
+        timeout: float = 0.5,
+        retry_interval: float = 1.0,
+        lease: float = 600.0,
+        ticket_ttl: float = 10.0,
+        poll_interval: float = 0.25,
+        key_ttl: float = 86_400.0,
+        flush_delay: float = 0.002,
+    ) -> None:
+        try:
+            import redis
+        except ImportError:
+            raise MissingDependency("redis", "redis") from None
+        if on_unavailable not in _POLICIES:
+            raise ConfigurationError(f"on_unavailable must be 'fail' or 'local', got {on_unavailable!r}")
+        if not 0 < fallback_fraction <= 1:
+            raise ConfigurationError(f"fallback_fraction must be in (0, 1], got {fallback_fraction!r}")
+        for name, value in (
+            ("timeout", timeout),
+            ("retry_interval", retry_interval),
+            ("lease", lease),
+            ("ticket_ttl", ticket_ttl),
+            ("poll_interval", poll_interval),
+            ("key_ttl", key_ttl),
+        ):
+            if not value > 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not flush_delay >= 0:
+            raise ConfigurationError(f"flush_delay must be >= 0, got {flush_delay!r}")
+        for name, text in (("prefix", prefix), ("org", org)):
+            if not text or any(c in text for c in "{}"):
+                raise ConfigurationError(f"{name} must be a non-empty string without braces, got {text!r}")
+        self._redis = redis
+        self.prefix = prefix
+        self.org = org
+        self.on_unavailable = on_unavailable
+        self.fallback_fraction = float(fallback_fraction)
+        self.timeout = float(timeout)
+        self.retry_interval = float(retry_interval)
+        self.lease = float(lease)
+        self.ticket_ttl = float(ticket_ttl)
+        self.poll_interval = float(poll_interval)
+        self.key_ttl = float(key_ttl)
+        self.flush_delay = float(flush_delay)
+        #: This process's name in the line of waiters (one ticket per pool).
+        self.participant = uuid.uuid4().hex[:16]
+        self._url: str | None = None
+        self._async_given = async_client
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+        if isinstance(url_or_client, str):
+            self._url = url_or_client
+            self._sync = redis.Redis.from_url(url_or_client, **self._client_options())
+            self.where = url_or_client
+        else:
+            self._sync = url_or_client
+            self.where = _describe(url_or_client)
+        self._scripts = _load_scripts()
+        # unavailability: when Redis failed last, until when not to try again
+        self._down_until = 0.0
+        self._down_error: BaseException | None = None
+        # the outbox: changes made by synchronous permit methods, sent by the next
+        # reserve (same round trip) or by the flusher thread shortly after
+        self._outbox: deque[Op] = deque()
+        self._out_lock = threading.Lock()
+        self._out_ready = threading.Condition(self._out_lock)
+        self._flusher: threading.Thread | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ keys
+
+    @property
+    def tag(self) -> str:
+        """The hash tag every key of this organization carries: ``{prefix:org}``."""
+        return "{" + f"{self.prefix}:{self.org}" + "}"
+
+    def org_key(self) -> str:
+        """The organization hash: reservation counter, spend cap, subscription holds."""
+        return f"{self.tag}:org"
+
+    def pool_keys(self, pool: str) -> tuple[str, str, str, str, str, str]:
+        """``(org, pool, res, lease, q, qd)``: every key one pool's scripts touch."""
+        t = self.tag
+        return (
+            f"{t}:org",
+            f"{t}:pool:{pool}",
+            f"{t}:res:{pool}",
+            f"{t}:lease:{pool}",
+            f"{t}:q:{pool}",
+            f"{t}:qd:{pool}",
+        )
+
+    # ------------------------------------------------------------------ binding
+
+    def _bind_limiter(self, limiter: Limiter) -> RemoteEngine:
+        from ratekeeper._remote import RemoteEngine
+
+        return RemoteEngine(limiter, self)
+
+    # ------------------------------------------------------------------ availability
+
+    def available(self) -> bool:
+        """False while a recent failure says not to try Redis yet."""
+        return time.monotonic() >= self._down_until
+
+    def mark_down(self, error: BaseException) -> None:
+        """Redis failed: don't try again for ``retry_interval`` seconds."""
+        if self._down_until == 0.0:
+            log.warning("Redis at %s is unreachable (%s); policy %r", self.where, error, self.on_unavailable)
+        self._down_until = time.monotonic() + self.retry_interval
+        self._down_error = error
+
+    def _mark_up(self) -> None:
+        if self._down_until != 0.0:
+            log.warning("Redis at %s is reachable again", self.where)
+            self._down_until = 0.0
+            self._down_error = None
+
+    def unavailable_error(self) -> BackendUnavailable:
+        """The error ``on_unavailable="fail"`` raises."""
+        cause = self._down_error
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else "no answer"
+        return BackendUnavailable(
+            f"Redis at {self.where} is unavailable ({detail}); on_unavailable='fail' admits "
+            f"nothing without it (next attempt in {self.retry_interval:g}s)"
+        )
+
+    # ------------------------------------------------------------------ calls
+
+    def _client_options(self) -> dict[str, Any]:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": Retry(NoBackoff(), 0),  # our own policy decides what a failure means
+            "decode_responses": True,
+        }
+
+    def _async_client(self) -> Any:
+        if self._async_given is not None:
+            return self._async_given
+        if self._url is None:
+            return None
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:
+            import redis.asyncio
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            options = self._client_options()
+            options["retry"] = Retry(NoBackoff(), 0)
+            client = redis.asyncio.Redis.from_url(self._url, **options)
+            self._async_clients[loop] = client
+        return client
+
+    def _failures(self) -> tuple[type[BaseException], ...]:
+        errors = self._redis.exceptions
+        return (errors.ConnectionError, errors.TimeoutError, errors.BusyLoadingError, OSError, TimeoutError)
+
+    def run_sync(self, ops: Sequence[Op]) -> list[Reply]:
+        """Run ``ops`` in one round trip (a pipeline) with the synchronous client.
+
+        Raises ``Down`` if Redis does not answer; script errors propagate.
+        """
+        try:
+            replies = self._execute_sync(ops)
+        except self._failures() as exc:
+            self.mark_down(exc)
+            raise Down(str(exc)) from exc
+        self._mark_up()
+        return replies
+
+    async def run_async(self, ops: Sequence[Op]) -> list[Reply]:
+        """Run ``ops`` in one round trip from async code (asyncio natively, trio via a thread)."""
+        client = None
+        if sniffio.current_async_library() == "asyncio":
+            client = self._async_client()
+        if client is None:
+            return await anyio.to_thread.run_sync(self.run_sync, ops)
+        try:
+            with anyio.fail_after(self.timeout * 2 + 0.1):  # even for a client without timeouts
+                replies = await self._execute_async(client, ops)
+        except self._failures() as exc:
+            self.mark_down(exc)
+            raise Down(str(exc)) from exc
+        self._mark_up()
+        return replies
+
+    def _args(self, op: Op) -> tuple[Any, ...]:
+        return (self._scripts[op.script][1], len(op.keys), *op.keys, *op.args)
+
+    def _execute_sync(self, ops: Sequence[Op]) -> list[Reply]:
+        client = self._sync
+        noscript = self._redis.exceptions.NoScriptError
+        if len(ops) == 1:
+            try:
+                return [_decode(client.evalsha(*self._args(ops[0])))]
+            except noscript:
+                self._load_sync()
+                return [_decode(client.evalsha(*self._args(ops[0])))]
+        pipe = client.pipeline(transaction=False)
+        for op in ops:
+            pipe.evalsha(*self._args(op))
+        raw = pipe.execute(raise_on_error=False)
+        if any(isinstance(r, noscript) for r in raw):
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): load them, redo what failed
+            self._load_sync()
+            redo = [i for i, r in enumerate(raw) if isinstance(r, noscript)]
+            again = self._execute_sync([ops[i] for i in redo])
+            for i, reply in zip(redo, again, strict=True):
+                raw[i] = reply
+        return [self._check(r) for r in raw]
+
+    async def _execute_async(self, client: Any, ops: Sequence[Op]) -> list[Reply]:
+        noscript = self._redis.exceptions.NoScriptError
+        if len(ops) == 1:
+            try:
+                return [_decode(await client.evalsha(*self._args(ops[0])))]
+            except noscript:
+                await self._load_async(client)
+                return [_decode(await client.evalsha(*self._args(ops[0])))]
+        pipe = client.pipeline(transaction=False)
+        for op in ops:
+            pipe.evalsha(*self._args(op))
+        raw = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, noscript) for r in raw):
+            await self._load_async(client)
+            redo = [i for i, r in enumerate(raw) if isinstance(r, noscript)]
+            again = await self._execute_async(client, [ops[i] for i in redo])
+            for i, reply in zip(redo, again, strict=True):
+                raw[i] = reply
+        return [self._check(r) for r in raw]
+
+    def _check(self, raw: object) -> Reply:
+        if isinstance(raw, BaseException):
+            raise raw
+        if isinstance(raw, list) and raw and all(isinstance(v, str) for v in raw):
+            return raw
+        return _decode(raw)
+
+    def _load_sync(self) -> None:
+        for text, _ in self._scripts.values():
+            self._sync.script_load(text)
+
+    async def _load_async(self, client: Any) -> None:
+        for text, _ in self._scripts.values():
+            await client.script_load(text)
+
+    # ------------------------------------------------------------------ the outbox
+
+    def send(self, op: Op) -> None:
+        """Queue a change for the next round trip; the flusher sends it if nothing else does."""
+        with self._out_lock:
+            if len(self._outbox) >= _OUTBOX_LIMIT:
+                self._outbox.popleft()
+            self._outbox.append(op)
+            if self._flusher is None and not self._closed:
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="ratekeeper-redis", daemon=True
+                )
+                self._flusher.start()
+            self._out_ready.notify()
+
+    def take_outbox(self) -> list[Op]:
+        """Everything queued, in order, to go ahead of a reserve in the same pipeline."""
+        if not self._outbox:  # a racy peek is fine: an op added right now goes next time
+            return []
+        with self._out_lock:
+            ops = list(self._outbox)
+            self._outbox.clear()
+        return ops
+
+    def put_back(self, ops: Sequence[Op]) -> None:
+        """Ops a failed round trip could not deliver go back to the front, in order."""
+        if not ops:
+            return
+        with self._out_lock:
+            self._outbox.extendleft(reversed(ops))
+            while len(self._outbox) > _OUTBOX_LIMIT:
+                self._outbox.popleft()
+            self._out_ready.notify()
+
+    @staticmethod
+    def deliver(ops: Sequence[Op], replies: Sequence[Reply]) -> None:
+        """Hand each reply to its op's callback (a broken callback must not lose the others)."""
+        for op, reply in zip(ops, replies, strict=True):
+            if op.on_reply is not None:
+                try:
+                    op.on_reply(reply)
+                except Exception:
+                    log.exception("ratekeeper: handling a Redis reply failed")
+
+    def flush(self) -> bool:
+        """Send every queued change now (blocking); False if Redis could not be reached."""
+        ops = self.take_outbox()
+        if not ops:
+            return True
+        try:
+            replies = self.run_sync(ops)
+        except Down:
+            self.put_back(ops)
+            return False
+        self.deliver(ops, replies)
+        return True
+
+    async def aflush(self) -> bool:
+        """``flush`` for async code."""
+        ops = self.take_outbox()
+        if not ops:
+            return True
+        try:
+            replies = await self.run_async(ops)
+        except Down:
+            self.put_back(ops)
+            return False
+        self.deliver(ops, replies)
+        return True
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._out_lock:
+                while not self._outbox and not self._closed:
+                    self._out_ready.wait()
+                if self._closed and not self._outbox:
+                    return
+            # a short pause lets a reserve that is about to go carry these changes
+            if self.flush_delay:
+                time.sleep(self.flush_delay)
+            wait = self._down_until - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, 1.0))
+                if self._closed:
+                    return
+                continue
+            self.flush()
+
+    def close(self) -> None:
+        """Send what is queued (best effort) and stop the flusher thread."""
+        self.flush()
+        with self._out_lock:
+            self._closed = True
+            self._out_ready.notify()
+        flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(timeout=self.timeout * 2 + 1.0)
+
+    def __repr__(self) -> str:
+        state = "up" if self.available() else "down"
+        return (
+            f"<RedisBackend {self.where} keys {self.tag}:* on_unavailable={self.on_unavailable!r} "
+            f"{state}, {len(self._outbox)} queued>"
+        )
+
+
+def _describe(client: Any) -> str:
+    """``redis://host:port/db`` of a client, for messages."""
+    try:
+        kwargs = client.connection_pool.connection_kwargs
+        return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+    except AttributeError:
+        return repr(client)

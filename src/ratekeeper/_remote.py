@@ -1,0 +1,853 @@
+"""The limiter's remote mode: admission, settlement and feedback through a shared backend.
+
+A ``Limiter`` built with ``backend=RedisBackend(...)`` hands its permit
+operations to a ``RemoteEngine``. Per pool, a process keeps a local line of
+waiters (the limiter's own queue structure, priority then FIFO); only the
+waiter at its head talks to Redis, and one round trip (``reserve.lua``) tries
+a batch of the line in order, so a burst of local requests costs one call.
+The answer says how long until the next one fits; the head sleeps that long
+(at most ``poll_interval``) and asks again.
+
+Synchronous permit methods (``settle``, ``release``, ``observe``,
+``record_output``) change local bookkeeping at once and queue their Redis
+change in the backend's outbox; it rides along with the next reserve or a
+flusher thread sends it a few milliseconds later.
+
+When Redis cannot be reached, ``on_unavailable="fail"`` raises
+``BackendUnavailable``; ``"local"`` admits through a private in-process
+``Limiter`` holding ``fallback_fraction`` of every limit, until Redis answers again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final, final
+
+import anyio
+
+from ratekeeper._accounting import Cost, Demand, Usage
+from ratekeeper._bucket import TokenBucket
+from ratekeeper._errors import AcquireTimeout, CapacityExceeded, SpendLimitReached, WouldBlock
+from ratekeeper._headers import RateLimitSnapshot, parse_headers
+from ratekeeper._limiter import (
+    _ACTIVE,
+    _FAILED,
+    _GONE,
+    _GRANTED,
+    _RELEASED,
+    _RESYNC_DIMS,
+    _SETTLED,
+    _WAITING,
+    ROUNDING_MARGIN,
+    Limiter,
+    Permit,
+    _diff,
+    _draws,
+    _error_fields,
+    _PoolRuntime,
+    _Waiter,
+)
+from ratekeeper._pool import Pool
+from ratekeeper._redis import Down, Op, Reply
+
+if TYPE_CHECKING:
+    from ratekeeper._redis import RedisBackend
+
+__all__ = ["RemoteEngine"]
+
+#: A waiter moved to the local fallback limiter (Redis went away while it waited).
+_FALLBACK: Final = 4
+#: Pools that no subscription hold covers (the local limiter exempts them too).
+_SPECIAL: Final = ("count_tokens", "batches")
+#: Added to every computed wait, so the retry lands just after the refill, not just before.
+_SLACK: Final = 0.0005
+
+
+def _encode(draws: Mapping[str, float]) -> str:
+    return ",".join(f"{dim}={amount!r}" for dim, amount in draws.items() if amount)
+
+
+def _scopes(pool: str) -> str:
+    if pool in _SPECIAL:
+        return ""
+    for family in ("opus", "sonnet", "haiku"):
+        if pool.startswith(family):
+            return f"all,{family}"
+    return "all"
+
+
+class _RWaiter(_Waiter):
+    """A local waiter of a remote pool: its monotonic arrival and, once granted, its Redis seq."""
+
+    __slots__ = ("mono", "rseq")
+
+    def __init__(self, draws: dict[str, float], priority: int, seq: int, now: float) -> None:
+        super().__init__(draws, priority, seq, now)
+        self.mono = time.monotonic()
+        self.rseq = -1
+
+
+@final
+class _RPool:
+    """A remote pool's local side: keys, the driving flag, the next attempt, a local hold."""
+
+    __slots__ = ("driving", "hold_until", "inited", "keys", "next_try", "rt", "scopes", "ticket")
+
+    def __init__(self, rt: _PoolRuntime, keys: tuple[str, ...]) -> None:
+        self.rt = rt
+        self.keys = keys
+        self.scopes = _scopes(rt.pool.name)
+        self.driving = False
+        self.next_try = -math.inf
+        self.hold_until = -math.inf  # a pause this process saw, until Redis has it too
+        self.inited = False
+        self.ticket = False
+
+
+@final
+class RemoteEngine:
+    """The strategy a ``Limiter`` delegates to when it has a backend."""
+
+    def __init__(self, limiter: Limiter, backend: RedisBackend) -> None:
+        self._limiter = limiter
+        self._backend = backend
+        self._pools: dict[str, _RPool] = {}
+        self._window = max(1, limiter._window)
+        self._offset: float | None = None  # Redis time minus time.monotonic()
+        self._best_rtt = math.inf
+        self._fallback: Limiter | None = None
+        self._heartbeat = backend.ticket_ttl / 3.0
+
+    @property
+    def backend(self) -> RedisBackend:
+        """The backend this engine talks to."""
+        return self._backend
+
+    # ------------------------------------------------------------------ pools
+
+    def _rpool(self, rt: _PoolRuntime) -> _RPool:
+        rp = self._pools.get(rt.pool.name)
+        if rp is None:
+            rp = self._pools[rt.pool.name] = _RPool(rt, self._backend.pool_keys(rt.pool.name))
+        return rp
+
+    def _init_op(self, rp: _RPool) -> Op:
+        pool = rp.rt.pool
+        args: list[str | float] = [repr(pool.burst), int(self._backend.key_ttl * 1000)]
+        for dim, bucket in pool.buckets.items():
+            args += [
+                dim,
+                repr(pool.limits[dim]),
+                repr(bucket.capacity),
+                repr(bucket.rate),
+                repr(bucket.debt_limit),
+            ]
+
+        def done(reply: Reply) -> None:
+            rp.inited = True
+
+        return Op("init", rp.keys[1:2], args, done)
+
+    def _arrival(self, w: _RWaiter) -> str:
+        offset = self._offset
+        return "" if offset is None else repr(w.mono + offset)
+
+    def _reserve_op(self, rp: _RPool, cands: list[_RWaiter], queue: bool = True) -> Op:
+        b = self._backend
+        args: list[str | int] = [
+            b.participant,
+            repr(b.lease),
+            repr(b.ticket_ttl),
+            int(b.key_ttl * 1000),
+            rp.scopes,
+            "1" if queue else "0",
+            len(cands),
+        ]
+        for w in cands:
+            args += [self._arrival(w), _encode(w.draws)]
+        return Op("reserve", rp.keys, args)
+
+    def _learn_time(self, redis_now: str, sent: float) -> None:
+        # NTP's rule: trust the fastest round trips, whose midpoint is closest to when
+        # Redis read its clock (a first call that also connects would skew it by ms).
+        # The bar rises slowly so the estimate keeps following the two clocks' drift.
+        received = time.monotonic()
+        rtt = received - sent
+        self._best_rtt *= 1.01
+        if rtt <= self._best_rtt:
+            self._best_rtt = rtt
+            self._offset = float(redis_now) - (sent + received) / 2.0
+
+    # ------------------------------------------------------------------ acquire (async)
+
+    async def acquire(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
+        """``Limiter._acquire`` in remote mode."""
+        limiter = self._limiter
+        if not self._backend.available():
+            return await self._unavailable_async(model, demand, priority, timeout)
+        rp, w, credit, deadline = self._join(model, demand, priority, timeout)
+        limiter._bind_async(w)
+        try:
+            while True:
+                with limiter._lock:
+                    now = limiter._now()
+                    state, cands, until = self._step(rp, w, now, deadline, timeout)
+                    if state == _WAITING and cands is None:
+                        event = anyio.Event()
+                        w.event = event
+                if state == _GRANTED:
+                    return self._permit(rp, w, model, credit)
+                if state == _FALLBACK:
+                    left = None if deadline == math.inf else max(0.0, deadline - limiter._now())
+                    return await self._unavailable_async(model, demand, priority, left)
+                if cands is not None:
+                    await self._drive_async(rp, cands)
+                    continue
+                if until == math.inf:
+                    await event.wait()
+                else:
+                    with anyio.move_on_after(max(0.0, until - now)):
+                        await event.wait()
+        except BaseException:
+            with limiter._lock:
+                self._abandon(rp, w)
+            raise
+
+    def acquire_thread(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
+        """``Limiter._acquire_thread`` in remote mode: the same line, waited on in a thread."""
+        limiter = self._limiter
+        if not self._backend.available():
+            return self._unavailable_thread(model, demand, priority, timeout)
+        rp, w, credit, deadline = self._join(model, demand, priority, timeout)
+        w.sync_event = event = threading.Event()
+        try:
+            while True:
+                with limiter._lock:
+                    now = limiter._now()
+                    state, cands, until = self._step(rp, w, now, deadline, timeout)
+                    event.clear()
+                if state == _GRANTED:
+                    return self._permit(rp, w, model, credit)
+                if state == _FALLBACK:
+                    left = None if deadline == math.inf else max(0.0, deadline - limiter._now())
+                    return self._unavailable_thread(model, demand, priority, left)
+                if cands is not None:
+                    self._drive_sync(rp, cands)
+                    continue
+                event.wait(None if until == math.inf else max(0.0, until - now))
+        except BaseException:
+            with limiter._lock:
+                self._abandon(rp, w)
+            raise
+
+    def acquire_nowait(self, model: str, demand: Demand) -> Permit:
+        """``Limiter.acquire_nowait`` in remote mode: one round trip, no place in line kept."""
+        limiter = self._limiter
+        if not self._backend.available():
+            fallback = self._fallback_for(model)
+            if fallback is None:
+                raise self._backend.unavailable_error()
+            return _local_nowait(fallback, model, demand)
+        with limiter._lock:
+            now = limiter._now()
+            rt, draws, credit = limiter._prepare(model, demand, now)
+            rp = self._rpool(rt)
+            if rt.queued or rp.hold_until > now:
+                reason = rt.pool.pause_reason if rp.hold_until > now else "others are waiting"
+                raise WouldBlock(rt.pool.name, max(0.0, rp.next_try - now, rp.hold_until - now), reason)
+            w = _RWaiter(draws, 0, next(limiter._seq), now)
+        ops = self._backend.take_outbox()
+        if not rp.inited:
+            ops.append(self._init_op(rp))
+        ops.append(self._reserve_op(rp, [w], queue=False))
+        sent = time.monotonic()
+        try:
+            replies = self._backend.run_sync(ops)
+        except Down:
+            self._backend.put_back(ops[:-1])
+            fallback = self._fallback_for(model)
+            if fallback is None:
+                raise self._backend.unavailable_error() from None
+            return _local_nowait(fallback, model, demand)
+        self._backend.deliver(ops[:-1], replies[:-1])
+        reply = replies[-1]
+        self._learn_time(reply[1], sent)
+        status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[4:]
+        if status == "NOPOOL":
+            rp.inited = False
+            return self.acquire_nowait(model, demand)
+        self._raise_for(rt, status, why, reply)
+        if not seqs:
+            raise WouldBlock(rt.pool.name, wait, why)
+        w.rseq = int(seqs[0])
+        w.state = _GRANTED
+        return self._permit(rp, w, model, credit, queued=False)
+
+    def _join(
+        self, model: str, demand: Demand, priority: int, timeout: float | None
+    ) -> tuple[_RPool, _RWaiter, float, float]:
+        limiter = self._limiter
+        with limiter._lock:
+            now = limiter._now()
+            rt, draws, credit = limiter._prepare(model, demand, now)
+            rp = self._rpool(rt)
+            w = _RWaiter(draws, priority, next(limiter._seq), now)
+            dq = rt.queue.get(priority)
+            if dq is None:
+                dq = rt.queue[priority] = deque()
+            dq.append(w)
+            rt.queued += 1
+        deadline = math.inf if timeout is None else now + max(0.0, timeout)
+        return rp, w, credit, deadline
+
+    def _step(
+        self, rp: _RPool, w: _RWaiter, now: float, deadline: float, timeout: float | None
+    ) -> tuple[int, list[_RWaiter] | None, float]:
+        """Under the lock: what ``w`` does next: (state, candidates to drive, or wait until)."""
+        if w.state == _GRANTED or w.state == _FALLBACK:
+            return w.state, None, 0.0
+        if w.state == _FAILED:
+            assert w.error is not None
+            raise w.error
+        rt = rp.rt
+        is_head = rt.head() is w
+        if is_head and not rp.driving and now >= rp.next_try and now >= rp.hold_until:
+            rp.driving = True
+            cands: list[_RWaiter] = []
+            for dq in rt.ordered():
+                for other in dq:
+                    if other.state == _WAITING:
+                        cands.append(other)  # type: ignore[arg-type]
+                        if len(cands) >= self._window:
+                            break
+                if len(cands) >= self._window:
+                    break
+            return _WAITING, cands, 0.0
+        if now >= deadline:
+            self._abandon(rp, w)
+            raise AcquireTimeout(rt.pool.name, timeout if timeout is not None else 0.0)
+        until = deadline
+        if is_head and not rp.driving:
+            until = min(until, max(rp.next_try, rp.hold_until))
+        return _WAITING, None, until
+
+    async def _drive_async(self, rp: _RPool, cands: list[_RWaiter]) -> None:
+        ops = self._drive_ops(rp, cands)
+        sent = time.monotonic()
+        try:
+            # shielded: a reply that grants must be applied even if this task is being cancelled
+            with anyio.CancelScope(shield=True):
+                replies = await self._backend.run_async(ops)
+        except BaseException as exc:
+            self._failed(rp, cands, ops, exc, sent)
+            return
+        self._driven(rp, cands, ops, replies, sent)
+
+    def _drive_sync(self, rp: _RPool, cands: list[_RWaiter]) -> None:
+        ops = self._drive_ops(rp, cands)
+        sent = time.monotonic()
+        try:
+            replies = self._backend.run_sync(ops)
+        except BaseException as exc:
+            self._failed(rp, cands, ops, exc, sent)
+            return
+        self._driven(rp, cands, ops, replies, sent)
+
+    def _failed(
+        self, rp: _RPool, cands: list[_RWaiter], ops: list[Op], exc: BaseException, sent: float
+    ) -> None:
+        """A reserve round trip failed: Redis down is a policy matter, anything else propagates."""
+        if isinstance(exc, Down):
+            self._driven(rp, cands, ops, None, sent)
+            return
+        with self._limiter._lock:
+            rp.driving = False
+        self._backend.put_back(ops[:-1])
+        raise exc
+
+    def _drive_ops(self, rp: _RPool, cands: list[_RWaiter]) -> list[Op]:
+        ops = self._backend.take_outbox()
+        if not rp.inited:
+            ops.append(self._init_op(rp))
+        ops.append(self._reserve_op(rp, cands))
+        return ops
+
+    def _driven(
+        self, rp: _RPool, cands: list[_RWaiter], ops: list[Op], replies: list[Reply] | None, sent: float
+    ) -> None:
+        """Apply a reserve's answer: grant, fail, or plan the next attempt; wake whoever must act."""
+        limiter = self._limiter
+        if replies is None:
+            self._backend.put_back(ops[:-1])
+            with limiter._lock:
+                rp.driving = False
+                self._went_down()
+            return
+        self._backend.deliver(ops[:-1], replies[:-1])
+        reply = replies[-1]
+        self._learn_time(reply[1], sent)
+        status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[4:]
+        rt = rp.rt
+        with limiter._lock:
+            now = limiter._now()
+            rp.driving = False
+            for w, seq in zip(cands, seqs, strict=False):
+                w.rseq = int(seq)
+                if w.state == _WAITING:
+                    w.state = _GRANTED
+                    rt.queued -= 1
+                    w.wake()
+                else:  # left while the call was out: it never sent anything
+                    self._backend.send(self._release_op(rp, w.rseq, "unsent", w.draws))
+            rp.ticket = len(seqs) < len(cands)
+            if status == "NOPOOL":
+                rp.inited = False
+                rp.next_try = -math.inf
+            elif status == "OK":
+                if len(seqs) < len(cands):
+                    pause = min(wait, self._backend.poll_interval, self._heartbeat)
+                    rp.next_try = now + pause + _SLACK
+                else:
+                    rp.next_try = -math.inf
+            else:
+                rp.next_try = -math.inf
+                try:
+                    self._raise_for(rt, status, why, reply)
+                except SpendLimitReached as exc:
+                    self._fail_all(exc.resets_at)
+                except CapacityExceeded as exc:
+                    w = cands[len(seqs)]
+                    if w.state == _WAITING:
+                        w.state = _FAILED
+                        w.error = exc
+                        rt.queued -= 1
+                        w.wake()
+            head = rt.head()
+            if head is not None:
+                head.wake()
+
+    def _raise_for(self, rt: _PoolRuntime, status: str, why: str, reply: Reply) -> None:
+        if status == "SPEND":
+            resets = _dt.datetime.fromisoformat(why) if why else _dt.datetime.now(_dt.UTC)
+            with self._limiter._lock:
+                if self._limiter._spend_until is None:
+                    self._limiter._spend_until = self._limiter._now() + float(reply[2])
+                    self._limiter._spend_resets_at = resets
+            raise SpendLimitReached(resets)
+        if status == "TOOBIG":
+            dim, amount, limit = why.split()
+            raise CapacityExceeded(rt.pool.name, dim, float(amount), float(limit))
+
+    def _fail_all(self, resets_at: _dt.datetime) -> None:
+        self._limiter._fail_all(lambda: SpendLimitReached(resets_at))
+
+    def _went_down(self) -> None:
+        """Under the lock: Redis failed; every waiter fails or moves to the fallback."""
+        fallback = self._backend.on_unavailable == "local"
+        for rp in self._pools.values():
+            rt = rp.rt
+            for dq in rt.queue.values():
+                for w in dq:
+                    if w.state == _WAITING:
+                        if fallback:
+                            w.state = _FALLBACK
+                        else:
+                            w.state = _FAILED
+                            w.error = self._backend.unavailable_error()
+                        rt.queued -= 1
+                        w.wake()
+                dq.clear()
+            rp.next_try = -math.inf
+            rp.inited = False  # Redis may come back empty
+
+    def _abandon(self, rp: _RPool, w: _RWaiter) -> None:
+        """Under the lock: a waiter leaves; what it held goes back, its place in line too."""
+        rt = rp.rt
+        if w.state == _WAITING:
+            w.state = _GONE
+            rt.queued -= 1
+            if rt.head() is None and rp.ticket and not rp.driving:
+                rp.ticket = False
+                self._backend.send(self._reserve_op(rp, []))  # n = 0: leave the line
+            head = rt.head()
+            if head is not None:
+                head.wake()
+        elif w.state == _GRANTED and w.permit is None:
+            w.state = _GONE
+            self._backend.send(self._release_op(rp, w.rseq, "unsent", w.draws))
+
+    def _permit(self, rp: _RPool, w: _RWaiter, model: str, credit: float, *, queued: bool = True) -> Permit:
+        limiter = self._limiter
+        rt = rp.rt
+        with limiter._lock:
+            now = limiter._now()
+            permit = Permit(limiter, rt, model, w.draws, credit, w.rseq, now)
+            w.permit = permit
+            rt.in_flight[w.rseq] = permit
+            rt.granted += 1
+            rt.waits.add(now - w.enqueued_at)
+            rt.admitted.add(now, w.draws)
+            if credit and limiter._wallet is not None:
+                limiter._wallet.charge(credit, now)
+            if limiter._on_event is not None:
+                limiter._emit("grant", rt, now, {"waited": now - w.enqueued_at})
+        return permit
+
+    # ------------------------------------------------------------------ unavailable
+
+    def _fallback_for(self, model: str) -> Limiter | None:
+        """The local fallback limiter with ``model``'s pool at a fraction of the limits (or None)."""
+        backend = self._backend
+        if backend.on_unavailable != "local":
+            return None
+        limiter = self._limiter
+        with limiter._lock:
+            now = limiter._now()
+            if self._fallback is None:
+                self._fallback = Limiter(
+                    limiter._preset,
+                    rules=limiter._rules,
+                    burst=limiter._burst,
+                    adaptive_burst=limiter._adaptive,
+                    learn_limits=False,  # the headers carry the whole organization's limits
+                    backfill_window=limiter._window,
+                    clock=limiter._clock,
+                    on_event=limiter._on_event,
+                )
+            fallback = self._fallback
+            if model in limiter._pools or model in _SPECIAL:
+                rt = limiter._pools[model]
+            else:
+                rt = limiter._runtime_for(model, now)
+        with fallback._lock:
+            if rt.pool.name not in fallback._pools:
+                fallback._pools[rt.pool.name] = _scaled(rt, backend.fallback_fraction, now)
+            if model not in _SPECIAL:
+                fallback._model_pool[model] = rt.pool.name
+        return fallback
+
+    async def _unavailable_async(
+        self, model: str, demand: Demand, priority: int, timeout: float | None
+    ) -> Permit:
+        fallback = self._fallback_for(model)
+        if fallback is None:
+            raise self._backend.unavailable_error()
+        return await fallback._acquire(model, demand, priority, timeout)
+
+    def _unavailable_thread(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
+        fallback = self._fallback_for(model)
+        if fallback is None:
+            raise self._backend.unavailable_error()
+        return fallback._acquire_thread(model, demand, priority, timeout)
+
+    # ------------------------------------------------------------------ settlement
+
+    def _release_op(self, rp: _RPool, seq: int, mode: str, charged: Mapping[str, float]) -> Op:
+        return Op("release", rp.keys[:4], [seq, mode, _encode(charged)])
+
+    def _poke(self, rt: _PoolRuntime) -> None:
+        """Under the lock: capacity came back locally; the head may try again at once."""
+        rp = self._pools.get(rt.pool.name)
+        if rp is not None and rt.queued:
+            rp.next_try = -math.inf
+            head = rt.head()
+            if head is not None:
+                head.wake()
+
+    def settle(self, permit: Permit, usage: Usage, credits: float | None) -> Cost:
+        """``Limiter._settle`` in remote mode: the difference goes to Redis with the next round trip."""
+        limiter = self._limiter
+        with limiter._lock:
+            now = limiter._now()
+            rt = permit._runtime
+            rp = self._rpool(rt)
+            priority = permit.reserved.get("priority_input_tokens", 0.0) > 0.0
+            actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
+            new = _draws(actual)
+            diff = _diff(permit._charged, new)
+            if diff:
+                rt.admitted.add(now, diff, -1.0)
+            wallet = limiter._wallet
+            if wallet is not None and permit.credits and credits is not None:
+                if permit.credits >= credits:
+                    wallet.give_back(permit.credits - credits, now)
+                else:
+                    wallet.charge(credits - permit.credits, now)
+            permit._charged = new
+            permit._state = _SETTLED
+            rt.in_flight.pop(permit.seq, None)
+            recovery = repr(limiter._burst_recovery) if limiter._adaptive else ""
+            self._backend.send(
+                Op("settle", rp.keys[:4], [permit.seq, "settle", _encode(diff), recovery], self._on_burst(rt))
+            )
+            self._poke(rt)
+        return actual
+
+    def progress(self, permit: Permit, output: float) -> None:
+        """``Limiter._progress`` in remote mode: output beyond the reservation is charged in Redis."""
+        limiter = self._limiter
+        with limiter._lock:
+            if permit._state != _ACTIVE:
+                return
+            extra = output - permit._charged.get("output_tokens", 0.0)
+            if extra <= 0.0:
+                return
+            rt = permit._runtime
+            more = {"output_tokens": extra, "tokens": extra}
+            if "priority_output_tokens" in permit._charged:
+                more["priority_output_tokens"] = extra
+            rt.admitted.add(limiter._now(), more)
+            for dim, amount in more.items():
+                permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
+            diff = {dim: -amount for dim, amount in more.items()}
+            keys = self._rpool(rt).keys[:4]
+            self._backend.send(Op("settle", keys, [permit.seq, "progress", _encode(diff), ""]))
+
+    def release(self, permit: Permit) -> None:
+        """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
+        limiter = self._limiter
+        with limiter._lock:
+            if permit._state != _ACTIVE:
+                return
+            now = limiter._now()
+            rt = permit._runtime
+            charged = permit._charged
+            if not permit.sent:
+                mode, refund = "unsent", dict(charged)
+            elif permit.response_status is not None and permit.response_status >= 400:
+                mode, refund = "error", {k: v for k, v in charged.items() if k != "requests"}
+            else:
+                mode, refund = "kept", {}
+            if refund:
+                rt.admitted.add(now, refund, -1.0)
+            if limiter._wallet is not None and permit.credits and (not permit.sent or refund):
+                limiter._wallet.give_back(permit.credits, now)
+            permit._state = _RELEASED
+            rt.in_flight.pop(permit.seq, None)
+            self._backend.send(self._release_op(self._rpool(rt), permit.seq, mode, charged))
+            if refund:
+                self._poke(rt)
+
+    # ------------------------------------------------------------------ feedback
+
+    def observe(
+        self,
+        headers: object,
+        *,
+        status: int,
+        body: object,
+        permit: Permit | None,
+        runtime: _PoolRuntime | None,
+    ) -> RateLimitSnapshot:
+        """``Limiter._observe`` in remote mode: resyncs, pauses and holds go to the shared state."""
+        limiter = self._limiter
+        snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
+        error_type, error_code, message = _error_fields(body)
+        spend = error_code == "enforced_spend_limit_reached"
+        ops: list[Op] = []
+        with limiter._lock:
+            now = limiter._now()
+            skew = snap.clock_skew or 0.0
+            if spend:
+                limiter._spend_limit(snap, now, message)
+                assert limiter._spend_until is not None
+                assert limiter._spend_resets_at is not None
+                seconds = limiter._spend_until - now
+                iso = limiter._spend_resets_at.isoformat()
+                ops.append(Op("control", [self._backend.org_key()], ["spend", repr(seconds), iso]))
+            if runtime is not None:
+                rp = self._rpool(runtime)
+                op = self._resync_op(rp, snap, permit)
+                if op is not None:
+                    ops.append(op)
+                if status == 429 and not spend:
+                    ops.append(self._on_429(rp, snap, permit, now))
+                elif status == 529 or error_type == "overloaded_error":
+                    ops.append(self._on_529(rp, snap, now))
+                elif status < 400:
+                    runtime.overload_backoff = 0.0
+            unified = snap.unified
+            if unified is not None:
+                if unified.status == "rejected" or (status == 429 and unified.status is not None):
+                    ops += self._on_rejected(snap, now, skew, runtime)
+                else:
+                    limiter._on_unified(snap, now, skew, status, runtime)
+            if snap.quota is not None:
+                limiter._on_quota(snap, permit, now)
+            if status == 402 and limiter._wallet is not None:
+                held = permit.credits if permit is not None else 0.0
+                limiter._wallet.resync(max(0.0, held - 1.0), now)
+        for op in ops:
+            self._backend.send(op)
+        return snap
+
+    def _resync_op(self, rp: _RPool, snap: RateLimitSnapshot, permit: Permit | None) -> Op | None:
+        limits = snap.limits()
+        if not limits:
+            return None
+        args: list[str | int] = [
+            permit.seq if permit is not None else -1,
+            "1" if self._limiter._learn else "0",
+        ]
+        for dim in _RESYNC_DIMS:
+            info = limits.get(dim)
+            if info is None:
+                continue
+            margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
+            limit = repr(float(info.limit)) if info.limit is not None else ""
+            target = repr(info.remaining - margin) if info.remaining is not None else ""
+            args += [dim, limit, target]
+        rt = rp.rt
+
+        def done(reply: Reply) -> None:
+            limiter = self._limiter
+            with limiter._lock:
+                now = limiter._now()
+                for change in reply[2:]:
+                    kind, dim, value = change.split(":")
+                    if kind == "limit":
+                        rt.pool.set_limit(dim, float(value), now)
+                        limiter._emit("limit_change", rt, now, {dim: float(value)})
+                        self._poke(rt)
+                    else:
+                        rt.resyncs += 1
+                        limiter._emit("resync", rt, now, {"dimension": dim, "delta": float(value)})
+
+        return Op("resync", rp.keys[:4], args, done)
+
+    def _on_burst(self, rt: _PoolRuntime) -> Callable[[Reply], None]:
+        def done(reply: Reply) -> None:
+            if reply[0] != "OK" or len(reply) < 3:
+                return
+            burst = float(reply[2])
+            limiter = self._limiter
+            with limiter._lock:
+                if abs(burst - rt.pool.burst) > 1e-12:
+                    now = limiter._now()
+                    rt.pool.set_burst(min(1.0, max(burst, 1.0 / 60.0)), now)
+                    limiter._emit("burst_change", rt, now, {"burst": burst})
+
+        return done
+
+    def _hold(self, rp: _RPool, until: float) -> None:
+        # until Redis has the pause, this process's own head must not reserve past it
+        if until > rp.hold_until:
+            rp.hold_until = until
+
+    def _on_429(self, rp: _RPool, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> Op:
+        limiter = self._limiter
+        rt = rp.rt
+        rt.rate_limited += 1
+        predicted = False
+        if permit is not None:
+            for dim, info in snap.limits().items():
+                need = permit.reserved.get(dim, 0.0)
+                if info.remaining is not None and need > 0 and info.remaining < need:
+                    predicted = True
+                    break
+        if predicted:
+            rt.rate_limited_predicted += 1
+        retry = snap.retry_after if snap.retry_after is not None else 1.0
+        shrink = not predicted and limiter._adaptive
+        self._hold(rp, now + retry)
+        rt.pool.pause(now + retry, "429 rate_limit_error")
+        limiter._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
+        limiter._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
+        args = ["pause", repr(retry), "429 rate_limit_error", "1" if shrink else "0"]
+        return Op("control", [rp.keys[0], rp.keys[1]], args, self._on_pause(rt))
+
+    def _on_pause(self, rt: _PoolRuntime) -> Callable[[Reply], None]:
+        burst_done = self._on_burst(rt)
+
+        def done(reply: Reply) -> None:
+            if len(reply) >= 3:
+                burst_done(["OK", reply[1], reply[2]])
+
+        return done
+
+    def _on_529(self, rp: _RPool, snap: RateLimitSnapshot, now: float) -> Op:
+        rt = rp.rt
+        rt.overloaded += 1
+        backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
+        rt.overload_backoff = backoff
+        wait = snap.retry_after if snap.retry_after is not None else backoff
+        self._hold(rp, now + wait)
+        rt.pool.pause(now + wait, "529 overloaded")
+        self._limiter._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
+        self._limiter._emit("overloaded", rt, now, {"backoff": wait})
+        return Op("control", [rp.keys[0], rp.keys[1]], ["pause", repr(wait), "529 overloaded", "0"])
+
+    def _on_rejected(
+        self, snap: RateLimitSnapshot, now: float, skew: float, runtime: _PoolRuntime | None
+    ) -> list[Op]:
+        unified = snap.unified
+        assert unified is not None
+        wait = 0.0
+        if unified.reset is not None and snap.server_date is not None:
+            wait = (unified.reset - snap.server_date).total_seconds()
+        elif unified.reset is not None:
+            wait = (unified.reset - _dt.datetime.now(_dt.UTC)).total_seconds() + skew
+        if snap.retry_after is not None:
+            wait = max(wait, snap.retry_after)
+        wait = max(wait, 1.0)
+        claim = unified.representative_claim
+        scope = claim.rsplit("_", 1)[1] if claim in ("seven_day_opus", "seven_day_sonnet") else "all"
+        reason = f"subscription limit ({claim})"
+        for rp in self._pools.values():
+            if scope in rp.scopes.split(",") or rp.rt is runtime:
+                self._hold(rp, now + wait)
+                rp.rt.pool.pause(now + wait, reason)
+                self._limiter._emit("pause", rp.rt, now, {"seconds": wait, "reason": "unified rejected"})
+        ops = [Op("control", [self._backend.org_key()], ["hold", repr(wait), reason, scope])]
+        if runtime is not None and runtime.pool.name in _SPECIAL:
+            rp = self._rpool(runtime)
+            ops.append(Op("control", [rp.keys[0], rp.keys[1]], ["pause", repr(wait), reason, "0"]))
+        return ops
+
+    # ------------------------------------------------------------------ by hand
+
+    def set_limits(self, rt: _PoolRuntime, limits: Mapping[str, float]) -> None:
+        """Under the lock: ``Limiter.set_limits`` in remote mode (shared by every process)."""
+        rp = self._rpool(rt)
+        args: list[str] = ["limits"]
+        for dim, value in limits.items():
+            args += [dim, repr(float(value))]
+        self._backend.send(Op("control", [rp.keys[0], rp.keys[1]], args))
+        self._poke(rt)
+
+    def give_back(self, rt: _PoolRuntime, amounts: Mapping[str, float]) -> None:
+        """Under the lock: return amounts to a shared pool (``batch_finished``)."""
+        rp = self._rpool(rt)
+        self._backend.send(Op("control", [rp.keys[0], rp.keys[1]], ["giveback", _encode(amounts)]))
+        self._poke(rt)
+
+
+def _scaled(rt: _PoolRuntime, fraction: float, now: float) -> _PoolRuntime:
+    """A copy of a pool's configuration at ``fraction`` of every limit, buckets full."""
+    source = rt.pool
+    pool = Pool(source.name, {}, now=now, burst=source.burst)
+    for dim, bucket in source.buckets.items():
+        pool.limits[dim] = source.limits[dim] * fraction
+        pool.buckets[dim] = TokenBucket(
+            bucket.capacity * fraction,
+            bucket.rate * fraction,
+            now=now,
+            debt_limit=bucket.debt_limit * fraction,
+        )
+    return _PoolRuntime(pool, rt.rules)
+
+
+def _local_nowait(limiter: Limiter, model: str, demand: Demand) -> Permit:
+    with limiter._lock:
+        now = limiter._now()
+        rt, draws, credit = limiter._prepare(model, demand, now)
+        wait = rt.pool.wait_time(draws, now)
+        if rt.queued or wait > 0.0:
+            reason = rt.pool.pause_reason if rt.pool.paused_until > now else ""
+            raise WouldBlock(rt.pool.name, wait, reason)
+        return limiter._grant_now(rt, model, draws, credit, now)

@@ -1,0 +1,70 @@
+-- Control: pauses, holds, the spend cap, limits set by hand, give-backs.
+--
+-- KEYS: org, then pool hashes
+-- ARGV[1] is the operation:
+--   pause seconds reason shrink   hold every pool in KEYS[2..] until now + seconds (a 429,
+--                                 a 529); shrink = '1' halves the burst (an unpredicted 429)
+--   hold seconds reason scope     an organization-wide subscription hold ('all' or a family)
+--   spend seconds resets_at       the monthly spend cap: every reserve fails until then
+--   limits dim value ...          set per-minute limits of KEYS[2] by hand
+--   giveback draws                return amounts to KEYS[2] (a batch left the queue)
+-- Returns {status, now, burst...}.
+local op = ARGV[1]
+local now = clock()
+local out = {'OK', fmt(now)}
+
+local function keep_org(seconds)
+  local ms = math.ceil(seconds * 1000) + 60000
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl >= 0 and ttl < ms then
+    redis.call('PEXPIRE', KEYS[1], ms)
+  elseif ttl == -1 then
+    redis.call('PEXPIRE', KEYS[1], math.max(ms, 86400000))
+  end
+end
+
+if op == 'pause' then
+  local till = now + tonumber(ARGV[2])
+  for i = 2, #KEYS do
+    local p = load_pool(KEYS[i])
+    if p then
+      advance(p, now)
+      if till > p.paused then
+        p.paused, p.reason = till, ARGV[3]
+      end
+      if ARGV[4] == '1' then
+        set_burst(p, math.max(MIN_BURST, p.burst * 0.5))
+        p.clean = now
+      end
+      save_pool(p)
+      out[#out + 1] = fmt(p.burst)
+    end
+  end
+elseif op == 'hold' then
+  local till, scope = now + tonumber(ARGV[2]), ARGV[4]
+  local cur = tonumber(redis.call('HGET', KEYS[1], 'hold:' .. scope) or '0')
+  if till > cur then
+    redis.call('HSET', KEYS[1], 'hold:' .. scope, fmt(till), 'hold_reason:' .. scope, ARGV[3])
+    keep_org(tonumber(ARGV[2]))
+  end
+elseif op == 'spend' then
+  redis.call('HSET', KEYS[1], 'spend_until', fmt(now + tonumber(ARGV[2])), 'spend_resets', ARGV[3])
+  keep_org(tonumber(ARGV[2]))
+else
+  local p = load_pool(KEYS[2])
+  if not p then
+    return {'NOPOOL', fmt(now)}
+  end
+  advance(p, now)
+  if op == 'limits' then
+    for i = 2, #ARGV, 2 do
+      set_limit(p, ARGV[i], tonumber(ARGV[i + 1]))
+    end
+  elseif op == 'giveback' then
+    apply_diff(p, parse_draws(ARGV[2]))
+  else
+    return redis.error_reply('ratekeeper control: unknown operation ' .. op)
+  end
+  save_pool(p)
+end
+return out

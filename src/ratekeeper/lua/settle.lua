@@ -1,0 +1,40 @@
+-- Settle: apply a request's actual cost, or charge output as a stream produces it.
+--
+-- KEYS: org, pool, res, lease
+-- ARGV: seq, mode ('settle': the request is done and leaves the in-flight set;
+--       'progress': it stays, its recorded charge grows), diff ("dim=amount,...":
+--       positive refunds, negative charges more), recovery (seconds without an
+--       unpredicted 429 before the burst grows back; '' = not adaptive)
+-- Returns {status, now, burst}. The diff applies even when the lease already expired:
+-- the reservation's charge stood, so its correction is still due.
+local seq, mode = ARGV[1], ARGV[2]
+local diff = parse_draws(ARGV[3])
+local now = clock()
+local p = load_pool(KEYS[2])
+if not p then
+  redis.call('HDEL', KEYS[3], seq)
+  redis.call('ZREM', KEYS[4], seq)
+  return {'NOPOOL', fmt(now), '1'}
+end
+advance(p, now)
+apply_diff(p, diff)
+if mode == 'progress' then
+  local cur = redis.call('HGET', KEYS[3], seq)
+  if cur then
+    local t = parse_draws(cur)
+    for d, a in pairs(diff) do
+      t[d] = (t[d] or 0) - a
+    end
+    redis.call('HSET', KEYS[3], seq, encode_draws(t))
+  end
+else
+  redis.call('HDEL', KEYS[3], seq)
+  redis.call('ZREM', KEYS[4], seq)
+  local recovery = tonumber(ARGV[4])
+  if recovery and p.burst < 1 and now - p.clean >= recovery then
+    set_burst(p, math.min(1, p.burst * 1.25))
+    p.clean = now
+  end
+end
+save_pool(p)
+return {'OK', fmt(now), fmt(p.burst)}

@@ -1,0 +1,481 @@
+"""The Redis backend against a real ``redis-server``: atomicity, leases, fairness, pauses, outages.
+
+Every test starts its own server (the ``redis_server`` fixture). Redis keeps
+time with its own ``TIME``, which trio's ``MockClock`` does not move, so these
+tests run on real clocks with waits of a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+import redis
+from redis.crc import key_slot
+from redis_server import RedisServer
+
+import ratekeeper
+from ratekeeper import (
+    AcquireTimeout,
+    BackendUnavailable,
+    CapacityExceeded,
+    ConfigurationError,
+    Demand,
+    Limiter,
+    MissingDependency,
+    RedisBackend,
+    WouldBlock,
+)
+from ratekeeper._redis import Op
+
+SONNET = "claude-sonnet-4-5"
+POOL = "sonnet-4.x"
+LIMITS = {POOL: {"requests": 60.0, "input_tokens": 100_000.0, "output_tokens": 20_000.0}}
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    """Real clocks on both libraries: Redis TIME does not follow a mock clock."""
+    return request.param
+
+
+@pytest.fixture
+def backends() -> Iterator[list[RedisBackend]]:
+    """Backends made by a test, closed after it (their flusher threads stop)."""
+    made: list[RedisBackend] = []
+    yield made
+    for b in made:
+        b.close()
+
+
+def make(
+    server: RedisServer, made: list[RedisBackend], *, burst: float = 1.0, **options: Any
+) -> tuple[Limiter, RedisBackend]:
+    """A limiter with its own backend: to Redis, a separate process."""
+    options.setdefault("org", "acme")
+    backend = RedisBackend(server.url, **options)
+    made.append(backend)
+    return Limiter("tier-1", limits=LIMITS, burst=burst, backend=backend), backend
+
+
+def client(server: RedisServer) -> redis.Redis:
+    return redis.Redis.from_url(server.url, decode_responses=True)
+
+
+def level(server: RedisServer, dim: str, org: str = "acme") -> float:
+    """A bucket's stored level (as of the last change; refill since then not included)."""
+    fields = client(server).hget(f"{{ratekeeper:{org}}}:pool:{POOL}", f"b:{dim}")
+    assert fields is not None
+    return float(fields.split()[4])
+
+
+def rpm_headers(remaining: int, limit: int = 60) -> dict[str, str]:
+    return {
+        "anthropic-ratelimit-requests-limit": str(limit),
+        "anthropic-ratelimit-requests-remaining": str(remaining),
+    }
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def test_import_ratekeeper_does_not_import_redis() -> None:
+    code = "import sys, ratekeeper; assert 'redis' not in sys.modules; ratekeeper.RedisBackend"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_redis_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # import redis now raises ImportError
+    message = r"^redis is not installed; install it with: pip install 'ratekeeper\[redis\]'$"
+    with pytest.raises(MissingDependency, match=message):
+        ratekeeper.RedisBackend("redis://127.0.0.1:1/0")
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"^on_unavailable must be 'fail' or 'local', got 'x'$"):
+        RedisBackend("redis://127.0.0.1:1/0", on_unavailable="x")
+    with pytest.raises(ConfigurationError, match=r"^fallback_fraction must be in \(0, 1\], got 0$"):
+        RedisBackend("redis://127.0.0.1:1/0", fallback_fraction=0)
+    with pytest.raises(ConfigurationError, match=r"^backend must be a ratekeeper backend"):
+        Limiter(backend=object())
+
+
+# ---------------------------------------------------------------- the shared state
+
+
+@pytest.mark.anyio
+async def test_every_key_carries_the_organization_hash_tag(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends, prefix="rk", org="acme")
+    assert all(k.startswith("{rk:acme}:") for k in backend.pool_keys(POOL))
+    async with limiter.acquire(SONNET, input_tokens=100, max_tokens=100) as permit:
+        permit.observe(rpm_headers(59), status=200)
+        permit.settle({"input_tokens": 100, "output_tokens": 10})
+    held = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=19_000)  # in flight
+    with pytest.raises(AcquireTimeout):  # and a place in line, held while it waits
+        await limiter.acquire(SONNET, input_tokens=100, max_tokens=19_000, timeout=0.05)
+    assert backend.flush()
+    keys = [str(k) for k in client(redis_server).keys("*")]
+    assert {k.split(":", 2)[2].split(":")[0] for k in keys} >= {"org", "pool", "res", "lease"}
+    assert all(k.startswith("{rk:acme}:") for k in keys), keys
+    assert len({key_slot(k.encode()) for k in keys}) == 1  # one node of a cluster holds them all
+    held.release()
+
+
+def test_reserve_is_all_or_nothing(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
+    limiter, backend = make(redis_server, backends)
+    first = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=15_000)
+    assert backend.flush()
+    before = {d: level(redis_server, d) for d in ("requests", "input_tokens", "output_tokens")}
+    # requests and input fit, output does not: nothing at all may be taken
+    with pytest.raises(WouldBlock):
+        limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=10_000)
+    after = {d: level(redis_server, d) for d in ("requests", "input_tokens", "output_tokens")}
+    assert after == before
+    assert before["requests"] == pytest.approx(59.0, abs=0.1)
+    first.release()
+
+
+def test_a_skewed_caller_clock_mints_nothing(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
+    """Time is Redis TIME: a caller whose clock jumps an hour ahead gets no refill from it."""
+    now = [1_000.0]
+    backend = RedisBackend(redis_server.url, org="acme")
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=LIMITS, backend=backend, clock=lambda: now[0])
+    limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=20_000)
+    with pytest.raises(WouldBlock) as info:
+        limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=20_000)
+    now[0] += 3_600.0
+    with pytest.raises(WouldBlock):
+        limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=20_000)
+    assert info.value.retry_after == pytest.approx(60.0, abs=0.5)
+
+
+def test_an_impossible_cost_fails_at_once(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
+    limiter, _ = make(redis_server, backends)
+    with pytest.raises(CapacityExceeded):
+        limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=30_000)
+
+
+@pytest.mark.anyio
+async def test_settle_refunds_what_was_over_reserved(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends)
+    async with limiter.acquire(SONNET, input_tokens=1_000, max_tokens=10_000) as permit:
+        assert backend.flush()
+        assert level(redis_server, "output_tokens") == pytest.approx(10_000, abs=5)
+        permit.settle({"input_tokens": 1_000, "output_tokens": 500})
+    assert backend.flush()
+    assert level(redis_server, "output_tokens") == pytest.approx(19_500, abs=5)
+    assert client(redis_server).hlen(f"{{ratekeeper:acme}}:res:{POOL}") == 0
+
+
+@pytest.mark.anyio
+async def test_release_rules_match_the_local_limiter(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends)
+    async with limiter.acquire(SONNET, input_tokens=1_000, max_tokens=1_000):
+        pass  # never sent: everything comes back
+    async with limiter.acquire(SONNET, input_tokens=1_000, max_tokens=1_000) as permit:
+        permit.observe({}, status=500)  # refused by the server: only the request is kept
+    assert backend.flush()
+    assert level(redis_server, "requests") == pytest.approx(59.0, abs=0.05)
+    assert level(redis_server, "output_tokens") == pytest.approx(20_000, abs=5)
+
+
+# ---------------------------------------------------------------- leases
+
+
+@pytest.mark.anyio
+async def test_a_dead_holders_lease_expires_and_its_charge_stands(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    dead, _ = make(redis_server, backends, lease=0.3)
+    alive, alive_backend = make(redis_server, backends)
+    dead.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=5_000)  # never settled: its process "died"
+    res = f"{{ratekeeper:acme}}:res:{POOL}"
+    assert client(redis_server).hlen(res) == 1
+    await anyio.sleep(0.4)
+    # the next script purges it: it no longer counts as in flight for resyncs ...
+    async with alive.acquire(SONNET, input_tokens=1_000, max_tokens=1_000) as permit:
+        permit.observe(rpm_headers(50), status=200)
+        permit.settle({"input_tokens": 1_000, "output_tokens": 1_000})
+    assert alive_backend.flush()
+    assert client(redis_server).hlen(res) == 0
+    # ... and its reservation stands: nothing was refunded
+    assert level(redis_server, "output_tokens") < 20_000 - 5_000 + 200
+
+
+# ---------------------------------------------------------------- resync across processes
+
+
+def test_resync_counts_every_process_in_flight_requests(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    a, a_backend = make(redis_server, backends)
+    b, b_backend = make(redis_server, backends)
+    first = a.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)  # the observed request
+    b.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)  # admitted after it, elsewhere
+    a.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)  # and here
+    assert level(redis_server, "requests") == pytest.approx(57, abs=0.05)
+    # the server saw only the first: 50 left. The two admitted after it are still to come.
+    first.observe(rpm_headers(50), status=200)
+    assert a_backend.flush()
+    assert level(redis_server, "requests") == pytest.approx(48, abs=0.05)
+    # a report that is not lower changes nothing
+    b.observe(rpm_headers(55), model=SONNET)
+    assert b_backend.flush()
+    assert level(redis_server, "requests") == pytest.approx(48, abs=0.05)
+
+
+def test_learned_limits_are_shared(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
+    a, a_backend = make(redis_server, backends)
+    b, _ = make(redis_server, backends)
+    with a.acquire_sync(SONNET, Demand(input_tokens=10, max_tokens=10)) as permit:
+        permit.observe(rpm_headers(900, limit=1_000), status=200)
+    assert a_backend.flush()
+    stored = client(redis_server).hget(f"{{ratekeeper:acme}}:pool:{POOL}", "b:requests")
+    assert stored is not None
+    assert float(stored.split()[0]) == 1_000
+    b.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)  # b's view of the limit follows Redis
+
+
+# ---------------------------------------------------------------- pauses
+
+
+@pytest.mark.anyio
+async def test_one_processes_429_pauses_the_pool_for_all(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    a, a_backend = make(redis_server, backends)
+    b, _ = make(redis_server, backends)
+    async with a.acquire(SONNET, input_tokens=100, max_tokens=100) as permit:
+        permit.observe({"retry-after": "1"}, status=429)
+    assert a_backend.flush()
+    with pytest.raises(WouldBlock, match="429 rate_limit_error"):
+        b.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    start = time.monotonic()
+    async with b.acquire(SONNET, input_tokens=100, max_tokens=100):
+        waited = time.monotonic() - start
+    assert 0.5 < waited < 1.5
+
+
+def test_the_spend_limit_is_shared(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
+    a, a_backend = make(redis_server, backends)
+    b, _ = make(redis_server, backends)
+    body = {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "details": {"error_code": "enforced_spend_limit_reached"}},
+    }
+    a.observe({}, model=SONNET, status=429, body=body)
+    assert a_backend.flush()
+    with pytest.raises(ratekeeper.SpendLimitReached):
+        b.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+
+
+@pytest.mark.anyio
+async def test_a_subscription_rejection_holds_every_process(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    a, a_backend = make(redis_server, backends)
+    b, _ = make(redis_server, backends)
+    reset = str(int(time.time()) + 3_600)
+    a.observe(
+        {"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": reset},
+        status=429,
+    )
+    assert a_backend.flush()
+    with pytest.raises(WouldBlock, match="subscription limit"):
+        b.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+
+
+# ---------------------------------------------------------------- fairness
+
+
+@pytest.mark.anyio
+async def test_waiters_in_different_processes_go_in_arrival_order(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    # 600 RPM with a one-second burst: 10 requests, then one every 0.1 s
+    limits = {POOL: {"requests": 600.0, "input_tokens": 1_000_000.0, "output_tokens": 1_000_000.0}}
+    procs = []
+    for _ in range(2):
+        backend = RedisBackend(redis_server.url, org="acme", poll_interval=1.0)
+        backends.append(backend)
+        procs.append(Limiter("tier-1", limits=limits, burst=1 / 60, backend=backend))
+    a, b = procs
+    for _ in range(10):
+        a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+    granted: dict[str, float] = {}
+
+    async def take(limiter: Limiter, name: str) -> None:
+        async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1) as permit:
+            granted[name] = time.monotonic()
+            permit.observe({}, status=200)
+            permit.settle({"input_tokens": 1, "output_tokens": 1})  # sent: nothing comes back
+
+    names = ("a1", "b1", "a2", "b2", "a3", "b3")
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            tg.start_soon(take, a if name[0] == "a" else b, name)
+            await anyio.sleep(0.01)
+    # one token every 0.1 s, and each goes to the oldest waiter of either process; two
+    # grants may share an instant when a poll comes late and two tokens are there
+    for older, younger in itertools.pairwise(names):
+        assert granted[older] <= granted[younger] + 0.03, (older, younger, granted)
+    assert max(granted.values()) - min(granted.values()) > 0.4  # no burst beyond the limit
+
+
+@pytest.mark.anyio
+async def test_a_dead_processes_place_in_line_expires(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends)
+    # a process that queued a request the bucket can't hold yet, then died
+    keys = backend.pool_keys(POOL)
+    limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=19_000)
+    ghost: list[str | int] = [
+        "ghost",
+        "600",
+        "0.3",
+        60_000,
+        "all,sonnet",
+        "1",
+        1,
+        "",
+        "requests=1,output_tokens=19000",
+    ]
+    reply = backend.run_sync([Op("reserve", keys, ghost)])[0]
+    assert reply[0] == "OK"
+    assert len(reply) == 4  # nothing granted: it holds the head of the line
+    start = time.monotonic()
+    async with limiter.acquire(SONNET, input_tokens=1, max_tokens=10):
+        waited = time.monotonic() - start
+    assert 0.2 < waited < 1.5  # the ghost's ticket lasted 0.3 s
+
+
+@pytest.mark.anyio
+async def test_timeout_and_cancel_leave_the_line(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends)
+    limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=20_000)
+    with pytest.raises(AcquireTimeout):
+        async with limiter.acquire(SONNET, input_tokens=1, max_tokens=5_000, timeout=0.2):
+            pytest.fail("admitted")
+    assert backend.flush()
+    assert client(redis_server).zcard(f"{{ratekeeper:acme}}:q:{POOL}") == 0
+
+
+def test_threads_share_the_remote_line(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
+    limiter, _ = make(redis_server, backends)
+    got: list[int] = []
+
+    def work() -> None:
+        for _ in range(5):
+            with limiter.acquire_sync(SONNET, Demand(input_tokens=10, max_tokens=10)) as permit:
+                permit.settle({"input_tokens": 10, "output_tokens": 1})
+                got.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(got) == 20
+
+
+# ---------------------------------------------------------------- Redis unavailable
+
+
+@pytest.mark.anyio
+async def test_unavailable_with_fail_policy_raises(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, _ = make(redis_server, backends, timeout=0.3, retry_interval=5.0)
+    redis_server.stop()
+    message = (
+        rf"^Redis at {redis_server.url} is unavailable \(ConnectionError: .*\); "
+        r"on_unavailable='fail' admits nothing without it \(next attempt in 5s\)$"
+    )
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailable, match=message):
+        async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1):
+            pytest.fail("admitted")
+    with pytest.raises(BackendUnavailable, match=message):  # at once, without a new attempt
+        limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+    assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.anyio
+async def test_local_fallback_then_recovery_after_a_restart(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(
+        redis_server,
+        backends,
+        on_unavailable="local",
+        fallback_fraction=0.25,
+        timeout=0.3,
+        retry_interval=0.2,
+    )
+    async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1) as permit:
+        assert permit._limiter is limiter  # through Redis
+    redis_server.stop()
+    granted = 0
+    for _ in range(60):
+        try:
+            async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1, timeout=0) as permit:
+                assert permit._limiter is not limiter  # the local fallback
+                permit.observe({}, status=200)
+                granted += 1
+        except AcquireTimeout:
+            break
+    assert granted == 15  # a quarter of 60 RPM
+    redis_server.start()  # empty: no keys, no scripts
+    await anyio.sleep(0.25)
+    async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1) as permit:
+        assert permit._limiter is limiter
+        permit.settle({"input_tokens": 1, "output_tokens": 1})
+    assert backend.flush()
+    assert client(redis_server).exists(f"{{ratekeeper:acme}}:pool:{POOL}")
+
+
+@pytest.mark.anyio
+async def test_a_restart_mid_run_loses_no_request(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limits = {POOL: {"requests": 6_000.0, "input_tokens": 1_000_000.0, "output_tokens": 1_000_000.0}}
+    backend = RedisBackend(
+        redis_server.url, org="acme", on_unavailable="local", timeout=0.3, retry_interval=0.1
+    )
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=limits, backend=backend)
+    remote = local = 0
+    restarted = False
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1) as permit:
+            permit.observe({}, status=200)
+            permit.settle({"input_tokens": 1, "output_tokens": 1})
+            if permit._limiter is limiter:
+                remote += 1
+            else:
+                local += 1
+        if not restarted and time.monotonic() > deadline - 1.0:
+            await anyio.to_thread.run_sync(redis_server.restart)
+            restarted = True
+        await anyio.sleep(0.005)
+    assert remote > 10
+    assert backend.available()
+    assert client(redis_server).exists(f"{{ratekeeper:acme}}:pool:{POOL}")  # recreated after the restart
