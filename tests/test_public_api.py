@@ -35,6 +35,7 @@ EXPECTED = {
     "RateKeeperError",
     "RateLimitSnapshot",
     "RedisBackend",
+    "RedisBackend",
     "SpendCap",
     "SpendLimitReached",
     "TokenBucket",
