@@ -21,7 +21,11 @@ from ratekeeper.anthropic import wrap
 def emulate_url() -> Iterator[str]:
     """Start ``ratekeeper emulate --port 0`` and yield the URL it prints; stop it afterwards."""
     script = shutil.which("ratekeeper", path=os.path.dirname(sys.executable))
-    command = [script] if script else [sys.executable, "-c", "from ratekeeper._cli import main; raise SystemExit(main())"]
+    command = (
+        [script]
+        if script
+        else [sys.executable, "-c", "from ratekeeper._cli import main; raise SystemExit(main())"]
+    )
     args = [*command, "emulate", "--port", "0", "--ttft", "0.01", "--tokens-per-second", "4000"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
