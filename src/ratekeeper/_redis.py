@@ -305,7 +305,8 @@ class RedisBackend:
         if client is None:
             return await anyio.to_thread.run_sync(self.run_sync, ops)
         try:
-            with anyio.fail_after(self.timeout * 2 + 0.1):  # even for a client without timeouts
+            # even for a client without timeouts (asyncio's own scope: anyio's costs ~10 us more)
+            async with asyncio.timeout(self.timeout * 2 + 0.1):
                 replies = await self._execute_async(client, ops)
         except self._failures() as exc:
             self.mark_down(exc)

@@ -1,0 +1,173 @@
+"""The Redis backend's cost: acquire+settle next to a bare PING, and throughput with 1-16 processes.
+
+Run: ``pytest benchmarks/test_bench_redis.py --benchmark-only -s`` (starts its own
+``redis-server`` on a free loopback port). The latency pair runs ``BATCH`` operations
+per round on one asyncio event loop, so per-operation time is the round's time
+divided by ``BATCH``; ``test_acquire_settle_over_ping`` measures both interleaved in
+the same run and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+from pytest_benchmark.fixture import BenchmarkFixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from redis_server import RedisServer
+
+from ratekeeper import Limiter, RedisBackend
+
+BATCH = 200
+MODEL = "claude-sonnet-4-5"
+#: Limits far above what one machine can send: this measures the backend, not the limit.
+HUGE = {"sonnet-4.x": {"requests": 1e9, "input_tokens": 1e12, "output_tokens": 1e12}}
+USAGE = {"input_tokens": 100, "output_tokens": 50}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with tempfile.TemporaryDirectory(prefix="ratekeeper-bench-") as directory:
+        srv = RedisServer(Path(directory))
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.stop()
+
+
+class Setup:
+    """One event loop with a PING client and a remote limiter on it."""
+
+    def __init__(self, url: str) -> None:
+        self.runner = asyncio.Runner()
+        self.client = redis.asyncio.Redis.from_url(url)
+        self.backend = RedisBackend(url, org="bench")
+        self.limiter = Limiter("tier-1", limits=HUGE, backend=self.backend)
+        self.runner.run(self.pings(50))  # connect, load the scripts, create the pool
+        self.runner.run(self.cycles(50))
+
+    async def pings(self, n: int) -> None:
+        ping = self.client.ping
+        for _ in range(n):
+            await ping()
+
+    async def cycles(self, n: int) -> None:
+        acquire = self.limiter.acquire
+        for _ in range(n):
+            async with acquire(MODEL, input_tokens=100, max_tokens=100) as permit:
+                permit.settle(USAGE)
+
+    def close(self) -> None:
+        self.backend.close()
+        self.runner.close()
+
+
+@pytest.fixture(scope="module")
+def setup(server: RedisServer) -> Iterator[Setup]:
+    s = Setup(server.url)
+    yield s
+    s.close()
+
+
+@pytest.mark.benchmark(group="redis-latency")
+def test_ping(benchmark: BenchmarkFixture, setup: Setup) -> None:
+    benchmark.extra_info["operations_per_round"] = BATCH
+    benchmark(lambda: setup.runner.run(setup.pings(BATCH)))
+
+
+@pytest.mark.benchmark(group="redis-latency")
+def test_acquire_settle(benchmark: BenchmarkFixture, setup: Setup) -> None:
+    benchmark.extra_info["operations_per_round"] = BATCH
+    benchmark(lambda: setup.runner.run(setup.cycles(BATCH)))
+
+
+def _per_op(setup: Setup, make: str, n: int) -> float:
+    start = time.perf_counter()
+    setup.runner.run(getattr(setup, make)(n))
+    return (time.perf_counter() - start) / n
+
+
+def test_acquire_settle_over_ping(setup: Setup) -> None:
+    """acquire+settle is one round trip: the settle rides on the next reserve's pipeline."""
+    pings, cycles = [], []
+    for _ in range(7):
+        pings.append(_per_op(setup, "pings", 1000))
+        cycles.append(_per_op(setup, "cycles", 1000))
+    ping, cycle = statistics.median(pings), statistics.median(cycles)
+    print(f"\nPING {ping * 1e6:.1f} us, acquire+settle {cycle * 1e6:.1f} us, ratio {cycle / ping:.2f}")
+    # The target was 1.5x; measured 4.4-7x (docs/benchmarks.md says where the time goes).
+    # This bound only catches a regression such as a second round trip per cycle.
+    assert cycle / ping < 12.0
+
+
+# ---------------------------------------------------------------- throughput
+
+WORKER = r"""
+import sys, time, anyio
+from ratekeeper import Limiter, RedisBackend
+url, seconds, tasks = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+HUGE = {"sonnet-4.x": {"requests": 1e9, "input_tokens": 1e12, "output_tokens": 1e12}}
+done = 0
+async def main():
+    global done
+    backend = RedisBackend(url, org="bench-throughput")
+    limiter = Limiter("tier-1", limits=HUGE, backend=backend)
+    start = float(sys.stdin.readline())  # every process starts on the same signal
+    while time.time() < start:
+        await anyio.sleep(0.001)
+    end = start + seconds
+    async def loop():
+        global done
+        while time.time() < end:
+            async with limiter.acquire("claude-sonnet-4-5", input_tokens=100, max_tokens=100) as permit:
+                permit.settle({"input_tokens": 100, "output_tokens": 50})
+                done += 1
+    async with anyio.create_task_group() as tg:
+        for _ in range(tasks):
+            tg.start_soon(loop)
+    backend.close()
+anyio.run(main)
+print(done)
+"""
+
+SECONDS = 2.0
+
+
+@pytest.mark.parametrize("processes", [1, 4, 16])
+def test_throughput(benchmark: BenchmarkFixture, server: RedisServer, processes: int) -> None:
+    """Aggregate acquire+settle per second, each process running 4 concurrent tasks."""
+
+    def run() -> int:
+        args = [sys.executable, "-c", WORKER, server.url, str(SECONDS), "4"]
+        procs = [
+            subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(processes)
+        ]
+        start = time.time() + 1.5 + 0.1 * processes  # after every interpreter has started
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(json.dumps(start) + "\n")
+            p.stdin.flush()
+        total = 0
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 0
+            total += int(out.strip().splitlines()[-1])
+        return total
+
+    total: int = benchmark.pedantic(run, rounds=1, iterations=1)  # type: ignore[no-untyped-call]
+    rate = total / SECONDS
+    benchmark.extra_info["acquire_settle_per_second"] = rate
+    print(f"\n{processes} processes: {rate:,.0f} acquire+settle/s")
+    assert total > 0
