@@ -89,7 +89,10 @@ def _route(request: anthropic.APIRequest) -> str | None:
     if path.endswith("/messages/count_tokens"):
         return _COUNT
     if path.endswith("/messages"):
-        return _MESSAGES
+        body = request.json
+        if isinstance(body, Mapping) and isinstance(body.get("model"), str):
+            return _MESSAGES
+        return None  # nothing to price: let the API answer it (a 400)
     return None
 
 
@@ -500,8 +503,7 @@ class RateLimitMiddleware(anthropic.Middleware):
             return _Plan(route, batch_requests=len(requests) if isinstance(requests, list) else 1)
         if route != _MESSAGES:
             return _Plan(route)
-        if not isinstance(body, Mapping) or not isinstance(body.get("model"), str):
-            raise ConfigurationError("a Messages request needs a JSON body with a model")
+        assert isinstance(body, Mapping)  # checked by _route
         model = body["model"]
         estimate: Estimate | None = None
         try:
