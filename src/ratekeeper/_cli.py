@@ -150,11 +150,32 @@ def _emulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- simulate
+
+
+def _simulate_arguments(p: argparse.ArgumentParser) -> None:
+    from ratekeeper._simulate_cli import configure  # argparse only: --help needs no extra
+
+    configure(p)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ratekeeper._simulate_cli import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- the table
 
 COMMANDS: list[Command] = [
     Command(
         "emulate", "run the rate-limit emulator as an HTTP server on loopback", _emulate_arguments, _emulate
+    ),
+    Command(
+        "simulate",
+        "compare rate-limiting strategies on a simulated workload (emulator, virtual time)",
+        _simulate_arguments,
+        _simulate,
     ),
 ]
 

@@ -1,0 +1,162 @@
+"""Show a simulation's results: a table (rich when installed, plain text otherwise) or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import IO, Final
+
+from ratekeeper.simulate._metrics import DIMENSIONS
+from ratekeeper.simulate._run import SimulationResult
+
+__all__ = ["COLUMNS", "describe", "json_lines", "render_rich", "render_text", "table_rows"]
+
+_DIM_NAMES: Final = {"requests": "RPM", "input_tokens": "ITPM", "output_tokens": "OTPM"}
+_WIDTH: Final = 116
+#: Column headers of the table, in order.
+COLUMNS: Final = (
+    "strategy",
+    "ok",
+    "429s",
+    "failed",
+    "goodput",
+    "RPM",
+    "ITPM",
+    "OTPM",
+    "idle reserve",
+    "wait p50",
+    "wait p99",
+)
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _secs(x: float) -> str:
+    if math.isnan(x):
+        return "-"
+    return f"{x:.2f}s" if x < 100 else f"{x:.0f}s"
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def describe(result: SimulationResult) -> list[str]:
+    """The lines above the table: the server's limits and rules, the workload, the binding dimension."""
+    sc = result.scenario
+    w = sc.workload
+    lim = result.limits
+    limits = ", ".join(f"{_n(lim[d])} {_DIM_NAMES[d]}" for d in DIMENSIONS)
+    enforcement = (
+        "a full minute" if sc.enforcement_interval >= 60 else f"{sc.enforcement_interval:g}s of burst"
+    )
+    lines = [
+        f"{sc.preset} · {w.model} ({result.pool} pool: {limits}) · {sc.minutes:g} simulated minutes · "
+        f"enforcement: {enforcement} · OTPM rule: {sc.output_rule}"
+        + (f" · foreign traffic: {sc.foreign_traffic:.0%} of every limit" if sc.foreign_traffic else ""),
+        f"workload: {w.concurrency} workers"
+        + (f" + {w.arrival_rate:g} arrivals/min" if w.arrival_rate else "")
+        + f", prompts {_n(w.prompt_tokens)} tokens (±{w.prompt_spread:.0%} uncached)"
+        + (f" with {w.cache_hit_ratio:.0%} cached" if w.cache_hit_ratio else "")
+        + f", max_tokens {_n(w.max_tokens)}, output {w.output_ratio:.0%} of it (±{w.output_spread:.0%})"
+        + (", streamed" if w.stream else "")
+        + f", seed {w.seed}",
+    ]
+    binding = result.binding_dimension
+    if binding:
+        cap = result.capacity[binding]
+        allowed = cap + lim[binding] / 60.0 * sc.duration
+        lines.append(
+            f"binding: {_DIM_NAMES[binding]}. goodput = successful {binding.replace('_', ' ')} admitted in "
+            f"the run / ({_n(cap)} capacity + {_n(lim[binding])}/min x {sc.minutes:g} min = {_n(allowed)})"
+        )
+    return lines
+
+
+def table_rows(result: SimulationResult) -> list[tuple[str, ...]]:
+    """One row of cells per strategy, matching ``COLUMNS``."""
+    rows: list[tuple[str, ...]] = []
+    for r in result.results:
+        u = r.utilization
+        failed = str(r.requests_failed) + (
+            f" (+{r.requests_unfinished} cut)" if r.requests_unfinished else ""
+        )
+        rows.append(
+            (
+                r.strategy,
+                str(r.requests_ok),
+                str(r.rate_limited),
+                failed,
+                _pct(r.goodput_fraction),
+                _pct(u["requests"]),
+                _pct(u["input_tokens"]),
+                _pct(u["output_tokens"]),
+                _pct(r.idle_reserve_fraction) if result.scenario.output_rule == "max_tokens" else "-",
+                _secs(r.wait_p50_s),
+                _secs(r.wait_p99_s),
+            )
+        )
+    return rows
+
+
+_FOOTER: Final = (
+    "ok/failed: simulated requests the SDK returned / raised for (after its retries); 429s: refusals the "
+    "server sent. RPM/ITPM/OTPM: used / allowed per dimension. idle reserve: output capacity held by "
+    "max_tokens beyond what was produced, as a share of OTPM. wait: from wanting to send to the attempt "
+    "that succeeded reaching the server. See docs/simulate.md."
+)
+
+
+def render_text(result: SimulationResult) -> str:
+    """The plain-text table, with the description above it."""
+    rows = [COLUMNS, *table_rows(result)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    out = describe(result)
+    out.append("")
+    for k, row in enumerate(rows):
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+        if k == 0:
+            out.append("  ".join("-" * w for w in widths))
+    out.append("")
+    out.append(_FOOTER)
+    return "\n".join(out)
+
+
+def render_rich(result: SimulationResult, file: IO[str] | None = None) -> None:
+    """Print the table with rich (raises ``ImportError`` without it)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file, highlight=False)
+    if not console.is_terminal:  # a pipe or a file: don't squeeze the table into 80 columns
+        console = Console(file=file, highlight=False, width=max(console.width, _WIDTH))
+    for line in describe(result):
+        console.print(line, style="dim" if line.startswith("workload") else None)
+    table = Table(show_edge=False, header_style="bold")
+    for i, name in enumerate(COLUMNS):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    for row, r in zip(table_rows(result), result.results, strict=True):
+        style = "bold" if r.strategy == "ratekeeper" else None
+        table.add_row(*row, style=style)
+    console.print(table)
+    console.print(_FOOTER, style="dim")
+
+
+def json_lines(result: SimulationResult) -> list[str]:
+    """One JSON object per strategy (see ``StrategyResult.as_dict``), with the scenario's key facts."""
+    sc = result.scenario
+    extra = {
+        "preset": sc.preset,
+        "model": sc.workload.model,
+        "minutes": sc.minutes,
+        "enforcement_interval": sc.enforcement_interval,
+        "output_rule": sc.output_rule,
+        "foreign_traffic": sc.foreign_traffic,
+        "seed": sc.workload.seed,
+    }
+    return [json.dumps({**r.as_dict(), **extra}) for r in result.results]
