@@ -175,7 +175,7 @@ class RedisBackend:
         if isinstance(url_or_client, str):
             self._url = url_or_client
             self._sync = redis.Redis.from_url(url_or_client, **self._client_options())
-            self.where = url_or_client
+            self.where = _redact(url_or_client)
         else:
             self._sync = url_or_client
             self.where = _describe(url_or_client)
@@ -487,3 +487,13 @@ def _describe(client: Any) -> str:
         return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
     except AttributeError:
         return repr(client)
+
+
+def _redact(url: str) -> str:
+    """The URL without a password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user + ':***' if user else '***'}@{host}"
