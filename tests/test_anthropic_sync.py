@@ -114,3 +114,12 @@ def test_one_middleware_serves_sync_and_async_clients() -> None:
     middleware = middleware_of(client)
     async_client = anthropic.AsyncAnthropic(api_key="test", middleware=[middleware])
     assert middleware in async_client.middleware
+
+
+def test_wrapping_twice_is_refused() -> None:
+    from ratekeeper import ConfigurationError
+    from ratekeeper.anthropic import wrap
+
+    client = sync_client(emulator(), Limiter("tier-1"))
+    with pytest.raises(ConfigurationError, match=r"^this client already has a RateLimitMiddleware$"):
+        wrap(client)

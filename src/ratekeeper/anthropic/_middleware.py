@@ -675,6 +675,9 @@ def wrap(client: _C, limiter: Limiter | None = None, **options: Any) -> _C:
     middleware (``estimator``, ``count_tokens``, ``wallet``...). The
     middleware is bound to the new client, so ``count_tokens=True`` works.
     """
+    if any(isinstance(m, RateLimitMiddleware) for m in client.middleware):
+        # two middlewares would each take a permit per attempt: every request paid twice
+        raise ConfigurationError("this client already has a RateLimitMiddleware")
     middleware = RateLimitMiddleware(limiter, **options)
     wrapped = client.with_middleware(middleware)
     middleware.bind(wrapped)
