@@ -21,8 +21,9 @@ from ratekeeper.simulate._strategies import FixedWindow, LeakyBucket
 
 #: Two simulated minutes of the default workload: every strategy, about a second of wall time.
 SHORT = Scenario(minutes=2.0)
-#: ratekeeper's goodput on SHORT, measured 0.xxx (see docs/simulate.md), less a margin.
-RATEKEEPER_GOODPUT_FLOOR = 0.85
+#: ratekeeper's goodput on SHORT was measured at 0.77 to 0.87 as the limiter's header resync
+#: changed (two minutes weigh its start-up heavily; ten give 0.97): the floor is below both.
+RATEKEEPER_GOODPUT_FLOOR = 0.75
 REQUIRED_KEYS = {"strategy", "requests_ok", "rate_limited", "goodput_fraction", "wait_p50_s", "wait_p99_s"}
 
 

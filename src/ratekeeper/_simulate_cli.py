@@ -52,7 +52,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     s.add_argument("--preset", default="tier-1", help="tier-1..tier-4, start, build, scale (default: tier-1)")
     s.add_argument("--model", default="claude-sonnet-4-5", help="model id (default: claude-sonnet-4-5)")
     s.add_argument(
-        "--minutes", type=_positive(float), default=5.0, help="simulated minutes of traffic (default 5)"
+        "--minutes", type=_positive(float), default=10.0, help="simulated minutes of traffic (default 10)"
     )
     s.add_argument(
         "--enforcement-interval",

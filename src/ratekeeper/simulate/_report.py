@@ -53,8 +53,8 @@ def describe(result: SimulationResult) -> list[str]:
         "a full minute" if sc.enforcement_interval >= 60 else f"{sc.enforcement_interval:g}s of burst"
     )
     lines = [
-        f"{sc.preset} · {w.model} ({result.pool} pool: {limits}) · {sc.minutes:g} simulated minutes · "
-        f"enforcement: {enforcement} · OTPM rule: {sc.output_rule}"
+        f"{sc.preset} · {w.model} · {result.pool} pool: {limits}",
+        f"{sc.minutes:g} simulated minutes · enforcement: {enforcement} · OTPM rule: {sc.output_rule}"
         + (f" · foreign traffic: {sc.foreign_traffic:.0%} of every limit" if sc.foreign_traffic else ""),
         f"workload: {w.concurrency} workers"
         + (f" + {w.arrival_rate:g} arrivals/min" if w.arrival_rate else "")
@@ -68,9 +68,10 @@ def describe(result: SimulationResult) -> list[str]:
     if binding:
         cap = result.capacity[binding]
         allowed = cap + lim[binding] / 60.0 * sc.duration
+        name = _DIM_NAMES[binding]
         lines.append(
-            f"binding: {_DIM_NAMES[binding]}. goodput = successful {binding.replace('_', ' ')} admitted in "
-            f"the run / ({_n(cap)} capacity + {_n(lim[binding])}/min x {sc.minutes:g} min = {_n(allowed)})"
+            f"binding: {name} · goodput = successful {name} admitted / ({_n(cap)} capacity + "
+            f"{_n(lim[binding])}/min x {sc.minutes:g} min = {_n(allowed)})"
         )
     return lines
 
@@ -128,21 +129,31 @@ def render_text(result: SimulationResult) -> str:
 
 
 def render_rich(result: SimulationResult, file: IO[str] | None = None) -> None:
-    """Print the table with rich (raises ``ImportError`` without it)."""
+    """Print the table with rich (raises ``ImportError`` without it).
+
+    In a terminal too narrow for every column, the per-dimension ones (RPM,
+    ITPM, OTPM) are left out rather than squeezed; ``--json`` has them all.
+    """
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     console = Console(file=file, highlight=False)
     if not console.is_terminal:  # a pipe or a file: don't squeeze the table into 80 columns
         console = Console(file=file, highlight=False, width=max(console.width, _WIDTH))
+    rows = table_rows(result)
+    keep = list(range(len(COLUMNS)))
+    natural = sum(max(len(r[i]) for r in [COLUMNS, *rows]) + 2 for i in keep)
+    if natural > console.width:
+        keep = [i for i, name in enumerate(COLUMNS) if name not in _DIM_NAMES.values()]
     for line in describe(result):
         console.print(line, style="dim" if line.startswith("workload") else None)
-    table = Table(show_edge=False, header_style="bold")
-    for i, name in enumerate(COLUMNS):
-        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
-    for row, r in zip(table_rows(result), result.results, strict=True):
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, header_style="bold", pad_edge=False)
+    for i in keep:
+        table.add_column(COLUMNS[i], justify="left" if i == 0 else "right", no_wrap=True)
+    for row, r in zip(rows, result.results, strict=True):
         style = "bold" if r.strategy == "ratekeeper" else None
-        table.add_row(*row, style=style)
+        table.add_row(*(row[i] for i in keep), style=style)
     console.print(table)
     console.print(_FOOTER, style="dim")
 

@@ -63,7 +63,7 @@ class Scenario:
 
     preset: str = "tier-1"
     workload: Workload = attrs.field(factory=Workload)
-    minutes: float = 5.0
+    minutes: float = 10.0
     enforcement_interval: float = 60.0
     output_rule: str = "max_tokens"
     foreign_traffic: float = 0.0
