@@ -188,6 +188,7 @@ def _prose(seed: int, start: int, tokens: int, lead: str) -> str:
     return " ".join(parts)
 
 
+@final
 class WorkloadGenerator:
     """Builds (and remembers) the numbered requests of a ``Workload``.
 
