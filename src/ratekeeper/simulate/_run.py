@@ -23,13 +23,14 @@ import anthropic
 import anyio
 import attrs
 import httpx2
+from anyio.abc import TaskGroup
 
 from ratekeeper._accounting import OutputRule
 from ratekeeper._errors import ConfigurationError
 from ratekeeper._presets import limits_for
 from ratekeeper.emulator import EmulatedServer, EmulatorConfig, EmulatorTransport, ForeignTraffic
 from ratekeeper.simulate._metrics import DIMENSIONS, Attempt, Outcome, StrategyResult, bind, summarize
-from ratekeeper.simulate._strategies import STRATEGIES, StrategyContext, make_sender
+from ratekeeper.simulate._strategies import STRATEGIES, Sender, StrategyContext, make_sender
 from ratekeeper.simulate._workload import SIM_ID_HEADER, Workload, WorkloadGenerator
 
 __all__ = ["DEFAULT_STRATEGIES", "Progress", "Scenario", "SimulationResult", "simulate"]
@@ -210,7 +211,7 @@ class _Run:
                 outer.cancel_scope.cancel()
         return transport, self.started - len(self.outcomes)
 
-    async def _one(self, send: Callable[[Any], Any], index: int) -> None:
+    async def _one(self, send: Sender, index: int) -> None:
         wanted = self.now()
         self.started += 1
         try:
@@ -222,11 +223,11 @@ class _Run:
         else:
             self.outcomes.append(Outcome(index, wanted, True))
 
-    async def _worker(self, send: Callable[[Any], Any]) -> None:
+    async def _worker(self, send: Sender) -> None:
         while self.now() < self.scenario.duration:
             await self._one(send, next(self.counter))
 
-    async def _arrivals(self, tg: anyio.abc.TaskGroup, send: Callable[[Any], Any]) -> None:
+    async def _arrivals(self, tg: TaskGroup, send: Sender) -> None:
         w = self.scenario.workload
         rng = random.Random(f"arrivals-{w.seed}")
         rate = w.arrival_rate / 60.0
