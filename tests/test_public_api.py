@@ -35,7 +35,6 @@ EXPECTED = {
     "RateKeeperError",
     "RateLimitSnapshot",
     "RedisBackend",
-    "RedisBackend",
     "SpendCap",
     "SpendLimitReached",
     "TokenBucket",
