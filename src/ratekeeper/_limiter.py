@@ -22,6 +22,7 @@ import logging
 import math
 import threading
 import time
+from asyncio import _get_running_loop as _running_loop
 from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -34,6 +35,7 @@ from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Us
 from ratekeeper._bucket import TokenBucket
 from ratekeeper._errors import (
     AcquireTimeout,
+    CapacityExceeded,
     ConfigurationError,
     InsufficientCredits,
     SpendLimitReached,
@@ -63,6 +65,7 @@ _RESYNC_DIMS: Final = (
     "priority_input_tokens",
     "priority_output_tokens",
 )
+_ONE_REQUEST: Final = {"requests": 1.0}
 _DEFAULT_PRESET: Final = "tier-1"
 _FALLBACK_PRESET: Final = "start"
 
@@ -82,12 +85,21 @@ def _draws(cost: Cost) -> dict[str, float]:
 
 
 def _diff(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
-    keys = a.keys() | b.keys()
-    return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in keys if a.get(k, 0.0) != b.get(k, 0.0)}
+    """``a - b`` dimension by dimension (a missing one counts as 0), without the zeros."""
+    out = {}
+    for k, v in a.items():
+        d = v - b.get(k, 0.0)
+        if d:
+            out[k] = d
+    for k, v in b.items():
+        if v and k not in a:
+            out[k] = -v
+    return out
 
 
 class _Waiter:
     __slots__ = (
+        "credit",
         "draws",
         "enqueued_at",
         "error",
@@ -103,6 +115,7 @@ class _Waiter:
 
     def __init__(self, draws: dict[str, float], priority: int, seq: int, now: float) -> None:
         self.draws = draws
+        self.credit = 0.0
         self.priority = priority
         self.seq = seq
         self.enqueued_at = now
@@ -146,6 +159,8 @@ class _PoolRuntime:
         "rate_limited_predicted",
         "resyncs",
         "rules",
+        "shrink_seq",
+        "spent",
         "waits",
     )
 
@@ -166,6 +181,18 @@ class _PoolRuntime:
         self.resyncs = 0
         self.waits = WaitSamples()
         self.admitted = AdmittedWindow()
+        # this client's own charges on the pool so far, net of refunds; a permit notes the
+        # total at its grant so a resync knows what the server could not have seen yet
+        self.spent: dict[str, float] = {}
+        # permits admitted before the last burst shrink: their 429s are old news
+        self.shrink_seq = -1
+
+    def record(self, now: float, draws: Mapping[str, float], sign: float = 1.0) -> None:
+        """Note a charge (or with ``sign=-1`` a refund) of this client's on the pool."""
+        self.admitted.add(now, draws, sign)
+        spent = self.spent
+        for dim, amount in draws.items():
+            spent[dim] = spent.get(dim, 0.0) + sign * amount
 
     def ordered(self) -> list[deque[_Waiter]]:
         return [self.queue[p] for p in sorted(self.queue, reverse=True)]
@@ -191,6 +218,7 @@ class Permit:
     __slots__ = (
         "_charged",
         "_limiter",
+        "_mark",
         "_runtime",
         "_state",
         "credits",
@@ -219,6 +247,7 @@ class Permit:
         self.model = model
         self.reserved: Mapping[str, float] = draws
         self._charged = dict(draws)
+        self._mark = runtime.spent.copy()
         self.credits = credits
         self.seq = seq
         self.started_at = now
@@ -297,8 +326,13 @@ class _Acquire:
         self._permit: Permit | None = None
 
     async def __aenter__(self) -> Permit:
-        self._permit = await self._limiter._acquire(*self._args)
-        return self._permit
+        limiter = self._limiter
+        # uncontended: admitted at once, without a coroutine for the waiting path
+        permit = limiter._admit_at_once(*self._args) if limiter._backend is None else None
+        if permit is None:
+            permit = await limiter._acquire(*self._args)
+        self._permit = permit
+        return permit
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -444,6 +478,8 @@ class Limiter:
         self._spend_until: float | None = None
         self._spend_resets_at: _dt.datetime | None = None
         self._unified_warned: set[tuple[str | None, str | None]] = set()
+        # subscription rejections by claim: until when, so pools made later are held too
+        self._unified_holds: dict[str | None, float] = {}
         self._async_clock_ok: bool | None = None
         # remote mode: every permit operation goes to the backend's engine (_remote.py)
         self._backend: RemoteEngine | None = bind(self) if bind is not None else None
@@ -454,6 +490,9 @@ class Limiter:
         clock = self._clock
         if clock is not None:
             return clock()
+        loop = _running_loop()
+        if loop is not None:  # asyncio: what anyio.current_time() returns, without its lookups
+            return loop.time()
         try:
             return anyio.current_time()
         except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
@@ -500,6 +539,9 @@ class Limiter:
                 bucket.set_level(bucket.capacity * scale, now)
         rt = _PoolRuntime(pool, rules)
         self._pools[name] = rt
+        for claim, until in self._unified_holds.items():
+            if until > now and _unified_targets(claim, {name: rt}, None):
+                pool.pause(until, f"subscription limit ({claim})")
         return rt
 
     def _special_pool(self, name: str, limits: Mapping[str, float], now: float) -> _PoolRuntime:
@@ -548,6 +590,7 @@ class Limiter:
             if self._backend is not None:
                 self._backend.set_limits(rt, limits)
             else:
+                self._fail_impossible(rt)
                 self._dispatch(rt, now)
 
     # ------------------------------------------------------------------ acquire
@@ -641,7 +684,8 @@ class Limiter:
     def _prepare(
         self, model: str, demand: Demand, now: float
     ) -> tuple[_PoolRuntime, dict[str, float], float]:
-        self._check_spend(now)
+        if self._spend_until is not None:
+            self._check_spend(now)
         if self._warmup is not None:
             self._apply_warmup(now)
         if isinstance(demand, _BatchDemand) or model == "count_tokens":
@@ -654,7 +698,10 @@ class Limiter:
         rt = self._runtime_for(model, now)
         cost = rt.rules.admission_cost(demand)
         draws = _draws(cost)
-        rt.pool.check(draws)
+        try:
+            rt.pool.check(draws)
+        except CapacityExceeded as exc:
+            raise _for_model(model, exc) from None
         credit = cost.credits
         if credit:
             self._check_wallet(credit, now)
@@ -667,11 +714,23 @@ class Limiter:
         if credit and self._wallet is not None:
             self._wallet.charge(credit, now)
         seq = next(self._seq)
+        rt.record(now, draws)
         permit = Permit(self, rt, model, draws, credit, seq, now)
         rt.in_flight[seq] = permit
         rt.granted += 1
-        rt.admitted.add(now, draws)
         return permit
+
+    def _admit_at_once(
+        self, model: str, demand: Demand, priority: int, timeout: float | None
+    ) -> Permit | None:
+        """``_acquire``'s first step: the permit if nobody waits and the buckets can take it now."""
+        with self._lock:
+            now = self._now()
+            rt, draws, credit = self._prepare(model, demand, now)
+            if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
+                rt.waits.add(0.0)
+                return self._grant_now(rt, model, draws, credit, now)
+        return None
 
     async def _acquire(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
         if self._backend is not None:
@@ -684,7 +743,7 @@ class Limiter:
                 return self._grant_now(rt, model, draws, credit, now)
             if timeout is not None and timeout <= 0:
                 raise AcquireTimeout(rt.pool.name, timeout)
-            waiter = self._enqueue(rt, draws, priority, now)
+            waiter = self._enqueue(rt, draws, priority, now, credit)
             waiter.permit = None
             self._bind_async(waiter)
             self._dispatch(rt, now)
@@ -750,14 +809,17 @@ class Limiter:
         """Under the lock: the waiter's permit if granted, an error if failed, None to keep waiting."""
         if waiter.state == _GRANTED:
             permit = Permit(self, rt, model, waiter.draws, credit, waiter.seq, now)
-            permit.started_at = rt.in_flight.pop(waiter.seq).started_at if waiter.seq in rt.in_flight else now
+            placeholder = rt.in_flight.pop(waiter.seq, None)
+            if placeholder is not None:  # from the grant: its time and its place among our charges
+                permit.started_at = placeholder.started_at
+                permit._mark = placeholder._mark
             rt.in_flight[waiter.seq] = permit
-            if credit and self._wallet is not None:
-                self._wallet.charge(credit, now)
             waiter.permit = permit
             return permit
         if waiter.state == _FAILED:
             assert waiter.error is not None
+            if isinstance(waiter.error, CapacityExceeded):
+                raise _for_model(model, waiter.error)
             raise waiter.error
         if now >= deadline:
             self._abandon(rt, waiter, now)
@@ -789,7 +851,7 @@ class Limiter:
             if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
                 rt.waits.add(0.0)
                 return self._grant_now(rt, model, draws, credit, now)
-            waiter = self._enqueue(rt, draws, priority, now)
+            waiter = self._enqueue(rt, draws, priority, now, credit)
             waiter.sync_event = threading.Event()
             self._dispatch(rt, now)
         deadline = math.inf if timeout is None else now + timeout
@@ -814,8 +876,11 @@ class Limiter:
                 self._abandon(rt, waiter, self._now())
             raise
 
-    def _enqueue(self, rt: _PoolRuntime, draws: dict[str, float], priority: int, now: float) -> _Waiter:
+    def _enqueue(
+        self, rt: _PoolRuntime, draws: dict[str, float], priority: int, now: float, credit: float = 0.0
+    ) -> _Waiter:
         waiter = _Waiter(draws, priority, next(self._seq), now)
+        waiter.credit = credit
         dq = rt.queue.get(priority)
         if dq is None:
             dq = rt.queue[priority] = deque()
@@ -836,7 +901,9 @@ class Limiter:
                 rt.in_flight.pop(waiter.seq, None)
                 rt.pool.give_back(waiter.draws, now)
                 rt.granted -= 1
-                rt.admitted.add(now, waiter.draws, -1.0)
+                rt.record(now, waiter.draws, -1.0)
+                if waiter.credit and self._wallet is not None:
+                    self._wallet.give_back(waiter.credit, now)
                 waiter.state = _GONE
                 self._dispatch(rt, now)
             elif permit._state == _ACTIVE and not permit.sent:
@@ -846,10 +913,15 @@ class Limiter:
 
     def _dispatch(self, rt: _PoolRuntime, now: float) -> None:
         """Grant every waiter that can go now; wake exactly those, plus a new head."""
-        pool = rt.pool
-        old_head = rt.head()
         if self._warmup is not None:
             self._apply_warmup(now)
+        if not rt.queued:  # nobody waits: drop what is left of the cancelled and the granted
+            if rt.queue:
+                rt.queue.clear()
+            rt.next_wake = math.inf
+            return
+        pool = rt.pool
+        old_head = rt.head()
         while True:
             head = rt.head()
             if head is None:
@@ -860,34 +932,66 @@ class Limiter:
                 break
             self._grant_waiter(rt, head, now)
         rt.next_wake = now + wait
-        if self._window:
-            scanned = 0
+        # Every request draws one request token: when even that would delay the head, none can pass.
+        if self._window and pool.fits_without_delaying(_ONE_REQUEST, head.draws, wait, now):
+            # Look at up to ``window`` live waiters behind the head. The ones granted or gone
+            # met on the way are dropped from the queue, so they never use up the window.
+            budget = self._window
             for dq in rt.ordered():
-                for w in list(itertools.islice(dq, 0, self._window + 1)):
-                    if w is head or w.state != _WAITING:
+                kept: list[_Waiter] = []
+                while dq and budget:
+                    w = dq.popleft()
+                    if w.state != _WAITING:
                         continue
-                    scanned += 1
-                    if pool.fits_without_delaying(w.draws, head.draws, wait, now):
-                        self._grant_waiter(rt, w, now)
-                    if scanned >= self._window:
-                        break
-                if scanned >= self._window:
+                    if w is not head:
+                        budget -= 1
+                        if pool.fits_without_delaying(w.draws, head.draws, wait, now):
+                            self._grant_waiter(rt, w, now)
+                            continue
+                    kept.append(w)
+                dq.extendleft(reversed(kept))
+                if not budget:
                     break
         if head is not old_head or head.event is None or not head.event.is_set():
             head.wake()  # the head re-plans its timer
 
     def _grant_waiter(self, rt: _PoolRuntime, w: _Waiter, now: float) -> None:
+        wallet = self._wallet
+        if w.credit and wallet is not None:
+            # checked again now: other requests may have drawn on the wallet while this one waited
+            balance = wallet.level_at(now)
+            if balance < w.credit:
+                w.state = _FAILED
+                w.error = InsufficientCredits(w.credit, max(balance, 0.0))
+                rt.queued -= 1
+                w.wake()
+                return
+            wallet.charge(w.credit, now)
         rt.pool.take(w.draws, now)
         w.state = _GRANTED
         rt.queued -= 1
         rt.granted += 1
         rt.waits.add(now - w.enqueued_at)
-        rt.admitted.add(now, w.draws)
+        rt.record(now, w.draws)
+        w.seq = next(self._seq)  # permits are numbered in the order they are admitted
         # a placeholder so observe() of earlier permits counts this one as in flight
         rt.in_flight[w.seq] = _placeholder(self, rt, w, now)
         if self._on_event is not None:
             self._emit("grant", rt, now, {"waited": now - w.enqueued_at})
         w.wake()
+
+    def _fail_impossible(self, rt: _PoolRuntime) -> None:
+        """After a limit went down, the waiters whose cost can no longer ever fit fail at once."""
+        for dq in rt.queue.values():
+            for w in dq:
+                if w.state == _WAITING:
+                    try:
+                        rt.pool.check(w.draws)
+                    except CapacityExceeded as exc:
+                        w.state = _FAILED
+                        w.error = exc
+                        rt.queued -= 1
+                        w.wake()
 
     def _fail_all(self, error_for: Callable[[], BaseException]) -> None:
         for rt in self._pools.values():
@@ -909,13 +1013,13 @@ class Limiter:
         with self._lock:
             now = self._now()
             rt = permit._runtime
-            priority = permit.reserved.get("priority_input_tokens", 0.0) > 0.0
+            priority = "priority_output_tokens" in permit.reserved  # _draws sets both or neither
             actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
             new = _draws(actual)
             diff = _diff(permit._charged, new)
             rt.pool.give_back(diff, now)
             if diff:
-                rt.admitted.add(now, diff, -1.0)
+                rt.record(now, diff, -1.0)
             if self._wallet is not None and permit.credits and credits is not None:
                 self._wallet.give_back(permit.credits - credits, now) if permit.credits >= credits else (
                     self._wallet.charge(credits - permit.credits, now)
@@ -923,12 +1027,16 @@ class Limiter:
             permit._charged = new
             permit._state = _SETTLED
             rt.in_flight.pop(permit.seq, None)
-            if self._adaptive:
-                old = rt.pool.burst
-                if rt.pool.grow_burst(now, clean_for=self._burst_recovery) != old:
-                    self._emit("burst_change", rt, now, {"burst": rt.pool.burst})
+            self._grow_burst(rt, now)
             self._dispatch(rt, now)
             return actual
+
+    def _grow_burst(self, rt: _PoolRuntime, now: float) -> None:
+        """Traffic flows cleanly: after ``burst_recovery`` seconds without a 429 the burst grows back."""
+        if self._adaptive and rt.pool.burst < 1.0:
+            old = rt.pool.burst
+            if rt.pool.grow_burst(now, clean_for=self._burst_recovery) != old:
+                self._emit("burst_change", rt, now, {"burst": rt.pool.burst})
 
     def _progress(self, permit: Permit, output: float) -> None:
         if permit._state != _ACTIVE:
@@ -946,7 +1054,7 @@ class Limiter:
             if "priority_output_tokens" in permit._charged:
                 more["priority_output_tokens"] = extra
             rt.pool.take(more, now)
-            rt.admitted.add(now, more)
+            rt.record(now, more)
             for dim, amount in more.items():
                 permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
 
@@ -968,7 +1076,7 @@ class Limiter:
             refund = {}
         if refund:
             rt.pool.give_back(refund, now)
-            rt.admitted.add(now, refund, -1.0)
+            rt.record(now, refund, -1.0)
         if self._wallet is not None and permit.credits and (not permit.sent or refund):
             self._wallet.give_back(permit.credits, now)
         permit._state = _RELEASED
@@ -1011,13 +1119,14 @@ class Limiter:
             if error_code == "enforced_spend_limit_reached":
                 self._spend_limit(snap, now, message)
             if runtime is not None:
-                self._resync(runtime, snap, permit, now)
+                fitted = self._resync(runtime, snap, permit, now)
                 if status == 429 and error_code != "enforced_spend_limit_reached":
-                    self._on_429(runtime, snap, permit, now)
+                    self._on_429(runtime, snap, permit, now, fitted)
                 elif status == 529 or error_type == "overloaded_error":
                     self._on_529(runtime, snap, now)
                 elif status < 400:
                     runtime.overload_backoff = 0.0
+                    self._grow_burst(runtime, now)
             if snap.unified is not None:
                 self._on_unified(snap, now, skew, status, runtime)
             if snap.quota is not None:
@@ -1028,16 +1137,35 @@ class Limiter:
                 self._wallet.resync(max(0.0, held - 1.0), now)
         return snap
 
-    def _resync(self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> None:
+    def _resync(self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> bool:
+        """Correct the pool from a response's headers; True if they showed a smaller burst."""
         limits = snap.limits()
         if not limits:
-            return
+            return False
         pool = rt.pool
         changed = False
-        since = permit.seq if permit is not None else -1
+        # The server's bucket size, from "-reset is when the bucket is full again":
+        # capacity = remaining + rate * (reset - date). The smallest upper bound over
+        # the dimensions tells a shorter enforcement interval before any 429 does.
+        date = snap.server_date
+        burst_bound = math.inf
         unseen: dict[str, float] = {}
-        for other in rt.in_flight.values():
-            if other.seq > since and other is not permit:
+        if permit is not None:
+            # everything we charged (or refunded) since this request was admitted, in flight or done
+            mark = permit._mark
+            unseen = {dim: total - mark.get(dim, 0.0) for dim, total in rt.spent.items()}
+            if permit.response_status is not None and permit.response_status >= 400:
+                # refused: the server never took its tokens, and release() will give them back
+                for dim, amount in permit._charged.items():
+                    if dim != "requests":
+                        unseen[dim] = unseen.get(dim, 0.0) + amount
+            for other in rt.in_flight.values():
+                if other.seq < permit.seq and not other.sent:
+                    # admitted earlier but not sent (yet): the server cannot have counted it
+                    for dim, amount in other._charged.items():
+                        unseen[dim] = unseen.get(dim, 0.0) + amount
+        else:
+            for other in rt.in_flight.values():  # a response of unknown age: all in flight is unseen
                 for dim, amount in other._charged.items():
                     unseen[dim] = unseen.get(dim, 0.0) + amount
         for dim in _RESYNC_DIMS:
@@ -1052,26 +1180,41 @@ class Limiter:
                     learn = dim in pool.limits or dim.startswith("priority")
                 if learn and pool.set_limit(dim, float(info.limit), now, rate_scale=self._warm_scale(now)):
                     changed = True
+                    self._fail_impossible(rt)
                     self._emit("limit_change", rt, now, {dim: info.limit})
             if info.remaining is not None and dim in pool.limits:
                 margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
+                # the report's lowest reading, always: keeping a level anywhere in the rounding
+                # band could admit up to twice the rounding more than the server has left
                 target = info.remaining - margin - unseen.get(dim, 0.0)
                 delta = pool.resync(dim, target, now)
                 if delta < 0.0:
                     changed = True
                     rt.resyncs += 1
                     self._emit("resync", rt, now, {"dimension": dim, "delta": delta})
+                if info.reset is not None and date is not None and pool.buckets[dim].rate > 0.0:
+                    burst_bound = min(burst_bound, _burst_bound(info.remaining, info.reset, date, dim, pool))
+        fitted = False
+        if self._adaptive and burst_bound < 1.0 and pool.fit_burst(burst_bound, now):
+            fitted = changed = True
+            rt.shrink_seq = next(self._seq)
+            self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
         if changed:
             self._dispatch(rt, now)
+        return fitted
 
-    def _on_429(self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> None:
+    def _on_429(
+        self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float, fitted: bool
+    ) -> None:
         rt.rate_limited += 1
         pool = rt.pool
-        # Predicted: the server's own remaining shows a dimension this request doesn't fit in,
-        # so the refusal is explained by usage we now know about. Otherwise the server
-        # enforces a shorter interval than our burst assumes.
+        # Predicted: the server's bucket is as large as ours (else ``fitted``: the headers
+        # showed a shorter enforcement interval and the burst was just resized to it) and
+        # its remaining shows a dimension this request doesn't fit in, so the refusal is
+        # explained by usage we now know about. Otherwise the server enforces a shorter
+        # interval than our burst assumes, in a way the headers did not show: halve it.
         predicted = False
-        if permit is not None:
+        if permit is not None and not fitted:
             for dim, info in snap.limits().items():
                 need = permit.reserved.get(dim, 0.0)
                 if info.remaining is not None and need > 0 and info.remaining < need:
@@ -1079,8 +1222,10 @@ class Limiter:
                     break
         if predicted:
             rt.rate_limited_predicted += 1
-        elif self._adaptive:
+        elif self._adaptive and not fitted and (permit is None or permit.seq > rt.shrink_seq):
+            # once per event: the 429s of requests admitted before the last shrink are old news
             burst = pool.shrink_burst(now)
+            rt.shrink_seq = next(self._seq)
             self._emit("burst_change", rt, now, {"burst": burst})
         retry = snap.retry_after
         if retry is None:
@@ -1119,7 +1264,9 @@ class Limiter:
             if snap.retry_after is not None:
                 wait = max(wait, snap.retry_after)
             wait = max(wait, 1.0)
-            targets = _unified_targets(unified.representative_claim, self._pools, runtime)
+            claim = unified.representative_claim
+            self._unified_holds[claim] = max(self._unified_holds.get(claim, -math.inf), now + wait)
+            targets = _unified_targets(claim, self._pools, runtime)
             for rt in targets:
                 if rt.pool.pause(now + wait, f"subscription limit ({unified.representative_claim})"):
                     self._emit("pause", rt, now, {"seconds": wait, "reason": "unified rejected"})
@@ -1134,15 +1281,8 @@ class Limiter:
                     unified.representative_claim,
                     unified.reset,
                 )
-                if self._on_event is not None:
-                    self._on_event(
-                        LimiterEvent(
-                            "unified_warning",
-                            name,
-                            now,
-                            {"claim": unified.representative_claim, "reset": unified.reset},
-                        )
-                    )
+                detail = {"claim": unified.representative_claim, "reset": unified.reset}
+                self._hook(LimiterEvent("unified_warning", name, now, detail))
 
     def _on_quota(self, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> None:
         quota = snap.quota
@@ -1164,6 +1304,13 @@ class Limiter:
         if balance > wallet.capacity:
             wallet.set_limits(now, capacity=balance)
         wallet.resync(balance - unseen, now, allow_increase=True)
+        if permit is not None:
+            # The reported balance already holds this request: settle() must not move it again
+            # by our own estimate, only from the proxy's reservation (on a stream) to the charge.
+            if quota.balance is not None:
+                permit.credits = 0.0
+            elif quota.credits_reserved is not None:
+                permit.credits = quota.credits_reserved
 
     def _check_wallet(self, credit: float, now: float) -> None:
         wallet = self._wallet
@@ -1176,8 +1323,7 @@ class Limiter:
         self._spend_resets_at = resets
         self._spend_until = now + (resets - base).total_seconds()
         log.error("monthly spend limit reached; usage resumes at %s", resets.isoformat())
-        if self._on_event is not None:
-            self._on_event(LimiterEvent("spend_limit", "*", now, {"resets_at": resets}))
+        self._hook(LimiterEvent("spend_limit", "*", now, {"resets_at": resets}))
         self._fail_all(lambda: SpendLimitReached(resets, message))
 
     def _check_spend(self, now: float) -> None:
@@ -1191,8 +1337,12 @@ class Limiter:
         if kind != "grant":
             log.debug("%s %s %s", rt.pool.name, kind, detail)
         if self._on_event is not None:
+            self._hook(LimiterEvent(kind, rt.pool.name, now, dict(detail)))
+
+    def _hook(self, event: LimiterEvent) -> None:
+        if self._on_event is not None:
             try:
-                self._on_event(LimiterEvent(kind, rt.pool.name, now, dict(detail)))
+                self._on_event(event)
             except Exception:  # a broken hook must not break admission
                 log.exception("on_event hook raised")
 
@@ -1297,8 +1447,15 @@ class _BatchDemand:
         self.requests = requests
 
 
+def _for_model(model: str, exc: CapacityExceeded) -> CapacityExceeded:
+    """The same error, naming the model the caller asked for as well as its pool."""
+    error = CapacityExceeded(f"{model} ({exc.pool} pool)", exc.dimension, exc.cost, exc.capacity)
+    error.pool = exc.pool
+    return error
+
+
 def _placeholder(limiter: Limiter, rt: _PoolRuntime, w: _Waiter, now: float) -> Permit:
-    return Permit(limiter, rt, "", w.draws, 0.0, w.seq, now)
+    return Permit(limiter, rt, "", w.draws, w.credit, w.seq, now)
 
 
 def _rules_with(rules: AccountingRules, cache_reads_count: bool) -> AccountingRules:
@@ -1314,6 +1471,23 @@ def _wallet_bucket(balance: float) -> TokenBucket:
         raise ConfigurationError(f"wallet_balance must be a non-negative number, got {balance!r}")
     # a wallet does not refill: rate 0, and it may not go into debt
     return TokenBucket(max(balance, 1.0), 0.0, level=balance, debt_limit=0.0)
+
+
+def _burst_bound(remaining: int, reset: _dt.datetime, date: _dt.datetime, dim: str, pool: Pool) -> float:
+    """An upper bound on the server's bucket size for ``dim``, as a fraction of its limit.
+
+    ``remaining + rate * (reset - date)`` is the server's capacity; the bound adds
+    the rounding of ``remaining`` (nearest thousand for tokens, the floor for
+    requests) and one second for the whole-second precision of ``date``. A
+    server in debt reports a later reset, which only raises the bound: it can
+    make the bound miss a small bucket, never invent one.
+    """
+    limit = pool.limits[dim]
+    until_full = (reset - date).total_seconds()
+    if until_full < 0.0:
+        return math.inf  # inconsistent or stale: no evidence either way
+    slack = 1.0 if dim == "requests" else ROUNDING_MARGIN
+    return (remaining + slack + limit / 60.0 * (until_full + 1.0)) / limit
 
 
 def _first_of_next_month(moment: _dt.datetime) -> _dt.datetime:

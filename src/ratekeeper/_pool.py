@@ -102,6 +102,8 @@ class Pool:
             if bucket is None or amount <= 0.0:
                 continue
             need = amount if amount < bucket.capacity else bucket.capacity
+            if bucket.level_at(now) >= need:  # the usual case, without time_until's arithmetic
+                continue
             t = bucket.time_until(need, now)
             if t > wait:
                 wait = t
@@ -171,28 +173,85 @@ class Pool:
         if not limit > 0 or limit == math.inf:
             raise ValueError(f"{self.name}: the {dim} limit must be a positive finite number, got {limit!r}")
         self.limits[dim] = float(limit)
-        bucket.set_limits(now, capacity=self._capacity(dim, limit), rate=limit / 60.0 * rate_scale)
+        self._resize(dim, now, capacity=self._capacity(dim, limit), rate=limit / 60.0 * rate_scale)
         return True
 
     def _capacity(self, dim: str, limit: float) -> float:
         capacity = limit * self._burst
         return max(capacity, 1.0) if dim == "requests" else capacity
 
+    def _resize(
+        self, dim: str, now: float, *, capacity: float, rate: float | None = None, keep_used: bool = True
+    ) -> None:
+        """Give a bucket a new capacity (and rate).
+
+        With ``keep_used`` what was used stays used (a limit learned from the
+        headers: the server's bucket was that size all along); without it the
+        level is only clamped to the new capacity (a burst change: the server's
+        bucket is smaller than assumed, and what it holds is whatever the
+        headers say, not our deficit carried over).
+
+        The bucket is rebuilt rather than resized in place so that it may still
+        owe up to its per-minute limit: ``TokenBucket.set_limits`` would tie the
+        debt limit to a capacity it happened to equal (at ``burst=1``), and a
+        request costing the whole limit would then be charged only in part.
+        """
+        old = self.buckets[dim]
+        t = max(now, old.last_time)
+        level = old.level_at(t)
+        new_level = capacity - (old.capacity - level) if keep_used else min(level, capacity)
+        self.buckets[dim] = TokenBucket(
+            capacity,
+            old.rate if rate is None else rate,
+            level=new_level,
+            now=t,
+            debt_limit=self.limits[dim],
+        )
+
     def scale_rates(self, rate_scale: float, now: float) -> None:
-        """Scale every refill rate (a warm-up ramp); levels are brought up to ``now`` first."""
+        """Scale every refill rate (a warm-up ramp); levels are brought up to ``now`` first.
+
+        Buckets that do not refill (a concurrency cap such as the batch queue) stay so.
+        """
         for dim, bucket in self.buckets.items():
-            bucket.set_limits(now, rate=self.limits[dim] / 60.0 * rate_scale)
+            if bucket.rate > 0.0:
+                bucket.set_limits(now, rate=self.limits[dim] / 60.0 * rate_scale)
 
     def set_burst(self, burst: float, now: float) -> None:
-        """Resize every bucket to ``burst`` times its per-minute limit."""
-        self._burst = _check_burst(burst)
-        for dim, bucket in self.buckets.items():
-            bucket.set_limits(now, capacity=self._capacity(dim, self.limits[dim]))
+        """Resize every refilling bucket to ``burst`` times its per-minute limit.
 
-    def resync(self, dim: str, target: float, now: float) -> float:
-        """Lower a bucket to ``target`` if it holds more; return the change (<= 0)."""
+        Levels are clamped, not shifted: a bucket that grows gains nothing at
+        once (it refills), one that shrinks keeps at most its new capacity.
+        """
+        self._burst = _check_burst(burst)
+        for dim, bucket in list(self.buckets.items()):
+            if bucket.rate > 0.0:
+                self._resize(dim, now, capacity=self._capacity(dim, self.limits[dim]), keep_used=False)
+
+    def fit_burst(self, burst: float, now: float) -> bool:
+        """Shrink the burst to ``burst`` if that is clearly smaller (the server's bucket is).
+
+        Returns True if it shrank. Never grows: growth is earned by clean traffic.
+        """
+        burst = max(MIN_BURST, min(1.0, burst))
+        if burst >= self._burst * 0.95:
+            return False
+        self.set_burst(burst, now)
+        self._clean_since = now
+        return True
+
+    def resync(self, dim: str, target: float, now: float, *, tolerance: float = 0.0) -> float:
+        """Lower a bucket to ``target`` if it holds more than ``target + 2 * tolerance``.
+
+        ``tolerance`` is the report's rounding: within it the report cannot tell
+        the level is wrong, and lowering anyway would throw away up to twice the
+        rounding at every report. Past it the level is proven too high and goes
+        to the report's lowest reading. Returns the change (<= 0).
+        """
         bucket = self.buckets.get(dim)
         if bucket is None:
+            return 0.0
+        if tolerance and bucket.level_at(now) <= target + 2.0 * tolerance:
             return 0.0
         return bucket.resync(target, now)
 
