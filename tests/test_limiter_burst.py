@@ -127,24 +127,6 @@ def test_fit_burst_only_shrinks_clearly_and_never_below_one_second() -> None:
     assert pool.burst == MIN_BURST
 
 
-@pytest.mark.parametrize(
-    ("level", "remaining", "lowered_to"),
-    [
-        (10_000.0, 10_000, None),  # agrees
-        (10_400.0, 10_000, None),  # within the rounding: the report cannot tell
-        (10_600.0, 10_000, 9_500.0),  # proven too high: down to the report's lowest reading
-        (3_000.0, 10_000, None),  # lower than the report: never raised
-    ],
-)
-def test_token_resync_tolerates_the_rounding(level: float, remaining: int, lowered_to: float | None) -> None:
-    pool = Pool("p", {"input_tokens": 30_000}, now=0.0)
-    pool.buckets["input_tokens"].set_level(level, 0.0)
-    delta = pool.resync("input_tokens", remaining - 500.0, 0.0, tolerance=500.0)
-    expected = level if lowered_to is None else lowered_to
-    assert pool.levels(0.0)["input_tokens"] == expected
-    assert delta == expected - level
-
-
 def test_request_resync_is_exact() -> None:
     pool = Pool("p", {"requests": 50}, now=0.0)
     assert pool.resync("requests", 49.0, 0.0) == -1.0

@@ -240,18 +240,10 @@ class Pool:
         self._clean_since = now
         return True
 
-    def resync(self, dim: str, target: float, now: float, *, tolerance: float = 0.0) -> float:
-        """Lower a bucket to ``target`` if it holds more than ``target + 2 * tolerance``.
-
-        ``tolerance`` is the report's rounding: within it the report cannot tell
-        the level is wrong, and lowering anyway would throw away up to twice the
-        rounding at every report. Past it the level is proven too high and goes
-        to the report's lowest reading. Returns the change (<= 0).
-        """
+    def resync(self, dim: str, target: float, now: float) -> float:
+        """Lower a bucket to ``target`` if it holds more; return the change (<= 0)."""
         bucket = self.buckets.get(dim)
         if bucket is None:
-            return 0.0
-        if tolerance and bucket.level_at(now) <= target + 2.0 * tolerance:
             return 0.0
         return bucket.resync(target, now)
 
