@@ -479,3 +479,125 @@ async def test_a_restart_mid_run_loses_no_request(
     assert remote > 10
     assert backend.available()
     assert client(redis_server).exists(f"{{ratekeeper:acme}}:pool:{POOL}")  # recreated after the restart
+
+
+# ---------------------------------------------------------------- rounding and burst, as the local limiter
+
+DATE = "Mon, 05 Jan 2026 00:00:10 GMT"
+
+
+def full_headers(
+    requests: int, input_: int, output: int, *, reset: str = "2026-01-05T00:00:20Z"
+) -> dict[str, str]:
+    """The three dimensions' limits (LIMITS), the given remaining, one reset, and the date."""
+    out = {"date": DATE}
+    for name, limit, remaining in (
+        ("requests", 60, requests),
+        ("input-tokens", 100_000, input_),
+        ("output-tokens", 20_000, output),
+    ):
+        out[f"anthropic-ratelimit-{name}-limit"] = str(limit)
+        out[f"anthropic-ratelimit-{name}-remaining"] = str(remaining)
+        out[f"anthropic-ratelimit-{name}-reset"] = reset
+    return out
+
+
+def stored_burst(server: RedisServer) -> float:
+    burst = client(server).hget(f"{{ratekeeper:acme}}:pool:{POOL}", "burst")
+    assert burst is not None
+    return float(burst)
+
+
+def capacity(server: RedisServer, dim: str) -> float:
+    fields = client(server).hget(f"{{ratekeeper:acme}}:pool:{POOL}", f"b:{dim}")
+    assert fields is not None
+    return float(fields.split()[1])
+
+
+def test_token_resync_tolerates_the_rounding(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
+    limiter, backend = make(redis_server, backends)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=1_000)
+    assert level(redis_server, "output_tokens") == pytest.approx(19_000, abs=5)
+    # 19,000 +- 500: the report's lowest reading is 18,500 and our 19,000 is within twice
+    # the rounding of it, so the report cannot prove it wrong: the token levels stay
+    permit.observe(full_headers(59, 99_000, 19_000))
+    assert backend.flush()
+    assert level(redis_server, "output_tokens") == pytest.approx(19_000, abs=50)
+    assert level(redis_server, "input_tokens") == pytest.approx(99_000, abs=100)
+    # 18,000 +- 500: ours is proven too high and goes to the report's lowest reading;
+    # requests are exact (no rounding): 57 remaining lowers 59 to 57
+    permit.observe(full_headers(57, 99_000, 18_000))
+    assert backend.flush()
+    assert level(redis_server, "output_tokens") == pytest.approx(17_500, abs=50)
+    assert level(redis_server, "input_tokens") == pytest.approx(99_000, abs=100)
+    assert level(redis_server, "requests") == pytest.approx(57, abs=0.05)
+    permit.release()
+
+
+def test_a_one_second_bucket_is_read_from_the_headers_and_shared(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    a, a_backend = make(redis_server, backends)
+    b, b_backend = make(redis_server, backends)
+    permit = a.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=1_000)
+    # nearly empty, yet full again one second after the date: the server's buckets hold
+    # one second of the limit. The tightest bound is ITPM's:
+    # (0 remaining + 500 rounding + 100,000/60 * (1 s + 1 s precision)) / 100,000
+    bound = (500 + 100_000 / 60 * 2) / 100_000
+    permit.observe(full_headers(0, 0, 0, reset="2026-01-05T00:00:11Z"))
+    assert a.statistics()[POOL].burst == pytest.approx(bound)  # before any 429
+    assert a_backend.flush()
+    assert stored_burst(redis_server) == pytest.approx(bound)
+    assert capacity(redis_server, "input_tokens") == pytest.approx(100_000 * bound)
+    # clamped, not shifted: the resync left -500 (the report's lowest reading), the smaller
+    # bucket keeps it (shifting would carry the 100,000-token deficit over: -96,667)
+    assert level(redis_server, "input_tokens") == pytest.approx(-500, abs=100)
+    assert a.statistics()[POOL].rate_limited == 0
+    # another process's next settle brings the shared burst to its own view
+    with b.acquire_sync(SONNET, Demand(input_tokens=1, max_tokens=1), timeout=5) as other:
+        other.settle({"input_tokens": 1, "output_tokens": 1})
+    assert b_backend.flush()
+    assert b.statistics()[POOL].burst == pytest.approx(bound)
+    permit.release()
+
+
+def test_a_429_after_the_burst_was_fitted_does_not_halve_it_again(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=1_000)
+    tight = full_headers(0, 0, 0, reset="2026-01-05T00:00:11Z")
+    permit.observe({**tight, "retry-after": "1"}, status=429)
+    assert backend.flush()
+    bound = (500 + 100_000 / 60 * 2) / 100_000
+    stats = limiter.statistics()[POOL]
+    assert stats.burst == pytest.approx(bound)
+    assert stored_burst(redis_server) == pytest.approx(bound)
+    assert (stats.rate_limited, stats.rate_limited_predicted) == (1, 0)
+    permit.release()
+
+
+def test_an_unexplained_429_halves_the_shared_burst_once_per_event(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    a, a_backend = make(redis_server, backends)
+    b, b_backend = make(redis_server, backends)
+    early_a = a.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    early_b = b.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    # both refused with no header explaining why: the server's bucket is smaller than ours
+    early_a.observe({"retry-after": "0"}, status=429)
+    assert a_backend.flush()
+    assert stored_burst(redis_server) == 0.5
+    # the second 429 is of a request admitted (elsewhere) before that shrink: old news
+    early_b.observe({"retry-after": "0"}, status=429)
+    assert b_backend.flush()
+    assert stored_burst(redis_server) == 0.5
+    assert b.statistics()[POOL].burst == 0.5  # the reply brought b's view along
+    assert (b.statistics()[POOL].rate_limited, b.statistics()[POOL].rate_limited_predicted) == (1, 0)
+    # one admitted after the shrink and refused too: a new event
+    late = b.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    late.observe({"retry-after": "0"}, status=429)
+    assert b_backend.flush()
+    assert stored_burst(redis_server) == 0.25
+    for p in (early_a, early_b, late):
+        p.release()

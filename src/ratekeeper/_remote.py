@@ -46,6 +46,7 @@ from ratekeeper._limiter import (
     ROUNDING_MARGIN,
     Limiter,
     Permit,
+    _burst_bound,
     _diff,
     _draws,
     _error_fields,
@@ -662,11 +663,9 @@ class RemoteEngine:
                 ops.append(Op("control", [self._backend.org_key()], ["spend", repr(seconds), iso]))
             if runtime is not None:
                 rp = self._rpool(runtime)
-                op = self._resync_op(rp, snap, permit)
-                if op is not None:
-                    ops.append(op)
+                fitted = self._resync(rp, snap, permit, now, ops)
                 if status == 429 and not spend:
-                    ops.append(self._on_429(rp, snap, permit, now))
+                    ops.append(self._on_429(rp, snap, permit, now, fitted))
                 elif status == 529 or error_type == "overloaded_error":
                     ops.append(self._on_529(rp, snap, now))
                 elif status < 400:
@@ -686,39 +685,72 @@ class RemoteEngine:
             self._backend.send(op)
         return snap
 
-    def _resync_op(self, rp: _RPool, snap: RateLimitSnapshot, permit: Permit | None) -> Op | None:
+    def _resync(
+        self, rp: _RPool, snap: RateLimitSnapshot, permit: Permit | None, now: float, ops: list[Op]
+    ) -> bool:
+        """Under the lock: ``Limiter._resync`` for a shared pool; True if the headers fitted the burst.
+
+        The resync goes to Redis (``resync.lua``: levels, limits, what every process has
+        in flight). The burst bound is computed here with the local limiter's helper; a
+        clearly smaller one shrinks the local mirror at once (so a 429 in the same
+        response is classified as the local limiter would) and the shared burst with
+        ``control.lua fit``.
+        """
         limits = snap.limits()
         if not limits:
-            return None
+            return False
+        limiter = self._limiter
+        rt = rp.rt
+        pool = rt.pool
+        date = snap.server_date
+        bound = math.inf
         args: list[str | int] = [
             permit.seq if permit is not None else -1,
-            "1" if self._limiter._learn else "0",
+            "1" if limiter._learn else "0",
         ]
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
                 continue
+            # the local mirror learns at once (resync.lua applies the same rule to the shared
+            # state), so the burst bound below divides by the limit in force
+            new_limit = float(info.limit) if info.limit is not None and limiter._learn else 0.0
+            if new_limit > 0 and _learns(pool, dim, new_limit) and pool.set_limit(dim, new_limit, now):
+                limiter._emit("limit_change", rt, now, {dim: info.limit})
+                self._poke(rt)
             margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
             limit = repr(float(info.limit)) if info.limit is not None else ""
             target = repr(info.remaining - margin) if info.remaining is not None else ""
-            args += [dim, limit, target]
-        rt = rp.rt
+            args += [dim, limit, target, repr(margin)]
+            bucket = pool.buckets.get(dim)
+            if (
+                info.remaining is not None
+                and info.reset is not None
+                and date is not None
+                and bucket is not None
+                and bucket.rate > 0.0
+            ):
+                bound = min(bound, _burst_bound(info.remaining, info.reset, date, dim, pool))
 
         def done(reply: Reply) -> None:
-            limiter = self._limiter
             with limiter._lock:
                 now = limiter._now()
                 for change in reply[2:]:
                     kind, dim, value = change.split(":")
                     if kind == "limit":
-                        rt.pool.set_limit(dim, float(value), now)
-                        limiter._emit("limit_change", rt, now, {dim: float(value)})
-                        self._poke(rt)
+                        if rt.pool.set_limit(dim, float(value), now):  # not known here yet
+                            limiter._emit("limit_change", rt, now, {dim: float(value)})
+                            self._poke(rt)
                     else:
                         rt.resyncs += 1
                         limiter._emit("resync", rt, now, {"dimension": dim, "delta": float(value)})
 
-        return Op("resync", rp.keys[:4], args, done)
+        ops.append(Op("resync", rp.keys[:4], args, done))
+        if not (limiter._adaptive and bound < 1.0 and pool.fit_burst(bound, now)):
+            return False
+        limiter._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        ops.append(Op("control", [rp.keys[0], rp.keys[1]], ["fit", repr(bound)], self._on_burst(rt)))
+        return True
 
     def _on_burst(self, rt: _PoolRuntime) -> Callable[[Reply], None]:
         def done(reply: Reply) -> None:
@@ -739,12 +771,21 @@ class RemoteEngine:
         if until > rp.hold_until:
             rp.hold_until = until
 
-    def _on_429(self, rp: _RPool, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> Op:
+    def _on_429(
+        self, rp: _RPool, snap: RateLimitSnapshot, permit: Permit | None, now: float, fitted: bool
+    ) -> Op:
+        """``Limiter._on_429`` for a shared pool: the same classification, the pause and shrink in Redis.
+
+        Predicted: the burst was not just fitted to the headers and the server's remaining
+        shows a dimension this request doesn't fit in. Otherwise, unless ``fitted``, the
+        burst halves, once per event: ``control.lua`` skips the 429s of requests admitted
+        (by any process) before the pool's last shrink or fit.
+        """
         limiter = self._limiter
         rt = rp.rt
         rt.rate_limited += 1
         predicted = False
-        if permit is not None:
+        if permit is not None and not fitted:
             for dim, info in snap.limits().items():
                 need = permit.reserved.get(dim, 0.0)
                 if info.remaining is not None and need > 0 and info.remaining < need:
@@ -753,12 +794,13 @@ class RemoteEngine:
         if predicted:
             rt.rate_limited_predicted += 1
         retry = snap.retry_after if snap.retry_after is not None else 1.0
-        shrink = not predicted and limiter._adaptive
+        shrink = not predicted and not fitted and limiter._adaptive
         self._hold(rp, now + retry)
         rt.pool.pause(now + retry, "429 rate_limit_error")
         limiter._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
         limiter._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
-        args = ["pause", repr(retry), "429 rate_limit_error", "1" if shrink else "0"]
+        seq = permit.seq if permit is not None else -1
+        args = ["pause", repr(retry), "429 rate_limit_error", "1" if shrink else "0", seq]
         return Op("control", [rp.keys[0], rp.keys[1]], args, self._on_pause(rt))
 
     def _on_pause(self, rt: _PoolRuntime) -> Callable[[Reply], None]:
@@ -825,6 +867,15 @@ class RemoteEngine:
         rp = self._rpool(rt)
         self._backend.send(Op("control", [rp.keys[0], rp.keys[1]], ["giveback", _encode(amounts)]))
         self._poke(rt)
+
+
+def _learns(pool: Pool, dim: str, limit: float) -> bool:
+    """``Limiter._resync``'s rule (and ``resync.lua``'s): which ``-limit`` headers a pool adopts."""
+    if dim == "tokens":
+        return dim in pool.limits or limit < pool.limits.get("input_tokens", 0.0) + pool.limits.get(
+            "output_tokens", 0.0
+        )
+    return dim in pool.limits or dim.startswith("priority")
 
 
 def _scaled(rt: _PoolRuntime, fraction: float, now: float) -> _PoolRuntime:

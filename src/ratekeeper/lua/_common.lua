@@ -34,7 +34,9 @@ local function encode_draws(t)
 end
 
 -- A pool hash: dims (comma list), t (time of the levels), burst, paused (until),
--- reason, clean (last unpredicted 429), and b:<dim> = "limit capacity rate debt level".
+-- reason, clean (last burst shrink), shrink (the reservation counter at the last burst
+-- shrink: 429s of requests admitted before it are old news), and per dimension
+-- b:<dim> = "limit capacity rate debt level".
 local function load_pool(key)
   local flat = redis.call('HGETALL', key)
   if #flat == 0 then
@@ -47,6 +49,7 @@ local function load_pool(key)
   local p = {
     key = key, dims = {}, b = {}, t = tonumber(f.t), burst = tonumber(f.burst),
     paused = tonumber(f.paused or '0'), reason = f.reason or '', clean = tonumber(f.clean or f.t),
+    shrink = tonumber(f.shrink or '-1'),
   }
   for d in string.gmatch(f.dims or '', '[^,]+') do
     local v = {}
@@ -65,6 +68,7 @@ local function save_pool(p)
   local args = {
     'dims', table.concat(p.dims, ','), 't', fmt(p.t), 'burst', fmt(p.burst),
     'paused', fmt(p.paused), 'reason', p.reason, 'clean', fmt(p.clean),
+    'shrink', string.format('%d', p.shrink or -1),
   }
   for _, d in ipairs(p.dims) do
     local b = p.b[d]
@@ -120,12 +124,16 @@ local function apply_diff(p, diff)
   end
 end
 
--- Resize a bucket the way TokenBucket.set_limits does: what was used stays used.
-local function set_cap(b, cap)
-  if b.debt == b.cap then
-    b.debt = cap
+-- Resize a bucket the way Pool._resize does. With keep_used (a limit learned from the
+-- headers: the server's bucket was that size all along) what was used stays used;
+-- without it (a burst change) the level is only clamped to the new capacity. The bucket
+-- may owe up to its per-minute limit either way.
+local function set_cap(b, cap, keep_used)
+  b.debt = b.lim
+  local l = b.lvl
+  if keep_used then
+    l = cap - (b.cap - b.lvl)
   end
-  local l = cap - (b.cap - b.lvl)
   b.cap = cap
   if l < -b.debt then
     l = -b.debt
@@ -149,7 +157,7 @@ local function set_burst(p, burst)
   for _, d in ipairs(p.dims) do
     local b = p.b[d]
     if b.rate > 0 then -- a concurrency cap (batch queue) has no burst
-      set_cap(b, cap_for(d, b.lim, burst))
+      set_cap(b, cap_for(d, b.lim, burst), false)
     end
   end
 end
@@ -169,11 +177,16 @@ local function set_limit(p, d, lim)
   b.lim = lim
   if b.rate > 0 then
     b.rate = lim / 60
-    set_cap(b, cap_for(d, lim, p.burst))
+    set_cap(b, cap_for(d, lim, p.burst), true)
   else
-    set_cap(b, lim)
+    set_cap(b, lim, true)
   end
   return true
+end
+
+-- The last reservation seq handed out (-1: none yet).
+local function last_seq(org)
+  return tonumber(redis.call('HGET', org, 'seq') or '-1')
 end
 
 -- Expired leases: the holder is presumed dead. Its reservation stands (a sent

@@ -2,8 +2,14 @@
 --
 -- KEYS: org, then pool hashes
 -- ARGV[1] is the operation:
---   pause seconds reason shrink   hold every pool in KEYS[2..] until now + seconds (a 429,
+--   pause seconds reason shrink [seq]
+--                                 hold every pool in KEYS[2..] until now + seconds (a 429,
 --                                 a 529); shrink = '1' halves the burst (an unpredicted 429)
+--                                 unless the refused request (reservation seq; -1 or absent:
+--                                 unknown) was admitted before the pool's last shrink
+--   fit burst                     the headers bound the server's bucket: shrink the burst of
+--                                 KEYS[2] to burst if that is clearly smaller (< 0.95x);
+--                                 levels are clamped. Returns {status, now, burst, '1' | '0'}
 --   hold seconds reason scope     an organization-wide subscription hold ('all' or a family)
 --   spend seconds resets_at       the monthly spend cap: every reserve fails until then
 --   limits dim value ...          set per-minute limits of KEYS[2] by hand
@@ -32,9 +38,10 @@ if op == 'pause' then
       if till > p.paused then
         p.paused, p.reason = till, ARGV[3]
       end
-      if ARGV[4] == '1' then
+      local seq = tonumber(ARGV[5] or '-1')
+      if ARGV[4] == '1' and (seq < 0 or seq > p.shrink) then
         set_burst(p, math.max(MIN_BURST, p.burst * 0.5))
-        p.clean = now
+        p.clean, p.shrink = now, last_seq(KEYS[1])
       end
       save_pool(p)
       out[#out + 1] = fmt(p.burst)
@@ -62,6 +69,15 @@ else
     end
   elseif op == 'giveback' then
     apply_diff(p, parse_draws(ARGV[2]))
+  elseif op == 'fit' then
+    local burst = math.max(MIN_BURST, math.min(1, tonumber(ARGV[2])))
+    local fitted = burst < p.burst * 0.95
+    if fitted then
+      set_burst(p, burst)
+      p.clean, p.shrink = now, last_seq(KEYS[1])
+    end
+    save_pool(p)
+    return {'OK', fmt(now), fmt(p.burst), fitted and '1' or '0'}
   else
     return redis.error_reply('ratekeeper control: unknown operation ' .. op)
   end
