@@ -52,13 +52,10 @@ local function load_pool(key)
     shrink = tonumber(f.shrink or '-1'),
   }
   for d in string.gmatch(f.dims or '', '[^,]+') do
-    local v = {}
-    for x in string.gmatch(f['b:' .. d] or '', '%S+') do
-      v[#v + 1] = tonumber(x)
-    end
-    if #v == 5 then
+    local lim, cap, rate, debt, lvl = string.match(f['b:' .. d] or '', '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
+    if lvl then
       p.dims[#p.dims + 1] = d
-      p.b[d] = {lim = v[1], cap = v[2], rate = v[3], debt = v[4], lvl = v[5]}
+      p.b[d] = {lim = tonumber(lim), cap = tonumber(cap), rate = tonumber(rate), debt = tonumber(debt), lvl = tonumber(lvl)}
     end
   end
   return p
@@ -70,6 +67,17 @@ local function save_pool(p)
     'paused', fmt(p.paused), 'reason', p.reason, 'clean', fmt(p.clean),
     'shrink', string.format('%d', p.shrink or -1),
   }
+  for _, d in ipairs(p.dims) do
+    local b = p.b[d]
+    args[#args + 1] = 'b:' .. d
+    args[#args + 1] = fmt(b.lim) .. ' ' .. fmt(b.cap) .. ' ' .. fmt(b.rate) .. ' ' .. fmt(b.debt) .. ' ' .. fmt(b.lvl)
+  end
+  redis.call('HSET', p.key, unpack(args))
+end
+
+-- Only what admission and settlement change: the time and the levels.
+local function save_levels(p)
+  local args = {'t', fmt(p.t)}
   for _, d in ipairs(p.dims) do
     local b = p.b[d]
     args[#args + 1] = 'b:' .. d

@@ -146,7 +146,7 @@ if status == 'OK' then
   end
 end
 if changed then
-  save_pool(p)
+  save_levels(p) -- burst, pause and limits are as loaded
 end
 for _, k in ipairs({pkey, rkey, lkey, qkey, qdkey}) do
   redis.call('PEXPIRE', k, key_ttl)
