@@ -721,7 +721,7 @@ class RemoteEngine:
             margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
             limit = repr(float(info.limit)) if info.limit is not None else ""
             target = repr(info.remaining - margin) if info.remaining is not None else ""
-            args += [dim, limit, target, repr(margin)]
+            args += [dim, limit, target]
             bucket = pool.buckets.get(dim)
             if (
                 info.remaining is not None

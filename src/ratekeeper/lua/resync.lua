@@ -3,13 +3,10 @@
 -- KEYS: org, pool, res, lease
 -- ARGV: since (seq of the observed request: reservations admitted after it, by any
 --       process, were not seen by the server when it answered; -1: all in flight),
---       learn ('1': adopt the -limit headers), then quads: dim, limit ('' if absent),
---       target (-remaining minus the rounding margin, '' if absent), tolerance (the
---       report's rounding: 0 for requests, 500 for tokens)
+--       learn ('1': adopt the -limit headers), then triples: dim, limit ('' if absent),
+--       target (-remaining minus the rounding margin, '' if absent)
 -- Returns {status, now, change...}: "limit:dim:value" and "level:dim:delta" (delta < 0).
 -- Levels only go down: a stale report must never let anyone admit more than the server.
--- A level within target + 2 * tolerance stays (Pool.resync): the report cannot tell it
--- is wrong, and lowering it anyway would throw away up to twice the rounding each time.
 local since, learn = tonumber(ARGV[1]), ARGV[2] == '1'
 local now = clock()
 local p = load_pool(KEYS[2])
@@ -21,7 +18,7 @@ advance(p, now)
 local out = {'OK', fmt(now)}
 local dirty = false
 if learn then
-  for i = 3, #ARGV, 4 do
+  for i = 3, #ARGV, 3 do
     local d, lim = ARGV[i], tonumber(ARGV[i + 1])
     if lim and lim > 0 then
       local ok
@@ -49,10 +46,10 @@ for i = 1, #flat, 2 do
     end
   end
 end
-for i = 3, #ARGV, 4 do
-  local d, target, tol = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]) or 0
+for i = 3, #ARGV, 3 do
+  local d, target = ARGV[i], tonumber(ARGV[i + 2])
   local b = p.b[d]
-  if b and target and not (tol > 0 and b.lvl <= target - (unseen[d] or 0) + 2 * tol) then
+  if b and target then
     local t = target - (unseen[d] or 0)
     if t < -b.debt then
       t = -b.debt
