@@ -1,0 +1,211 @@
+"""What the Limiter costs: uncontended admission, and grants with a long queue.
+
+Run: ``pytest benchmarks/test_bench_limiter.py --benchmark-only``; results in docs/benchmarks.md.
+
+* ``limiter-uncontended``: one round is ``ROUNDS`` ``async with`` blocks on one
+  asyncio loop (amortizing the loop's own cost): ratekeeper's three-dimension
+  acquire and settle, a minimal one-bucket async gate written here, and
+  ``aiolimiter.AsyncLimiter``.
+* ``limiter-queue``: N waiters queued at a frozen clock, then one request given
+  back; each waiter, once granted, gives its request back too, so the grants
+  run as a chain through the whole queue. Time per grant (``extra_info``)
+  must not grow with N.
+* ``test_memory_per_waiter``: tracemalloc, per queued waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import tracemalloc
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+from aiolimiter import AsyncLimiter
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from ratekeeper import Limiter, Usage
+
+SONNET = "claude-sonnet-4-5"
+POOL = "sonnet-4.x"
+ROUNDS = 2_000
+USAGE = Usage(input_tokens=1_000, output_tokens=500)
+UNLIMITED = {POOL: {"requests": 1e12, "input_tokens": 1e15, "output_tokens": 1e15}}
+
+
+class MiniGate:
+    """The least an async gate does: one token bucket, the loop's clock, an async context manager."""
+
+    __slots__ = ("_capacity", "_level", "_rate", "_t")
+
+    def __init__(self, per_second: float, capacity: float) -> None:
+        self._rate = per_second
+        self._capacity = capacity
+        self._level = capacity
+        self._t = time.monotonic()
+
+    def acquire(self, amount: float = 1.0) -> _MiniAcquire:
+        return _MiniAcquire(self, amount)
+
+
+class _MiniAcquire:
+    __slots__ = ("_amount", "_gate")
+
+    def __init__(self, gate: MiniGate, amount: float) -> None:
+        self._gate = gate
+        self._amount = amount
+
+    async def __aenter__(self) -> None:
+        gate = self._gate
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            level = min(gate._capacity, gate._level + (now - gate._t) * gate._rate)
+            gate._t = now
+            if level >= self._amount:
+                gate._level = level - self._amount
+                return
+            gate._level = level
+            await asyncio.sleep((self._amount - level) / gate._rate)
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def run_rounds(benchmark: BenchmarkFixture, make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        benchmark.extra_info["calls_per_round"] = ROUNDS
+        benchmark(lambda: loop.run_until_complete(make()))
+    finally:
+        loop.close()
+
+
+@pytest.mark.benchmark(group="limiter-uncontended")
+def test_ratekeeper_acquire_and_settle(benchmark: BenchmarkFixture) -> None:
+    limiter = Limiter("tier-1", limits=UNLIMITED)
+
+    async def rounds() -> None:
+        for _ in range(ROUNDS):
+            async with limiter.acquire(SONNET, input_tokens=1_000, max_tokens=1_000) as permit:
+                permit.settle(USAGE)
+
+    run_rounds(benchmark, rounds)
+    assert limiter.statistics()[POOL].in_flight == 0
+
+
+@pytest.mark.benchmark(group="limiter-uncontended")
+def test_minimal_one_bucket_gate(benchmark: BenchmarkFixture) -> None:
+    gate = MiniGate(1e9, 1e12)
+
+    async def rounds() -> None:
+        for _ in range(ROUNDS):
+            async with gate.acquire(1.0):
+                pass
+
+    run_rounds(benchmark, rounds)
+
+
+@pytest.mark.benchmark(group="limiter-uncontended")
+def test_aiolimiter(benchmark: BenchmarkFixture) -> None:
+    limiter = AsyncLimiter(1e12, 60)
+
+    async def rounds() -> None:
+        for _ in range(ROUNDS):
+            async with limiter:
+                pass
+
+    run_rounds(benchmark, rounds)
+
+
+# ---------------------------------------------------------------------- a long queue
+
+
+class FrozenClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _queue_up(limiter: Limiter, waiters: int, done: list[int]) -> list[asyncio.Task[None]]:
+    async def waiter() -> None:
+        async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10):
+            done.append(1)  # leaves unsent: its request goes back to the next in line
+
+    tasks = [asyncio.create_task(waiter()) for _ in range(waiters)]
+    while limiter.statistics()[POOL].queue_depth < waiters:
+        await asyncio.sleep(0)
+    return tasks
+
+
+@pytest.mark.benchmark(group="limiter-queue")
+@pytest.mark.parametrize("waiters", [100, 1_000, 10_000])
+def test_grant_cost_does_not_grow_with_the_queue(benchmark: BenchmarkFixture, waiters: int) -> None:
+    loop = asyncio.new_event_loop()
+    state: dict[str, Any] = {}
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        limiter = Limiter("tier-1", clock=FrozenClock())
+        limiter.pool_of(SONNET)
+        blockers = []
+        while limiter.statistics()[POOL].levels["requests"] >= 1:
+            blockers.append(limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=10))
+        done: list[int] = []
+        tasks = loop.run_until_complete(_queue_up(limiter, waiters, done))
+        state.update(limiter=limiter, blocker=blockers[0], done=done, tasks=tasks)
+        return (), {}
+
+    async def chain() -> None:
+        state["blocker"].release()  # one request back: the head goes, gives it back, the next goes...
+        await asyncio.gather(*state["tasks"])
+
+    try:
+        benchmark.pedantic(  # type: ignore[no-untyped-call]
+            lambda: loop.run_until_complete(chain()), setup=setup, rounds=5, iterations=1
+        )
+    finally:
+        loop.close()
+    assert len(state["done"]) == waiters
+    assert state["limiter"].statistics()[POOL].queue_depth == 0
+    if benchmark.stats is not None:  # not under --benchmark-disable
+        per_grant = benchmark.stats.stats.min / waiters
+        benchmark.extra_info["per_grant_us"] = round(per_grant * 1e6, 2)
+
+
+def test_memory_per_waiter() -> None:
+    """Bytes per queued waiter: the limiter's own share, and with its asyncio task."""
+    waiters = 10_000
+    loop = asyncio.new_event_loop()
+    limiter = Limiter("tier-1", clock=FrozenClock())
+    limiter.pool_of(SONNET)
+    while limiter.statistics()[POOL].levels["requests"] >= 1:
+        limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        tasks = loop.run_until_complete(_queue_up(limiter, waiters, []))
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    total = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    own = sum(
+        s.size_diff
+        for s in after.compare_to(before, "filename")
+        if s.traceback[0].filename.endswith(("ratekeeper/_limiter.py", "anyio/_core/_synchronization.py"))
+    )
+    per_waiter, own_per_waiter = total / waiters, own / waiters
+    print(
+        f"\nmemory per waiter: {per_waiter:.0f} B in all, {own_per_waiter:.0f} B in the limiter and its Event"
+    )
+    assert own_per_waiter < 1_500
+    assert per_waiter < 5_000
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.close()
+    assert limiter.statistics()[POOL].queue_depth == 0
