@@ -359,29 +359,6 @@ class _Acquire:
 
 
 @final
-class _SyncAcquire:
-    """``with limiter.acquire_sync(...)``: the blocking form for threads."""
-
-    __slots__ = ("_args", "_limiter", "_permit")
-
-    def __init__(self, limiter: Limiter, args: tuple[Any, ...]) -> None:
-        self._limiter = limiter
-        self._args = args
-        self._permit: Permit | None = None
-
-    def __enter__(self) -> Permit:
-        self._permit = self._limiter._acquire_blocking(*self._args)
-        return self._permit
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        permit = self._permit
-        if permit is not None and permit._state == _ACTIVE:
-            self._limiter._release(permit)
-
-
-@final
 class Limiter:
     """Gates requests to the Messages API so they stay inside the organization's limits.
 
@@ -638,7 +615,7 @@ class Limiter:
 
     def acquire_sync(
         self, model: str, demand: Demand, *, priority: int = 0, timeout: float | None = None
-    ) -> _SyncAcquire:
+    ) -> _Acquire:
         """The blocking form, for synchronous code in threads: ``with limiter.acquire_sync(...) as p:``.
 
         In a worker thread started by anyio it waits in the event loop; in any
@@ -646,7 +623,7 @@ class Limiter:
         (which is asyncio's clock too, so threads and asyncio tasks can share a
         limiter).
         """
-        return _SyncAcquire(self, (model, demand, priority, timeout))
+        return _Acquire(self, (model, demand, priority, timeout))
 
     def acquire_nowait(
         self,
@@ -1213,13 +1190,7 @@ class Limiter:
         # its remaining shows a dimension this request doesn't fit in, so the refusal is
         # explained by usage we now know about. Otherwise the server enforces a shorter
         # interval than our burst assumes, in a way the headers did not show: halve it.
-        predicted = False
-        if permit is not None and not fitted:
-            for dim, info in snap.limits().items():
-                need = permit.reserved.get(dim, 0.0)
-                if info.remaining is not None and need > 0 and info.remaining < need:
-                    predicted = True
-                    break
+        predicted = permit is not None and not fitted and _explained_by_remaining(snap, permit)
         if predicted:
             rt.rate_limited_predicted += 1
         elif self._adaptive and not fitted and (permit is None or permit.seq > rt.shrink_seq):
@@ -1471,6 +1442,15 @@ def _wallet_bucket(balance: float) -> TokenBucket:
         raise ConfigurationError(f"wallet_balance must be a non-negative number, got {balance!r}")
     # a wallet does not refill: rate 0, and it may not go into debt
     return TokenBucket(max(balance, 1.0), 0.0, level=balance, debt_limit=0.0)
+
+
+def _explained_by_remaining(snap: RateLimitSnapshot, permit: Permit) -> bool:
+    """Whether a 429's own report shows a dimension the refused request did not fit in."""
+    for dim, info in snap.limits().items():
+        need = permit.reserved.get(dim, 0.0)
+        if info.remaining is not None and need > 0 and info.remaining < need:
+            return True
+    return False
 
 
 def _burst_bound(remaining: int, reset: _dt.datetime, date: _dt.datetime, dim: str, pool: Pool) -> float:

@@ -50,6 +50,7 @@ from ratekeeper._limiter import (
     _diff,
     _draws,
     _error_fields,
+    _explained_by_remaining,
     _PoolRuntime,
     _Waiter,
 )
@@ -784,13 +785,7 @@ class RemoteEngine:
         limiter = self._limiter
         rt = rp.rt
         rt.rate_limited += 1
-        predicted = False
-        if permit is not None and not fitted:
-            for dim, info in snap.limits().items():
-                need = permit.reserved.get(dim, 0.0)
-                if info.remaining is not None and need > 0 and info.remaining < need:
-                    predicted = True
-                    break
+        predicted = permit is not None and not fitted and _explained_by_remaining(snap, permit)
         if predicted:
             rt.rate_limited_predicted += 1
         retry = snap.retry_after if snap.retry_after is not None else 1.0
