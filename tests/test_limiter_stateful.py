@@ -312,21 +312,21 @@ class LimiterMachine(RuleBasedStateMachine):
     def queue(self, demand: Demand, priority: int) -> Waiting | object:
         self.step += 1
         lim = self.limiter
+        record: Waiting | None = None
         with lim._lock:  # _acquire_thread, up to its wait
             now = lim._now()
             rt, draws, credit = lim._prepare(SONNET, demand, now)
             if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
                 permit = lim._grant_now(rt, SONNET, draws, credit, now)
                 self._admit(permit, cost_of(demand))
-                self._after()
-                return multiple()
-            waiter = lim._enqueue(rt, draws, priority, now, credit)
-            waiter.sync_event = threading.Event()
-            record = Waiting(waiter, demand, cost_of(demand))
-            self.waiting.append(record)
-            lim._dispatch(rt, now)
+            else:
+                waiter = lim._enqueue(rt, draws, priority, now, credit)
+                waiter.sync_event = threading.Event()
+                record = Waiting(waiter, demand, cost_of(demand))
+                self.waiting.append(record)
+                lim._dispatch(rt, now)
         self._after()
-        return record
+        return multiple() if record is None else record
 
     @rule(target=permits, w=waiters)
     def pick_up(self, w: Waiting) -> Permit | object:
