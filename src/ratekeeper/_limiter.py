@@ -596,14 +596,14 @@ class Limiter:
         ``AcquireTimeout`` after ``timeout`` seconds, ``SpendLimitReached`` and
         ``InsufficientCredits`` when waiting cannot help.
         """
-        demand = Demand(
-            input_tokens=input_tokens,
-            max_tokens=max_tokens,
-            cache_read_input_tokens=cache_read_input_tokens,
-            cache_creation_input_tokens=cache_creation_input_tokens,
-            expected_output_tokens=expected_output_tokens,
-            priority=service_tier == "priority",
-            credits=credits,
+        demand = _demand(
+            input_tokens,
+            max_tokens,
+            cache_read_input_tokens,
+            cache_creation_input_tokens,
+            expected_output_tokens,
+            service_tier,
+            credits,
         )
         return _Acquire(self, (model, demand, priority, timeout))
 
@@ -638,14 +638,14 @@ class Limiter:
         credits: float = 0.0,
     ) -> Permit:
         """Admit the request now or raise ``WouldBlock`` (with the earliest retry time)."""
-        demand = Demand(
-            input_tokens=input_tokens,
-            max_tokens=max_tokens,
-            cache_read_input_tokens=cache_read_input_tokens,
-            cache_creation_input_tokens=cache_creation_input_tokens,
-            expected_output_tokens=expected_output_tokens,
-            priority=service_tier == "priority",
-            credits=credits,
+        demand = _demand(
+            input_tokens,
+            max_tokens,
+            cache_read_input_tokens,
+            cache_creation_input_tokens,
+            expected_output_tokens,
+            service_tier,
+            credits,
         )
         if self._backend is not None:
             return self._backend.acquire_nowait(model, demand)
@@ -1227,14 +1227,7 @@ class Limiter:
         unified = snap.unified
         assert unified is not None
         if unified.status == "rejected" or (status == 429 and unified.status is not None):
-            wait = 0.0
-            if unified.reset is not None and snap.server_date is not None:
-                wait = (unified.reset - snap.server_date).total_seconds()
-            elif unified.reset is not None:
-                wait = (unified.reset - _dt.datetime.now(_dt.UTC)).total_seconds() + skew
-            if snap.retry_after is not None:
-                wait = max(wait, snap.retry_after)
-            wait = max(wait, 1.0)
+            wait = _unified_wait(snap, skew)
             claim = unified.representative_claim
             self._unified_holds[claim] = max(self._unified_holds.get(claim, -math.inf), now + wait)
             targets = _unified_targets(claim, self._pools, runtime)
@@ -1406,6 +1399,27 @@ class Limiter:
 # ---------------------------------------------------------------------- helpers
 
 
+def _demand(
+    input_tokens: int,
+    max_tokens: int,
+    cache_read_input_tokens: int,
+    cache_creation_input_tokens: int,
+    expected_output_tokens: int | None,
+    service_tier: str | None,
+    credits: float,
+) -> Demand:
+    """The ``Demand`` behind ``acquire``'s and ``acquire_nowait``'s keyword arguments."""
+    return Demand(
+        input_tokens=input_tokens,
+        max_tokens=max_tokens,
+        cache_read_input_tokens=cache_read_input_tokens,
+        cache_creation_input_tokens=cache_creation_input_tokens,
+        expected_output_tokens=expected_output_tokens,
+        priority=service_tier == "priority",
+        credits=credits,
+    )
+
+
 class _BatchDemand:
     """Marker demand for batch creation: 1 request and ``requests`` queue slots."""
 
@@ -1442,6 +1456,25 @@ def _wallet_bucket(balance: float) -> TokenBucket:
         raise ConfigurationError(f"wallet_balance must be a non-negative number, got {balance!r}")
     # a wallet does not refill: rate 0, and it may not go into debt
     return TokenBucket(max(balance, 1.0), 0.0, level=balance, debt_limit=0.0)
+
+
+def _unified_wait(snap: RateLimitSnapshot, skew: float) -> float:
+    """Seconds a rejected subscription pool is held: until the unified reset, at least 1 s.
+
+    The reset is read against the server's own ``date`` when there is one (no
+    clock skew to correct), else against our clock corrected by ``skew``; a
+    longer ``retry-after`` wins.
+    """
+    unified = snap.unified
+    assert unified is not None
+    wait = 0.0
+    if unified.reset is not None and snap.server_date is not None:
+        wait = (unified.reset - snap.server_date).total_seconds()
+    elif unified.reset is not None:
+        wait = (unified.reset - _dt.datetime.now(_dt.UTC)).total_seconds() + skew
+    if snap.retry_after is not None:
+        wait = max(wait, snap.retry_after)
+    return max(wait, 1.0)
 
 
 def _explained_by_remaining(snap: RateLimitSnapshot, permit: Permit) -> bool:

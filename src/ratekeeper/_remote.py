@@ -52,6 +52,7 @@ from ratekeeper._limiter import (
     _error_fields,
     _explained_by_remaining,
     _PoolRuntime,
+    _unified_wait,
     _Waiter,
 )
 from ratekeeper._pool import Pool
@@ -824,14 +825,7 @@ class RemoteEngine:
     ) -> list[Op]:
         unified = snap.unified
         assert unified is not None
-        wait = 0.0
-        if unified.reset is not None and snap.server_date is not None:
-            wait = (unified.reset - snap.server_date).total_seconds()
-        elif unified.reset is not None:
-            wait = (unified.reset - _dt.datetime.now(_dt.UTC)).total_seconds() + skew
-        if snap.retry_after is not None:
-            wait = max(wait, snap.retry_after)
-        wait = max(wait, 1.0)
+        wait = _unified_wait(snap, skew)
         claim = unified.representative_claim
         scope = claim.rsplit("_", 1)[1] if claim in ("seven_day_opus", "seven_day_sonnet") else "all"
         reason = f"subscription limit ({claim})"
