@@ -84,6 +84,38 @@ def test_resync_counts_requests_finished_since_as_spent() -> None:
     assert levels(limiter)["input_tokens"] == 1_500  # 10,000 - 500 - quick's 8,000
 
 
+def test_a_refused_requests_headers_leave_it_out() -> None:
+    """A 429's remaining does not count the refused request: giving its tokens back must not over-credit."""
+    limiter = Limiter("tier-1", clock=FakeClock(), adaptive_burst=False)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=20_000, max_tokens=10)
+    # another client left 15,000: too few for this one, so the server refuses it outright
+    permit.observe(headers(input_tokens=(30_000, 15_000), retry_after=1), status=429, body=RATE_LIMIT_BODY)
+    permit.release()  # the tokens come back
+    assert levels(limiter)["input_tokens"] == 14_500  # what the server has, less the rounding
+
+
+def test_resync_counts_earlier_requests_not_sent_yet_as_unseen() -> None:
+    limiter = Limiter("tier-1", clock=FakeClock())
+    early = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=10)  # admitted, not sent yet
+    sent = limiter.acquire_nowait(SONNET, input_tokens=5_000, max_tokens=10)
+    sent.mark_sent()
+    # the server saw only `sent`, and 12,000 from another client: 30,000 - 12,000 - 5,000
+    sent.observe(headers(input_tokens=(30_000, 13_000)))
+    assert levels(limiter)["input_tokens"] == 2_500  # 13,000 - 500 - early's 10,000
+    early.release()  # it never left after all
+    assert levels(limiter)["input_tokens"] == 12_500  # not above the server's 13,000
+
+
+def test_an_earlier_request_given_back_unsent_is_no_news_to_the_server() -> None:
+    limiter = Limiter("tier-1", clock=FakeClock())
+    early = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=10)
+    sent = limiter.acquire_nowait(SONNET, input_tokens=5_000, max_tokens=10)
+    sent.mark_sent()
+    early.release()  # never sent: back to 25,000 here, and the server never saw it
+    sent.observe(headers(input_tokens=(30_000, 13_000)))  # 12,000 from another client
+    assert levels(limiter)["input_tokens"] == 12_500
+
+
 def test_resync_orders_by_admission_not_by_arrival_in_the_queue() -> None:
     """A waiter granted after a permit is unseen by that permit's response, however early it queued."""
 

@@ -165,7 +165,10 @@ class LimiterMachine(RuleBasedStateMachine):
     def now(self) -> float:
         return self.clock()
 
-    def _charge(self, amounts: Mapping[str, float], sign: float, *, server: bool = True) -> None:
+    def _charge(
+        self, amounts: Mapping[str, float], sign: float, *, server: bool = True, counted: bool = True
+    ) -> None:
+        """Charge (or refund) our model and the server's; ``own`` keeps what the server counts."""
         now = self.now()
         for dim, amount in amounts.items():
             if dim not in self.model or amount == 0:
@@ -175,7 +178,8 @@ class LimiterMachine(RuleBasedStateMachine):
                     bucket.take(amount, now)
                 else:
                     bucket.refund(amount, now)
-            self.own[dim] += sign * amount
+            if counted:
+                self.own[dim] += sign * amount
 
     def _admit(self, permit: Permit, cost: dict[str, float]) -> None:
         now = self.now()
@@ -222,7 +226,7 @@ class LimiterMachine(RuleBasedStateMachine):
             self._admit(self.rt.in_flight[w.waiter.seq], w.cost)
 
     def _refund_all(self, held: Held) -> None:
-        self._charge(held.charged, -1, server=False)
+        self._charge(held.charged, -1, server=False, counted=False)
         self._server(held.server_held, -1)
 
     def _after(self) -> None:
@@ -274,7 +278,8 @@ class LimiterMachine(RuleBasedStateMachine):
         permit.release()
         del self.held[id(permit)]
         if held.status is not None and held.status >= 400:  # the tokens come back, the request stays spent
-            self._charge({d: a for d, a in held.charged.items() if d != "requests"}, -1, server=False)
+            tokens = {d: a for d, a in held.charged.items() if d != "requests"}
+            self._charge(tokens, -1, server=False, counted=False)
             self._server({d: a for d, a in held.server_held.items() if d != "requests"}, -1)
         elif held.status is None and not sent:  # never left
             self._refund_all(held)
@@ -338,6 +343,8 @@ class LimiterMachine(RuleBasedStateMachine):
         return multiple() if permit is None else permit
 
     def _cancel(self, w: Waiting) -> None:
+        if w not in self.waiting:  # picked up meanwhile (a refused one, to take its 429)
+            return
         lim = self.limiter
         was_granted = w.waiter.state == lim_mod._GRANTED
         with lim._lock:
@@ -530,8 +537,8 @@ class LimiterMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Settle everything: waiters leave, permits give back; a minute later every bucket is full."""
         lim = self.limiter
-        for w in list(self.waiting):
-            self._cancel(w)
+        while self.waiting:
+            self._cancel(self.waiting[0])
         for held in list(self.held.values()):
             if held.permit.active:
                 held.permit.release()

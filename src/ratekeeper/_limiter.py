@@ -181,15 +181,24 @@ class _PoolRuntime:
         self.resyncs = 0
         self.waits = WaitSamples()
         self.admitted = AdmittedWindow()
-        # this client's own charges on the pool so far, net of refunds; a permit notes the
-        # total at its grant so a resync knows what the server could not have seen yet
+        # this client's own charges on the pool so far, net of the settlements the server makes
+        # too; a permit notes the total at its grant so a resync knows what the server could not
+        # have seen yet. A request the server never counted (never sent, or refused) keeps its
+        # charge here when it is given back: a resync then errs on the safe side.
         self.spent: dict[str, float] = {}
         # permits admitted before the last burst shrink: their 429s are old news
         self.shrink_seq = -1
 
-    def record(self, now: float, draws: Mapping[str, float], sign: float = 1.0) -> None:
-        """Note a charge (or with ``sign=-1`` a refund) of this client's on the pool."""
+    def record(
+        self, now: float, draws: Mapping[str, float], sign: float = 1.0, *, counted: bool = True
+    ) -> None:
+        """Note a charge (or with ``sign=-1`` a refund) of this client's on the pool.
+
+        ``counted=False``: a refund of what the server never counted (see ``spent``).
+        """
         self.admitted.add(now, draws, sign)
+        if not counted:
+            return
         spent = self.spent
         for dim, amount in draws.items():
             spent[dim] = spent.get(dim, 0.0) + sign * amount
@@ -458,6 +467,7 @@ class Limiter:
         # subscription rejections by claim: until when, so pools made later are held too
         self._unified_holds: dict[str | None, float] = {}
         self._async_clock_ok: bool | None = None
+        self._thread_offset = 0.0
         # remote mode: every permit operation goes to the backend's engine (_remote.py)
         self._backend: RemoteEngine | None = bind(self) if bind is not None else None
 
@@ -471,9 +481,13 @@ class Limiter:
         if loop is not None:  # asyncio: what anyio.current_time() returns, without its lookups
             return loop.time()
         try:
-            return anyio.current_time()
+            now = anyio.current_time()
         except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
-            return time.monotonic()
+            # a plain thread: time.monotonic, moved onto the event loop's clock as last seen
+            # (asyncio's is time.monotonic itself; trio's is offset from it)
+            return time.monotonic() + self._thread_offset
+        self._thread_offset = now - time.monotonic()
+        return now
 
     # ------------------------------------------------------------------ pools
 
@@ -620,8 +634,9 @@ class Limiter:
 
         In a worker thread started by anyio it waits in the event loop; in any
         other thread it waits on the thread itself, with ``time.monotonic``
-        (which is asyncio's clock too, so threads and asyncio tasks can share a
-        limiter).
+        (which is asyncio's clock too) moved onto the clock the event loop last
+        showed (trio's is offset from it), so threads and tasks can share a
+        limiter.
         """
         return _Acquire(self, (model, demand, priority, timeout))
 
@@ -878,7 +893,7 @@ class Limiter:
                 rt.in_flight.pop(waiter.seq, None)
                 rt.pool.give_back(waiter.draws, now)
                 rt.granted -= 1
-                rt.record(now, waiter.draws, -1.0)
+                rt.record(now, waiter.draws, -1.0, counted=False)
                 if waiter.credit and self._wallet is not None:
                     self._wallet.give_back(waiter.credit, now)
                 waiter.state = _GONE
@@ -993,6 +1008,9 @@ class Limiter:
             priority = "priority_output_tokens" in permit.reserved  # _draws sets both or neither
             actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
             new = _draws(actual)
+            for dim, amount in permit._charged.items():
+                if dim not in _RESYNC_DIMS:  # not usage (a batch's queue slots): stays as charged
+                    new[dim] = amount
             diff = _diff(permit._charged, new)
             rt.pool.give_back(diff, now)
             if diff:
@@ -1053,7 +1071,7 @@ class Limiter:
             refund = {}
         if refund:
             rt.pool.give_back(refund, now)
-            rt.record(now, refund, -1.0)
+            rt.record(now, refund, -1.0, counted=False)
         if self._wallet is not None and permit.credits and (not permit.sent or refund):
             self._wallet.give_back(permit.credits, now)
         permit._state = _RELEASED
