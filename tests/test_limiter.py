@@ -336,6 +336,22 @@ def test_limits_override_per_pool() -> None:
         limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=1)
 
 
+async def test_batches_hold_their_queue_slots_until_finished() -> None:
+    limiter = Limiter("tier-1", clock=FakeClock())
+    async with limiter.acquire_batch(60_000) as permit:
+        permit.observe({})
+        permit.settle({})  # a batch has no usage: settling leaves its queue slots taken
+    assert limiter.statistics()["batches"].levels == {"requests": 49, "queued_requests": 40_000}
+    with pytest.raises(AcquireTimeout, match=r"^batches: no capacity within the 0s timeout$"):
+        await limiter.acquire_batch(50_000, timeout=0)
+    limiter.batch_finished(60_000)
+    async with limiter.acquire_batch(50_000) as permit:
+        permit.observe({})
+    assert limiter.statistics()["batches"].levels == {"requests": 48, "queued_requests": 50_000}
+    with pytest.raises(ConfigurationError, match=r"^a batch holds 1 to 100,000 requests, got 100001$"):
+        limiter.acquire_batch(100_001)
+
+
 # ---------------------------------------------------------------- wallet
 
 

@@ -103,6 +103,9 @@ async def test_head_goes_at_its_computed_time(anyio_backend_name: str) -> None:
         assert rec.order == ["first", "second"]
         assert rec.times["first"] - start == pytest.approx(15.0)
         assert rec.times["second"] - start == pytest.approx(30.0)
+        stats = limiter.statistics()[POOL]
+        assert stats.wait_p50 == pytest.approx(15.0)
+        assert stats.wait_p99 == pytest.approx(30.0)
 
 
 async def test_another_pool_never_waits_behind_this_one(anyio_backend_name: str) -> None:
@@ -155,6 +158,34 @@ async def test_backfill_lets_small_requests_pass_only_when_the_head_is_not_delay
             assert len(rec.order) == 43
             assert rec.times["head"] - start == pytest.approx(30.0)  # not delayed by the 41
             assert rec.times["uncached"] - start == pytest.approx(30.2)  # behind the head
+        tg.cancel_scope.cancel()
+
+
+async def test_a_stream_of_small_requests_does_not_starve_a_large_head(anyio_backend_name: str) -> None:
+    """Small requests keep coming every 0.25 s; each would take input tokens the head is waiting for."""
+    limiter = Limiter("tier-1")
+    start = anyio.current_time()
+    limiter.acquire_nowait(SONNET, input_tokens=25_000, max_tokens=10)
+    async with anyio.create_task_group() as tg:
+        rec = Recorder(limiter, tg)
+        await rec.start("head", input_tokens=20_000, max_tokens=10)  # 30 s
+
+        async def stream() -> None:
+            for i in range(40):
+                rec.spawn(f"small-{i}", input_tokens=100, max_tokens=10)
+                await anyio.sleep(0.25)
+
+        if anyio_backend_name == "trio":
+            tg.start_soon(stream)
+            await anyio.sleep(45)
+            assert rec.times["head"] - start == pytest.approx(30.0)
+            assert rec.order[0] == "head"  # none of the 40 went first
+            assert rec.order == ["head"] + [f"small-{i}" for i in range(40)]  # then in order
+        else:
+            for i in range(40):
+                rec.spawn(f"small-{i}", input_tokens=100, max_tokens=10)
+            await settle_soon(queued(limiter, 41))
+            assert rec.order == []
         tg.cancel_scope.cancel()
 
 

@@ -12,7 +12,7 @@ import time
 
 import anyio
 import pytest
-from limiter_support import POOL, SONNET, FakeClock, levels
+from limiter_support import POOL, SONNET, FakeClock, drain_requests, levels
 
 from ratekeeper import AcquireTimeout, ConfigurationError, Demand, Limiter
 
@@ -84,6 +84,52 @@ def test_plain_threads_and_asyncio_tasks_share_a_limiter() -> None:
     assert (stats.in_flight, stats.queue_depth) == (0, 0)
     assert stats.granted == 2 * WORKERS * ROUNDS
     assert stats.levels["requests"] == pytest.approx(10)  # every permit went back: full again
+
+
+def test_plain_threads_and_trio_tasks_share_a_limiter() -> None:
+    """Trio's clock is not time.monotonic: the threads' times are moved onto it.
+
+    The pool refills 1,000 requests a second and starts empty; every request is
+    sent (kept), so each one waits for the refill, in the threads too.
+    """
+    limiter = Limiter(
+        "tier-1", burst=1 / 60, limits={POOL: {"requests": 60_000, "input_tokens": 1e9, "output_tokens": 1e9}}
+    )
+    per_worker = 20
+    done: list[int] = []
+    drained: list[object] = []
+
+    def thread_sender() -> None:
+        for _ in range(per_worker):
+            with limiter.acquire_sync(SONNET, Demand(input_tokens=1, max_tokens=1)) as permit:
+                permit.mark_sent()
+                done.append(1)
+
+    async def task_sender() -> None:
+        for _ in range(per_worker):
+            async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1) as permit:
+                permit.mark_sent()
+                done.append(1)
+
+    async def main() -> None:
+        drained.extend(
+            drain_requests(limiter)
+        )  # on trio's clock, some 10,000 s or more ahead of time.monotonic
+        threads = [threading.Thread(target=thread_sender, daemon=True) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        with anyio.fail_after(5):  # (without the clock shift, the threads would wait for hours)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(task_sender)
+            for thread in threads:
+                await anyio.to_thread.run_sync(thread.join, 5)
+
+    start = time.monotonic()
+    anyio.run(main, backend="trio")
+    assert len(done) == 3 * per_worker
+    assert time.monotonic() - start < 3  # 60 requests at 1,000 a second, not hours of skew
+    stats = limiter.statistics()[POOL]
+    assert (stats.in_flight, stats.queue_depth) == (len(drained), 0)
 
 
 @pytest.mark.anyio
