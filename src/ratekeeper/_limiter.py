@@ -664,6 +664,10 @@ class Limiter:
         )
         if self._backend is not None:
             return self._backend.acquire_nowait(model, demand)
+        return self._nowait_local(model, demand)
+
+    def _nowait_local(self, model: str, demand: Demand) -> Permit:
+        """``acquire_nowait`` on this process's own pools (also the Redis path's fallback)."""
         with self._lock:
             now = self._now()
             rt, draws, credit = self._prepare(model, demand, now)

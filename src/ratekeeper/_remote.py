@@ -255,7 +255,7 @@ class RemoteEngine:
             fallback = self._fallback_for(model)
             if fallback is None:
                 raise self._backend.unavailable_error()
-            return _local_nowait(fallback, model, demand)
+            return fallback._nowait_local(model, demand)
         with limiter._lock:
             now = limiter._now()
             rt, draws, credit = limiter._prepare(model, demand, now)
@@ -276,7 +276,7 @@ class RemoteEngine:
             fallback = self._fallback_for(model)
             if fallback is None:
                 raise self._backend.unavailable_error() from None
-            return _local_nowait(fallback, model, demand)
+            return fallback._nowait_local(model, demand)
         self._backend.deliver(ops[:-1], replies[:-1])
         reply = replies[-1]
         self._learn_time(reply[1], sent)
@@ -880,14 +880,3 @@ def _scaled(rt: _PoolRuntime, fraction: float, now: float) -> _PoolRuntime:
             debt_limit=bucket.debt_limit * fraction,
         )
     return _PoolRuntime(pool, rt.rules)
-
-
-def _local_nowait(limiter: Limiter, model: str, demand: Demand) -> Permit:
-    with limiter._lock:
-        now = limiter._now()
-        rt, draws, credit = limiter._prepare(model, demand, now)
-        wait = rt.pool.wait_time(draws, now)
-        if rt.queued or wait > 0.0:
-            reason = rt.pool.pause_reason if rt.pool.paused_until > now else ""
-            raise WouldBlock(rt.pool.name, wait, reason)
-        return limiter._grant_now(rt, model, draws, credit, now)
