@@ -172,6 +172,8 @@ class RedisBackend:
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
         )
+        # per event loop: the connection this backend keeps for its own round trips
+        self._wires: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wire] = weakref.WeakKeyDictionary()
         if isinstance(url_or_client, str):
             self._url = url_or_client
             self._sync = redis.Redis.from_url(url_or_client, **self._client_options())
@@ -180,6 +182,8 @@ class RedisBackend:
             self._sync = url_or_client
             self.where = _describe(url_or_client)
         self._scripts = _load_scripts()
+        # EVALSHA's constant part per (script, keys): everything but the arguments
+        self._heads: dict[tuple[str, tuple[str, ...]], bytes] = {}
         # unavailability: when Redis failed last, until when not to try again
         self._down_until = 0.0
         self._down_error: BaseException | None = None
@@ -301,6 +305,9 @@ class RedisBackend:
         """Run ``ops`` in one round trip from async code (asyncio natively, trio via a thread)."""
         client = None
         if sniffio.current_async_library() == "asyncio":
+            wire = self._wire()
+            if wire is not None and not wire.busy:
+                return await self._run_wire(wire, ops)
             client = self._async_client()
         if client is None:
             return await anyio.to_thread.run_sync(self.run_sync, ops)
@@ -313,6 +320,63 @@ class RedisBackend:
             raise Down(str(exc)) from exc
         self._mark_up()
         return replies
+
+    def _wire(self) -> _Wire | None:
+        """This event loop's own connection (made on first use), or None for clients without a pool."""
+        loop = asyncio.get_running_loop()
+        wire = self._wires.get(loop)
+        if wire is None:
+            client = self._async_client()
+            pool = getattr(client, "connection_pool", None)
+            if pool is None or not hasattr(pool, "connection_class"):
+                return None  # a cluster client: its own pipelines route the commands
+            # Not from the pool's free list: a connection of its own, with the pool's settings,
+            # so nothing else ever reads from it. No socket timeout: one deadline per round
+            # trip (below) replaces redis-py's per-read and per-write timers.
+            options = dict(pool.connection_kwargs)
+            options["socket_timeout"] = None
+            wire = self._wires[loop] = _Wire(
+                pool.connection_class(**options), self._redis.exceptions.ResponseError
+            )
+        return wire
+
+    async def _run_wire(self, wire: _Wire, ops: Sequence[Op]) -> list[Reply]:
+        """``run_async`` over the backend's own connection: commands packed here, replies read in order."""
+        wire.busy = True
+        try:
+            async with asyncio.timeout(self.timeout):
+                raw = await wire.exchange(b"".join([self._pack(op) for op in ops]), len(ops))
+                if any(isinstance(r, self._redis.exceptions.NoScriptError) for r in raw):
+                    # Redis lost its scripts (a restart, SCRIPT FLUSH): load them, redo what failed
+                    redo = [
+                        i for i, r in enumerate(raw) if isinstance(r, self._redis.exceptions.NoScriptError)
+                    ]
+                    loads = [("SCRIPT", "LOAD", text) for text, _ in self._scripts.values()]
+                    packed = b"".join(_pack_command(args) for args in loads)
+                    again = await wire.exchange(
+                        packed + b"".join([self._pack(ops[i]) for i in redo]), len(loads) + len(redo)
+                    )
+                    for i, reply in zip(redo, again[len(loads) :], strict=True):
+                        raw[i] = reply
+        except TimeoutError as exc:
+            error = TimeoutError(f"no answer within {self.timeout:g}s")
+            self.mark_down(error)
+            raise Down(str(error)) from exc
+        except self._failures() as exc:
+            self.mark_down(exc)
+            raise Down(str(exc)) from exc
+        finally:
+            wire.busy = False
+        self._mark_up()
+        return [self._check(r) for r in raw]
+
+    def _pack(self, op: Op) -> bytes:
+        """``EVALSHA sha numkeys keys... args...`` in the Redis protocol."""
+        head = self._heads.get((op.script, op.keys))
+        if head is None:
+            sha = self._scripts[op.script][1]
+            head = self._heads[(op.script, op.keys)] = _pack_args(("EVALSHA", sha, len(op.keys), *op.keys))
+        return b"*%d\r\n%b%b" % (3 + len(op.keys) + len(op.args), head, _pack_args(op.args))
 
     def _args(self, op: Op) -> tuple[Any, ...]:
         return (self._scripts[op.script][1], len(op.keys), *op.keys, *op.args)
@@ -478,6 +542,48 @@ class RedisBackend:
             f"<RedisBackend {self.where} keys {self.tag}:* on_unavailable={self.on_unavailable!r} "
             f"{state}, {len(self._outbox)} queued>"
         )
+
+
+@final
+class _Wire:
+    """A connection of the backend's own on one event loop; ``busy`` while a round trip is out."""
+
+    __slots__ = ("busy", "conn", "error")
+
+    def __init__(self, conn: Any, error: type[Exception]) -> None:
+        self.conn = conn
+        self.error = error  # redis-py's ResponseError: an error reply, the connection still good
+        self.busy = False
+
+    async def exchange(self, packed: bytes, replies: int) -> list[object]:
+        """Send ``packed`` (``replies`` commands) and read every reply; errors are returned, not raised.
+
+        Every reply is read even after an error reply, so the connection stays in step.
+        A failure mid-way (timeout, reset, cancellation) makes redis-py drop the
+        connection; the next exchange connects again.
+        """
+        conn = self.conn
+        await conn.send_packed_command(packed, check_health=False)
+        out: list[object] = []
+        for _ in range(replies):
+            try:
+                out.append(await conn.read_response())
+            except self.error as exc:
+                out.append(exc)
+        return out
+
+
+def _pack_args(args: Sequence[str | int | float]) -> bytes:
+    """Bulk strings of the Redis protocol, without the array header."""
+    out = []
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else repr(arg).encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _pack_command(args: Sequence[str | int | float]) -> bytes:
+    return b"*%d\r\n%b" % (len(args), _pack_args(args))
 
 
 def _describe(client: Any) -> str:

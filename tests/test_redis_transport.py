@@ -1,0 +1,95 @@
+"""The Redis backend's transport: its own connection per event loop, lost scripts, timeouts.
+
+Under asyncio the backend sends its commands packed by hand on a connection of
+its own; these tests check what that path must keep: replies in step with
+requests after a timeout, scripts reloaded after ``SCRIPT FLUSH``, clients
+given by the caller. Real ``redis-server``, real clocks.
+"""
+
+# ruff: noqa: F811 (test parameters named after the fixtures imported below)
+
+from __future__ import annotations
+
+import anyio
+import pytest
+import redis
+import redis.asyncio
+from redis_server import RedisServer
+
+# the same fixtures as test_redis.py (pytest finds them by name, hence the noqa)
+from test_redis import anyio_backend, backends, client  # noqa: F401
+
+from ratekeeper import BackendUnavailable, Limiter, RedisBackend
+from ratekeeper._redis import Op
+
+SONNET = "claude-sonnet-4-5"
+POOL = "sonnet-4.x"
+LIMITS = {POOL: {"requests": 600.0, "input_tokens": 100_000.0, "output_tokens": 20_000.0}}
+RES = f"{{ratekeeper:acme}}:res:{POOL}"
+
+
+async def cycle(limiter: Limiter) -> int:
+    """One acquire+settle; the permit's reservation seq."""
+    async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10) as permit:
+        permit.settle({"input_tokens": 10, "output_tokens": 5})
+        return permit.seq
+
+
+@pytest.mark.anyio
+async def test_scripts_lost_mid_run_are_loaded_again_and_every_failed_call_repeated(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    backend = RedisBackend(redis_server.url, org="acme")
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
+    await cycle(limiter)
+    leave = Op("reserve", backend.pool_keys(POOL), [backend.participant, "600", "10", 86_400_000, "", "1", 0])
+    client(redis_server).script_flush()
+    # two calls of one round trip both meet NOSCRIPT: both are answered after the reload
+    replies = await backend.run_async([leave, leave])
+    assert [r[0] for r in replies] == ["OK", "OK"]
+    client(redis_server).script_flush()
+    seqs = [await cycle(limiter) for _ in range(3)]
+    assert seqs == sorted(set(seqs))
+    assert backend.flush()
+    assert client(redis_server).hlen(RES) == 0  # every settlement arrived
+
+
+@pytest.mark.anyio
+async def test_a_timed_out_round_trip_leaves_no_stale_reply_behind(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    backend = RedisBackend(redis_server.url, org="acme", timeout=0.1, retry_interval=0.05)
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
+    await cycle(limiter)
+    client(redis_server).client_pause(300)  # the next reserve is answered only after the pause
+    with pytest.raises(BackendUnavailable):
+        await cycle(limiter)
+    await anyio.sleep(0.35)
+    # the late answer to the timed-out reserve must not be taken for this one's
+    async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10) as permit:
+        assert backend.flush()
+        held = sorted(int(s) for s in client(redis_server).hkeys(RES))
+        # the timed-out reserve, if Redis ran it after the pause, is older than this one
+        assert permit.seq == held[-1]
+        permit.settle({"input_tokens": 10, "output_tokens": 5})
+    assert backend.flush()
+    assert str(permit.seq) not in client(redis_server).hkeys(RES)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_given_asyncio_client_without_decoding_works(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    given = redis.asyncio.Redis.from_url(redis_server.url)  # replies as bytes
+    backend = RedisBackend(redis_server.url, org="acme", async_client=given)
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
+    seqs = [await cycle(limiter) for _ in range(3)]
+    assert seqs == sorted(set(seqs))
+    assert await given.ping()  # its own pool is untouched by the backend's connection
+    assert backend.flush()
+    assert client(redis_server).hlen(RES) == 0
+    await given.aclose()
