@@ -191,6 +191,38 @@ class Cost:
 
 ZERO = Cost()
 
+# The slots of the frozen class, written directly: attrs' __init__ goes through
+# object.__setattr__ per field, which costs the limiter's fast path ~200 ns a request.
+_new_cost = object.__new__
+_set_cost_fields = tuple(
+    getattr(Cost, name).__set__
+    for name in (
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "priority_input_tokens",
+        "priority_output_tokens",
+        "credits",
+    )
+)
+
+
+def request_cost(input_tokens: float, output_tokens: float) -> Cost:
+    """``Cost(1.0, input_tokens, output_tokens)``, built faster (the limiter's settle path).
+
+    >>> request_cost(1000.0, 20.0) == Cost(1.0, 1000.0, 20.0)
+    True
+    """
+    cost = _new_cost(Cost)
+    s_requests, s_input, s_output, s_p_input, s_p_output, s_credits = _set_cost_fields
+    s_requests(cost, 1.0)
+    s_input(cost, input_tokens)
+    s_output(cost, output_tokens)
+    s_p_input(cost, 0.0)
+    s_p_output(cost, 0.0)
+    s_credits(cost, 0.0)
+    return cost
+
 
 @final
 @attrs.frozen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import final
 
-__all__ = ["TokenBucket"]
+__all__ = ["TokenBucket", "adjust", "take_request"]
 
 # Relative slack when comparing a level with an amount. ``time_until`` divides
 # and ``level_at`` multiplies back, so a take exactly at the promised instant can
@@ -222,3 +222,101 @@ class TokenBucket:
             f"TokenBucket(capacity={self._capacity:g}, rate={self._rate:g}/s, "
             f"level={self._level:g} at t={self._t:g})"
         )
+
+
+def take_request(
+    requests: TokenBucket,
+    inp: TokenBucket,
+    out: TokenBucket,
+    tokens: TokenBucket | None,
+    input_tokens: float,
+    output_tokens: float,
+    now: float,
+) -> bool:
+    """Charge one request, ``input_tokens`` and ``output_tokens`` (and their sum to
+    ``tokens``, if given) if every bucket holds its amount at ``now``.
+
+    All or nothing: False (and nothing changed) if one does not fit, or if an
+    amount exceeds a bucket's ``debt_limit`` (no wait would ever help; the
+    caller's general path says so). An amount above the capacity fits a full
+    bucket and leaves it in debt, as ``Pool.wait_time`` allows.
+
+    The limiter's uncontended path: the checks ``try_take`` and ``charge`` make on
+    every argument are the caller's job here (amounts are non-negative floats it
+    computed, ``now`` is finite), which saves most of their cost.
+
+    >>> r, i, o = TokenBucket(5, 1.0), TokenBucket(10, 1.0), TokenBucket(5, 1.0)
+    >>> take_request(r, i, o, None, 4.0, 6.0, now=0.0)
+    False
+    >>> take_request(r, i, o, None, 4.0, 5.0, now=0.0), i.level_at(0.0), o.level_at(0.0)
+    (True, 6.0, 0.0)
+    """
+    # unrolled: this runs for every uncontended request
+    t = requests._t
+    level = requests._level + (now - t) * requests._rate if now > t else requests._level
+    if (level < 1.0 and level < requests._capacity) or requests._debt_limit < 1.0:
+        return False
+    t = inp._t
+    in_level = inp._level + (now - t) * inp._rate if now > t else inp._level
+    if (
+        in_level < (input_tokens if input_tokens < inp._capacity else inp._capacity)
+        or inp._debt_limit < input_tokens
+    ):
+        return False
+    t = out._t
+    out_level = out._level + (now - t) * out._rate if now > t else out._level
+    if (
+        out_level < (output_tokens if output_tokens < out._capacity else out._capacity)
+        or out._debt_limit < output_tokens
+    ):
+        return False
+    if tokens is not None:
+        amount = input_tokens + output_tokens
+        t = tokens._t
+        tok_level = tokens._level + (now - t) * tokens._rate if now > t else tokens._level
+        if (
+            tok_level < (amount if amount < tokens._capacity else tokens._capacity)
+            or tokens._debt_limit < amount
+        ):
+            return False
+        _charge(tokens, tok_level, amount, now)
+    _charge(requests, level, 1.0, now)
+    _charge(inp, in_level, input_tokens, now)
+    _charge(out, out_level, output_tokens, now)
+    return True
+
+
+def _charge(bucket: TokenBucket, level: float, amount: float, now: float) -> None:
+    """``charge`` of a bucket whose level at ``now`` is known, without its checks."""
+    if now > bucket._t:
+        bucket._t = now
+    capacity = bucket._capacity
+    level = (level if level < capacity else capacity) - amount
+    floor = -bucket._debt_limit
+    bucket._level = level if level > floor else floor
+
+
+def adjust(bucket: TokenBucket, amount: float, now: float) -> None:
+    """``give_back(amount)`` when positive, ``charge(-amount)`` when negative, without their checks.
+
+    For settling a request on the limiter's fast path (``amount`` is a finite
+    float it computed, ``now`` finite).
+
+    >>> b = TokenBucket(10, 0.0, level=5.0)
+    >>> adjust(b, 8.0, now=0.0); b.level_at(0.0)
+    10.0
+    >>> adjust(b, -25.0, now=0.0); b.level_at(0.0)
+    -10.0
+    """
+    if now > bucket._t:
+        capacity = bucket._capacity
+        level = bucket._level + (now - bucket._t) * bucket._rate
+        bucket._level = level if level < capacity else capacity
+        bucket._t = now
+    level = bucket._level + amount
+    if amount > 0.0:
+        capacity = bucket._capacity
+        bucket._level = level if level < capacity else capacity
+    else:
+        floor = -bucket._debt_limit
+        bucket._level = level if level > floor else floor

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Final, final
 import anyio
 import sniffio
 
-from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
-from ratekeeper._bucket import TokenBucket
+from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage, request_cost
+from ratekeeper._bucket import TokenBucket, adjust
 from ratekeeper._errors import (
     AcquireTimeout,
     CapacityExceeded,
@@ -45,7 +45,15 @@ from ratekeeper._errors import (
 from ratekeeper._headers import RateLimitSnapshot, parse_headers
 from ratekeeper._pool import Pool
 from ratekeeper._presets import batch_limits, count_tokens_rpm, limits_for, spend_cap
-from ratekeeper._stats import AdmittedWindow, LimiterEvent, LimiterStatistics, PoolStatistics, WaitSamples
+from ratekeeper._stats import (
+    AdmittedWindow,
+    LimiterEvent,
+    LimiterStatistics,
+    Mark,
+    PoolStatistics,
+    WaitSamples,
+    with_tokens,
+)
 
 if TYPE_CHECKING:
     from ratekeeper._remote import RemoteEngine
@@ -70,6 +78,10 @@ _DEFAULT_PRESET: Final = "tier-1"
 _FALLBACK_PRESET: Final = "start"
 
 _ACTIVE, _SETTLED, _RELEASED = 0, 1, 2
+
+#: An ordinary request's demand, checked: input, max_tokens, cache reads, cache writes,
+#: expected output (no priority tier, no credits). ``Limiter._admit_plain`` takes it.
+_Plain = tuple[int, int, int, int, "int | None"]
 _WAITING, _GRANTED, _FAILED, _GONE = 0, 1, 2, 3
 
 
@@ -157,10 +169,11 @@ class _PoolRuntime:
         "queued",
         "rate_limited",
         "rate_limited_predicted",
+        "reserves_max_tokens",
         "resyncs",
         "rules",
         "shrink_seq",
-        "spent",
+        "uncounted",
         "waits",
     )
 
@@ -168,6 +181,7 @@ class _PoolRuntime:
         self.pool = pool
         self.rules = rules
         self.cache_reads_count = rules.cache_reads_count
+        self.reserves_max_tokens = rules.output_rule is OutputRule.MAX_TOKENS
         # priority -> FIFO of waiters; cancelled waiters stay until they reach the front
         self.queue: dict[int, deque[_Waiter]] = {}
         self.queued = 0
@@ -180,12 +194,12 @@ class _PoolRuntime:
         self.overload_backoff = 0.0
         self.resyncs = 0
         self.waits = WaitSamples()
+        # What this client has spent on the pool so far (see ``spent_since``) is the admitted
+        # window's running total plus what was given back of requests the server never
+        # counted (never sent, or refused): a resync then errs on the safe side. Replaced,
+        # never changed in place, so a permit's mark can hold it without a copy.
         self.admitted = AdmittedWindow()
-        # this client's own charges on the pool so far, net of the settlements the server makes
-        # too; a permit notes the total at its grant so a resync knows what the server could not
-        # have seen yet. A request the server never counted (never sent, or refused) keeps its
-        # charge here when it is given back: a resync then errs on the safe side.
-        self.spent: dict[str, float] = {}
+        self.uncounted: Mapping[str, float] = {}
         # permits admitted before the last burst shrink: their 429s are old news
         self.shrink_seq = -1
 
@@ -194,14 +208,36 @@ class _PoolRuntime:
     ) -> None:
         """Note a charge (or with ``sign=-1`` a refund) of this client's on the pool.
 
-        ``counted=False``: a refund of what the server never counted (see ``spent``).
+        ``counted=False``: a refund of what the server never counted (see ``spent_since``).
         """
         self.admitted.add(now, draws, sign)
         if not counted:
-            return
-        spent = self.spent
-        for dim, amount in draws.items():
-            spent[dim] = spent.get(dim, 0.0) + sign * amount
+            uncounted = dict(self.uncounted)
+            for dim, amount in draws.items():
+                uncounted[dim] = uncounted.get(dim, 0.0) - sign * amount
+            self.uncounted = uncounted
+
+    def mark(self) -> tuple[Mark, Mapping[str, float]]:
+        """What ``spent`` is now, for a permit to note at its grant."""
+        return self.admitted.mark(), self.uncounted
+
+    def spent_since(self, mark: tuple[Mark, Mapping[str, float]]) -> dict[str, float]:
+        """What this client charged (or refunded) on the pool since ``mark``.
+
+        Spent is everything charged, net of the settlements the server makes
+        too; a request the server never counted keeps its charge when it is
+        given back. A resync subtracts what was spent since a response's
+        request was admitted: the server could not have seen it yet.
+        """
+        admitted_then, uncounted_then = mark
+        out = self.admitted.since(admitted_then)
+        uncounted = self.uncounted
+        if uncounted is not uncounted_then:
+            for dim, amount in uncounted.items():
+                if dim != "tokens":
+                    out[dim] = out.get(dim, 0.0) + amount - uncounted_then.get(dim, 0.0)
+            with_tokens(out)
+        return out
 
     def ordered(self) -> list[deque[_Waiter]]:
         return [self.queue[p] for p in sorted(self.queue, reverse=True)]
@@ -228,6 +264,7 @@ class Permit:
         "_charged",
         "_limiter",
         "_mark",
+        "_plain",
         "_runtime",
         "_state",
         "credits",
@@ -256,7 +293,9 @@ class Permit:
         self.model = model
         self.reserved: Mapping[str, float] = draws
         self._charged = dict(draws)
-        self._mark = runtime.spent.copy()
+        self._mark = runtime.mark()
+        # nothing but requests and (combined) input/output tokens: settle's fast path applies
+        self._plain = not credits and "priority_output_tokens" not in draws and "queued_requests" not in draws
         self.credits = credits
         self.seq = seq
         self.started_at = now
@@ -301,11 +340,24 @@ class Permit:
         ``Usage``. ``credits`` is the wallet's actual charge, when known. Returns the
         settled cost. Settling twice is an error; settling after release does nothing.
         """
+        limiter = self._limiter
+        if self._state == _ACTIVE and self._plain and credits is None and limiter._backend is None:
+            if type(usage) is Usage:
+                return limiter._settle_plain(
+                    self,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.cache_read_input_tokens,
+                    usage.cache_creation_input_tokens,
+                )
+            counts = _usage_counts(usage)
+            if counts is not None:
+                return limiter._settle_plain(self, *counts)
         if self._state == _SETTLED:
             raise ConfigurationError("this permit is already settled")
         if self._state == _RELEASED:
             return Cost()
-        return self._limiter._settle(self, Usage.from_any(usage), credits)
+        return limiter._settle(self, Usage.from_any(usage), credits)
 
     def release(self) -> None:
         """Give back what the request did not use, without a usage report.
@@ -327,21 +379,42 @@ class Permit:
 class _Acquire:
     """``async with limiter.acquire(...)``; also usable as ``await`` for the bare permit."""
 
-    __slots__ = ("_args", "_limiter", "_permit")
+    __slots__ = ("_args", "_limiter", "_permit", "_plain")
 
-    def __init__(self, limiter: Limiter, args: tuple[Any, ...]) -> None:
+    def __init__(self, limiter: Limiter, args: tuple[Any, ...], plain: _Plain | None = None) -> None:
         self._limiter = limiter
         self._args = args
+        self._plain = plain
         self._permit: Permit | None = None
 
     async def __aenter__(self) -> Permit:
         limiter = self._limiter
         # uncontended: admitted at once, without a coroutine for the waiting path
-        permit = limiter._admit_at_once(*self._args) if limiter._backend is None else None
+        permit = None
+        if limiter._backend is None:
+            plain = self._plain
+            if plain is not None:
+                permit = limiter._admit_plain(self._args[0], plain)
+            else:
+                permit = limiter._admit_at_once(*self._args)
         if permit is None:
-            permit = await limiter._acquire(*self._args)
+            permit = await limiter._acquire(*self._full_args())
         self._permit = permit
         return permit
+
+    def _full_args(self) -> tuple[Any, ...]:
+        args = self._args
+        plain = self._plain
+        if args[1] is None and plain is not None:
+            demand = Demand(
+                input_tokens=plain[0],
+                max_tokens=plain[1],
+                cache_read_input_tokens=plain[2],
+                cache_creation_input_tokens=plain[3],
+                expected_output_tokens=plain[4],
+            )
+            args = self._args = (args[0], demand, *args[2:])
+        return args
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -351,12 +424,12 @@ class _Acquire:
             self._limiter._release(permit)
 
     def __await__(self) -> Any:
-        return self._limiter._acquire(*self._args).__await__()
+        return self._limiter._acquire(*self._full_args()).__await__()
 
     # The blocking form too, so the special endpoints (count_tokens, batches) can be
     # gated from threads: ``with limiter.acquire_count_tokens() as permit:``.
     def __enter__(self) -> Permit:
-        self._permit = self._limiter._acquire_blocking(*self._args)
+        self._permit = self._limiter._acquire_blocking(*self._full_args())
         return self._permit
 
     def __exit__(
@@ -457,6 +530,8 @@ class Limiter:
         self._lock = threading.Lock()
         self._pools: dict[str, _PoolRuntime] = {}
         self._model_pool: dict[str, str] = {}
+        # the same, straight to the runtime, for the uncontended path (filled by _runtime_for)
+        self._model_runtime: dict[str, _PoolRuntime] = {}
         self._seq = itertools.count()
         self._wallet: TokenBucket | None = None
         if wallet_balance is not None:
@@ -492,6 +567,11 @@ class Limiter:
     # ------------------------------------------------------------------ pools
 
     def _runtime_for(self, model: str, now: float) -> _PoolRuntime:
+        rt = self._runtime_for_model(model, now)
+        self._model_runtime[model] = rt
+        return rt
+
+    def _runtime_for_model(self, model: str, now: float) -> _PoolRuntime:
         name = self._model_pool.get(model)
         if name is not None:
             return self._pools[name]
@@ -610,6 +690,22 @@ class Limiter:
         ``AcquireTimeout`` after ``timeout`` seconds, ``SpendLimitReached`` and
         ``InsufficientCredits`` when waiting cannot help.
         """
+        if (
+            type(input_tokens) is int
+            and type(max_tokens) is int
+            and type(cache_read_input_tokens) is int
+            and type(cache_creation_input_tokens) is int
+            and input_tokens >= 0
+            and max_tokens >= 0
+            and cache_read_input_tokens >= 0
+            and cache_creation_input_tokens >= 0
+            and expected_output_tokens is None
+            and service_tier != "priority"
+            and credits == 0.0
+        ):
+            # the common request: its checks are done, the Demand is built only if it must wait
+            plain = (input_tokens, max_tokens, cache_read_input_tokens, cache_creation_input_tokens, None)
+            return _Acquire(self, (model, None, priority, timeout), plain)
         demand = _demand(
             input_tokens,
             max_tokens,
@@ -625,7 +721,16 @@ class Limiter:
         self, model: str, demand: Demand, *, priority: int = 0, timeout: float | None = None
     ) -> _Acquire:
         """Like ``acquire`` with a ready ``Demand`` (for example from ``TokenEstimator``)."""
-        return _Acquire(self, (model, demand, priority, timeout))
+        plain = None
+        if not demand.priority and not demand.credits:
+            plain = (
+                demand.input_tokens,
+                demand.max_tokens,
+                demand.cache_read_input_tokens,
+                demand.cache_creation_input_tokens,
+                demand.expected_output_tokens,
+            )
+        return _Acquire(self, (model, demand, priority, timeout), plain)
 
     def acquire_sync(
         self, model: str, demand: Demand, *, priority: int = 0, timeout: float | None = None
@@ -727,6 +832,47 @@ class Limiter:
                 rt.waits.add(0.0)
                 return self._grant_now(rt, model, draws, credit, now)
         return None
+
+    def _admit_plain(self, model: str, plain: _Plain) -> Permit | None:
+        """``_admit_at_once`` for an ordinary request, with no intermediate objects.
+
+        None sends the caller down the general path, which admits, waits or says
+        what is wrong: a model not seen yet, a queue, a pause, a short bucket, a
+        draw over a limit, a spend limit or warm-up in force, a strange clock.
+        """
+        lock = self._lock
+        lock.acquire()  # not ``with``: this path is measured in nanoseconds, and ``with`` costs ~100
+        try:
+            rt = self._model_runtime.get(model)
+            if rt is None or rt.queued or self._spend_until is not None or self._warmup is not None:
+                return None
+            clock = self._clock
+            if clock is None and (loop := _running_loop()) is not None:
+                now = loop.time()
+            else:
+                now = self._now()
+                if not -math.inf < now < math.inf:
+                    return None
+            input_tokens, max_tokens, cache_read, cache_write, expected = plain
+            if rt.cache_reads_count:
+                input_tokens += cache_read
+            inp = float(input_tokens + cache_write)
+            out = float(max_tokens) if rt.reserves_max_tokens else float(min(expected or 0, max_tokens))
+            if not rt.pool.take_plain(inp, out, now):
+                return None
+            if inp or out:
+                draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out, "tokens": inp + out}
+            else:
+                draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
+            rt.waits.add(0.0)
+            seq = next(self._seq)
+            rt.admitted.add_request(now, 1.0, inp, out)  # rt.record(now, draws), unrolled
+            permit = Permit(self, rt, model, draws, 0.0, seq, now)
+            rt.in_flight[seq] = permit
+            rt.granted += 1
+            return permit
+        finally:
+            lock.release()
 
     async def _acquire(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
         if self._backend is not None:
@@ -1030,6 +1176,57 @@ class Limiter:
             self._dispatch(rt, now)
             return actual
 
+    def _settle_plain(self, permit: Permit, uncached: int, output: int, read: int, write: int) -> Cost:
+        """``_settle`` for a permit of requests and tokens only, without intermediate objects."""
+        lock = self._lock
+        lock.acquire()  # not ``with``: see _admit_plain
+        try:
+            if permit._state != _ACTIVE:  # settled or released by another thread meanwhile
+                if permit._state == _SETTLED:
+                    raise ConfigurationError("this permit is already settled")
+                return Cost()
+            charged = permit._charged
+            clock = self._clock
+            if clock is None and (loop := _running_loop()) is not None:
+                now = loop.time()
+            else:
+                now = self._now()
+                if not -math.inf < now < math.inf:
+                    now = permit.started_at  # nothing refills, nothing is lost: the refund waits
+            rt = permit._runtime
+            inp = float(uncached + write + read) if rt.cache_reads_count else float(uncached + write)
+            out = float(output)
+            give_in = charged.get("input_tokens", 0.0) - inp
+            give_out = charged.get("output_tokens", 0.0) - out
+            if give_in or give_out:
+                buckets = rt.pool.buckets
+                if give_in and (bucket := buckets.get("input_tokens")) is not None:
+                    adjust(bucket, give_in, now)
+                if give_out and (bucket := buckets.get("output_tokens")) is not None:
+                    adjust(bucket, give_out, now)
+                give_tokens = charged.get("tokens", 0.0) - inp - out
+                if give_tokens and (bucket := buckets.get("tokens")) is not None:
+                    adjust(bucket, give_tokens, now)
+                rt.admitted.add_request(now, 0.0, -give_in, -give_out)  # rt.record(now, diff, -1.0)
+            if inp or out:
+                permit._charged = {
+                    "requests": 1.0,
+                    "input_tokens": inp,
+                    "output_tokens": out,
+                    "tokens": inp + out,
+                }
+            else:
+                permit._charged = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
+            permit._state = _SETTLED
+            del rt.in_flight[permit.seq]
+            if rt.pool.burst < 1.0:
+                self._grow_burst(rt, now)
+            if rt.queued or rt.queue or self._warmup is not None:
+                self._dispatch(rt, now)
+            return request_cost(inp, out)
+        finally:
+            lock.release()
+
     def _grow_burst(self, rt: _PoolRuntime, now: float) -> None:
         """Traffic flows cleanly: after ``burst_recovery`` seconds without a 429 the burst grows back."""
         if self._adaptive and rt.pool.burst < 1.0:
@@ -1151,8 +1348,7 @@ class Limiter:
         unseen: dict[str, float] = {}
         if permit is not None:
             # everything we charged (or refunded) since this request was admitted, in flight or done
-            mark = permit._mark
-            unseen = {dim: total - mark.get(dim, 0.0) for dim, total in rt.spent.items()}
+            unseen = rt.spent_since(permit._mark)
             if permit.response_status is not None and permit.response_status >= 400:
                 # refused: the server never took its tokens, and release() will give them back
                 for dim, amount in permit._charged.items():
@@ -1452,6 +1648,39 @@ class _BatchDemand:
         if requests < 0 or requests > 100_000:
             raise ConfigurationError(f"a batch holds 1 to 100,000 requests, got {requests!r}")
         self.requests = requests
+
+
+def _usage_counts(usage: object) -> tuple[int, int, int, int] | None:
+    """Uncached input, output, cache reads, cache writes: for ``Usage``, the SDK's or a mapping.
+
+    None for anything ``Usage.from_any`` should look at (it says what is wrong).
+    """
+    if type(usage) is Usage:
+        return (
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cache_read_input_tokens,
+            usage.cache_creation_input_tokens,
+        )
+    if isinstance(usage, Mapping):
+        get = usage.get
+        counts = (
+            get("input_tokens"),
+            get("output_tokens"),
+            get("cache_read_input_tokens") or 0,
+            get("cache_creation_input_tokens") or 0,
+        )
+    else:
+        counts = (
+            getattr(usage, "input_tokens", None),
+            getattr(usage, "output_tokens", None),
+            getattr(usage, "cache_read_input_tokens", None) or 0,
+            getattr(usage, "cache_creation_input_tokens", None) or 0,
+        )
+    for n in counts:
+        if type(n) is not int or n < 0:
+            return None
+    return counts  # type: ignore[return-value]
 
 
 def _for_model(model: str, exc: CapacityExceeded) -> CapacityExceeded:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import final
 
-from ratekeeper._bucket import TokenBucket
+from ratekeeper._bucket import TokenBucket, take_request
 from ratekeeper._errors import CapacityExceeded
 
 __all__ = ["Pool"]
@@ -43,6 +43,7 @@ class Pool:
     __slots__ = (
         "_burst",
         "_clean_since",
+        "_plain",
         "buckets",
         "limits",
         "name",
@@ -66,6 +67,8 @@ class Pool:
         self.paused_until = -math.inf
         self.pause_reason = ""
         self._clean_since = now
+        # take_plain's buckets, found at its first call; None again whenever a bucket is replaced
+        self._plain: tuple[TokenBucket | None, ...] | None = None
         for dim, limit in limits.items():
             self._add(dim, limit, now, rate_scale)
 
@@ -75,6 +78,7 @@ class Pool:
         self.limits[dim] = float(limit)
         capacity = max(limit * self._burst, 1.0) if dim == "requests" else limit * self._burst
         self.buckets[dim] = TokenBucket(capacity, limit / 60.0 * rate_scale, now=now, debt_limit=limit)
+        self._plain = None
 
     # -- queries ---------------------------------------------------------------
 
@@ -150,6 +154,31 @@ class Pool:
             if bucket is not None and amount > 0.0:
                 bucket.charge(amount, now)
 
+    def take_plain(self, input_tokens: float, output_tokens: float, now: float) -> bool:
+        """``wait_time`` and ``take`` in one step for an ordinary request, if it fits now.
+
+        The draws are one request, ``input_tokens``, ``output_tokens`` and their sum
+        on a combined ``tokens`` limit, if the pool has one. False, with nothing
+        taken, if the pool is paused, a bucket is short, a draw exceeds its limit,
+        or the pool lacks one of the three usual buckets: the general path then
+        waits, or says why it can't. Arguments must be finite, non-negative
+        floats (the limiter's fast path).
+
+        >>> p = Pool("sonnet-4", {"requests": 50, "input_tokens": 30000, "output_tokens": 8000}, now=0.0)
+        >>> p.take_plain(1000.0, 8000.0, now=0.0), p.take_plain(1000.0, 1.0, now=0.0)
+        (True, False)
+        """
+        if self.paused_until > now:
+            return False
+        plain = self._plain
+        if plain is None:
+            get = self.buckets.get
+            plain = self._plain = (get("requests"), get("input_tokens"), get("output_tokens"), get("tokens"))
+        requests, inp, out, tokens = plain
+        if requests is None or inp is None or out is None:
+            return False
+        return take_request(requests, inp, out, tokens, input_tokens, output_tokens, now)
+
     def give_back(self, amounts: Mapping[str, float], now: float) -> None:
         """Refund positive amounts and charge negative ones (a settlement's difference)."""
         buckets = self.buckets
@@ -207,6 +236,7 @@ class Pool:
             now=t,
             debt_limit=self.limits[dim],
         )
+        self._plain = None
 
     def scale_rates(self, rate_scale: float, now: float) -> None:
         """Scale every refill rate (a warm-up ramp); levels are brought up to ``now`` first.

@@ -91,35 +91,113 @@ class WaitSamples:
         return ordered[index]
 
 
+#: What ``AdmittedWindow.mark`` returns: requests, input and output tokens, the other dimensions.
+Mark = tuple[float, float, float, Mapping[str, float]]
+
+
 class AdmittedWindow:
     """Admitted amounts over the last ``span`` seconds, for utilization.
 
-    Adding is an append and one comparison (it sits on the grant path);
-    the sums are computed only when statistics are asked for.
+    Running totals, and a copy of them every ``resolution`` seconds (taken at
+    the first add after each step): memory stays bounded however fast requests
+    come, adding is a few float additions (it sits on the grant path), and the
+    window is exact to within ``resolution``. The running totals also serve the
+    limiter's tally of what it has spent (``mark``, ``since``). There is no
+    ``tokens`` total: that draw is always input plus output, and ``with_tokens``
+    adds it where amounts are read.
+
+    >>> w = AdmittedWindow()
+    >>> w.add(0.0, {"requests": 1.0, "input_tokens": 500.0, "priority_input_tokens": 5.0})
+    >>> w.add_request(30.0, 1.0, 100.0, 20.0)
+    >>> w.totals(30.0)["input_tokens"], w.totals(65.0)["tokens"], w.totals(95.0)["requests"]
+    (600.0, 120.0, 0.0)
     """
 
-    __slots__ = ("_entries", "_span")
+    __slots__ = (
+        "_next",
+        "_resolution",
+        "_snapshots",
+        "_span",
+        "input_tokens",
+        "other",
+        "output_tokens",
+        "requests",
+    )
 
-    def __init__(self, span: float = 60.0) -> None:
+    def __init__(self, span: float = 60.0, resolution: float = 1.0) -> None:
         self._span = span
-        self._entries: deque[tuple[float, Mapping[str, float], float]] = deque()
+        self._resolution = resolution
+        self.requests = 0.0
+        self.input_tokens = 0.0
+        self.output_tokens = 0.0
+        #: totals of the rarer dimensions (priority tier, batch queue); replaced, never changed in place
+        self.other: Mapping[str, float] = {}
+        self._snapshots: deque[tuple[float, Mark]] = deque()
+        self._next = -math.inf
 
     def add(self, now: float, draws: Mapping[str, float], sign: float = 1.0) -> None:
-        entries = self._entries
-        entries.append((now, draws, sign))
-        if entries[0][0] <= now - self._span:
-            self._expire(now)
+        """Add ``draws`` (or with ``sign=-1`` take them off: a refund) at ``now``."""
+        if now >= self._next:
+            self._snapshot(now)
+        other: dict[str, float] | None = None
+        for dim, amount in draws.items():
+            if dim == "requests":
+                self.requests += sign * amount
+            elif dim == "input_tokens":
+                self.input_tokens += sign * amount
+            elif dim == "output_tokens":
+                self.output_tokens += sign * amount
+            elif dim != "tokens":
+                if other is None:
+                    other = dict(self.other)
+                other[dim] = other.get(dim, 0.0) + sign * amount
+        if other is not None:
+            self.other = other
 
-    def _expire(self, now: float) -> None:
-        entries = self._entries
+    def add_request(self, now: float, requests: float, input_tokens: float, output_tokens: float) -> None:
+        """``add`` of requests, input and output (and so their sum, ``tokens``), without a mapping."""
+        if now >= self._next:
+            self._snapshot(now)
+        self.requests += requests
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+
+    def mark(self) -> Mark:
+        """The running totals now, for ``since``."""
+        return (self.requests, self.input_tokens, self.output_tokens, self.other)
+
+    def since(self, mark: Mark) -> dict[str, float]:
+        """What was added (net of refunds) since ``mark``, per dimension, ``tokens`` included."""
+        requests, input_tokens, output_tokens, other = mark
+        out = {
+            "requests": self.requests - requests,
+            "input_tokens": self.input_tokens - input_tokens,
+            "output_tokens": self.output_tokens - output_tokens,
+        }
+        now_other = self.other
+        if now_other is not other:
+            for dim, amount in now_other.items():
+                out[dim] = amount - other.get(dim, 0.0)
+        return with_tokens(out)
+
+    def _snapshot(self, now: float) -> None:
+        snapshots = self._snapshots
+        snapshots.append((now, self.mark()))
+        self._next = now + self._resolution
         cutoff = now - self._span
-        while entries and entries[0][0] <= cutoff:
-            entries.popleft()
+        while snapshots[0][0] <= cutoff:
+            snapshots.popleft()
 
     def totals(self, now: float) -> dict[str, float]:
-        self._expire(now)
-        out: dict[str, float] = {}
-        for _, draws, sign in self._entries:
-            for dim, amount in draws.items():
-                out[dim] = out.get(dim, 0.0) + sign * amount
-        return out
+        """Per dimension, what was admitted (net of refunds) in the ``span`` seconds to ``now``."""
+        cutoff = now - self._span
+        for t, before in self._snapshots:
+            if t > cutoff:
+                return self.since(before)
+        return self.since(self.mark())
+
+
+def with_tokens(amounts: dict[str, float]) -> dict[str, float]:
+    """``amounts`` with the combined ``tokens`` draw: input plus output."""
+    amounts["tokens"] = amounts.get("input_tokens", 0.0) + amounts.get("output_tokens", 0.0)
+    return amounts
