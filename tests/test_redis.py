@@ -8,6 +8,7 @@ tests run on real clocks with waits of a fraction of a second.
 from __future__ import annotations
 
 import itertools
+import struct
 import subprocess
 import sys
 import threading
@@ -69,11 +70,24 @@ def client(server: RedisServer) -> redis.Redis:
     return redis.Redis.from_url(server.url, decode_responses=True)
 
 
+#: The pool record's header, as ``_common.lua`` packs it (then five numbers per dimension).
+HEADER = ("t", "burst", "paused", "clean", "shrink", "lx", "renew")
+BUCKET = ("limit", "capacity", "rate", "debt", "level")
+
+
+def stored_pool(server: RedisServer, org: str = "acme") -> dict[str, float]:
+    """The stored pool's numbers: the header's names, and ``dim.limit``, ``dim.level``, ..."""
+    raw = redis.Redis.from_url(server.url).hmget(f"{{ratekeeper:{org}}}:pool:{POOL}", ["v", "dims"])
+    packed, dims = raw[0], raw[1]
+    assert packed is not None
+    assert dims is not None
+    names = list(HEADER) + [f"{d}.{f}" for d in dims.decode().split(",") for f in BUCKET]
+    return dict(zip(names, struct.unpack("<" + "d" * len(names), packed), strict=True))
+
+
 def level(server: RedisServer, dim: str, org: str = "acme") -> float:
     """A bucket's stored level (as of the last change; refill since then not included)."""
-    fields = client(server).hget(f"{{ratekeeper:{org}}}:pool:{POOL}", f"b:{dim}")
-    assert fields is not None
-    return float(fields.split()[4])
+    return stored_pool(server, org)[f"{dim}.level"]
 
 
 def rpm_headers(remaining: int, limit: int = 60) -> dict[str, str]:
@@ -244,9 +258,7 @@ def test_learned_limits_are_shared(redis_server: RedisServer, backends: list[Red
     with a.acquire_sync(SONNET, Demand(input_tokens=10, max_tokens=10)) as permit:
         permit.observe(rpm_headers(900, limit=1_000), status=200)
     assert a_backend.flush()
-    stored = client(redis_server).hget(f"{{ratekeeper:acme}}:pool:{POOL}", "b:requests")
-    assert stored is not None
-    assert float(stored.split()[0]) == 1_000
+    assert stored_pool(redis_server)["requests.limit"] == 1_000
     b.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)  # b's view of the limit follows Redis
 
 
@@ -503,15 +515,11 @@ def full_headers(
 
 
 def stored_burst(server: RedisServer) -> float:
-    burst = client(server).hget(f"{{ratekeeper:acme}}:pool:{POOL}", "burst")
-    assert burst is not None
-    return float(burst)
+    return stored_pool(server)["burst"]
 
 
 def capacity(server: RedisServer, dim: str) -> float:
-    fields = client(server).hget(f"{{ratekeeper:acme}}:pool:{POOL}", f"b:{dim}")
-    assert fields is not None
-    return float(fields.split()[1])
+    return stored_pool(server)[f"{dim}.capacity"]
 
 
 def test_token_resync_goes_to_the_reports_lowest_reading(

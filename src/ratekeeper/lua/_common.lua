@@ -33,57 +33,61 @@ local function encode_draws(t)
   return table.concat(parts, ',')
 end
 
--- A pool hash: dims (comma list), t (time of the levels), burst, paused (until),
--- reason, clean (last burst shrink), shrink (the reservation counter at the last burst
--- shrink: 429s of requests admitted before it are old news), and per dimension
--- b:<dim> = "limit capacity rate debt level".
+-- A pool hash: 'v' holds the numbers, packed with struct as little-endian doubles
+-- (exact, and read without parsing text): the header below, then per dimension
+-- limit, capacity, rate, debt, level. 'dims' names the dimensions in that order
+-- ("requests,input_tokens,..."); 'reason' says why the pool is paused (read only then).
+-- Header: t (time of the levels), burst, paused (until), clean (last burst shrink),
+-- shrink (the reservation counter at that shrink: 429s of requests admitted before it
+-- are old news), lx (no lease expires before this: purges are skipped until then),
+-- renew (when the keys' TTLs are next refreshed).
+local HEAD = 7
+
+local function packing(n)
+  return '<' .. string.rep('d', HEAD + 5 * n)
+end
+
 local function load_pool(key)
-  local flat = redis.call('HGETALL', key)
-  if #flat == 0 then
+  local f = redis.call('HMGET', key, 'v', 'dims')
+  if not f[1] then
     return nil
   end
-  local f = {}
-  for i = 1, #flat, 2 do
-    f[flat[i]] = flat[i + 1]
+  local dims = {}
+  for d in string.gmatch(f[2] or '', '[^,]+') do
+    dims[#dims + 1] = d
   end
+  local x = {struct.unpack(packing(#dims), f[1])}
   local p = {
-    key = key, dims = {}, b = {}, t = tonumber(f.t), burst = tonumber(f.burst),
-    paused = tonumber(f.paused or '0'), reason = f.reason or '', clean = tonumber(f.clean or f.t),
-    shrink = tonumber(f.shrink or '-1'),
+    key = key, dims = dims, b = {}, t = x[1], burst = x[2], paused = x[3], clean = x[4],
+    shrink = x[5], lx = x[6], renew = x[7],
   }
-  for d in string.gmatch(f.dims or '', '[^,]+') do
-    local lim, cap, rate, debt, lvl = string.match(f['b:' .. d] or '', '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
-    if lvl then
-      p.dims[#p.dims + 1] = d
-      p.b[d] = {lim = tonumber(lim), cap = tonumber(cap), rate = tonumber(rate), debt = tonumber(debt), lvl = tonumber(lvl)}
-    end
+  for i, d in ipairs(dims) do
+    local j = HEAD + 5 * (i - 1)
+    p.b[d] = {lim = x[j + 1], cap = x[j + 2], rate = x[j + 3], debt = x[j + 4], lvl = x[j + 5]}
   end
   return p
 end
 
+-- Writes the numbers; the names only if a dimension was added, the reason only if set.
 local function save_pool(p)
-  local args = {
-    'dims', table.concat(p.dims, ','), 't', fmt(p.t), 'burst', fmt(p.burst),
-    'paused', fmt(p.paused), 'reason', p.reason, 'clean', fmt(p.clean),
-    'shrink', string.format('%d', p.shrink or -1),
-  }
+  local x = {p.t, p.burst, p.paused, p.clean, p.shrink, p.lx, p.renew}
   for _, d in ipairs(p.dims) do
     local b = p.b[d]
-    args[#args + 1] = 'b:' .. d
-    args[#args + 1] = fmt(b.lim) .. ' ' .. fmt(b.cap) .. ' ' .. fmt(b.rate) .. ' ' .. fmt(b.debt) .. ' ' .. fmt(b.lvl)
+    x[#x + 1], x[#x + 2], x[#x + 3], x[#x + 4], x[#x + 5] = b.lim, b.cap, b.rate, b.debt, b.lvl
+  end
+  local args = {'v', struct.pack(packing(#p.dims), unpack(x))}
+  if p.new_dims then
+    args[#args + 1], args[#args + 2] = 'dims', table.concat(p.dims, ',')
+  end
+  if p.reason then
+    args[#args + 1], args[#args + 2] = 'reason', p.reason
   end
   redis.call('HSET', p.key, unpack(args))
 end
 
--- Only what admission and settlement change: the time and the levels.
-local function save_levels(p)
-  local args = {'t', fmt(p.t)}
-  for _, d in ipairs(p.dims) do
-    local b = p.b[d]
-    args[#args + 1] = 'b:' .. d
-    args[#args + 1] = fmt(b.lim) .. ' ' .. fmt(b.cap) .. ' ' .. fmt(b.rate) .. ' ' .. fmt(b.debt) .. ' ' .. fmt(b.lvl)
-  end
-  redis.call('HSET', p.key, unpack(args))
+-- Why the pool is paused (stored apart: only a paused pool needs it).
+local function pause_reason(p)
+  return p.reason or redis.call('HGET', p.key, 'reason') or ''
 end
 
 -- Bring every level up to now; a time earlier than the last one seen adds nothing.
@@ -177,6 +181,7 @@ local function set_limit(p, d, lim)
     local cap = cap_for(d, lim, p.burst)
     p.b[d] = {lim = lim, cap = cap, rate = lim / 60, debt = lim, lvl = cap}
     p.dims[#p.dims + 1] = d
+    p.new_dims = true
     return true
   end
   if b.lim == lim then
@@ -199,12 +204,20 @@ end
 
 -- Expired leases: the holder is presumed dead. Its reservation stands (a sent
 -- request keeps what the server charged); it only leaves the in-flight set, so
--- resyncs stop counting it as unseen by the server.
-local function purge_leases(res_key, lease_key, now)
+-- resyncs stop counting it as unseen by the server. p.lx (no lease expires before
+-- it) lets most calls skip the look; settlements remove leases without raising it,
+-- so it stays a lower bound.
+local function purge_leases(p, res_key, lease_key, now)
+  if now < p.lx then
+    return 0
+  end
   local dead = redis.call('ZRANGEBYSCORE', lease_key, '-inf', fmt(now), 'LIMIT', 0, 64)
   if #dead > 0 then
     redis.call('ZREM', lease_key, unpack(dead))
     redis.call('HDEL', res_key, unpack(dead))
   end
+  local first = redis.call('ZRANGE', lease_key, 0, 0, 'WITHSCORES')
+  p.lx = tonumber(first[2]) or math.huge
+  p.lx_changed = true
   return #dead
 end

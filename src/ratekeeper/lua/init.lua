@@ -8,7 +8,12 @@ local now = clock()
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'EXISTS', fmt(now)}
 end
-local p = {key = KEYS[1], dims = {}, b = {}, t = now, burst = tonumber(ARGV[1]), paused = 0, reason = '', clean = now}
+-- lx = 0: leases of an earlier life of the pool may remain, the first call looks;
+-- renew = now: the first reserve sets every key's TTL
+local p = {
+  key = KEYS[1], dims = {}, b = {}, t = now, burst = tonumber(ARGV[1]), paused = 0, reason = '',
+  clean = now, shrink = -1, lx = 0, renew = now, new_dims = true,
+}
 for i = 3, #ARGV, 5 do
   local d = ARGV[i]
   local cap = tonumber(ARGV[i + 2])

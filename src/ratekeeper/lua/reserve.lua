@@ -15,13 +15,26 @@
 -- candidate is granted only if the buckets hold its cost on top of the needs of every
 -- older live ticket, so the oldest waiter anywhere is never delayed by a younger one.
 -- Tickets expire after ticket_ttl unless refreshed: a dead process's place vanishes.
+--
+-- The common case (nobody in line, nothing paused, no lease due) costs seven calls:
+-- TIME, one read of the organization, one of the pool, the line, the reservations
+-- with their leases and the pool's new levels; the keys' TTLs are refreshed every
+-- tenth of key_ttl, not on every call.
 local org, pkey, rkey, lkey, qkey, qdkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local me = ARGV[1]
 local lease, ticket_ttl, key_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local scopes, queue, n = ARGV[5], ARGV[6] == '1', tonumber(ARGV[7])
 local now = clock()
 
-local spend = tonumber(redis.call('HGET', org, 'spend_until') or '0')
+-- everything this call needs from the organization hash, in one read
+local fields = {'spend_until', 'seq'}
+local held = {}
+for scope in string.gmatch(scopes, '[^,]+') do
+  held[#held + 1] = scope
+  fields[#fields + 1] = 'hold:' .. scope
+end
+local o = redis.call('HMGET', org, unpack(fields))
+local spend = tonumber(o[1] or '0')
 if spend > now then
   return {'SPEND', fmt(now), fmt(spend - now), redis.call('HGET', org, 'spend_resets') or ''}
 end
@@ -29,24 +42,27 @@ local p = load_pool(pkey)
 if not p then
   return {'NOPOOL', fmt(now), '0', ''}
 end
-purge_leases(rkey, lkey, now)
+purge_leases(p, rkey, lkey, now)
+local dirty = p.lx_changed or false
 advance(p, now)
 
-local paused, reason = p.paused, p.reason
-for scope in string.gmatch(scopes, '[^,]+') do
-  local u = tonumber(redis.call('HGET', org, 'hold:' .. scope) or '0')
+local paused, hold = p.paused, nil
+for i, scope in ipairs(held) do
+  local u = tonumber(o[2 + i] or '0')
   if u > paused then
-    paused = u
-    reason = redis.call('HGET', org, 'hold_reason:' .. scope) or 'subscription limit'
+    paused, hold = u, scope
   end
 end
 
 -- live tickets of the others (a bounded look at the head of the line)
 local others = {}
 local line = redis.call('ZRANGE', qkey, 0, 63, 'WITHSCORES')
+local in_line = #line >= 128 -- a full look may have missed this participant's ticket
 for i = 1, #line, 2 do
   local who = line[i]
-  if who ~= me then
+  if who == me then
+    in_line = true
+  else
     local data = redis.call('HGET', qdkey, who)
     local expiry, needs
     if data then
@@ -63,13 +79,10 @@ for i = 1, #line, 2 do
 end
 
 local status, wait, why = 'OK', 0, ''
-local granted = {}
 local left_arrival, left_draws = nil, nil
-local changed = false
-if n > 0 and redis.call('HEXISTS', org, 'seq') == 0 then
-  -- start from the clock so seqs never repeat after Redis lost its data
-  redis.call('HSET', org, 'seq', string.format('%d', math.floor(now * 1000000)))
-end
+-- the reservation counter starts from the clock so seqs never repeat after Redis lost its data
+local seq = tonumber(o[2]) or math.floor(now * 1000000)
+local records, leases = {}, {}
 for c = 1, n do
   local arrival = tonumber(ARGV[6 + 2 * c]) or now
   if arrival > now then
@@ -89,12 +102,17 @@ for c = 1, n do
   end
   local w = 0
   if paused > now then
-    w, why = paused - now, reason
+    w = paused - now
+    if hold then
+      why = redis.call('HGET', org, 'hold_reason:' .. hold) or 'subscription limit'
+    else
+      why = pause_reason(p)
+    end
   else
     local older = {}
-    for _, o in ipairs(others) do
-      if o.score < arrival then
-        for d, amount in pairs(o.needs) do
+    for _, other in ipairs(others) do
+      if other.score < arrival then
+        for d, amount in pairs(other.needs) do
           local b = p.b[d]
           if b and amount > 0 then
             older[d] = (older[d] or 0) + math.min(amount, b.cap)
@@ -128,34 +146,53 @@ for c = 1, n do
       charge(b, amount)
     end
   end
-  -- %d: a plain number argument would be written with 14 digits
-  local seq = string.format('%d', redis.call('HINCRBY', org, 'seq', 1))
-  redis.call('HSET', rkey, seq, draws_s)
-  redis.call('ZADD', lkey, fmt(now + lease), seq)
-  granted[#granted + 1] = seq
-  changed = true
+  seq = seq + 1
+  local s = string.format('%d', seq) -- %d: a plain number would be written with 14 digits
+  records[#records + 1], records[#records + 2] = s, draws_s
+  leases[#leases + 1], leases[#leases + 2] = fmt(now + lease), s
+end
+
+if #records > 0 then
+  redis.call('HSET', rkey, unpack(records))
+  redis.call('ZADD', lkey, unpack(leases))
+  -- these two empty out and come back with traffic: their TTL is set whenever they are written
+  redis.call('PEXPIRE', rkey, key_ttl)
+  redis.call('PEXPIRE', lkey, key_ttl)
+  redis.call('HSET', org, 'seq', string.format('%d', seq))
+  if now + lease < p.lx then
+    p.lx = now + lease
+  end
+  dirty = true
 end
 
 if status == 'OK' then
   if left_arrival and queue then
     redis.call('ZADD', qkey, fmt(left_arrival), me)
     redis.call('HSET', qdkey, me, fmt(now + ticket_ttl) .. '|' .. left_draws)
-  elseif not left_arrival then
+    redis.call('PEXPIRE', qkey, key_ttl)
+    redis.call('PEXPIRE', qdkey, key_ttl)
+  elseif not left_arrival and in_line then
     redis.call('ZREM', qkey, me)
     redis.call('HDEL', qdkey, me)
   end
 end
-if changed then
-  save_levels(p) -- burst, pause and limits are as loaded
+if now >= p.renew then
+  -- the keys that persist while the pool is in use: an idle pool expires 90-100% of
+  -- key_ttl after its last use
+  for _, k in ipairs({pkey, qkey, qdkey}) do
+    redis.call('PEXPIRE', k, key_ttl)
+  end
+  if redis.call('PTTL', org) < key_ttl then
+    redis.call('PEXPIRE', org, key_ttl)
+  end
+  p.renew = now + key_ttl / 10000
+  dirty = true
 end
-for _, k in ipairs({pkey, rkey, lkey, qkey, qdkey}) do
-  redis.call('PEXPIRE', k, key_ttl)
-end
-if redis.call('PTTL', org) < key_ttl then
-  redis.call('PEXPIRE', org, key_ttl)
+if dirty then
+  save_pool(p)
 end
 local out = {status, fmt(now), fmt(wait), why}
-for _, s in ipairs(granted) do
-  out[#out + 1] = s
+for i = 1, #records, 2 do
+  out[#out + 1] = records[i]
 end
 return out

@@ -13,7 +13,7 @@ local p = load_pool(KEYS[2])
 if not p then
   return {'NOPOOL', fmt(now)}
 end
-purge_leases(KEYS[3], KEYS[4], now)
+purge_leases(p, KEYS[3], KEYS[4], now)
 advance(p, now)
 local out = {'OK', fmt(now)}
 local dirty = false
@@ -64,7 +64,7 @@ for i = 3, #ARGV, 3 do
     end
   end
 end
-if dirty then
+if dirty or p.lx_changed then
   save_pool(p)
 end
 return out

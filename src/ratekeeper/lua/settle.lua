@@ -7,16 +7,32 @@
 --       unpredicted 429 before the burst grows back; '' = not adaptive)
 -- Returns {status, now, burst}. The diff applies even when the lease already expired:
 -- the reservation's charge stood, so its correction is still due.
+--
+-- A refund needs no clock: min(cap, level + refund) brought up to a later time is the
+-- level brought up first and refunded after, so only charges and burst recovery read
+-- TIME (now is then the pool's own time of its levels).
 local seq, mode = ARGV[1], ARGV[2]
 local diff = parse_draws(ARGV[3])
-local now = clock()
-local p = load_pool(KEYS[2])
-if not p then
+if mode ~= 'progress' then
   redis.call('HDEL', KEYS[3], seq)
   redis.call('ZREM', KEYS[4], seq)
-  return {'NOPOOL', fmt(now), '1'}
 end
-advance(p, now)
+local p = load_pool(KEYS[2])
+if not p then
+  return {'NOPOOL', fmt(clock()), '1'}
+end
+local recovery = tonumber(ARGV[4])
+local timed = mode == 'progress' or (recovery and p.burst < 1)
+for _, a in pairs(diff) do
+  if a < 0 then
+    timed = true
+  end
+end
+local now = p.t
+if timed then
+  now = clock()
+  advance(p, now)
+end
 apply_diff(p, diff)
 if mode == 'progress' then
   local cur = redis.call('HGET', KEYS[3], seq)
@@ -27,14 +43,11 @@ if mode == 'progress' then
     end
     redis.call('HSET', KEYS[3], seq, encode_draws(t))
   end
-else
-  redis.call('HDEL', KEYS[3], seq)
-  redis.call('ZREM', KEYS[4], seq)
-  local recovery = tonumber(ARGV[4])
-  if recovery and p.burst < 1 and now - p.clean >= recovery then
-    set_burst(p, math.min(1, p.burst * 1.25))
-    p.clean = now
-  end
+elseif recovery and p.burst < 1 and now - p.clean >= recovery then
+  set_burst(p, math.min(1, p.burst * 1.25))
+  p.clean = now
 end
-save_pool(p)
+if next(diff) or timed then
+  save_pool(p)
+end
 return {'OK', fmt(now), fmt(p.burst)}
