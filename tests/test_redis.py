@@ -79,8 +79,8 @@ def stored_pool(server: RedisServer, org: str = "acme") -> dict[str, float]:
     """The stored pool's numbers: the header's names, and ``dim.limit``, ``dim.level``, ..."""
     raw = redis.Redis.from_url(server.url).hmget(f"{{ratekeeper:{org}}}:pool:{POOL}", ["v", "dims"])
     packed, dims = raw[0], raw[1]
-    assert packed is not None
-    assert dims is not None
+    assert isinstance(packed, bytes)
+    assert isinstance(dims, bytes)
     names = list(HEADER) + [f"{d}.{f}" for d in dims.decode().split(",") for f in BUCKET]
     return dict(zip(names, struct.unpack("<" + "d" * len(names), packed), strict=True))
 
