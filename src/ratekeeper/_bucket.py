@@ -251,49 +251,49 @@ def take_request(
     >>> take_request(r, i, o, None, 4.0, 5.0, now=0.0), i.level_at(0.0), o.level_at(0.0)
     (True, 6.0, 0.0)
     """
-    # unrolled: this runs for every uncontended request
-    t = requests._t
-    level = requests._level + (now - t) * requests._rate if now > t else requests._level
-    if (level < 1.0 and level < requests._capacity) or requests._debt_limit < 1.0:
+    # Unrolled, one block per bucket: this runs for every uncontended request. A
+    # level that passes its check stays >= -debt_limit once charged (the amount is
+    # at most the debt limit, and is taken from a full bucket when above capacity).
+    # A zero draw fits even a bucket in debt, as in ``Pool.wait_time``.
+    rt, rl, rc = requests._t, requests._level, requests._capacity
+    if now > rt:
+        rl += (now - rt) * requests._rate
+    if (rl < 1.0 and rl < rc) or requests._debt_limit < 1.0:
         return False
-    t = inp._t
-    in_level = inp._level + (now - t) * inp._rate if now > t else inp._level
+    it, il, ic = inp._t, inp._level, inp._capacity
+    if now > it:
+        il += (now - it) * inp._rate
     if (
-        in_level < (input_tokens if input_tokens < inp._capacity else inp._capacity)
-        or inp._debt_limit < input_tokens
-    ):
+        input_tokens > 0.0 and il < (input_tokens if input_tokens < ic else ic)
+    ) or inp._debt_limit < input_tokens:
         return False
-    t = out._t
-    out_level = out._level + (now - t) * out._rate if now > t else out._level
+    ot, ol, oc = out._t, out._level, out._capacity
+    if now > ot:
+        ol += (now - ot) * out._rate
     if (
-        out_level < (output_tokens if output_tokens < out._capacity else out._capacity)
-        or out._debt_limit < output_tokens
-    ):
+        output_tokens > 0.0 and ol < (output_tokens if output_tokens < oc else oc)
+    ) or out._debt_limit < output_tokens:
         return False
     if tokens is not None:
         amount = input_tokens + output_tokens
-        t = tokens._t
-        tok_level = tokens._level + (now - t) * tokens._rate if now > t else tokens._level
-        if (
-            tok_level < (amount if amount < tokens._capacity else tokens._capacity)
-            or tokens._debt_limit < amount
-        ):
+        tt, tl, tc = tokens._t, tokens._level, tokens._capacity
+        if now > tt:
+            tl += (now - tt) * tokens._rate
+        if (amount > 0.0 and tl < (amount if amount < tc else tc)) or tokens._debt_limit < amount:
             return False
-        _charge(tokens, tok_level, amount, now)
-    _charge(requests, level, 1.0, now)
-    _charge(inp, in_level, input_tokens, now)
-    _charge(out, out_level, output_tokens, now)
+        tokens._level = (tl if tl < tc else tc) - amount
+        if now > tt:
+            tokens._t = now
+    requests._level = (rl if rl < rc else rc) - 1.0
+    inp._level = (il if il < ic else ic) - input_tokens
+    out._level = (ol if ol < oc else oc) - output_tokens
+    if now > rt:
+        requests._t = now
+    if now > it:
+        inp._t = now
+    if now > ot:
+        out._t = now
     return True
-
-
-def _charge(bucket: TokenBucket, level: float, amount: float, now: float) -> None:
-    """``charge`` of a bucket whose level at ``now`` is known, without its checks."""
-    if now > bucket._t:
-        bucket._t = now
-    capacity = bucket._capacity
-    level = (level if level < capacity else capacity) - amount
-    floor = -bucket._debt_limit
-    bucket._level = level if level > floor else floor
 
 
 def adjust(bucket: TokenBucket, amount: float, now: float) -> None:

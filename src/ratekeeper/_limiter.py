@@ -32,7 +32,7 @@ import anyio
 import sniffio
 
 from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage, request_cost
-from ratekeeper._bucket import TokenBucket, adjust
+from ratekeeper._bucket import TokenBucket
 from ratekeeper._errors import (
     AcquireTimeout,
     CapacityExceeded,
@@ -690,21 +690,15 @@ class Limiter:
         ``AcquireTimeout`` after ``timeout`` seconds, ``SpendLimitReached`` and
         ``InsufficientCredits`` when waiting cannot help.
         """
-        if (
-            type(input_tokens) is int
-            and type(max_tokens) is int
-            and type(cache_read_input_tokens) is int
-            and type(cache_creation_input_tokens) is int
-            and input_tokens >= 0
-            and max_tokens >= 0
-            and cache_read_input_tokens >= 0
-            and cache_creation_input_tokens >= 0
-            and expected_output_tokens is None
-            and service_tier != "priority"
-            and credits == 0.0
-        ):
+        plain = _plain(
+            input_tokens,
+            max_tokens,
+            cache_read_input_tokens,
+            cache_creation_input_tokens,
+            expected_output_tokens,
+        )
+        if plain is not None and service_tier != "priority" and credits == 0.0:
             # the common request: its checks are done, the Demand is built only if it must wait
-            plain = (input_tokens, max_tokens, cache_read_input_tokens, cache_creation_input_tokens, None)
             return _Acquire(self, (model, None, priority, timeout), plain)
         demand = _demand(
             input_tokens,
@@ -758,6 +752,16 @@ class Limiter:
         credits: float = 0.0,
     ) -> Permit:
         """Admit the request now or raise ``WouldBlock`` (with the earliest retry time)."""
+        if self._backend is None and service_tier != "priority" and credits == 0.0:
+            plain = _plain(
+                input_tokens,
+                max_tokens,
+                cache_read_input_tokens,
+                cache_creation_input_tokens,
+                expected_output_tokens,
+            )
+            if plain is not None and (permit := self._admit_plain(model, plain)) is not None:
+                return permit
         demand = _demand(
             input_tokens,
             max_tokens,
@@ -1186,27 +1190,28 @@ class Limiter:
                     raise ConfigurationError("this permit is already settled")
                 return Cost()
             charged = permit._charged
-            clock = self._clock
-            if clock is None and (loop := _running_loop()) is not None:
-                now = loop.time()
-            else:
-                now = self._now()
-                if not -math.inf < now < math.inf:
-                    now = permit.started_at  # nothing refills, nothing is lost: the refund waits
             rt = permit._runtime
+            pool = rt.pool
             inp = float(uncached + write + read) if rt.cache_reads_count else float(uncached + write)
             out = float(output)
             give_in = charged.get("input_tokens", 0.0) - inp
             give_out = charged.get("output_tokens", 0.0) - out
+            if give_in >= 0.0 and give_out >= 0.0 and pool.burst == 1.0 and not rt.queued:
+                # Only refunds, and nobody to wake: no clock is read. A refund leaves the
+                # same level whether it is added before or after the refill since the
+                # bucket's last update (both clamp at capacity), so each bucket takes it
+                # at its own last time; a charge could not (it must follow the refill).
+                now = -math.inf
+            else:
+                clock = self._clock
+                if clock is None and (loop := _running_loop()) is not None:
+                    now = loop.time()
+                else:
+                    now = self._now()
+                    if not -math.inf < now < math.inf:
+                        now = -math.inf  # a broken clock: no time passes, nothing is lost
             if give_in or give_out:
-                buckets = rt.pool.buckets
-                if give_in and (bucket := buckets.get("input_tokens")) is not None:
-                    adjust(bucket, give_in, now)
-                if give_out and (bucket := buckets.get("output_tokens")) is not None:
-                    adjust(bucket, give_out, now)
-                give_tokens = charged.get("tokens", 0.0) - inp - out
-                if give_tokens and (bucket := buckets.get("tokens")) is not None:
-                    adjust(bucket, give_tokens, now)
+                pool.give_back_plain(give_in, give_out, now)
                 rt.admitted.add_request(now, 0.0, -give_in, -give_out)  # rt.record(now, diff, -1.0)
             if inp or out:
                 permit._charged = {
@@ -1219,10 +1224,13 @@ class Limiter:
                 permit._charged = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
             permit._state = _SETTLED
             del rt.in_flight[permit.seq]
-            if rt.pool.burst < 1.0:
-                self._grow_burst(rt, now)
-            if rt.queued or rt.queue or self._warmup is not None:
-                self._dispatch(rt, now)
+            if now > -math.inf:
+                if pool.burst < 1.0:
+                    self._grow_burst(rt, now)
+                if rt.queued or rt.queue or self._warmup is not None:
+                    self._dispatch(rt, now)
+            elif rt.queue:
+                rt.queue.clear()  # what _dispatch does when nobody waits: drop the cancelled
             return request_cost(inp, out)
         finally:
             lock.release()
@@ -1648,6 +1656,22 @@ class _BatchDemand:
         if requests < 0 or requests > 100_000:
             raise ConfigurationError(f"a batch holds 1 to 100,000 requests, got {requests!r}")
         self.requests = requests
+
+
+def _plain(
+    input_tokens: object, max_tokens: object, cache_read: object, cache_write: object, expected: object
+) -> _Plain | None:
+    """The fast path's demand if the counts are plain non-negative ints (else ``Demand`` checks them)."""
+    if (
+        type(input_tokens) is int
+        and type(max_tokens) is int
+        and type(cache_read) is int
+        and type(cache_write) is int
+        and (input_tokens | max_tokens | cache_read | cache_write) >= 0  # negative iff one is
+        and (expected is None or (type(expected) is int and expected >= 0))
+    ):
+        return (input_tokens, max_tokens, cache_read, cache_write, expected)
+    return None
 
 
 def _usage_counts(usage: object) -> tuple[int, int, int, int] | None:

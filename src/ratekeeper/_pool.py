@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import final
 
-from ratekeeper._bucket import TokenBucket, take_request
+from ratekeeper._bucket import TokenBucket, adjust, take_request
 from ratekeeper._errors import CapacityExceeded
 
 __all__ = ["Pool"]
@@ -170,14 +170,37 @@ class Pool:
         """
         if self.paused_until > now:
             return False
-        plain = self._plain
-        if plain is None:
-            get = self.buckets.get
-            plain = self._plain = (get("requests"), get("input_tokens"), get("output_tokens"), get("tokens"))
-        requests, inp, out, tokens = plain
+        requests, inp, out, tokens = self._plain or self._plain_buckets()
         if requests is None or inp is None or out is None:
             return False
         return take_request(requests, inp, out, tokens, input_tokens, output_tokens, now)
+
+    def give_back_plain(self, input_tokens: float, output_tokens: float, now: float) -> None:
+        """``give_back`` of an ordinary request's settlement: input, output and their sum.
+
+        Positive amounts are refunds, negative ones charges; arguments are finite
+        floats (the limiter's fast path).
+
+        >>> p = Pool("sonnet-4", {"requests": 50, "input_tokens": 30000, "output_tokens": 8000}, now=0.0)
+        >>> p.take_plain(1000.0, 8000.0, now=0.0)
+        True
+        >>> p.give_back_plain(-200.0, 7500.0, now=0.0)
+        >>> p.levels(0.0)
+        {'requests': 49.0, 'input_tokens': 28800.0, 'output_tokens': 7500.0}
+        """
+        _, inp, out, tokens = self._plain or self._plain_buckets()
+        if input_tokens and inp is not None:
+            adjust(inp, input_tokens, now)
+        if output_tokens and out is not None:
+            adjust(out, output_tokens, now)
+        both = input_tokens + output_tokens
+        if both and tokens is not None:
+            adjust(tokens, both, now)
+
+    def _plain_buckets(self) -> tuple[TokenBucket | None, ...]:
+        get = self.buckets.get
+        self._plain = (get("requests"), get("input_tokens"), get("output_tokens"), get("tokens"))
+        return self._plain
 
     def give_back(self, amounts: Mapping[str, float], now: float) -> None:
         """Refund positive amounts and charge negative ones (a settlement's difference)."""

@@ -1,0 +1,158 @@
+"""The uncontended fast path agrees with the general path, bucket for bucket.
+
+``Pool.take_plain`` must admit exactly when ``wait_time`` says 0 (and no draw
+exceeds a limit) and leave the same levels as ``take``; ``give_back_plain``
+the same as ``give_back``; a refund applied without reading the clock the same
+as one applied after the refill. The limiter's fast and general paths must
+leave the same state for the same traffic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from limiter_support import FakeClock
+
+from ratekeeper import Limiter, Usage
+from ratekeeper._pool import Pool
+
+LIMITS = st.fixed_dictionaries(
+    {
+        "requests": st.sampled_from([1.0, 5.0, 50.0]),
+        "input_tokens": st.sampled_from([1_000.0, 30_000.0]),
+        "output_tokens": st.sampled_from([500.0, 8_000.0]),
+    },
+    optional={"tokens": st.sampled_from([1_000.0, 20_000.0])},
+)
+AMOUNT = st.sampled_from([0.0, 1.0, 499.0, 500.0, 999.0, 8_000.0, 25_000.0, 40_000.0])
+TIME = st.floats(min_value=0.0, max_value=90.0)
+
+
+def _pool_pair(
+    limits: dict[str, float], burst: float, history: list[tuple[float, float, float]]
+) -> tuple[Pool, Pool]:
+    """Two identical pools after the same charges: the fast path meets emptied and indebted buckets."""
+    pools = Pool("p", limits, now=0.0, burst=burst), Pool("p", limits, now=0.0, burst=burst)
+    for pool in pools:
+        for t, inp, out in history:
+            pool.give_back(
+                {"requests": -1.0, "input_tokens": -inp, "output_tokens": -out, "tokens": -(inp + out)}, t
+            )
+    return pools
+
+
+HISTORY = st.lists(st.tuples(st.floats(0.0, 30.0), AMOUNT, AMOUNT), max_size=4).map(sorted)
+
+
+@given(LIMITS, st.sampled_from([1.0, 0.5, 1 / 60]), HISTORY, AMOUNT, AMOUNT, TIME)
+def test_take_plain_is_wait_time_then_take(
+    limits: dict[str, float],
+    burst: float,
+    history: list[tuple[float, float, float]],
+    inp: float,
+    out: float,
+    now: float,
+) -> None:
+    fast, general = _pool_pair(limits, burst, history)
+    draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out, "tokens": inp + out}
+    over_a_limit = any(draws[d] > limit for d, limit in limits.items())
+    expected = not over_a_limit and general.wait_time(draws, now) == 0.0
+    if expected:
+        general.take(draws, now)
+    assert fast.take_plain(inp, out, now) is expected
+    later = now + 7.0  # the general path skips zero draws: its refill splits differ by rounding
+    assert fast.levels(later) == pytest.approx(general.levels(later), rel=1e-12, abs=1e-9)
+
+
+@given(LIMITS, HISTORY, st.sampled_from([-3_000.0, -1.0, 0.0, 1.0, 600.0, 7_000.0]), AMOUNT, TIME)
+def test_give_back_plain_is_give_back(
+    limits: dict[str, float],
+    history: list[tuple[float, float, float]],
+    give_in: float,
+    give_out: float,
+    now: float,
+) -> None:
+    fast, general = _pool_pair(limits, 1.0, history)
+    fast.give_back_plain(give_in, give_out, now)
+    general.give_back({"input_tokens": give_in, "output_tokens": give_out, "tokens": give_in + give_out}, now)
+    assert fast.levels(now + 3.0) == pytest.approx(general.levels(now + 3.0), rel=1e-12, abs=1e-9)
+
+
+@given(LIMITS, HISTORY, st.sampled_from([0.0, 1.0, 600.0, 7_000.0]), AMOUNT, TIME)
+def test_a_refund_needs_no_clock(
+    limits: dict[str, float],
+    history: list[tuple[float, float, float]],
+    give_in: float,
+    give_out: float,
+    now: float,
+) -> None:
+    """Settlement's fast path applies refunds at each bucket's own time: the levels are the same."""
+    untimed, timed = _pool_pair(limits, 1.0, history)
+    untimed.give_back_plain(give_in, give_out, -math.inf)
+    timed.give_back_plain(give_in, give_out, now + 30.0)
+    assert untimed.levels(now + 30.0) == pytest.approx(timed.levels(now + 30.0), rel=1e-12, abs=1e-9)
+
+
+class _Int(int):
+    """An int the fast path does not take (it checks ``type(n) is int``)."""
+
+
+TRAFFIC = st.lists(
+    st.tuples(
+        st.floats(0.0, 5.0),  # seconds since the last request
+        st.sampled_from([0, 100, 3_000, 29_000]),  # input_tokens
+        st.sampled_from([0, 1, 700, 8_000]),  # max_tokens
+        st.sampled_from([0, 50, 2_000, 9_000]),  # output produced
+        st.booleans(),  # settle (else release, sent)
+    ),
+    max_size=25,
+)
+
+
+@given(TRAFFIC)
+def test_fast_and_general_limiters_end_in_the_same_state(
+    traffic: list[tuple[float, int, int, int, bool]],
+) -> None:
+    """The same requests with int arguments (fast path) and int subclasses, settled with
+    ``credits=0.0`` (the general path: the fast one takes exact ints, no credits) end alike."""
+    results = []
+    for fast in (True, False):
+        clock = FakeClock()
+        limiter = Limiter("tier-1", clock=clock)
+        admitted = []
+        for dt, inp, max_tokens, produced, settle in traffic:
+            clock.advance(dt)
+            try:
+                if fast:
+                    permit = limiter.acquire_nowait(
+                        "claude-sonnet-4-5", input_tokens=inp, max_tokens=max_tokens
+                    )
+                else:
+                    permit = limiter.acquire_nowait(
+                        "claude-sonnet-4-5", input_tokens=_Int(inp), max_tokens=_Int(max_tokens)
+                    )
+            except Exception as exc:
+                admitted.append(type(exc).__name__)
+                continue
+            admitted.append("ok")
+            permit.mark_sent()
+            if settle:
+                usage = Usage(input_tokens=inp, output_tokens=min(produced, max_tokens))
+                permit.settle(usage) if fast else permit.settle(usage, credits=0.0)
+            else:
+                permit.release()
+        stats = limiter.statistics().pools.get("sonnet-4.x")
+        results.append(
+            (admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight))
+        )
+    (fast_admitted, fast_state), (general_admitted, general_state) = results
+    assert fast_admitted == general_admitted
+    if fast_state is None or general_state is None:
+        assert fast_state is general_state
+        return
+    assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
+    assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
+    assert fast_state[2] == general_state[2]  # in flight
