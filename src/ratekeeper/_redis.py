@@ -577,9 +577,11 @@ def _pack_args(args: Sequence[str | int | float]) -> bytes:
     """Bulk strings of the Redis protocol, without the array header."""
     out = []
     for arg in args:
-        data = arg.encode() if isinstance(arg, str) else repr(arg).encode()
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
+        text = arg if isinstance(arg, str) else repr(arg)
+        # one encode for the whole command; a length counts bytes, so only ASCII is measured as text
+        size = len(text) if text.isascii() else len(text.encode())
+        out.append(f"${size}\r\n{text}\r\n")
+    return "".join(out).encode()
 
 
 def _pack_command(args: Sequence[str | int | float]) -> bytes:

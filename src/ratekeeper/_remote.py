@@ -99,11 +99,24 @@ class _RWaiter(_Waiter):
 class _RPool:
     """A remote pool's local side: keys, the driving flag, the next attempt, a local hold."""
 
-    __slots__ = ("driving", "hold_until", "inited", "keys", "next_try", "rt", "scopes", "ticket")
+    __slots__ = (
+        "driving",
+        "hold_until",
+        "inited",
+        "keys",
+        "keys4",
+        "next_try",
+        "on_burst",
+        "rt",
+        "scopes",
+        "ticket",
+    )
 
-    def __init__(self, rt: _PoolRuntime, keys: tuple[str, ...]) -> None:
+    def __init__(self, rt: _PoolRuntime, keys: tuple[str, ...], on_burst: Callable[[Reply], None]) -> None:
         self.rt = rt
         self.keys = keys
+        self.keys4 = keys[:4]  # org, pool, res, lease: what settle and release touch
+        self.on_burst = on_burst  # a reply carrying the shared burst updates the local mirror
         self.scopes = _scopes(rt.pool.name)
         self.driving = False
         self.next_try = -math.inf
@@ -125,6 +138,7 @@ class RemoteEngine:
         self._best_rtt = math.inf
         self._fallback: Limiter | None = None
         self._heartbeat = backend.ticket_ttl / 3.0
+        self._recovery = repr(limiter._burst_recovery) if limiter._adaptive else ""
 
     @property
     def backend(self) -> RedisBackend:
@@ -136,7 +150,8 @@ class RemoteEngine:
     def _rpool(self, rt: _PoolRuntime) -> _RPool:
         rp = self._pools.get(rt.pool.name)
         if rp is None:
-            rp = self._pools[rt.pool.name] = _RPool(rt, self._backend.pool_keys(rt.pool.name))
+            keys = self._backend.pool_keys(rt.pool.name)
+            rp = self._pools[rt.pool.name] = _RPool(rt, keys, self._on_burst(rt))
         return rp
 
     def _init_op(self, rp: _RPool) -> Op:
@@ -194,13 +209,15 @@ class RemoteEngine:
         if not self._backend.available():
             return await self._unavailable_async(model, demand, priority, timeout)
         rp, w, credit, deadline = self._join(model, demand, priority, timeout)
-        limiter._bind_async(w)
         try:
             while True:
                 with limiter._lock:
                     now = limiter._now()
                     state, cands, until = self._step(rp, w, now, deadline, timeout)
                     if state == _WAITING and cands is None:
+                        # bound to its event loop only when it waits: an admitted head never does
+                        if w.threadsafe is None:
+                            limiter._bind_async(w)
                         event = anyio.Event()
                         w.event = event
                 if state == _GRANTED:
@@ -551,7 +568,7 @@ class RemoteEngine:
     # ------------------------------------------------------------------ settlement
 
     def _release_op(self, rp: _RPool, seq: int, mode: str, charged: Mapping[str, float]) -> Op:
-        return Op("release", rp.keys[:4], [seq, mode, _encode(charged)])
+        return Op("release", rp.keys4, [seq, mode, _encode(charged)])
 
     def _poke(self, rt: _PoolRuntime) -> None:
         """Under the lock: capacity came back locally; the head may try again at once."""
@@ -584,9 +601,8 @@ class RemoteEngine:
             permit._charged = new
             permit._state = _SETTLED
             rt.in_flight.pop(permit.seq, None)
-            recovery = repr(limiter._burst_recovery) if limiter._adaptive else ""
             self._backend.send(
-                Op("settle", rp.keys[:4], [permit.seq, "settle", _encode(diff), recovery], self._on_burst(rt))
+                Op("settle", rp.keys4, [permit.seq, "settle", _encode(diff), self._recovery], rp.on_burst)
             )
             self._poke(rt)
         return actual
