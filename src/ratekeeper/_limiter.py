@@ -392,9 +392,8 @@ class _Acquire:
         # uncontended: admitted at once, without a coroutine for the waiting path
         permit = None
         if limiter._backend is None:
-            plain = self._plain
-            if plain is not None:
-                permit = limiter._admit_plain(self._args[0], plain)
+            if self._plain is not None:  # (no local: a waiter must not keep the tuple alive)
+                permit = limiter._admit_plain(self._args[0], self._plain)
             else:
                 permit = limiter._admit_at_once(*self._args)
         if permit is None:
@@ -414,6 +413,7 @@ class _Acquire:
                 expected_output_tokens=plain[4],
             )
             args = self._args = (args[0], demand, *args[2:])
+            self._plain = None  # a waiter holds one form of its demand, not two
         return args
 
     async def __aexit__(
