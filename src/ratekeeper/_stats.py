@@ -20,7 +20,7 @@ class PoolStatistics:
     ``limits`` are per minute, ``levels`` what each bucket holds now,
     ``capacity`` what it can hold (the per-minute limit times ``burst``).
     ``utilization`` is, per dimension, the fraction of the per-minute limit
-    admitted over the last 60 seconds of the limiter's clock.
+    admitted over the last 60 seconds of the limiter's clock (to within a second).
     """
 
     name: str
