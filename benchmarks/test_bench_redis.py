@@ -134,9 +134,9 @@ def test_acquire_settle_over_ping(setup: Setup) -> None:
         f"acquire+settle {cycle * 1e6:.1f} us, ratio {cycle / ping:.2f} (redis-py PING), "
         f"{cycle / raw:.2f} (PING packed by hand)"
     )
-    # The target is 1.5x; measured 2.6-3.7x the redis-py PING (docs/benchmarks.md says
-    # where the time goes). This bound only catches a regression such as a second round
-    # trip per cycle.
+    # The target is 1.5x; measured 2.9-3.7x the redis-py PING and 3.9-5.4x the PING packed
+    # by hand (docs/benchmarks.md says where the time goes). This bound only catches a
+    # regression such as a second round trip per cycle.
     assert cycle / ping < 6.0
 
 
