@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anthropic
@@ -22,7 +22,7 @@ import attrs
 import httpx2
 import pytest
 
-from ratekeeper import Demand, Limiter
+from ratekeeper import Demand, Estimate, Limiter, TokenEstimator
 from ratekeeper.anthropic import wrap
 from ratekeeper.emulator import EmulatedServer, EmulatorConfig, EmulatorTransport, LatencyModel, VirtualClock
 
@@ -150,15 +150,27 @@ def measure(
     http = httpx2.Client(transport=EmulatorTransport(server, clock=VirtualClock()))
     limiter = Limiter("tier-4")
     demands: list[Demand] = []
+
+    estimator = TokenEstimator()
+    estimate = estimator.estimate
+
+    def spy(body: Mapping[str, Any], now: float) -> Estimate:
+        # the estimate itself, not the reservation (which adds a safety margin on top)
+        e = estimate(body, now)
+        demands.append(e.demand)
+        return e
+
+    estimator.estimate = spy  # type: ignore[method-assign]
+    counted: list[Demand] = []
     acquire = limiter.acquire_sync
 
-    def spy(model: str, demand: Demand, **kwargs: Any) -> Any:
-        demands.append(demand)
+    def spy_acquire(model: str, demand: Demand, **kwargs: Any) -> Any:
+        counted.append(demand)  # with count_tokens=True: the exact count the limiter got
         return acquire(model, demand, **kwargs)
 
-    limiter.acquire_sync = spy  # type: ignore[method-assign]
+    limiter.acquire_sync = spy_acquire  # type: ignore[method-assign]
     plain = anthropic.Anthropic(api_key="test", http_client=http, base_url="http://emulator")
-    client = wrap(plain, limiter, count_tokens=count_tokens)
+    client = wrap(plain, limiter, count_tokens=count_tokens, estimator=estimator)
     rng = random.Random(seed)
     samples = []
     for _ in range(requests):
@@ -166,7 +178,7 @@ def measure(
         client.messages.create(**body)
         record = server.log[-1]
         actual = record.input_tokens + record.cache_creation_input_tokens + record.cache_read_input_tokens
-        d = demands[-1]
+        d = counted[-1] if count_tokens else demands[-1]
         estimated = d.input_tokens + d.cache_creation_input_tokens + d.cache_read_input_tokens
         samples.append(Sample(kind, estimated, actual))
     return samples

@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1123,3 +1124,20 @@ def test_public_names() -> None:
     for name in ("CachePrediction", "Calibration", "Estimate", "PromptCachePredictor", "TokenEstimator"):
         assert name in ratekeeper.__all__
     assert math.isclose(ratekeeper.TokenEstimator().calibration("x").factor, 1.0)
+
+
+def test_the_reservation_adds_a_margin_of_two_typical_errors() -> None:
+    """A request admitted the moment a bucket holds its estimate must not be refused for the error."""
+    cold = TokenEstimator().estimate(body(user("x" * 35_000)), now=0.0)
+    assert cold.margin == pytest.approx(math.exp(2 * 0.05))  # ~10.5% before anything is known
+    assert cold.reserved.input_tokens == math.ceil(cold.demand.input_tokens * cold.margin)
+    assert attrs.evolve(cold.reserved, input_tokens=cold.demand.input_tokens) == cold.demand
+    # calibrated on requests that are off by +-3%: the margin follows the errors seen
+    _, request = synthetic_run("claude-sonnet-4-5", 2.8, 40)
+    warm, truth = request(20_000)
+    assert 1.0 < warm.margin < 1.06
+    assert warm.reserved.input_tokens >= truth * 0.98
+    # an exact count needs no margin
+    counted = TokenEstimator(counter=lambda _: 8016).estimate(body(user("x" * 35_000)), now=0.0)
+    assert counted.margin == 1.0
+    assert counted.reserved == counted.demand

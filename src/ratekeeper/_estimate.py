@@ -30,6 +30,10 @@ TokenCounter: TypeAlias = Callable[[Mapping[str, Any]], int]
 
 # Calibration: factors outside [1/4, 4] mean a bug or a wrong family, not a tokenizer.
 _MAX_LOG_FACTOR: Final = math.log(4.0)
+# Before any observation a family's estimates are off by about this much (log scale, ~5%).
+_COLD_LOG_ERROR: Final = 0.05
+# The reservation's margin: this many typical errors.
+_MARGIN_ERRORS: Final = 2.0
 
 
 @final
@@ -37,11 +41,16 @@ _MAX_LOG_FACTOR: Final = math.log(4.0)
 class Estimate:
     """What one request is expected to cost, and what calibration needs to learn from it.
 
-    ``demand`` is what the limiter reserves. ``text_tokens`` is the raw
-    character-based part (characters / the family's characters per token,
-    before calibration); ``fixed_tokens`` the part not derived from characters
-    (images, PDF pages, framing); ``factor`` the calibration factor applied to
-    ``text_tokens``; ``counted_tokens`` the exact counter's answer, if one is set.
+    ``demand`` is the best estimate; ``reserved`` what the limiter reserves: the
+    same with the uncached input raised by ``margin``, two typical calibration
+    errors of the family, so that a request admitted the moment a bucket holds
+    its estimate is not refused for the estimate's error (settlement gives the
+    difference back). ``text_tokens`` is the raw character-based part
+    (characters / the family's characters per token, before calibration);
+    ``fixed_tokens`` the part not derived from characters (images, PDF pages,
+    framing); ``factor`` the calibration factor applied to ``text_tokens``;
+    ``counted_tokens`` the exact counter's answer, if one is set (then there is
+    no margin).
     """
 
     demand: Demand
@@ -53,6 +62,15 @@ class Estimate:
     counted_tokens: int | None
     thinking: bool
     cache: CachePrediction
+    margin: float = 1.0
+
+    @property
+    def reserved(self) -> Demand:
+        """``demand`` with its uncached input times ``margin`` (rounded up)."""
+        d = self.demand
+        if self.margin <= 1.0 or not d.input_tokens:
+            return d
+        return attrs.evolve(d, input_tokens=math.ceil(d.input_tokens * self.margin))
 
     @property
     def input_tokens(self) -> int:
@@ -84,6 +102,8 @@ class Calibration:
 class _Learned:
     log_factor: float = 0.0
     observations: int = 0
+    # the typical size of a calibration error (mean absolute log error), for the margin
+    log_error: float = _COLD_LOG_ERROR
     # index 0: without thinking, 1: with thinking
     output_ratio: list[float] = attrs.Factory(lambda: [1.0, 1.0])
     output_observations: list[int] = attrs.Factory(lambda: [0, 0])
@@ -161,6 +181,7 @@ class TokenEstimator:
         with self._lock:
             learned = self._learned.get(profile.family) or _Learned()
             factor = math.exp(learned.log_factor)
+            margin = math.exp(_MARGIN_ERRORS * learned.log_error)
             ratio = learned.output_ratio[scan.thinking]
         tokens = token_counter(factor / profile.chars_per_token)
         total = tokens(scan.text_chars, scan.fixed_tokens)
@@ -198,6 +219,7 @@ class TokenEstimator:
             counted_tokens=counted,
             thinking=scan.thinking,
             cache=cache,
+            margin=1.0 if counted is not None else margin,
         )
 
     def observe(self, estimate: Estimate, usage: object) -> None:
@@ -219,6 +241,8 @@ class TokenEstimator:
                 target = min(max(math.log(seen), -_MAX_LOG_FACTOR), _MAX_LOG_FACTOR)
                 weight = text / (text + estimate.fixed_tokens)
                 rate = _rate(learned.observations, self._floor) * weight
+                miss = abs(target - learned.log_factor)  # this estimate's error, before learning from it
+                learned.log_error = (1.0 - rate) * learned.log_error + rate * miss
                 # (1 - r) * x + r * t, not x + r * (t - x): exact at r = 1.
                 learned.log_factor = (1.0 - rate) * learned.log_factor + rate * target
                 learned.observations += 1

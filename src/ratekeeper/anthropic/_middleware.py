@@ -508,7 +508,7 @@ class RateLimitMiddleware(anthropic.Middleware):
         estimate: Estimate | None = None
         try:
             estimate = self._estimator.estimate(body, now=self._now())
-            demand = estimate.demand
+            demand = estimate.reserved
         except UnknownModelError:
             raise
         except ConfigurationError as exc:
@@ -517,8 +517,8 @@ class RateLimitMiddleware(anthropic.Middleware):
             demand = Demand(
                 input_tokens=len(json.dumps(body, default=str)) // 3, max_tokens=_max_tokens(body)
             )
-        if counted is not None:
-            demand = _with_count(demand, counted)
+        if counted is not None:  # exact: no margin for estimation errors
+            demand = _with_count(estimate.demand if estimate is not None else demand, counted)
         if self._wallet is not None:
             demand = attrs.evolve(demand, credits=self._wallet.reservation(demand))
         return _Plan(route, model, demand, estimate)
