@@ -211,9 +211,11 @@ async def test_a_429_storm_is_met_once_then_waited_out(anyio_backend: Any) -> No
     limiter = Limiter("tier-1")
     statuses = await run(async_client(server, limiter, max_retries=50))
     assert statuses.count(200) == 20
-    # without the limiter every request meets its own 429s; with it, the first wave does and
-    # the pool (paused, then resynced and learned) holds the rest
-    assert statuses.count(429) < baseline / 4
+    # Without the limiter every request meets its own 429s, retries included (47 to 190 in
+    # twelve runs: the SDK's retry jitter is random, so that count is no yardstick); with it,
+    # at most the first wave does (19 of 20, the limiter starting at 50 RPM) and the pool,
+    # paused, then resynced and learned, holds the rest (0 to 12 in the same runs).
+    assert statuses.count(429) < 20 <= baseline
     assert in_flight(limiter) == 0
 
 
