@@ -51,9 +51,10 @@ def test_a_one_second_bucket_is_read_from_the_headers_before_any_429() -> None:
         )
     )
     stats = limiter.statistics()[POOL]
-    # the tightest bound is ITPM's: (0 remaining + 500 rounding + 500/s * (1 s + 1 s precision)) / 30,000
-    # (RPM's is (0 + 1 + 50/60 * 2) / 50 = 0.053, OTPM's (0 + 500 + 8000/60 * 2) / 8,000 = 0.096)
-    assert stats.burst == pytest.approx(0.05)
+    # the tightest bound is ITPM's: (0 remaining + 500 rounding + 500/s * 1 s) / 30,000 = 2/60
+    # (RPM's is (0 + 1 + 50/60 * 1) / 50 = 0.037, OTPM's (0 + 500 + 8000/60 * 1) / 8,000 = 0.079);
+    # two seconds at most, and no report showed more than one: the documented one-second bucket
+    assert stats.burst == pytest.approx(MIN_BURST)
     assert stats.rate_limited == 0
     assert stats.capacity["input_tokens"] == pytest.approx(30_000 * stats.burst)
 
@@ -71,6 +72,35 @@ def test_full_minute_headers_leave_the_burst_alone() -> None:
         )
     )
     assert limiter.statistics()[POOL].burst == 1.0
+
+
+def test_stale_headers_of_a_long_request_leave_a_full_minute_burst_alone() -> None:
+    """A non-streamed response's buckets were read when its request arrived, its date when it ended."""
+    clock = Clock()
+    limiter = Limiter("tier-1", clock=clock)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
+    clock.now += 12.0  # the request ran 12 s
+    # Read at arrival: 20,000 input tokens left, full 20 s later; the date is 12 s on. Taken as
+    # fresh, remaining + rate * (reset - date) = 20,000 + 500/s * 8 s = 24,000: a 0.8-minute bucket.
+    permit.observe(
+        headers(
+            requests=(49, "2026-01-05T00:00:11Z"),
+            input_=(20_000, "2026-01-05T00:00:18Z"),
+            output=(7_000, "2026-01-05T00:00:17Z"),
+        )
+        | {"date": "Mon, 05 Jan 2026 00:00:10 GMT"}
+    )
+    assert limiter.statistics()[POOL].burst == 1.0
+    # the same report, fresh (its request admitted just now) shows the smaller bucket
+    fresh = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)
+    fresh.observe(
+        headers(
+            requests=(49, "2026-01-05T00:00:11Z"),
+            input_=(20_000, "2026-01-05T00:00:18Z"),
+            output=(7_000, "2026-01-05T00:00:17Z"),
+        )
+    )
+    assert limiter.statistics()[POOL].burst == pytest.approx((20_000 + 500 + 500 * 8) / 30_000)
 
 
 def test_a_reset_in_the_past_is_no_evidence() -> None:
@@ -98,7 +128,7 @@ def test_a_429_after_the_burst_was_fitted_does_not_halve_it_again() -> None:
     )
     permit.observe({**tight, "retry-after": "1"}, status=429)
     stats = limiter.statistics()[POOL]
-    assert stats.burst == pytest.approx(0.05)
+    assert stats.burst == pytest.approx(MIN_BURST)
     assert (stats.rate_limited, stats.rate_limited_predicted) == (1, 0)
 
 
@@ -119,15 +149,105 @@ def test_a_learned_limit_keeps_what_was_used() -> None:
     assert pool.levels(0.0)["input_tokens"] == 450_000 - 25_000
 
 
-def test_fit_burst_only_shrinks_clearly_and_never_below_one_second() -> None:
+def test_fit_burst_only_shrinks_and_never_below_one_second() -> None:
     pool = Pool("p", {"requests": 60}, now=0.0)
-    assert not pool.fit_burst(0.97, now=0.0)  # within 5%: no evidence
     assert not pool.fit_burst(2.0, now=0.0)
+    assert pool.fit_burst(0.97, now=0.0)  # an upper bound: any smaller one is evidence
+    assert pool.burst == pytest.approx(0.97)
     assert pool.fit_burst(0.001, now=0.0)
     assert pool.burst == MIN_BURST
+
+
+def test_growth_stops_at_the_smallest_bucket_the_headers_showed() -> None:
+    pool = Pool("p", {"input_tokens": 60_000}, now=0.0)
+    assert pool.fit_burst(0.4, now=0.0)
+    pool.shrink_burst(now=0.0)  # an unexplained 429: 0.2
+    for minute in range(1, 6):
+        pool.grow_burst(now=60.0 * minute)
+    assert pool.burst == pytest.approx(0.4)  # not 1.0: the headers showed at most 0.4
+    # a report of more left than that bucket holds proves a bigger one
+    assert pool.widen_burst(0.55, now=300.0)
+    assert pool.burst == pytest.approx(0.55)
+    assert not pool.widen_burst(0.5, now=300.0)
+    pool.shrink_burst(now=300.0)
+    for minute in range(6, 12):
+        pool.grow_burst(now=60.0 * minute)
+    assert pool.burst == pytest.approx(0.55)
+
+
+def test_a_report_of_more_left_than_the_burst_holds_widens_it() -> None:
+    clock = Clock()
+    limiter = Limiter("tier-1", clock=clock)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
+    permit.observe({"retry-after": "0"}, status=429)  # unexplained: the burst halves
+    assert limiter.statistics()[POOL].burst == 0.5
+    clock.now += 1.0
+    later = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)
+    later.observe(
+        headers(
+            requests=(20, "2026-01-05T00:00:46Z"),
+            input_=(25_000, "2026-01-05T00:01:10Z"),
+            output=(5_000, "2026-01-05T00:00:32Z"),
+        )
+    )
+    # 25,000 - 500 rounding left of 30,000 (RPM: 20 of 50, OTPM: 4,500 of 8,000):
+    # the server's bucket holds at least 0.817 of a minute
+    assert limiter.statistics()[POOL].burst == pytest.approx(24_500 / 30_000)
 
 
 def test_request_resync_is_exact() -> None:
     pool = Pool("p", {"requests": 50}, now=0.0)
     assert pool.resync("requests", 49.0, 0.0) == -1.0
     assert pool.levels(0.0)["requests"] == 49.0
+
+
+def test_429s_others_caused_cut_the_share_of_the_refill_once_per_event() -> None:
+    """AIMD on the refill rate: others' traffic, seen only as 429s the headers explain."""
+    from ratekeeper._limiter import MIN_SHARE, SHARE_DECREASE, SHARE_STEP, SHARE_STEP_EVERY
+
+    clock = Clock()
+    events: list[tuple[str, dict[str, float]]] = []
+    limiter = Limiter("tier-1", clock=clock, on_event=lambda e: events.append((e.kind, dict(e.detail))))
+    first = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
+    second = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
+    # the server had 1,000 input tokens left (another client took the rest); its bucket is a
+    # minute's (full in 58 s at 500/s): the refusal is explained, the burst is right
+    explained = headers(
+        requests=(48, "2026-01-05T00:00:12Z"),
+        input_=(1_000, "2026-01-05T00:01:08Z"),
+        output=(6_000, "2026-01-05T00:00:25Z"),
+    )
+    first.observe({**explained, "retry-after": "2"}, status=429)
+    rate = 30_000 / 60
+    share = SHARE_DECREASE
+    assert ("share_change", {"share": share}) in events
+    stats = limiter.statistics()[POOL]
+    assert (stats.burst, stats.rate_limited, stats.rate_limited_predicted) == (1.0, 1, 1)
+    # a 429 of a request admitted before the cut is the same event: no second cut
+    second.observe({**explained, "retry-after": "2"}, status=429)
+    assert [k for k, _ in events].count("share_change") == 1
+    first.release()
+    second.release()
+    # the buckets now refill at the share of the rate
+    before = limiter.statistics()[POOL].levels["input_tokens"]
+    clock.now += 4.0
+    assert limiter.statistics()[POOL].levels["input_tokens"] == pytest.approx(before + 4.0 * rate * share)
+    # a request admitted after the cut, refused the same way: a new event
+    clock.now += 60.0  # the buckets full again
+    third = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=100)
+    third.observe({**explained, "retry-after": "0"}, status=429)
+    third.release()
+    share *= SHARE_DECREASE
+    shares = [d["share"] for k, d in events if k == "share_change"]
+    assert shares == [pytest.approx(SHARE_DECREASE), pytest.approx(share)]
+    # clean responses raise it back, one step per SHARE_STEP_EVERY seconds
+    for _ in range(3):
+        clock.now += SHARE_STEP_EVERY
+        ok = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)
+        ok.observe({}, status=200)
+        ok.settle({"input_tokens": 10, "output_tokens": 5})
+        share = min(1.0, share + SHARE_STEP)
+    kind, detail = events[-1]
+    assert kind == "share_change"
+    assert detail["share"] == pytest.approx(share)
+    assert MIN_SHARE <= share < 1.0

@@ -549,16 +549,17 @@ def test_a_one_second_bucket_is_read_from_the_headers_and_shared(
     b, b_backend = make(redis_server, backends)
     permit = a.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=1_000)
     # nearly empty, yet full again one second after the date: the server's buckets hold
-    # one second of the limit. The tightest bound is ITPM's:
-    # (0 remaining + 500 rounding + 100,000/60 * (1 s + 1 s precision)) / 100,000
-    bound = (500 + 100_000 / 60 * 2) / 100_000
+    # one second of the limit. The tightest bound is ITPM's, (0 remaining + 500 rounding +
+    # 100,000/60 * 1 s) / 100,000 = 0.022: under two seconds, and no report showed more than
+    # one, so the one second the documentation names
+    bound = 1 / 60
     permit.observe(full_headers(0, 0, 0, reset="2026-01-05T00:00:11Z"))
     assert a.statistics()[POOL].burst == pytest.approx(bound)  # before any 429
     assert a_backend.flush()
     assert stored_burst(redis_server) == pytest.approx(bound)
     assert capacity(redis_server, "input_tokens") == pytest.approx(100_000 * bound)
     # clamped, not shifted: the resync left -500 (the report's lowest reading), the smaller
-    # bucket keeps it (shifting would carry the 100,000-token deficit over: -96,667)
+    # bucket keeps it (shifting would carry the 100,000-token deficit over: -98,833)
     assert level(redis_server, "input_tokens") == pytest.approx(-500, abs=100)
     assert a.statistics()[POOL].rate_limited == 0
     # another process's next settle brings the shared burst to its own view
@@ -577,7 +578,7 @@ def test_a_429_after_the_burst_was_fitted_does_not_halve_it_again(
     tight = full_headers(0, 0, 0, reset="2026-01-05T00:00:11Z")
     permit.observe({**tight, "retry-after": "1"}, status=429)
     assert backend.flush()
-    bound = (500 + 100_000 / 60 * 2) / 100_000
+    bound = 1 / 60  # (500 + 100,000 / 60 * 1 s) / 100,000 = 0.022: one second's bucket
     stats = limiter.statistics()[POOL]
     assert stats.burst == pytest.approx(bound)
     assert stored_burst(redis_server) == pytest.approx(bound)

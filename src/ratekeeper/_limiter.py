@@ -43,7 +43,7 @@ from ratekeeper._errors import (
     WouldBlock,
 )
 from ratekeeper._headers import RateLimitSnapshot, parse_headers
-from ratekeeper._pool import Pool
+from ratekeeper._pool import MIN_BURST, Pool
 from ratekeeper._presets import batch_limits, count_tokens_rpm, limits_for, spend_cap
 from ratekeeper._stats import (
     AdmittedWindow,
@@ -61,6 +61,14 @@ if TYPE_CHECKING:
 __all__ = ["Limiter", "Permit"]
 
 log = logging.getLogger("ratekeeper")
+
+#: The share of the refill rate a pool counts on: cut by this factor on a 429 that the server's
+#: report explains but the model did not foresee, raised by SHARE_STEP every SHARE_STEP_EVERY
+#: clean seconds, never below MIN_SHARE (additive increase, multiplicative decrease).
+SHARE_DECREASE: Final = 0.7
+SHARE_STEP: Final = 0.05
+SHARE_STEP_EVERY: Final = 5.0
+MIN_SHARE: Final = 0.25
 
 #: Token ``-remaining`` headers are rounded to the nearest thousand.
 ROUNDING_MARGIN: Final = 500.0
@@ -172,6 +180,9 @@ class _PoolRuntime:
         "reserves_max_tokens",
         "resyncs",
         "rules",
+        "share",
+        "share_seq",
+        "share_since",
         "shrink_seq",
         "uncounted",
         "waits",
@@ -202,6 +213,11 @@ class _PoolRuntime:
         self.uncounted: Mapping[str, float] = {}
         # permits admitted before the last burst shrink: their 429s are old news
         self.shrink_seq = -1
+        # the fraction of each refill this client counts on: others may be drawing too
+        # (lowered by 429s the model did not foresee, raised back by clean traffic)
+        self.share = 1.0
+        self.share_seq = -1
+        self.share_since = -math.inf
 
     def record(
         self, now: float, draws: Mapping[str, float], sign: float = 1.0, *, counted: bool = True
@@ -637,7 +653,7 @@ class Limiter:
             return
         scale = self._warm_scale(now)
         for rt in self._pools.values():
-            rt.pool.scale_rates(scale, now)
+            rt.pool.scale_rates(scale * rt.share, now)
         if scale >= 1.0:
             self._warmup = None
 
@@ -1196,7 +1212,7 @@ class Limiter:
             out = float(output)
             give_in = charged.get("input_tokens", 0.0) - inp
             give_out = charged.get("output_tokens", 0.0) - out
-            if give_in >= 0.0 and give_out >= 0.0 and pool.burst == 1.0 and not rt.queued:
+            if give_in >= 0.0 and give_out >= 0.0 and pool.burst == 1.0 and rt.share == 1.0 and not rt.queued:
                 # Only refunds, and nobody to wake: no clock is read. A refund leaves the
                 # same level whether it is added before or after the refill since the
                 # bucket's last update (both clamp at capacity), so each bucket takes it
@@ -1225,7 +1241,7 @@ class Limiter:
             permit._state = _SETTLED
             del rt.in_flight[permit.seq]
             if now > -math.inf:
-                if pool.burst < 1.0:
+                if pool.burst < 1.0 or rt.share < 1.0:
                     self._grow_burst(rt, now)
                 if rt.queued or rt.queue or self._warmup is not None:
                     self._dispatch(rt, now)
@@ -1237,6 +1253,11 @@ class Limiter:
 
     def _grow_burst(self, rt: _PoolRuntime, now: float) -> None:
         """Traffic flows cleanly: after ``burst_recovery`` seconds without a 429 the burst grows back."""
+        if rt.share < 1.0 and now - rt.share_since >= SHARE_STEP_EVERY:
+            rt.share = min(1.0, rt.share + SHARE_STEP)
+            rt.share_since = now
+            rt.pool.scale_rates(self._warm_scale(now) * rt.share, now)
+            self._emit("share_change", rt, now, {"share": rt.share})
         if self._adaptive and rt.pool.burst < 1.0:
             old = rt.pool.burst
             if rt.pool.grow_burst(now, clean_for=self._burst_recovery) != old:
@@ -1353,6 +1374,7 @@ class Limiter:
         # the dimensions tells a shorter enforcement interval before any 429 does.
         date = snap.server_date
         burst_bound = math.inf
+        burst_floor = 0.0
         unseen: dict[str, float] = {}
         if permit is not None:
             # everything we charged (or refunded) since this request was admitted, in flight or done
@@ -1381,7 +1403,8 @@ class Limiter:
                     learn = dim in pool.limits or info.limit < combined
                 else:
                     learn = dim in pool.limits or dim.startswith("priority")
-                if learn and pool.set_limit(dim, float(info.limit), now, rate_scale=self._warm_scale(now)):
+                scale = self._warm_scale(now) * rt.share
+                if learn and pool.set_limit(dim, float(info.limit), now, rate_scale=scale):
                     changed = True
                     self._fail_impossible(rt)
                     self._emit("limit_change", rt, now, {dim: info.limit})
@@ -1395,12 +1418,27 @@ class Limiter:
                     changed = True
                     rt.resyncs += 1
                     self._emit("resync", rt, now, {"dimension": dim, "delta": delta})
-                if info.reset is not None and date is not None and pool.buckets[dim].rate > 0.0:
-                    burst_bound = min(burst_bound, _burst_bound(info.remaining, info.reset, date, dim, pool))
+                if pool.buckets[dim].rate > 0.0:
+                    # the server's bucket holds at least what it reports left
+                    burst_floor = max(burst_floor, (info.remaining - margin) / pool.limits[dim])
+                if (
+                    permit is not None  # a response of unknown age bounds nothing
+                    and info.reset is not None
+                    and date is not None
+                    and pool.buckets[dim].rate > 0.0
+                ):
+                    age = max(0.0, now - permit.started_at)
+                    burst_bound = min(
+                        burst_bound, _burst_bound(info.remaining, info.reset, date, dim, pool, age)
+                    )
         fitted = False
+        burst_bound = _fitted_burst(burst_bound, burst_floor)
         if self._adaptive and burst_bound < 1.0 and pool.fit_burst(burst_bound, now):
             fitted = changed = True
             rt.shrink_seq = next(self._seq)
+            self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        elif self._adaptive and pool.widen_burst(burst_floor, now):
+            changed = True
             self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
         if changed:
             self._dispatch(rt, now)
@@ -1419,6 +1457,14 @@ class Limiter:
         predicted = permit is not None and not fitted and _explained_by_remaining(snap, permit)
         if predicted:
             rt.rate_limited_predicted += 1
+            if self._adaptive and (permit is None or permit.seq > rt.share_seq):
+                # others draw on the pool too: count on less of each refill (once per event:
+                # the 429s of requests admitted before the last cut are old news)
+                rt.share_seq = next(self._seq)
+                rt.share = max(MIN_SHARE, rt.share * SHARE_DECREASE)
+                rt.share_since = now
+                pool.scale_rates(self._warm_scale(now) * rt.share, now)
+                self._emit("share_change", rt, now, {"share": rt.share})
         elif self._adaptive and not fitted and (permit is None or permit.seq > rt.shrink_seq):
             # once per event: the 429s of requests admitted before the last shrink are old news
             burst = pool.shrink_burst(now)
@@ -1761,12 +1807,19 @@ def _explained_by_remaining(snap: RateLimitSnapshot, permit: Permit) -> bool:
     return False
 
 
-def _burst_bound(remaining: int, reset: _dt.datetime, date: _dt.datetime, dim: str, pool: Pool) -> float:
+def _burst_bound(
+    remaining: int, reset: _dt.datetime, date: _dt.datetime, dim: str, pool: Pool, age: float = 0.0
+) -> float:
     """An upper bound on the server's bucket size for ``dim``, as a fraction of its limit.
 
-    ``remaining + rate * (reset - date)`` is the server's capacity; the bound adds
-    the rounding of ``remaining`` (nearest thousand for tokens, the floor for
-    requests) and one second for the whole-second precision of ``date``. A
+    ``remaining + rate * (reset - t)`` is the server's capacity, where ``t`` is
+    when the server read its bucket: no earlier than the request was admitted,
+    ``age`` seconds before the response. The ``date`` header is the response's
+    time truncated to the second, so ``t >= date - age`` and the bound uses
+    ``reset - date + age``, plus the rounding of ``remaining`` (nearest
+    thousand for tokens, the floor for requests). This matters: a non-streamed
+    response's buckets are read when the request arrived, and ``reset - date``
+    alone then understates a full-minute bucket by the request's duration. A
     server in debt reports a later reset, which only raises the bound: it can
     make the bound miss a small bucket, never invent one.
     """
@@ -1775,7 +1828,28 @@ def _burst_bound(remaining: int, reset: _dt.datetime, date: _dt.datetime, dim: s
     if until_full < 0.0:
         return math.inf  # inconsistent or stale: no evidence either way
     slack = 1.0 if dim == "requests" else ROUNDING_MARGIN
-    return (remaining + slack + limit / 60.0 * (until_full + 1.0)) / limit
+    return (remaining + slack + limit / 60.0 * (until_full + age)) / limit
+
+
+def _fitted_burst(upper: float, lower: float) -> float:
+    """The burst to assume when the headers bound the server's bucket between ``lower`` and ``upper``.
+
+    ``upper`` as a rule. But the headers' precision (token counts rounded to the
+    thousand, times to the second) cannot tell one second's bucket from
+    slightly more, and for a request larger than the bucket an overestimate
+    is as harmful as an underestimate: the client would wait for refill the
+    server throws away, then count it as held. When the bound is two seconds
+    or less and nothing showed more than one, the bucket is taken to be the
+    one second the documentation names ("60 RPM may be enforced as 1 per second").
+
+    >>> _fitted_burst(1.5 / 60, 0.8 / 60) == MIN_BURST
+    True
+    >>> _fitted_burst(1.5 / 60, 1.2 / 60) == 1.5 / 60
+    True
+    """
+    if upper <= 2.0 * MIN_BURST * (1.0 + 1e-9) and lower <= MIN_BURST * (1.0 + 1e-9):
+        return MIN_BURST
+    return upper
 
 
 def _first_of_next_month(moment: _dt.datetime) -> _dt.datetime:

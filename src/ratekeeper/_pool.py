@@ -42,6 +42,7 @@ class Pool:
 
     __slots__ = (
         "_burst",
+        "_ceiling",
         "_clean_since",
         "_plain",
         "buckets",
@@ -67,6 +68,8 @@ class Pool:
         self.paused_until = -math.inf
         self.pause_reason = ""
         self._clean_since = now
+        # the largest burst the headers allow (fit_burst, widen_burst); 1.0 until they show less
+        self._ceiling = 1.0
         # take_plain's buckets, found at its first call; None again whenever a bucket is replaced
         self._plain: tuple[TokenBucket | None, ...] | None = None
         for dim, limit in limits.items():
@@ -282,15 +285,34 @@ class Pool:
                 self._resize(dim, now, capacity=self._capacity(dim, self.limits[dim]), keep_used=False)
 
     def fit_burst(self, burst: float, now: float) -> bool:
-        """Shrink the burst to ``burst`` if that is clearly smaller (the server's bucket is).
+        """The server's bucket holds at most ``burst``: shrink to it if smaller.
 
-        Returns True if it shrank. Never grows: growth is earned by clean traffic.
+        ``burst`` is an upper bound read from a response's headers. The smallest
+        one seen also caps how far clean traffic grows the burst back
+        (``grow_burst``), until ``widen_burst`` shows a larger bucket. Returns
+        True if the burst shrank.
         """
         burst = max(MIN_BURST, min(1.0, burst))
-        if burst >= self._burst * 0.95:
+        if burst < self._ceiling:
+            self._ceiling = burst
+        if burst >= self._burst:
             return False
         self.set_burst(burst, now)
         self._clean_since = now
+        return True
+
+    def widen_burst(self, burst: float, now: float) -> bool:
+        """The server's bucket holds at least ``burst`` (its remaining showed as much): grow to it.
+
+        Returns True if the burst grew. Levels do not jump: a bucket that grows
+        gains nothing at once, it refills.
+        """
+        burst = min(1.0, burst)
+        if burst <= self._burst:
+            return False
+        if burst > self._ceiling:
+            self._ceiling = burst
+        self.set_burst(burst, now)
         return True
 
     def resync(self, dim: str, target: float, now: float) -> float:
@@ -317,9 +339,14 @@ class Pool:
         return self._burst
 
     def grow_burst(self, now: float, *, clean_for: float = 60.0, factor: float = 1.25) -> float:
-        """After ``clean_for`` seconds without a 429, let the burst grow back by ``factor``."""
-        if self._burst < 1.0 and now - self._clean_since >= clean_for:
-            self.set_burst(min(1.0, self._burst * factor), now)
+        """After ``clean_for`` seconds without a 429, let the burst grow back by ``factor``.
+
+        Never past the smallest bucket the headers showed (``fit_burst``): growing
+        into a size the server has proven it does not have only buys 429s.
+        """
+        ceiling = self._ceiling
+        if self._burst < ceiling and now - self._clean_since >= clean_for:
+            self.set_burst(min(ceiling, self._burst * factor), now)
             self._clean_since = now
         return self._burst
 

@@ -51,6 +51,7 @@ from ratekeeper._limiter import (
     _draws,
     _error_fields,
     _explained_by_remaining,
+    _fitted_burst,
     _PoolRuntime,
     _unified_wait,
     _Waiter,
@@ -722,6 +723,7 @@ class RemoteEngine:
         pool = rt.pool
         date = snap.server_date
         bound = math.inf
+        floor = 0.0
         args: list[str | int] = [
             permit.seq if permit is not None else -1,
             "1" if limiter._learn else "0",
@@ -741,14 +743,12 @@ class RemoteEngine:
             target = repr(info.remaining - margin) if info.remaining is not None else ""
             args += [dim, limit, target]
             bucket = pool.buckets.get(dim)
-            if (
-                info.remaining is not None
-                and info.reset is not None
-                and date is not None
-                and bucket is not None
-                and bucket.rate > 0.0
-            ):
-                bound = min(bound, _burst_bound(info.remaining, info.reset, date, dim, pool))
+            if info.remaining is not None and bucket is not None and bucket.rate > 0.0:
+                floor = max(floor, (info.remaining - margin) / pool.limits[dim])
+                if permit is not None and info.reset is not None and date is not None:
+                    age = max(0.0, now - permit.started_at)
+                    bound = min(bound, _burst_bound(info.remaining, info.reset, date, dim, pool, age))
+        bound = _fitted_burst(bound, floor)
 
         def done(reply: Reply) -> None:
             with limiter._lock:

@@ -63,7 +63,8 @@ class LimiterEvent:
 
     ``kind`` is one of ``grant``, ``pause``, ``resync``, ``limit_change``,
     ``rate_limited``, ``overloaded``, ``spend_limit``, ``unified_warning``,
-    ``burst_change``, ``insufficient_credits``.
+    ``burst_change``, ``share_change`` (the share of the refill a pool counts on),
+    ``insufficient_credits``.
     """
 
     kind: str
