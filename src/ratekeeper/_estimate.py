@@ -241,8 +241,12 @@ class TokenEstimator:
                 target = min(max(math.log(seen), -_MAX_LOG_FACTOR), _MAX_LOG_FACTOR)
                 weight = text / (text + estimate.fixed_tokens)
                 rate = _rate(learned.observations, self._floor) * weight
-                miss = abs(target - learned.log_factor)  # this estimate's error, before learning from it
-                learned.log_error = (1.0 - rate) * learned.log_error + rate * miss
+                if learned.observations:
+                    # this estimate's error, before learning from it; the first one (the
+                    # uncalibrated ratio's) says nothing of how calibrated estimates miss
+                    miss = abs(target - learned.log_factor)
+                    error_rate = _rate(learned.observations - 1, self._floor) * weight
+                    learned.log_error = (1.0 - error_rate) * learned.log_error + error_rate * miss
                 # (1 - r) * x + r * t, not x + r * (t - x): exact at r = 1.
                 learned.log_factor = (1.0 - rate) * learned.log_factor + rate * target
                 learned.observations += 1
