@@ -107,6 +107,9 @@ class Held:
     step: int  # when it was granted
     refused: bool  # the server has no room for it (we had not heard of the other client yet): a 429
     server_held: dict[str, float]  # what the modelled server holds for it
+    levels: dict[str, float]  # our model's levels right after its grant
+    uncounted_mark: dict[str, float]  # what had been given back uncounted by then
+    lowered_mark: dict[str, float]  # how much resyncs had lowered our model by then
     status: int | None = None
 
 
@@ -152,6 +155,9 @@ class LimiterMachine(RuleBasedStateMachine):
         self.model = {d: Bucket(v, now) for d, v in LIMITS.items()}
         self.server = {d: Bucket(v, now) for d, v in LIMITS.items()}
         self.own: dict[str, float] = dict.fromkeys(DIMS, 0.0)
+        # given back without the server ever counting it (never sent, or refused)
+        self.uncounted: dict[str, float] = dict.fromkeys(DIMS, 0.0)
+        self.lowered: dict[str, float] = dict.fromkeys(DIMS, 0.0)  # by resyncs, so far
         self.paused_until = -math.inf
         self.step = 0
         self.held: dict[int, Held] = {}  # by id(permit)
@@ -180,6 +186,8 @@ class LimiterMachine(RuleBasedStateMachine):
                     bucket.refund(amount, now)
             if counted:
                 self.own[dim] += sign * amount
+            elif sign < 0:
+                self.uncounted[dim] += amount
 
     def _admit(self, permit: Permit, cost: dict[str, float]) -> None:
         now = self.now()
@@ -208,6 +216,9 @@ class LimiterMachine(RuleBasedStateMachine):
             step=self.step,
             refused=refused,
             server_held=server_held,
+            levels={d: b.at(now) for d, b in self.model.items()},
+            uncounted_mark=dict(self.uncounted),
+            lowered_mark=dict(self.lowered),
         )
 
     def _server(self, amounts: Mapping[str, float], sign: float) -> None:
@@ -398,17 +409,33 @@ class LimiterMachine(RuleBasedStateMachine):
                 remaining = float(max(0, math.floor(snap[dim] + EPS)))
             else:
                 remaining = float(max(0, round_thousand(snap[dim])))
+            lowest = remaining - MARGIN[dim]
             if held is not None:
-                unseen = self.own[dim] - held.mark[dim]
+                # The report is of the server just after this request's grant: lower our model by
+                # how far it was ahead then. In it but never in the server: this request's tokens
+                # if refused, earlier requests not sent yet, and earlier requests given back unsent
+                # since (a later one given back too makes this lower more than needed: safe).
+                extra = 0.0
                 if (held.status or 0) >= 400 and dim != "requests":  # never taken, given back on release
-                    unseen += held.charged[dim]
+                    extra += held.charged[dim]
                 for other in self.held.values():  # admitted before it but not sent: not counted yet
                     p = other.permit
                     if p.active and not p.sent and p.seq < held.permit.seq:
-                        unseen += other.charged[dim]
+                        extra += other.charged[dim]
+                extra += max(0.0, self.uncounted[dim] - held.uncounted_mark[dim])
+                # what resyncs since took off, other reports having shown the same, not twice
+                ahead = held.levels[dim] + extra - lowest - (self.lowered[dim] - held.lowered_mark[dim])
+                if ahead > 0:
+                    self._lower(dim, self.model[dim].at(now) - ahead)
             else:  # a response of unknown age: everything in flight is unseen
                 unseen = sum(h.charged[dim] for h in self.held.values() if h.permit.active)
-            self.model[dim].lower(remaining - MARGIN[dim] - unseen, now)
+                self._lower(dim, lowest - unseen)
+
+    def _lower(self, dim: str, target: float) -> None:
+        now = self.now()
+        before = self.model[dim].at(now)
+        self.model[dim].lower(target, now)
+        self.lowered[dim] += before - self.model[dim].at(now)
 
     @rule(
         permit=consumes(permits),

@@ -232,11 +232,12 @@ def take_request(
     input_tokens: float,
     output_tokens: float,
     now: float,
-) -> bool:
+) -> tuple[float, float, float, float] | None:
     """Charge one request, ``input_tokens`` and ``output_tokens`` (and their sum to
     ``tokens``, if given) if every bucket holds its amount at ``now``.
 
-    All or nothing: False (and nothing changed) if one does not fit, or if an
+    Returns the four levels after the charge (``nan`` for an absent ``tokens``).
+    All or nothing: None (and nothing changed) if one does not fit, or if an
     amount exceeds a bucket's ``debt_limit`` (no wait would ever help; the
     caller's general path says so). An amount above the capacity fits a full
     bucket and leaves it in debt, as ``Pool.wait_time`` allows.
@@ -246,10 +247,10 @@ def take_request(
     computed, ``now`` is finite), which saves most of their cost.
 
     >>> r, i, o = TokenBucket(5, 1.0), TokenBucket(10, 1.0), TokenBucket(5, 1.0)
-    >>> take_request(r, i, o, None, 4.0, 6.0, now=0.0)
-    False
-    >>> take_request(r, i, o, None, 4.0, 5.0, now=0.0), i.level_at(0.0), o.level_at(0.0)
-    (True, 6.0, 0.0)
+    >>> take_request(r, i, o, None, 4.0, 6.0, now=0.0) is None
+    True
+    >>> take_request(r, i, o, None, 4.0, 5.0, now=0.0)
+    (4.0, 6.0, 0.0, nan)
     """
     # Unrolled, one block per bucket: this runs for every uncontended request. A
     # level that passes its check stays >= -debt_limit once charged (the amount is
@@ -259,31 +260,33 @@ def take_request(
     if now > rt:
         rl += (now - rt) * requests._rate
     if (rl < 1.0 and rl < rc) or requests._debt_limit < 1.0:
-        return False
+        return None
     it, il, ic = inp._t, inp._level, inp._capacity
     if now > it:
         il += (now - it) * inp._rate
     if (
         input_tokens > 0.0 and il < (input_tokens if input_tokens < ic else ic)
     ) or inp._debt_limit < input_tokens:
-        return False
+        return None
     ot, ol, oc = out._t, out._level, out._capacity
     if now > ot:
         ol += (now - ot) * out._rate
     if (
         output_tokens > 0.0 and ol < (output_tokens if output_tokens < oc else oc)
     ) or out._debt_limit < output_tokens:
-        return False
+        return None
     if tokens is not None:
         amount = input_tokens + output_tokens
         tt, tl, tc = tokens._t, tokens._level, tokens._capacity
         if now > tt:
             tl += (now - tt) * tokens._rate
         if (amount > 0.0 and tl < (amount if amount < tc else tc)) or tokens._debt_limit < amount:
-            return False
-        tokens._level = (tl if tl < tc else tc) - amount
+            return None
+        tokens._level = tl = (tl if tl < tc else tc) - amount
         if now > tt:
             tokens._t = now
+    else:
+        tl = math.nan
     requests._level = (rl if rl < rc else rc) - 1.0
     inp._level = (il if il < ic else ic) - input_tokens
     out._level = (ol if ol < oc else oc) - output_tokens
@@ -293,7 +296,7 @@ def take_request(
         inp._t = now
     if now > ot:
         out._t = now
-    return True
+    return (requests._level, inp._level, out._level, tl)
 
 
 def adjust(bucket: TokenBucket, amount: float, now: float) -> None:

@@ -82,6 +82,9 @@ _RESYNC_DIMS: Final = (
     "priority_output_tokens",
 )
 _ONE_REQUEST: Final = {"requests": 1.0}
+#: The dimensions whose levels a permit notes at its grant, in ``Pool.take_plain``'s order.
+_LEVEL_DIMS: Final = ("requests", "input_tokens", "output_tokens", "tokens")
+_LEVEL_INDEX: Final = {dim: i for i, dim in enumerate(_LEVEL_DIMS)}
 _DEFAULT_PRESET: Final = "tier-1"
 _FALLBACK_PRESET: Final = "start"
 
@@ -169,6 +172,7 @@ class _PoolRuntime:
         "cache_reads_count",
         "granted",
         "in_flight",
+        "lowered",
         "next_wake",
         "overload_backoff",
         "overloaded",
@@ -211,6 +215,8 @@ class _PoolRuntime:
         # never changed in place, so a permit's mark can hold it without a copy.
         self.admitted = AdmittedWindow()
         self.uncounted: Mapping[str, float] = {}
+        # how much resyncs have lowered each of _LEVEL_DIMS so far; replaced, never changed in place
+        self.lowered: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
         # permits admitted before the last burst shrink: their 429s are old news
         self.shrink_seq = -1
         # the fraction of each refill this client counts on: others may be drawing too
@@ -233,11 +239,11 @@ class _PoolRuntime:
                 uncounted[dim] = uncounted.get(dim, 0.0) - sign * amount
             self.uncounted = uncounted
 
-    def mark(self) -> tuple[Mark, Mapping[str, float]]:
+    def mark(self) -> tuple[Mark, Mapping[str, float], tuple[float, ...]]:
         """What ``spent`` is now, for a permit to note at its grant."""
-        return self.admitted.mark(), self.uncounted
+        return self.admitted.mark(), self.uncounted, self.lowered
 
-    def spent_since(self, mark: tuple[Mark, Mapping[str, float]]) -> dict[str, float]:
+    def spent_since(self, mark: tuple[Mark, Mapping[str, float], tuple[float, ...]]) -> dict[str, float]:
         """What this client charged (or refunded) on the pool since ``mark``.
 
         Spent is everything charged, net of the settlements the server makes
@@ -245,7 +251,7 @@ class _PoolRuntime:
         given back. A resync subtracts what was spent since a response's
         request was admitted: the server could not have seen it yet.
         """
-        admitted_then, uncounted_then = mark
+        admitted_then, uncounted_then, _ = mark
         out = self.admitted.since(admitted_then)
         uncounted = self.uncounted
         if uncounted is not uncounted_then:
@@ -278,11 +284,13 @@ class Permit:
 
     __slots__ = (
         "_charged",
+        "_levels",
         "_limiter",
         "_mark",
         "_plain",
         "_runtime",
         "_state",
+        "_version",
         "credits",
         "model",
         "pool",
@@ -302,6 +310,7 @@ class Permit:
         credits: float,
         seq: int,
         now: float,
+        levels: tuple[float, ...] | None = None,
     ) -> None:
         self._limiter = limiter
         self._runtime = runtime
@@ -310,6 +319,9 @@ class Permit:
         self.reserved: Mapping[str, float] = draws
         self._charged = dict(draws)
         self._mark = runtime.mark()
+        # the pool's levels right after this grant (_LEVEL_DIMS) and its shape then, for resync
+        self._levels = levels
+        self._version = runtime.pool.version
         # nothing but requests and (combined) input/output tokens: settle's fast path applies
         self._plain = not credits and "priority_output_tokens" not in draws and "queued_requests" not in draws
         self.credits = credits
@@ -836,7 +848,7 @@ class Limiter:
             self._wallet.charge(credit, now)
         seq = next(self._seq)
         rt.record(now, draws)
-        permit = Permit(self, rt, model, draws, credit, seq, now)
+        permit = Permit(self, rt, model, draws, credit, seq, now, _levels_after(rt.pool, now))
         rt.in_flight[seq] = permit
         rt.granted += 1
         return permit
@@ -878,7 +890,8 @@ class Limiter:
                 input_tokens += cache_read
             inp = float(input_tokens + cache_write)
             out = float(max_tokens) if rt.reserves_max_tokens else float(min(expected or 0, max_tokens))
-            if not rt.pool.take_plain(inp, out, now):
+            levels = rt.pool.take_plain(inp, out, now)
+            if levels is None:
                 return None
             if inp or out:
                 draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out, "tokens": inp + out}
@@ -887,7 +900,7 @@ class Limiter:
             rt.waits.add(0.0)
             seq = next(self._seq)
             rt.admitted.add_request(now, 1.0, inp, out)  # rt.record(now, draws), unrolled
-            permit = Permit(self, rt, model, draws, 0.0, seq, now)
+            permit = Permit(self, rt, model, draws, 0.0, seq, now, levels)
             rt.in_flight[seq] = permit
             rt.granted += 1
             return permit
@@ -975,6 +988,8 @@ class Limiter:
             if placeholder is not None:  # from the grant: its time and its place among our charges
                 permit.started_at = placeholder.started_at
                 permit._mark = placeholder._mark
+                permit._levels = placeholder._levels
+                permit._version = placeholder._version
             rt.in_flight[waiter.seq] = permit
             waiter.permit = permit
             return permit
@@ -1137,7 +1152,8 @@ class Limiter:
         rt.record(now, w.draws)
         w.seq = next(self._seq)  # permits are numbered in the order they are admitted
         # a placeholder so observe() of earlier permits counts this one as in flight
-        rt.in_flight[w.seq] = _placeholder(self, rt, w, now)
+        rt.in_flight[w.seq] = placeholder = _placeholder(self, rt, w, now)
+        placeholder._levels = _levels_after(rt.pool, now)
         if self._on_event is not None:
             self._emit("grant", rt, now, {"waited": now - w.enqueued_at})
         w.wake()
@@ -1376,19 +1392,39 @@ class Limiter:
         burst_bound = math.inf
         burst_floor = 0.0
         unseen: dict[str, float] = {}
+        # what the server could not have counted at its report though we had: see below
+        uncounted: dict[str, float] = {}
+        levels = None
+        lowered_then: tuple[float, ...] = rt.lowered
+        given_back: dict[str, float] = {}
         if permit is not None:
-            # everything we charged (or refunded) since this request was admitted, in flight or done
-            unseen = rt.spent_since(permit._mark)
             if permit.response_status is not None and permit.response_status >= 400:
                 # refused: the server never took its tokens, and release() will give them back
                 for dim, amount in permit._charged.items():
                     if dim != "requests":
-                        unseen[dim] = unseen.get(dim, 0.0) + amount
+                        uncounted[dim] = uncounted.get(dim, 0.0) + amount
             for other in rt.in_flight.values():
                 if other.seq < permit.seq and not other.sent:
                     # admitted earlier but not sent (yet): the server cannot have counted it
                     for dim, amount in other._charged.items():
-                        unseen[dim] = unseen.get(dim, 0.0) + amount
+                        uncounted[dim] = uncounted.get(dim, 0.0) + amount
+            levels = permit._levels
+            # everything we charged (or refunded) since this request was admitted, in flight or done
+            unseen = rt.spent_since(permit._mark)
+            # given back since without the server ever counting it (never sent, or refused): if
+            # admitted before this request, it was in our levels at its grant, never in the server's
+            # (if after, counting it lowers more than needed: safe)
+            _, uncounted_then, lowered_then = permit._mark
+            if rt.uncounted is not uncounted_then:
+                for dim, amount in rt.uncounted.items():
+                    given = amount - uncounted_then.get(dim, 0.0)
+                    if given > 0.0 and dim != "tokens":
+                        given_back[dim] = given_back.get(dim, 0.0) + given
+                given_back["tokens"] = given_back.get("input_tokens", 0.0) + given_back.get(
+                    "output_tokens", 0.0
+                )
+            for dim, amount in uncounted.items():
+                unseen[dim] = unseen.get(dim, 0.0) + amount
         else:
             for other in rt.in_flight.values():  # a response of unknown age: all in flight is unseen
                 for dim, amount in other._charged.items():
@@ -1412,8 +1448,38 @@ class Limiter:
                 margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
                 # the report's lowest reading, always: keeping a level anywhere in the rounding
                 # band could admit up to twice the rounding more than the server has left
-                target = info.remaining - margin - unseen.get(dim, 0.0)
+                lowest = info.remaining - margin
+                target = lowest - unseen.get(dim, 0.0)
+                at_grant = math.nan
+                # (unless a limit or the burst changed since: levels then are not comparable)
+                if (
+                    levels is not None
+                    and permit is not None
+                    and dim in _LEVEL_INDEX
+                    and permit._version == pool.version
+                ):
+                    at_grant = levels[_LEVEL_INDEX[dim]]
+                if at_grant == at_grant:  # not nan
+                    # The report is of the buckets when the request arrived, just after its
+                    # grant: by how much our model was ahead of the server then, lower it now.
+                    # Lowering to the report itself (less what we drew since) would also throw
+                    # away the refill since, which our model has counted like the server,
+                    # clamp for clamp: seconds of it for a long request and a short bucket.
+                    # less what resyncs since took off (other reports showed the same): not twice
+                    i = _LEVEL_INDEX[dim]
+                    ahead = (
+                        at_grant
+                        + uncounted.get(dim, 0.0)
+                        + given_back.get(dim, 0.0)
+                        - lowest
+                        - (rt.lowered[i] - lowered_then[i])
+                    )
+                    target = pool.buckets[dim].level_at(now) - ahead if ahead > 0.0 else math.inf
                 delta = pool.resync(dim, target, now)
+                if delta < 0.0 and dim in _LEVEL_INDEX:
+                    lowered = list(rt.lowered)
+                    lowered[_LEVEL_INDEX[dim]] -= delta
+                    rt.lowered = tuple(lowered)
                 if delta < 0.0:
                     changed = True
                     rt.resyncs += 1
@@ -1758,6 +1824,12 @@ def _for_model(model: str, exc: CapacityExceeded) -> CapacityExceeded:
     error = CapacityExceeded(f"{model} ({exc.pool} pool)", exc.dimension, exc.cost, exc.capacity)
     error.pool = exc.pool
     return error
+
+
+def _levels_after(pool: Pool, now: float) -> tuple[float, ...]:
+    """The pool's levels of _LEVEL_DIMS at ``now`` (``nan`` where it has no such bucket)."""
+    buckets = pool.buckets
+    return tuple(b.level_at(now) if (b := buckets.get(d)) is not None else math.nan for d in _LEVEL_DIMS)
 
 
 def _placeholder(limiter: Limiter, rt: _PoolRuntime, w: _Waiter, now: float) -> Permit:

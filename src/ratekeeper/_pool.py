@@ -50,6 +50,7 @@ class Pool:
         "name",
         "pause_reason",
         "paused_until",
+        "version",
     )
 
     def __init__(
@@ -72,6 +73,8 @@ class Pool:
         self._ceiling = 1.0
         # take_plain's buckets, found at its first call; None again whenever a bucket is replaced
         self._plain: tuple[TokenBucket | None, ...] | None = None
+        #: counts the changes of a bucket's capacity (a level noted before one is not comparable)
+        self.version = 0
         for dim, limit in limits.items():
             self._add(dim, limit, now, rate_scale)
 
@@ -82,6 +85,7 @@ class Pool:
         capacity = max(limit * self._burst, 1.0) if dim == "requests" else limit * self._burst
         self.buckets[dim] = TokenBucket(capacity, limit / 60.0 * rate_scale, now=now, debt_limit=limit)
         self._plain = None
+        self.version += 1
 
     # -- queries ---------------------------------------------------------------
 
@@ -157,25 +161,28 @@ class Pool:
             if bucket is not None and amount > 0.0:
                 bucket.charge(amount, now)
 
-    def take_plain(self, input_tokens: float, output_tokens: float, now: float) -> bool:
+    def take_plain(
+        self, input_tokens: float, output_tokens: float, now: float
+    ) -> tuple[float, float, float, float] | None:
         """``wait_time`` and ``take`` in one step for an ordinary request, if it fits now.
 
         The draws are one request, ``input_tokens``, ``output_tokens`` and their sum
-        on a combined ``tokens`` limit, if the pool has one. False, with nothing
-        taken, if the pool is paused, a bucket is short, a draw exceeds its limit,
+        on a combined ``tokens`` limit, if the pool has one. Returns the levels
+        after the charge (requests, input, output, tokens: ``nan`` without that
+        limit); None, with nothing taken, if the pool is paused, a bucket is short, a draw exceeds its limit,
         or the pool lacks one of the three usual buckets: the general path then
         waits, or says why it can't. Arguments must be finite, non-negative
         floats (the limiter's fast path).
 
         >>> p = Pool("sonnet-4", {"requests": 50, "input_tokens": 30000, "output_tokens": 8000}, now=0.0)
         >>> p.take_plain(1000.0, 8000.0, now=0.0), p.take_plain(1000.0, 1.0, now=0.0)
-        (True, False)
+        ((49.0, 29000.0, 0.0, nan), None)
         """
         if self.paused_until > now:
-            return False
+            return None
         requests, inp, out, tokens = self._plain or self._plain_buckets()
         if requests is None or inp is None or out is None:
-            return False
+            return None
         return take_request(requests, inp, out, tokens, input_tokens, output_tokens, now)
 
     def give_back_plain(self, input_tokens: float, output_tokens: float, now: float) -> None:
@@ -185,7 +192,7 @@ class Pool:
         floats (the limiter's fast path).
 
         >>> p = Pool("sonnet-4", {"requests": 50, "input_tokens": 30000, "output_tokens": 8000}, now=0.0)
-        >>> p.take_plain(1000.0, 8000.0, now=0.0)
+        >>> p.take_plain(1000.0, 8000.0, now=0.0) is not None
         True
         >>> p.give_back_plain(-200.0, 7500.0, now=0.0)
         >>> p.levels(0.0)
@@ -263,6 +270,7 @@ class Pool:
             debt_limit=self.limits[dim],
         )
         self._plain = None
+        self.version += 1
 
     def scale_rates(self, rate_scale: float, now: float) -> None:
         """Scale every refill rate (a warm-up ramp); levels are brought up to ``now`` first.
