@@ -223,6 +223,7 @@ def test_429s_others_caused_cut_the_share_of_the_refill_once_per_event() -> None
     assert ("share_change", {"share": share}) in events
     stats = limiter.statistics()[POOL]
     assert (stats.burst, stats.rate_limited, stats.rate_limited_predicted) == (1.0, 1, 1)
+    assert stats.share == pytest.approx(share)
     # a 429 of a request admitted before the cut is the same event: no second cut
     second.observe({**explained, "retry-after": "2"}, status=429)
     assert [k for k, _ in events].count("share_change") == 1

@@ -1716,6 +1716,7 @@ class Limiter:
                     paused_for=max(0.0, pool.paused_until - now),
                     pause_reason=pool.pause_reason if pool.paused_until > now else "",
                     utilization={d: admitted.get(d, 0.0) / lim for d, lim in pool.limits.items() if lim > 0},
+                    share=rt.share,
                 )
             wallet = self._wallet.level_at(now) if self._wallet is not None else None
             return LimiterStatistics(

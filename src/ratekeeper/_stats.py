@@ -21,6 +21,8 @@ class PoolStatistics:
     ``capacity`` what it can hold (the per-minute limit times ``burst``).
     ``utilization`` is, per dimension, the fraction of the per-minute limit
     admitted over the last 60 seconds of the limiter's clock (to within a second).
+    ``share`` is the fraction of the refill rate the pool counts on: below 1.0
+    after 429s that show other clients drawing on the same limit.
     """
 
     name: str
@@ -40,6 +42,7 @@ class PoolStatistics:
     paused_for: float
     pause_reason: str
     utilization: Mapping[str, float]
+    share: float = 1.0
 
 
 @final
