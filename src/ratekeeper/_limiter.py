@@ -43,8 +43,17 @@ from ratekeeper._errors import (
     WouldBlock,
 )
 from ratekeeper._headers import RateLimitSnapshot, parse_headers
-from ratekeeper._pool import MIN_BURST, Pool
+from ratekeeper._pool import Pool
 from ratekeeper._presets import batch_limits, count_tokens_rpm, limits_for, spend_cap
+from ratekeeper._reading import (
+    ROUNDING_MARGIN,
+    burst_bound,
+    error_fields,
+    explained_by_remaining,
+    first_of_next_month,
+    fitted_burst,
+    unified_wait,
+)
 from ratekeeper._stats import (
     AdmittedWindow,
     LimiterEvent,
@@ -70,8 +79,6 @@ SHARE_STEP: Final = 0.05
 SHARE_STEP_EVERY: Final = 5.0
 MIN_SHARE: Final = 0.25
 
-#: Token ``-remaining`` headers are rounded to the nearest thousand.
-ROUNDING_MARGIN: Final = 500.0
 #: Header dimension names that map onto pool buckets.
 _RESYNC_DIMS: Final = (
     "requests",
@@ -1353,7 +1360,7 @@ class Limiter:
         if self._backend is not None:
             return self._backend.observe(headers, status=status, body=body, permit=permit, runtime=runtime)
         snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
-        error_type, error_code, message = _error_fields(body)
+        error_type, error_code, message = error_fields(body)
         with self._lock:
             now = self._now()
             skew = snap.clock_skew or 0.0
@@ -1389,7 +1396,7 @@ class Limiter:
         # capacity = remaining + rate * (reset - date). The smallest upper bound over
         # the dimensions tells a shorter enforcement interval before any 429 does.
         date = snap.server_date
-        burst_bound = math.inf
+        upper = math.inf
         burst_floor = 0.0
         unseen: dict[str, float] = {}
         # what the server could not have counted at its report though we had: see below
@@ -1494,12 +1501,10 @@ class Limiter:
                     and pool.buckets[dim].rate > 0.0
                 ):
                     age = max(0.0, now - permit.started_at)
-                    burst_bound = min(
-                        burst_bound, _burst_bound(info.remaining, info.reset, date, dim, pool, age)
-                    )
+                    upper = min(upper, burst_bound(info.remaining, info.reset, date, dim, pool, age))
         fitted = False
-        burst_bound = _fitted_burst(burst_bound, burst_floor)
-        if self._adaptive and burst_bound < 1.0 and pool.fit_burst(burst_bound, now):
+        upper = fitted_burst(upper, burst_floor)
+        if self._adaptive and upper < 1.0 and pool.fit_burst(upper, now):
             fitted = changed = True
             rt.shrink_seq = next(self._seq)
             self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
@@ -1520,7 +1525,7 @@ class Limiter:
         # its remaining shows a dimension this request doesn't fit in, so the refusal is
         # explained by usage we now know about. Otherwise the server enforces a shorter
         # interval than our burst assumes, in a way the headers did not show: halve it.
-        predicted = permit is not None and not fitted and _explained_by_remaining(snap, permit)
+        predicted = permit is not None and not fitted and explained_by_remaining(snap, permit.reserved)
         if predicted:
             rt.rate_limited_predicted += 1
             if self._adaptive and (permit is None or permit.seq > rt.share_seq):
@@ -1565,7 +1570,7 @@ class Limiter:
         unified = snap.unified
         assert unified is not None
         if unified.status == "rejected" or (status == 429 and unified.status is not None):
-            wait = _unified_wait(snap, skew)
+            wait = unified_wait(snap, skew)
             claim = unified.representative_claim
             self._unified_holds[claim] = max(self._unified_holds.get(claim, -math.inf), now + wait)
             targets = _unified_targets(claim, self._pools, runtime)
@@ -1621,7 +1626,7 @@ class Limiter:
 
     def _spend_limit(self, snap: RateLimitSnapshot, now: float, message: str) -> None:
         base = snap.server_date or _dt.datetime.now(_dt.UTC)
-        resets = _first_of_next_month(base)
+        resets = first_of_next_month(base)
         self._spend_resets_at = resets
         self._spend_until = now + (resets - base).total_seconds()
         log.error("monthly spend limit reached; usage resumes at %s", resets.isoformat())
@@ -1850,110 +1855,6 @@ def _wallet_bucket(balance: float) -> TokenBucket:
         raise ConfigurationError(f"wallet_balance must be a non-negative number, got {balance!r}")
     # a wallet does not refill: rate 0, and it may not go into debt
     return TokenBucket(max(balance, 1.0), 0.0, level=balance, debt_limit=0.0)
-
-
-def _unified_wait(snap: RateLimitSnapshot, skew: float) -> float:
-    """Seconds a rejected subscription pool is held: until the unified reset, at least 1 s.
-
-    The reset is read against the server's own ``date`` when there is one (no
-    clock skew to correct), else against our clock corrected by ``skew``; a
-    longer ``retry-after`` wins.
-    """
-    unified = snap.unified
-    assert unified is not None
-    wait = 0.0
-    if unified.reset is not None and snap.server_date is not None:
-        wait = (unified.reset - snap.server_date).total_seconds()
-    elif unified.reset is not None:
-        wait = (unified.reset - _dt.datetime.now(_dt.UTC)).total_seconds() + skew
-    if snap.retry_after is not None:
-        wait = max(wait, snap.retry_after)
-    return max(wait, 1.0)
-
-
-def _explained_by_remaining(snap: RateLimitSnapshot, permit: Permit) -> bool:
-    """Whether a 429's own report shows a dimension the refused request did not fit in."""
-    for dim, info in snap.limits().items():
-        need = permit.reserved.get(dim, 0.0)
-        if info.remaining is not None and need > 0 and info.remaining < need:
-            return True
-    return False
-
-
-def _burst_bound(
-    remaining: int, reset: _dt.datetime, date: _dt.datetime, dim: str, pool: Pool, age: float = 0.0
-) -> float:
-    """An upper bound on the server's bucket size for ``dim``, as a fraction of its limit.
-
-    ``remaining + rate * (reset - t)`` is the server's capacity, where ``t`` is
-    when the server read its bucket: no earlier than the request was admitted,
-    ``age`` seconds before the response. The ``date`` header is the response's
-    time truncated to the second, so ``t >= date - age`` and the bound uses
-    ``reset - date + age``, plus the rounding of ``remaining`` (nearest
-    thousand for tokens, the floor for requests). This matters: a non-streamed
-    response's buckets are read when the request arrived, and ``reset - date``
-    alone then understates a full-minute bucket by the request's duration. A
-    server in debt reports a later reset, which only raises the bound: it can
-    make the bound miss a small bucket, never invent one.
-    """
-    limit = pool.limits[dim]
-    until_full = (reset - date).total_seconds()
-    if until_full < 0.0:
-        return math.inf  # inconsistent or stale: no evidence either way
-    slack = 1.0 if dim == "requests" else ROUNDING_MARGIN
-    return (remaining + slack + limit / 60.0 * (until_full + age)) / limit
-
-
-def _fitted_burst(upper: float, lower: float) -> float:
-    """The burst to assume when the headers bound the server's bucket between ``lower`` and ``upper``.
-
-    ``upper`` as a rule. But the headers' precision (token counts rounded to the
-    thousand, times to the second) cannot tell one second's bucket from
-    slightly more, and for a request larger than the bucket an overestimate
-    is as harmful as an underestimate: the client would wait for refill the
-    server throws away, then count it as held. When the bound is two seconds
-    or less and nothing showed more than one, the bucket is taken to be the
-    one second the documentation names ("60 RPM may be enforced as 1 per second").
-
-    >>> _fitted_burst(1.5 / 60, 0.8 / 60) == MIN_BURST
-    True
-    >>> _fitted_burst(1.5 / 60, 1.2 / 60) == 1.5 / 60
-    True
-    """
-    if upper <= 2.0 * MIN_BURST * (1.0 + 1e-9) and lower <= MIN_BURST * (1.0 + 1e-9):
-        return MIN_BURST
-    return upper
-
-
-def _first_of_next_month(moment: _dt.datetime) -> _dt.datetime:
-    moment = moment.astimezone(_dt.UTC)
-    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
-    return _dt.datetime(year, month, 1, tzinfo=_dt.UTC)
-
-
-def _error_fields(body: object) -> tuple[str | None, str | None, str]:
-    """``(error.type, error.details.error_code, error.message)`` of an error body, tolerantly."""
-    if isinstance(body, bytes | bytearray):
-        import json
-
-        try:
-            body = json.loads(body[:65536])
-        except ValueError:
-            return None, None, ""
-    if not isinstance(body, Mapping):
-        return None, None, ""
-    error = body.get("error")
-    if not isinstance(error, Mapping):
-        return None, None, ""
-    etype = error.get("type")
-    message = error.get("message")
-    details = error.get("details")
-    code = details.get("error_code") if isinstance(details, Mapping) else None
-    return (
-        etype if isinstance(etype, str) else None,
-        code if isinstance(code, str) else None,
-        message if isinstance(message, str) else "",
-    )
 
 
 def _unified_targets(

@@ -43,20 +43,22 @@ from ratekeeper._limiter import (
     _RESYNC_DIMS,
     _SETTLED,
     _WAITING,
-    ROUNDING_MARGIN,
     Limiter,
     Permit,
-    _burst_bound,
     _diff,
     _draws,
-    _error_fields,
-    _explained_by_remaining,
-    _fitted_burst,
     _PoolRuntime,
-    _unified_wait,
     _Waiter,
 )
 from ratekeeper._pool import Pool
+from ratekeeper._reading import (
+    ROUNDING_MARGIN,
+    burst_bound,
+    error_fields,
+    explained_by_remaining,
+    fitted_burst,
+    unified_wait,
+)
 from ratekeeper._redis import Down, Op, Reply
 
 if TYPE_CHECKING:
@@ -667,7 +669,7 @@ class RemoteEngine:
         """``Limiter._observe`` in remote mode: resyncs, pauses and holds go to the shared state."""
         limiter = self._limiter
         snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
-        error_type, error_code, message = _error_fields(body)
+        error_type, error_code, message = error_fields(body)
         spend = error_code == "enforced_spend_limit_reached"
         ops: list[Op] = []
         with limiter._lock:
@@ -747,8 +749,8 @@ class RemoteEngine:
                 floor = max(floor, (info.remaining - margin) / pool.limits[dim])
                 if permit is not None and info.reset is not None and date is not None:
                     age = max(0.0, now - permit.started_at)
-                    bound = min(bound, _burst_bound(info.remaining, info.reset, date, dim, pool, age))
-        bound = _fitted_burst(bound, floor)
+                    bound = min(bound, burst_bound(info.remaining, info.reset, date, dim, pool, age))
+        bound = fitted_burst(bound, floor)
 
         def done(reply: Reply) -> None:
             with limiter._lock:
@@ -802,7 +804,7 @@ class RemoteEngine:
         limiter = self._limiter
         rt = rp.rt
         rt.rate_limited += 1
-        predicted = permit is not None and not fitted and _explained_by_remaining(snap, permit)
+        predicted = permit is not None and not fitted and explained_by_remaining(snap, permit.reserved)
         if predicted:
             rt.rate_limited_predicted += 1
         retry = snap.retry_after if snap.retry_after is not None else 1.0
@@ -841,7 +843,7 @@ class RemoteEngine:
     ) -> list[Op]:
         unified = snap.unified
         assert unified is not None
-        wait = _unified_wait(snap, skew)
+        wait = unified_wait(snap, skew)
         claim = unified.representative_claim
         scope = claim.rsplit("_", 1)[1] if claim in ("seven_day_opus", "seven_day_sonnet") else "all"
         reason = f"subscription limit ({claim})"
