@@ -252,3 +252,23 @@ def test_429s_others_caused_cut_the_share_of_the_refill_once_per_event() -> None
     assert kind == "share_change"
     assert detail["share"] == pytest.approx(share)
     assert MIN_SHARE <= share < 1.0
+
+
+def test_a_limit_set_by_hand_keeps_the_cut_share() -> None:
+    from ratekeeper._limiter import SHARE_DECREASE
+
+    clock = Clock()
+    limiter = Limiter("tier-1", clock=clock)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
+    explained = headers(
+        requests=(48, "2026-01-05T00:00:12Z"),
+        input_=(1_000, "2026-01-05T00:01:08Z"),
+        output=(6_000, "2026-01-05T00:00:25Z"),
+    )
+    permit.observe({**explained, "retry-after": "0"}, status=429)
+    permit.release()
+    limiter.set_limits(POOL, input_tokens=60_000)
+    before = limiter.statistics()[POOL].levels["input_tokens"]
+    clock.now += 2.0
+    after = limiter.statistics()[POOL].levels["input_tokens"]
+    assert after - before == pytest.approx(2.0 * 60_000 / 60 * SHARE_DECREASE)

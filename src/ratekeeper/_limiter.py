@@ -690,8 +690,9 @@ class Limiter:
         with self._lock:
             now = self._now()
             rt = self._pools.get(pool_or_model) or self._runtime_for(pool_or_model, now)
+            scale = self._warm_scale(now) * rt.share  # a warm-up or a cut share goes on applying
             for dim, value in limits.items():
-                rt.pool.set_limit(dim, float(value), now)
+                rt.pool.set_limit(dim, float(value), now, rate_scale=scale)
             self._emit("limit_change", rt, now, dict(limits))
             if self._backend is not None:
                 self._backend.set_limits(rt, limits)
