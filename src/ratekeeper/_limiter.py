@@ -12,6 +12,15 @@ only if that does not delay the head (EASY backfilling), looking at a bounded
 window behind the head so a grant costs the same however long the queue is.
 Only the head sleeps on a timer; everybody else sleeps until a grant or a
 change of plan wakes exactly them.
+
+Feedback: a response's report (read by ``_reading``) lowers the buckets by how
+far the model was ahead of the server when the request was admitted (each
+permit notes the levels at its grant), fits the burst to the bucket size the
+headers show, and a 429 pauses the pool, halves the burst when nothing
+explains it, or cuts the share of the refill the pool counts on when others'
+use does. An ordinary request that fits at once takes a fast path
+(``_admit_plain``, ``_settle_plain``) that ``tests/test_fast_path.py`` holds to
+the general one.
 """
 
 from __future__ import annotations
