@@ -21,9 +21,10 @@ from ratekeeper.simulate._strategies import FixedWindow, LeakyBucket
 
 #: Two simulated minutes of the default workload: every strategy, about a second of wall time.
 SHORT = Scenario(minutes=2.0)
-#: ratekeeper's goodput on SHORT was measured at 0.77 to 0.87 as the limiter's header resync
-#: changed (two minutes weigh its start-up heavily; ten give 0.97): the floor is below both.
-RATEKEEPER_GOODPUT_FLOOR = 0.75
+#: ratekeeper's goodput on SHORT: 0.77 to 0.87 while resync lowered the buckets to each stale
+#: report; 0.92 since it lowers by how far the model was ahead at the request's grant (two
+#: minutes weigh start-up heavily; ten give 0.99). The floor is below that, above the old.
+RATEKEEPER_GOODPUT_FLOOR = 0.88
 REQUIRED_KEYS = {"strategy", "requests_ok", "rate_limited", "goodput_fraction", "wait_p50_s", "wait_p99_s"}
 
 
@@ -40,6 +41,26 @@ def test_ratekeeper_meets_no_429_at_full_minute_enforcement(short: SimulationRes
     assert r.rate_limited == 0
     assert r.requests_failed == 0
     assert r.goodput_fraction >= RATEKEEPER_GOODPUT_FLOOR
+
+
+def test_one_second_enforcement_meets_429s_in_the_first_wave_and_rarely_after() -> None:
+    """Tier 2, "450,000 ITPM enforced per second": 16 workers of 6,000-token prompts, 5 minutes.
+
+    Measured: 72.4% of the limit with 21 429s, 15 of them in the first wave (before any
+    response told the limiter the bucket's size). Before the burst and resync work: 27.8%,
+    85 429s and 6 requests failed.
+    """
+    scenario = Scenario(
+        preset="tier-2",
+        minutes=5.0,
+        enforcement_interval=1.0,
+        strategies="ratekeeper",
+        workload=Workload(concurrency=16, prompt_tokens=6000),
+    )
+    r = simulate(scenario)["ratekeeper"]
+    assert r.requests_failed == 0
+    assert r.rate_limited <= 25
+    assert r.goodput_fraction >= 0.65
 
 
 def test_the_sdk_alone_meets_429s(short: SimulationResult) -> None:
