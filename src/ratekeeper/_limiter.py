@@ -1411,7 +1411,8 @@ class Limiter:
         unseen: dict[str, float] = {}
         # what the server could not have counted at its report though we had: see below
         uncounted: dict[str, float] = {}
-        levels = None
+        levels = None  # the permit's note of the levels at its grant, and the pool's version then
+        version = -1
         lowered_then: tuple[float, ...] = rt.lowered
         given_back: dict[str, float] = {}
         if permit is not None:
@@ -1425,7 +1426,7 @@ class Limiter:
                     # admitted earlier but not sent (yet): the server cannot have counted it
                     for dim, amount in other._charged.items():
                         uncounted[dim] = uncounted.get(dim, 0.0) + amount
-            levels = permit._levels
+            levels, version = permit._levels, permit._version
             # everything we charged (or refunded) since this request was admitted, in flight or done
             unseen = rt.spent_since(permit._mark)
             # given back since without the server ever counting it (never sent, or refused): if
@@ -1467,23 +1468,18 @@ class Limiter:
                 # band could admit up to twice the rounding more than the server has left
                 lowest = info.remaining - margin
                 target = lowest - unseen.get(dim, 0.0)
-                at_grant = math.nan
+                i = _LEVEL_INDEX.get(dim, -1)
                 # (unless a limit or the burst changed since: levels then are not comparable)
-                if (
-                    levels is not None
-                    and permit is not None
-                    and dim in _LEVEL_INDEX
-                    and permit._version == pool.version
-                ):
-                    at_grant = levels[_LEVEL_INDEX[dim]]
+                at_grant = (
+                    levels[i] if levels is not None and i >= 0 and version == pool.version else math.nan
+                )
                 if at_grant == at_grant:  # not nan
                     # The report is of the buckets when the request arrived, just after its
-                    # grant: by how much our model was ahead of the server then, lower it now.
-                    # Lowering to the report itself (less what we drew since) would also throw
-                    # away the refill since, which our model has counted like the server,
-                    # clamp for clamp: seconds of it for a long request and a short bucket.
-                    # less what resyncs since took off (other reports showed the same): not twice
-                    i = _LEVEL_INDEX[dim]
+                    # grant: by how much our model was ahead of the server then, lower it now,
+                    # less what resyncs since took off (other reports showed the same). Lowering
+                    # to the report itself (less what we drew since) would also throw away the
+                    # refill since, which our model has counted like the server, clamp for
+                    # clamp: seconds of it for a long request and a short bucket.
                     ahead = (
                         at_grant
                         + uncounted.get(dim, 0.0)
@@ -1493,17 +1489,17 @@ class Limiter:
                     )
                     target = pool.buckets[dim].level_at(now) - ahead if ahead > 0.0 else math.inf
                 delta = pool.resync(dim, target, now)
-                if delta < 0.0 and dim in _LEVEL_INDEX:
-                    lowered = list(rt.lowered)
-                    lowered[_LEVEL_INDEX[dim]] -= delta
-                    rt.lowered = tuple(lowered)
                 if delta < 0.0:
+                    if i >= 0:
+                        lowered = list(rt.lowered)
+                        lowered[i] -= delta
+                        rt.lowered = tuple(lowered)
                     changed = True
                     rt.resyncs += 1
                     self._emit("resync", rt, now, {"dimension": dim, "delta": delta})
                 if pool.buckets[dim].rate > 0.0:
                     # the server's bucket holds at least what it reports left
-                    burst_floor = max(burst_floor, (info.remaining - margin) / pool.limits[dim])
+                    burst_floor = max(burst_floor, lowest / pool.limits[dim])
                 if (
                     permit is not None  # a response of unknown age bounds nothing
                     and info.reset is not None
