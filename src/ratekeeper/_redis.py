@@ -192,6 +192,9 @@ class RedisBackend:
         self._outbox: deque[Op] = deque()
         self._out_lock = threading.Lock()
         self._out_ready = threading.Condition(self._out_lock)
+        # held while flush() sends: a flush that finds the outbox empty because the flusher
+        # thread has just taken it waits for that send, so "flushed" means "applied"
+        self._flush_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._closed = False
 
@@ -483,17 +486,22 @@ class RedisBackend:
                     log.exception("ratekeeper: handling a Redis reply failed")
 
     def flush(self) -> bool:
-        """Send every queued change now (blocking); False if Redis could not be reached."""
-        ops = self.take_outbox()
-        if not ops:
+        """Send every queued change now (blocking); False if Redis could not be reached.
+
+        When it returns True, every change queued before the call has been applied,
+        including one the flusher thread was sending at that moment.
+        """
+        with self._flush_lock:
+            ops = self.take_outbox()
+            if not ops:
+                return True
+            try:
+                replies = self.run_sync(ops)
+            except Down:
+                self.put_back(ops)
+                return False
+            self.deliver(ops, replies)
             return True
-        try:
-            replies = self.run_sync(ops)
-        except Down:
-            self.put_back(ops)
-            return False
-        self.deliver(ops, replies)
-        return True
 
     async def aflush(self) -> bool:
         """``flush`` for async code."""
