@@ -57,13 +57,18 @@ def backends() -> Iterator[list[RedisBackend]]:
 
 
 def make(
-    server: RedisServer, made: list[RedisBackend], *, burst: float = 1.0, **options: Any
+    server: RedisServer,
+    made: list[RedisBackend],
+    *,
+    burst: float = 1.0,
+    limits: dict[str, dict[str, float]] = LIMITS,
+    **options: Any,
 ) -> tuple[Limiter, RedisBackend]:
     """A limiter with its own backend: to Redis, a separate process."""
     options.setdefault("org", "acme")
     backend = RedisBackend(server.url, **options)
     made.append(backend)
-    return Limiter("tier-1", limits=LIMITS, burst=burst, backend=backend), backend
+    return Limiter("tier-1", limits=limits, burst=burst, backend=backend), backend
 
 
 def client(server: RedisServer) -> redis.Redis:
@@ -117,6 +122,12 @@ def test_bad_options_are_refused() -> None:
         RedisBackend("redis://127.0.0.1:1/0", on_unavailable="x")
     with pytest.raises(ConfigurationError, match=r"^fallback_fraction must be in \(0, 1\], got 0$"):
         RedisBackend("redis://127.0.0.1:1/0", fallback_fraction=0)
+    message = r"^prefetch must be an int from 0 to 1,000 \(requests\), got -1$"
+    with pytest.raises(ConfigurationError, match=message):
+        RedisBackend("redis://127.0.0.1:1/0", prefetch=-1)
+    message = r"^prefetch_ttl must be a positive number of seconds, got 0$"
+    with pytest.raises(ConfigurationError, match=message):
+        RedisBackend("redis://127.0.0.1:1/0", prefetch_ttl=0)
     with pytest.raises(ConfigurationError, match=r"^backend must be a ratekeeper backend"):
         Limiter(backend=object())
 
@@ -207,7 +218,109 @@ async def test_release_rules_match_the_local_limiter(
     assert level(redis_server, "output_tokens") == pytest.approx(20_000, abs=5)
 
 
-# ---------------------------------------------------------------- leases
+# ---------------------------------------------------------------- prefetch
+
+#: Small token buckets refill slowly (10 tokens/s), so stored levels can be checked closely;
+#: 5% of each bucket is room for three requests of 1 request, 10 input and 10 output tokens.
+SMALL = {POOL: {"requests": 60.0, "input_tokens": 600.0, "output_tokens": 600.0}}
+RES = f"{{ratekeeper:acme}}:res:{POOL}"
+
+
+def draws_of(text: str) -> dict[str, float]:
+    return {d: float(a) for d, _, a in (part.partition("=") for part in text.split(","))}
+
+
+@pytest.mark.anyio
+async def test_a_prefetch_admits_without_a_round_trip_and_every_token_is_accounted_for(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends, limits=SMALL, prefetch_ttl=30.0)
+    async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10) as first:
+        first.settle({"input_tokens": 10, "output_tokens": 5})
+    assert first.seq > 0  # a Redis reservation
+    assert backend.flush()
+    # the round trip also reserved three more like it, under one record
+    (record,) = client(redis_server).hvals(RES)
+    assert draws_of(str(record)) == {"requests": 3.0, "input_tokens": 30.0, "output_tokens": 30.0}
+    assert level(redis_server, "requests") == pytest.approx(56, abs=0.2)
+    async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10) as one:
+        one.settle({"input_tokens": 10, "output_tokens": 5})  # 5 back to the prefetch
+    async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10) as two:
+        assert one.seq < 0
+        assert two.seq < 0
+        assert backend.flush()
+        assert level(redis_server, "requests") == pytest.approx(56, abs=0.2)  # Redis untouched
+        # a stream runs 30 past its reservation: the prefetch owes more than it holds, so it
+        # closes: the unused request and input go back, the output it owes is charged
+        two.record_output(40)
+        assert backend.flush()
+        assert level(redis_server, "requests") == pytest.approx(57, abs=0.2)
+        assert client(redis_server).hlen(RES) == 1  # still out: its part stays reserved
+        two.settle({"input_tokens": 10, "output_tokens": 40})
+    async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10) as third:
+        assert third.seq > 0  # the prefetch is closed: through Redis again
+        third.release()  # never sent: everything back
+    assert backend.flush()
+    assert client(redis_server).hlen(RES) == 1  # only the new prefetch, nothing of the old
+    backend.close()  # returns the new prefetch
+    assert client(redis_server).hlen(RES) == 0
+    # three requests were sent, 30 input and 5 + 5 + 40 output tokens used: nothing lost or minted
+    assert level(redis_server, "requests") == pytest.approx(57, abs=0.3)
+    assert level(redis_server, "input_tokens") == pytest.approx(570, abs=3)
+    assert level(redis_server, "output_tokens") == pytest.approx(550, abs=3)
+    assert limiter.statistics()[POOL].in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_an_unused_prefetch_goes_back_when_it_expires(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends, limits=SMALL, prefetch_ttl=0.2)
+    async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10) as permit:
+        permit.settle({"input_tokens": 10, "output_tokens": 10})
+    assert backend.flush()
+    assert client(redis_server).hlen(RES) == 1
+    await anyio.sleep(0.3)  # the flusher thread closes it, with nothing asked of this process
+    assert backend.flush()
+    assert client(redis_server).hlen(RES) == 0
+    assert level(redis_server, "requests") == pytest.approx(59, abs=0.5)
+
+
+def test_no_prefetch_while_others_wait_or_the_pool_is_under_half(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends)
+    held = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=5_000)  # creates the pool
+    keys = backend.pool_keys(POOL)
+
+    def reserve(who: str, arrival: str, draws: str, prefetch: int) -> list[str]:
+        args: list[str | int] = [who, "600", "10", 60_000, "all,sonnet", "1", 1, arrival, draws]
+        return backend.run_sync([Op("reserve", keys, [*args, prefetch, "0.05", "0.5"])])[0]
+
+    small = "requests=1,input_tokens=10,output_tokens=10"
+    alone = reserve("a", "", small, 16)
+    assert alone[0] == "OK"
+    assert len(alone[5:]) == 1
+    seq, _, prefetched = alone[4].partition(";")
+    assert int(seq) == int(alone[5]) + 1  # one record for three requests (5% of 60)
+    assert draws_of(prefetched) == {"requests": 3.0, "input_tokens": 30.0, "output_tokens": 30.0}
+    # another process waits for more output than is left: it holds a place in line
+    ghost = reserve("ghost", "", "requests=1,output_tokens=19000", 0)
+    assert ghost[0] == "OK"
+    assert ghost[5:] == []
+    # a request that arrived before it is granted, but nothing is taken ahead of the ghost
+    older = reserve("a", repr(float(ghost[1]) - 1.0), small, 16)
+    assert len(older[5:]) == 1
+    assert older[4] == ""
+    client(redis_server).delete(keys[4], keys[5])  # the ghost's place in line is gone
+    assert reserve("a", "", small, 16)[4] != ""
+    # under half of the output bucket left (about 8,900 of 20,000): nothing is taken ahead
+    limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=6_000)
+    assert level(redis_server, "output_tokens") < 10_000
+    below = reserve("a", "", small, 16)
+    assert len(below[5:]) == 1
+    assert below[4] == ""
+    held.release()
 
 
 @pytest.mark.anyio
@@ -366,10 +479,13 @@ async def test_a_dead_processes_place_in_line_expires(
         1,
         "",
         "requests=1,output_tokens=19000",
+        0,  # no prefetch
+        "0.05",
+        "0.5",
     ]
     reply = backend.run_sync([Op("reserve", keys, ghost)])[0]
     assert reply[0] == "OK"
-    assert len(reply) == 4  # nothing granted: it holds the head of the line
+    assert reply[4:] == [""]  # no prefetch, nothing granted: it holds the head of the line
     start = time.monotonic()
     async with limiter.acquire(SONNET, input_tokens=1, max_tokens=10):
         waited = time.monotonic() - start
@@ -440,6 +556,7 @@ async def test_local_fallback_then_recovery_after_a_restart(
         fallback_fraction=0.25,
         timeout=0.3,
         retry_interval=0.2,
+        prefetch=0,  # every request asks Redis: the first one after the stop finds it gone
     )
     async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1) as permit:
         assert permit._limiter is limiter  # through Redis

@@ -39,7 +39,7 @@ async def cycle(limiter: Limiter) -> int:
 async def test_scripts_lost_mid_run_are_loaded_again_and_every_failed_call_repeated(
     redis_server: RedisServer, backends: list[RedisBackend]
 ) -> None:
-    backend = RedisBackend(redis_server.url, org="acme")
+    backend = RedisBackend(redis_server.url, org="acme", prefetch=0)
     backends.append(backend)
     limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
     await cycle(limiter)
@@ -59,7 +59,7 @@ async def test_scripts_lost_mid_run_are_loaded_again_and_every_failed_call_repea
 async def test_a_timed_out_round_trip_leaves_no_stale_reply_behind(
     redis_server: RedisServer, backends: list[RedisBackend]
 ) -> None:
-    backend = RedisBackend(redis_server.url, org="acme", timeout=0.1, retry_interval=0.05)
+    backend = RedisBackend(redis_server.url, org="acme", timeout=0.1, retry_interval=0.05, prefetch=0)
     backends.append(backend)
     limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
     await cycle(limiter)
@@ -84,7 +84,7 @@ async def test_a_given_asyncio_client_without_decoding_works(
     redis_server: RedisServer, backends: list[RedisBackend]
 ) -> None:
     given = redis.asyncio.Redis.from_url(redis_server.url)  # replies as bytes
-    backend = RedisBackend(redis_server.url, org="acme", async_client=given)
+    backend = RedisBackend(redis_server.url, org="acme", async_client=given, prefetch=0)
     backends.append(backend)
     limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
     seqs = [await cycle(limiter) for _ in range(3)]

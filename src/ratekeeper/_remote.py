@@ -8,6 +8,12 @@ a batch of the line in order, so a burst of local requests costs one call.
 The answer says how long until the next one fits; the head sleeps that long
 (at most ``poll_interval``) and asks again.
 
+Prefetch: when a reserve finds the pool with plenty to spare and nobody else
+in line, it also reserves ``prefetch`` more requests like the last one, under
+one seq; the process admits its next requests from that without a round trip
+(for at most ``prefetch_ttl`` seconds, while none of its own waits) and
+returns what it did not use with one settle once they are all done.
+
 Synchronous permit methods (``settle``, ``release``, ``observe``,
 ``record_output``) change local bookkeeping at once and queue their Redis
 change in the backend's outbox; it rides along with the next reserve or a
@@ -72,6 +78,11 @@ _FALLBACK: Final = 4
 _SPECIAL: Final = ("count_tokens", "batches")
 #: Added to every computed wait, so the retry lands just after the refill, not just before.
 _SLACK: Final = 0.0005
+#: A prefetch holds at most this fraction of any bucket it draws on...
+PREFETCH_SHARE: Final = 0.05
+#: ...and is taken only while it leaves every such bucket at least this fraction full:
+#: when capacity is short, every request goes through the shared line.
+PREFETCH_FLOOR: Final = 0.5
 
 
 def _encode(draws: Mapping[str, float]) -> str:
@@ -110,6 +121,7 @@ class _RPool:
         "keys4",
         "next_try",
         "on_burst",
+        "prefetch",
         "rt",
         "scopes",
         "ticket",
@@ -126,6 +138,27 @@ class _RPool:
         self.hold_until = -math.inf  # a pause this process saw, until Redis has it too
         self.inited = False
         self.ticket = False
+        self.prefetch: _Prefetch | None = None  # the one requests are admitted from now
+
+
+@final
+class _Prefetch:
+    """Capacity one reserve took ahead for this process's next requests (Redis seq ``seq``).
+
+    ``left`` is what is not handed out (refunds of its requests come back to it);
+    ``open`` until it expires, runs short or must make way; once closed and its last
+    request is done, ``left`` goes back to Redis in one settle (``returned``).
+    """
+
+    __slots__ = ("holders", "left", "open", "returned", "seq", "until")
+
+    def __init__(self, seq: int, left: dict[str, float], until: float) -> None:
+        self.seq = seq
+        self.left = left
+        self.until = until
+        self.holders = 0
+        self.open = True
+        self.returned = False
 
 
 @final
@@ -142,6 +175,9 @@ class RemoteEngine:
         self._fallback: Limiter | None = None
         self._heartbeat = backend.ticket_ttl / 3.0
         self._recovery = repr(limiter._burst_recovery) if limiter._adaptive else ""
+        # permits admitted from a prefetch (by their local seq, negative), until they are done
+        self._prefetched: dict[int, _Prefetch] = {}
+        backend.on_close(self.close_prefetches)
 
     @property
     def backend(self) -> RedisBackend:
@@ -178,7 +214,7 @@ class RemoteEngine:
         offset = self._offset
         return "" if offset is None else repr(w.mono + offset)
 
-    def _reserve_op(self, rp: _RPool, cands: list[_RWaiter], queue: bool = True) -> Op:
+    def _reserve_op(self, rp: _RPool, cands: list[_RWaiter], queue: bool = True, prefetch: int = 0) -> Op:
         b = self._backend
         args: list[str | int] = [
             b.participant,
@@ -191,6 +227,7 @@ class RemoteEngine:
         ]
         for w in cands:
             args += [self._arrival(w), _encode(w.draws)]
+        args += [prefetch, repr(PREFETCH_SHARE), repr(PREFETCH_FLOOR)]
         return Op("reserve", rp.keys, args)
 
     def _learn_time(self, redis_now: str, sent: float) -> None:
@@ -211,7 +248,10 @@ class RemoteEngine:
         limiter = self._limiter
         if not self._backend.available():
             return await self._unavailable_async(model, demand, priority, timeout)
-        rp, w, credit, deadline = self._join(model, demand, priority, timeout)
+        joined = self._join(model, demand, priority, timeout)
+        if isinstance(joined, Permit):
+            return joined
+        rp, w, credit, deadline = joined
         try:
             while True:
                 with limiter._lock:
@@ -246,7 +286,10 @@ class RemoteEngine:
         limiter = self._limiter
         if not self._backend.available():
             return self._unavailable_thread(model, demand, priority, timeout)
-        rp, w, credit, deadline = self._join(model, demand, priority, timeout)
+        joined = self._join(model, demand, priority, timeout)
+        if isinstance(joined, Permit):
+            return joined
+        rp, w, credit, deadline = joined
         w.sync_event = event = threading.Event()
         try:
             while True:
@@ -280,6 +323,10 @@ class RemoteEngine:
             now = limiter._now()
             rt, draws, credit = limiter._prepare(model, demand, now)
             rp = self._rpool(rt)
+            if rp.prefetch is not None:
+                permit = self._from_prefetch(rp, model, draws, credit, now)
+                if permit is not None:
+                    return permit
             if rt.queued or rp.hold_until > now:
                 reason = rt.pool.pause_reason if rp.hold_until > now else "others are waiting"
                 raise WouldBlock(rt.pool.name, max(0.0, rp.next_try - now, rp.hold_until - now), reason)
@@ -300,7 +347,7 @@ class RemoteEngine:
         self._backend.deliver(ops[:-1], replies[:-1])
         reply = replies[-1]
         self._learn_time(reply[1], sent)
-        status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[4:]
+        status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[5:]
         if status == "NOPOOL":
             rp.inited = False
             return self.acquire_nowait(model, demand)
@@ -313,12 +360,17 @@ class RemoteEngine:
 
     def _join(
         self, model: str, demand: Demand, priority: int, timeout: float | None
-    ) -> tuple[_RPool, _RWaiter, float, float]:
+    ) -> tuple[_RPool, _RWaiter, float, float] | Permit:
+        """A permit at once from this process's prefetch, or a place in the local line."""
         limiter = self._limiter
         with limiter._lock:
             now = limiter._now()
             rt, draws, credit = limiter._prepare(model, demand, now)
             rp = self._rpool(rt)
+            if rp.prefetch is not None:
+                permit = self._from_prefetch(rp, model, draws, credit, now)
+                if permit is not None:
+                    return permit
             w = _RWaiter(draws, priority, next(limiter._seq), now)
             dq = rt.queue.get(priority)
             if dq is None:
@@ -397,7 +449,8 @@ class RemoteEngine:
         ops = self._backend.take_outbox()
         if not rp.inited:
             ops.append(self._init_op(rp))
-        ops.append(self._reserve_op(rp, cands))
+        prefetch = self._backend.prefetch if rp.prefetch is None else 0
+        ops.append(self._reserve_op(rp, cands, prefetch=prefetch))
         return ops
 
     def _driven(
@@ -414,11 +467,13 @@ class RemoteEngine:
         self._backend.deliver(ops[:-1], replies[:-1])
         reply = replies[-1]
         self._learn_time(reply[1], sent)
-        status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[4:]
+        status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[5:]
         rt = rp.rt
         with limiter._lock:
             now = limiter._now()
             rp.driving = False
+            if len(reply) > 4 and reply[4]:
+                self._prefetch_granted(rp, reply[4], now)
             for w, seq in zip(cands, seqs, strict=False):
                 w.rseq = int(seq)
                 if w.state == _WAITING:
@@ -521,6 +576,133 @@ class RemoteEngine:
                 limiter._emit("grant", rt, now, {"waited": now - w.enqueued_at})
         return permit
 
+    # ------------------------------------------------------------------ prefetch
+
+    def _from_prefetch(
+        self, rp: _RPool, model: str, draws: dict[str, float], credit: float, now: float
+    ) -> Permit | None:
+        """Under the lock: admit from the open prefetch, or close it and say None.
+
+        It closes when it expired, when this process has waiters (they go through
+        Redis in order, and what it holds should be there for them), during a hold,
+        and when this request does not fit in what is left.
+        """
+        c = rp.prefetch
+        assert c is not None
+        rt = rp.rt
+        if credit or now >= c.until or rt.queued or now < rp.hold_until:
+            if not credit:
+                self._close_prefetch(rp, c)
+            return None
+        left = c.left
+        limits = rt.pool.limits
+        for dim, amount in draws.items():
+            if amount > 0.0:
+                have = left.get(dim)
+                if (have is None and dim in limits) or (have is not None and have < amount):
+                    self._close_prefetch(rp, c)
+                    return None
+        for dim, amount in draws.items():
+            if dim in left:
+                left[dim] -= amount
+        limiter = self._limiter
+        seq = -1 - next(limiter._seq)  # local: Redis knows only the prefetch's seq
+        permit = Permit(limiter, rt, model, draws, 0.0, seq, now)
+        c.holders += 1
+        self._prefetched[seq] = c
+        rt.in_flight[seq] = permit
+        rt.granted += 1
+        rt.waits.add(0.0)
+        rt.admitted.add(now, draws)
+        if limiter._on_event is not None:
+            limiter._emit("grant", rt, now, {"waited": 0.0, "prefetched": True})
+        return permit
+
+    def _prefetch_granted(self, rp: _RPool, text: str, now: float) -> None:
+        """Under the lock: a reserve's reply carried a prefetch ("seq;dim=amount,...")."""
+        seq, _, encoded = text.partition(";")
+        left: dict[str, float] = {}
+        for part in encoded.split(","):
+            dim, _, amount = part.partition("=")
+            if dim:
+                left[dim] = float(amount)
+        if rp.prefetch is not None:
+            self._close_prefetch(rp, rp.prefetch)
+        ttl = self._backend.prefetch_ttl
+        c = rp.prefetch = _Prefetch(int(seq), left, now + ttl)
+
+        def expire() -> None:
+            with self._limiter._lock:
+                if c.open:
+                    self._close_prefetch(rp, c)
+
+        self._backend.call_later(ttl, expire)
+
+    def _close_prefetch(self, rp: _RPool, c: _Prefetch) -> None:
+        """Under the lock: admit nothing more from ``c`` and give back what it has not handed out."""
+        c.open = False
+        if rp.prefetch is c:
+            rp.prefetch = None
+        # the requests still out keep their part of the reservation; the rest goes back now
+        unused = {dim: amount for dim, amount in c.left.items() if amount}
+        for dim in unused:
+            c.left[dim] = 0.0
+        self._prefetch_op(rp, c, unused)
+
+    def _prefetch_op(self, rp: _RPool, c: _Prefetch, diff: Mapping[str, float]) -> None:
+        """Under the lock: apply a closed prefetch's ``diff`` in Redis (its record with it).
+
+        ``settle.lua`` in 'progress' mode changes the reservation's record and the
+        pool; the last one, when no request of it is out, also removes the record.
+        """
+        if c.returned:
+            return
+        last = c.holders == 0
+        if not diff and not last:
+            return
+        if last:
+            c.returned = True
+        mode = "settle" if last else "progress"
+        args: list[str | int] = [c.seq, mode, _encode(diff), self._recovery if last else ""]
+        self._backend.send(Op("settle", rp.keys4, args, rp.on_burst if last else None))
+        if any(amount > 0.0 for amount in diff.values()):
+            self._poke(rp.rt)
+
+    def _to_prefetch(self, rp: _RPool, c: _Prefetch, amounts: Mapping[str, float], done: bool) -> None:
+        """Under the lock: a prefetched request's refund (> 0) or extra charge (< 0).
+
+        While ``c`` is open it goes to what ``c`` can still hand out; once closed, to Redis.
+        """
+        if done:
+            c.holders -= 1
+        # (a dimension the prefetch lacks, the pool lacks: Redis would ignore it too)
+        diff = {dim: amount for dim, amount in amounts.items() if amount and dim in c.left}
+        if not c.open:
+            self._prefetch_op(rp, c, diff)
+            return
+        left = c.left
+        for dim, amount in diff.items():
+            left[dim] += amount
+        if any(v < 0.0 for v in left.values()):
+            self._close_prefetch(rp, c)  # it owes Redis more than it holds: settle up
+
+    def _redis_seq(self, permit: Permit) -> int:
+        """The Redis reservation a permit's request belongs to (-1: not known any more)."""
+        c = self._prefetched.get(permit.seq)
+        if c is not None:
+            return c.seq
+        return permit.seq
+
+    def close_prefetches(self) -> None:
+        """Close every prefetch (what they hold goes back as their requests finish).
+
+        ``RedisBackend.close`` calls this before its last flush.
+        """
+        with self._limiter._lock:
+            for rp in self._pools.values():
+                if rp.prefetch is not None:
+                    self._close_prefetch(rp, rp.prefetch)
+
     # ------------------------------------------------------------------ unavailable
 
     def _fallback_for(self, model: str) -> Limiter | None:
@@ -604,9 +786,13 @@ class RemoteEngine:
             permit._charged = new
             permit._state = _SETTLED
             rt.in_flight.pop(permit.seq, None)
-            self._backend.send(
-                Op("settle", rp.keys4, [permit.seq, "settle", _encode(diff), self._recovery], rp.on_burst)
-            )
+            c = self._prefetched.pop(permit.seq, None)
+            if c is not None:
+                self._to_prefetch(rp, c, diff, done=True)
+            else:
+                self._backend.send(
+                    Op("settle", rp.keys4, [permit.seq, "settle", _encode(diff), self._recovery], rp.on_burst)
+                )
             self._poke(rt)
         return actual
 
@@ -627,8 +813,12 @@ class RemoteEngine:
             for dim, amount in more.items():
                 permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
             diff = {dim: -amount for dim, amount in more.items()}
-            keys = self._rpool(rt).keys[:4]
-            self._backend.send(Op("settle", keys, [permit.seq, "progress", _encode(diff), ""]))
+            rp = self._rpool(rt)
+            c = self._prefetched.get(permit.seq)
+            if c is not None:
+                self._to_prefetch(rp, c, diff, done=False)
+            else:
+                self._backend.send(Op("settle", rp.keys4, [permit.seq, "progress", _encode(diff), ""]))
 
     def release(self, permit: Permit) -> None:
         """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
@@ -651,7 +841,12 @@ class RemoteEngine:
                 limiter._wallet.give_back(permit.credits, now)
             permit._state = _RELEASED
             rt.in_flight.pop(permit.seq, None)
-            self._backend.send(self._release_op(self._rpool(rt), permit.seq, mode, charged))
+            rp = self._rpool(rt)
+            c = self._prefetched.pop(permit.seq, None)
+            if c is not None:
+                self._to_prefetch(rp, c, refund, done=True)
+            else:
+                self._backend.send(self._release_op(rp, permit.seq, mode, charged))
             if refund:
                 self._poke(rt)
 
@@ -726,10 +921,12 @@ class RemoteEngine:
         date = snap.server_date
         bound = math.inf
         floor = 0.0
-        args: list[str | int] = [
-            permit.seq if permit is not None else -1,
-            "1" if limiter._learn else "0",
-        ]
+        # since: reservations after the observed request's were unseen by the server; a
+        # prefetch holds several requests, so its own record counts as unseen too
+        since = -1
+        if permit is not None:
+            since = permit.seq if permit.seq >= 0 else max(-1, self._redis_seq(permit) - 1)
+        args: list[str | int] = [since, "1" if limiter._learn else "0"]
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
@@ -810,10 +1007,12 @@ class RemoteEngine:
         retry = snap.retry_after if snap.retry_after is not None else 1.0
         shrink = not predicted and not fitted and limiter._adaptive
         self._hold(rp, now + retry)
+        if rp.prefetch is not None:
+            self._close_prefetch(rp, rp.prefetch)
         rt.pool.pause(now + retry, "429 rate_limit_error")
         limiter._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
         limiter._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
-        seq = permit.seq if permit is not None else -1
+        seq = self._redis_seq(permit) if permit is not None else -1
         args = ["pause", repr(retry), "429 rate_limit_error", "1" if shrink else "0", seq]
         return Op("control", [rp.keys[0], rp.keys[1]], args, self._on_pause(rt))
 
