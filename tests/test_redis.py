@@ -76,13 +76,13 @@ def client(server: RedisServer) -> redis.Redis:
 
 
 #: The pool record's header, as ``_common.lua`` packs it (then five numbers per dimension).
-HEADER = ("t", "burst", "paused", "clean", "shrink", "lx", "renew")
-BUCKET = ("limit", "capacity", "rate", "debt", "level")
+HEADER = ("t", "burst", "paused", "clean", "shrink", "lx", "renew", "ver")
+BUCKET = ("limit", "capacity", "rate", "debt", "level", "uncounted", "lowered")
 
 
 def stored_pool(server: RedisServer, org: str = "acme") -> dict[str, float]:
     """The stored pool's numbers: the header's names, and ``dim.limit``, ``dim.level``, ..."""
-    raw = redis.Redis.from_url(server.url).hmget(f"{{ratekeeper:{org}}}:pool:{POOL}", ["v", "dims"])
+    raw = redis.Redis.from_url(server.url).hmget(f"{{ratekeeper:{org}}}:pool:{POOL}", ["v2", "dims"])
     packed, dims = raw[0], raw[1]
     assert isinstance(packed, bytes)
     assert isinstance(dims, bytes)
@@ -153,6 +153,19 @@ async def test_every_key_carries_the_organization_hash_tag(
     assert all(k.startswith("{rk:acme}:") for k in keys), keys
     assert len({key_slot(k.encode()) for k in keys}) == 1  # one node of a cluster holds them all
     held.release()
+
+
+def test_a_pool_stored_in_the_earlier_layout_starts_again_full(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    key = f"{{ratekeeper:acme}}:pool:{POOL}"
+    # 'v' held 7 + 5 per dimension numbers (no uncounted, lowered, ver): not readable now
+    old = struct.pack("<" + "d" * 12, 0, 1, 0, 0, -1, 0, 0, 60, 60, 1, 60, 3)
+    client(redis_server).hset(key, mapping={"v": old, "dims": "requests"})
+    limiter, _ = make(redis_server, backends)
+    limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1).release()
+    assert not client(redis_server).hexists(key, "v")
+    assert stored_pool(redis_server)["requests.capacity"] == 60
 
 
 def test_reserve_is_all_or_nothing(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
@@ -269,6 +282,10 @@ async def test_a_prefetch_admits_without_a_round_trip_and_every_token_is_account
     assert level(redis_server, "input_tokens") == pytest.approx(570, abs=3)
     assert level(redis_server, "output_tokens") == pytest.approx(550, abs=3)
     assert limiter.statistics()[POOL].in_flight == 0
+    # given back without the server ever counting it (resync allows for it): the first
+    # prefetch's unused request, the released one, the second prefetch's three
+    assert stored_pool(redis_server)["requests.uncounted"] == 5
+    assert stored_pool(redis_server)["input_tokens.uncounted"] == 50
 
 
 @pytest.mark.anyio
@@ -363,6 +380,58 @@ def test_resync_counts_every_process_in_flight_requests(
     b.observe(rpm_headers(55), model=SONNET)
     assert b_backend.flush()
     assert level(redis_server, "requests") == pytest.approx(48, abs=0.05)
+
+
+@pytest.mark.anyio
+async def test_resync_lowers_by_how_far_the_shared_model_was_ahead_at_the_grant(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """The local limiter's relative rule, across processes: the refill since is kept."""
+    a, a_backend = make(redis_server, backends)
+    b, b_backend = make(redis_server, backends)
+    held = [a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1) for _ in range(30)]
+    for permit in held:
+        permit.mark_sent()  # the server counted these
+    first = a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # 29 left after it
+    second = b.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # 28, in another process
+    first.mark_sent()
+    second.mark_sent()
+    await anyio.sleep(0.5)  # half a request of refill: 28.5
+    # the server saw the first and 10 requests of someone else's: 19 left. The shared model
+    # was 10 ahead at the grant: it comes down 10, and keeps the refill since (lowering to
+    # the report less what was admitted since would give 18)
+    first.observe(rpm_headers(19), status=200)
+    assert a_backend.flush()
+    assert level(redis_server, "requests") == pytest.approx(18.5, abs=0.1)
+    # the second's report shows the same foreign traffic: already taken off, not again
+    second.observe(rpm_headers(18), status=200)
+    assert b_backend.flush()
+    assert level(redis_server, "requests") == pytest.approx(18.5, abs=0.1)
+    for permit in held:
+        permit.release()
+
+
+def test_resync_allows_for_what_the_server_never_counted(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends)
+    earlier = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # 59 left
+    observed = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # 58
+    later = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # 57
+    observed.mark_sent()
+    # the server saw the observed request and 10 of someone else's, not the earlier one
+    # (not sent yet): 49 left. When it is sent the server will have 48, 47 with the later
+    # one: the model comes down to that now
+    observed.observe(rpm_headers(49), status=200)
+    assert backend.flush()
+    assert level(redis_server, "requests") == pytest.approx(47, abs=0.1)
+    # the earlier one never leaves: given back (the server never counted it), and a report
+    # of the later one showing one more foreign request takes exactly that one off
+    earlier.release()
+    later.mark_sent()
+    later.observe(rpm_headers(47), status=200)
+    assert backend.flush()
+    assert level(redis_server, "requests") == pytest.approx(47, abs=0.1)
 
 
 def test_learned_limits_are_shared(redis_server: RedisServer, backends: list[RedisBackend]) -> None:

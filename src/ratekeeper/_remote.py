@@ -118,19 +118,20 @@ class _RPool:
         "hold_until",
         "inited",
         "keys",
-        "keys4",
         "next_try",
         "on_burst",
         "prefetch",
         "rt",
         "scopes",
+        "settle_keys",
         "ticket",
     )
 
     def __init__(self, rt: _PoolRuntime, keys: tuple[str, ...], on_burst: Callable[[Reply], None]) -> None:
         self.rt = rt
         self.keys = keys
-        self.keys4 = keys[:4]  # org, pool, res, lease: what settle and release touch
+        # org, pool, res, lease, notes: what settle, release and resync touch
+        self.settle_keys = (*keys[:4], keys[6])
         self.on_burst = on_burst  # a reply carrying the shared burst updates the local mirror
         self.scopes = _scopes(rt.pool.name)
         self.driving = False
@@ -189,8 +190,10 @@ class RemoteEngine:
     def _rpool(self, rt: _PoolRuntime) -> _RPool:
         rp = self._pools.get(rt.pool.name)
         if rp is None:
-            keys = self._backend.pool_keys(rt.pool.name)
-            rp = self._pools[rt.pool.name] = _RPool(rt, keys, self._on_burst(rt))
+            name = rt.pool.name
+            # (org, pool, res, lease, q, qd) and the grant notes resync reads
+            keys = (*self._backend.pool_keys(name), f"{self._backend.tag}:notes:{name}")
+            rp = self._pools[name] = _RPool(rt, keys, self._on_burst(rt))
         return rp
 
     def _init_op(self, rp: _RPool) -> Op:
@@ -647,9 +650,11 @@ class RemoteEngine:
         unused = {dim: amount for dim, amount in c.left.items() if amount}
         for dim in unused:
             c.left[dim] = 0.0
-        self._prefetch_op(rp, c, unused)
+        self._prefetch_op(rp, c, unused, uncounted=True)  # the server never saw what was unused
 
-    def _prefetch_op(self, rp: _RPool, c: _Prefetch, diff: Mapping[str, float]) -> None:
+    def _prefetch_op(
+        self, rp: _RPool, c: _Prefetch, diff: Mapping[str, float], *, uncounted: bool = False
+    ) -> None:
         """Under the lock: apply a closed prefetch's ``diff`` in Redis (its record with it).
 
         ``settle.lua`` in 'progress' mode changes the reservation's record and the
@@ -663,8 +668,14 @@ class RemoteEngine:
         if last:
             c.returned = True
         mode = "settle" if last else "progress"
-        args: list[str | int] = [c.seq, mode, _encode(diff), self._recovery if last else ""]
-        self._backend.send(Op("settle", rp.keys4, args, rp.on_burst if last else None))
+        args: list[str | int] = [
+            c.seq,
+            mode,
+            _encode(diff),
+            self._recovery if last else "",
+            "1" if uncounted else "0",
+        ]
+        self._backend.send(Op("settle", rp.settle_keys, args, rp.on_burst if last else None))
         if any(amount > 0.0 for amount in diff.values()):
             self._poke(rp.rt)
 
@@ -753,7 +764,7 @@ class RemoteEngine:
     # ------------------------------------------------------------------ settlement
 
     def _release_op(self, rp: _RPool, seq: int, mode: str, charged: Mapping[str, float]) -> Op:
-        return Op("release", rp.keys4, [seq, mode, _encode(charged)])
+        return Op("release", rp.settle_keys, [seq, mode, _encode(charged)])
 
     def _poke(self, rt: _PoolRuntime) -> None:
         """Under the lock: capacity came back locally; the head may try again at once."""
@@ -791,7 +802,12 @@ class RemoteEngine:
                 self._to_prefetch(rp, c, diff, done=True)
             else:
                 self._backend.send(
-                    Op("settle", rp.keys4, [permit.seq, "settle", _encode(diff), self._recovery], rp.on_burst)
+                    Op(
+                        "settle",
+                        rp.settle_keys,
+                        [permit.seq, "settle", _encode(diff), self._recovery],
+                        rp.on_burst,
+                    )
                 )
             self._poke(rt)
         return actual
@@ -818,7 +834,7 @@ class RemoteEngine:
             if c is not None:
                 self._to_prefetch(rp, c, diff, done=False)
             else:
-                self._backend.send(Op("settle", rp.keys4, [permit.seq, "progress", _encode(diff), ""]))
+                self._backend.send(Op("settle", rp.settle_keys, [permit.seq, "progress", _encode(diff), ""]))
 
     def release(self, permit: Permit) -> None:
         """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
@@ -906,10 +922,13 @@ class RemoteEngine:
     ) -> bool:
         """Under the lock: ``Limiter._resync`` for a shared pool; True if the headers fitted the burst.
 
-        The resync goes to Redis (``resync.lua``: levels, limits, what every process has
-        in flight). The burst bound is computed here with the local limiter's helper; a
-        clearly smaller one shrinks the local mirror at once (so a 429 in the same
-        response is classified as the local limiter would) and the shared burst with
+        The resync goes to Redis (``resync.lua``: limits, and levels by the local
+        limiter's rule, from the note reserve.lua kept of the pool at the request's grant;
+        what only this process can know goes with it: its refused request's tokens and
+        its earlier requests not sent yet). The burst bound is computed here with the
+        local limiter's helper; a clearly smaller one shrinks the local mirror at once (so
+        a 429 in the same response is classified as the local limiter would) and the
+        shared burst with
         ``control.lua fit``.
         """
         limits = snap.limits()
@@ -927,6 +946,7 @@ class RemoteEngine:
         if permit is not None:
             since = permit.seq if permit.seq >= 0 else max(-1, self._redis_seq(permit) - 1)
         args: list[str | int] = [since, "1" if limiter._learn else "0"]
+        extra = self._uncounted(rt, permit) if permit is not None and permit.seq >= 0 else {}
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
@@ -940,7 +960,7 @@ class RemoteEngine:
             margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
             limit = repr(float(info.limit)) if info.limit is not None else ""
             target = repr(info.remaining - margin) if info.remaining is not None else ""
-            args += [dim, limit, target]
+            args += [dim, limit, target, repr(extra.get(dim, 0.0))]
             bucket = pool.buckets.get(dim)
             if info.remaining is not None and bucket is not None and bucket.rate > 0.0:
                 floor = max(floor, (info.remaining - margin) / pool.limits[dim])
@@ -962,12 +982,30 @@ class RemoteEngine:
                         rt.resyncs += 1
                         limiter._emit("resync", rt, now, {"dimension": dim, "delta": float(value)})
 
-        ops.append(Op("resync", rp.keys[:4], args, done))
+        ops.append(Op("resync", rp.settle_keys, args, done))
         if not (limiter._adaptive and bound < 1.0 and pool.fit_burst(bound, now)):
             return False
         limiter._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
         ops.append(Op("control", [rp.keys[0], rp.keys[1]], ["fit", repr(bound)], self._on_burst(rt)))
         return True
+
+    def _uncounted(self, rt: _PoolRuntime, permit: Permit) -> dict[str, float]:
+        """What the pool had charged at ``permit``'s grant that the server had not counted.
+
+        Its own tokens if the server refused it, and this process's requests admitted
+        before it and not sent yet (another process's, Redis cannot know: if any, the
+        level stays that much high until their own responses correct it).
+        """
+        extra: dict[str, float] = {}
+        if permit.response_status is not None and permit.response_status >= 400:
+            for dim, amount in permit._charged.items():
+                if dim != "requests":
+                    extra[dim] = extra.get(dim, 0.0) + amount
+        for other in rt.in_flight.values():
+            if not other.sent and other is not permit and self._redis_seq(other) < permit.seq:
+                for dim, amount in other._charged.items():
+                    extra[dim] = extra.get(dim, 0.0) + amount
+        return extra
 
     def _on_burst(self, rt: _PoolRuntime) -> Callable[[Reply], None]:
         def done(reply: Reply) -> None:

@@ -33,22 +33,27 @@ local function encode_draws(t)
   return table.concat(parts, ',')
 end
 
--- A pool hash: 'v' holds the numbers, packed with struct as little-endian doubles
+-- A pool hash: 'v2' holds the numbers, packed with struct as little-endian doubles
 -- (exact, and read without parsing text): the header below, then per dimension
--- limit, capacity, rate, debt, level. 'dims' names the dimensions in that order
--- ("requests,input_tokens,..."); 'reason' says why the pool is paused (read only then).
--- Header: t (time of the levels), burst, paused (until), clean (last burst shrink),
--- shrink (the reservation counter at that shrink: 429s of requests admitted before it
--- are old news), lx (no lease expires before this: purges are skipped until then),
--- renew (when the keys' TTLs are next refreshed).
-local HEAD = 7
+-- limit, capacity, rate, debt, level, unc (given back without the server ever counting
+-- it: requests released unsent or refused, a prefetch's unused part; a running total),
+-- low (what resyncs took off; a running total). 'dims' names the dimensions in that
+-- order ("requests,input_tokens,..."); 'reason' says why the pool is paused (read only
+-- then). Header: t (time of the levels), burst, paused (until), clean (last burst
+-- shrink), shrink (the reservation counter at that shrink: 429s of requests admitted
+-- before it are old news), lx (no lease expires before this: purges are skipped until
+-- then), renew (when the keys' TTLs are next refreshed), ver (bumped when a capacity
+-- changes: levels noted before are not comparable with later ones).
+-- ('v', without unc, low and ver, was the layout before; init.lua replaces it.)
+local HEAD = 8
+local PER_DIM = 7
 
 local function packing(n)
-  return '<' .. string.rep('d', HEAD + 5 * n)
+  return '<' .. string.rep('d', HEAD + PER_DIM * n)
 end
 
 local function load_pool(key)
-  local f = redis.call('HMGET', key, 'v', 'dims')
+  local f = redis.call('HMGET', key, 'v2', 'dims')
   if not f[1] then
     return nil
   end
@@ -59,23 +64,28 @@ local function load_pool(key)
   local x = {struct.unpack(packing(#dims), f[1])}
   local p = {
     key = key, dims = dims, b = {}, t = x[1], burst = x[2], paused = x[3], clean = x[4],
-    shrink = x[5], lx = x[6], renew = x[7],
+    shrink = x[5], lx = x[6], renew = x[7], ver = x[8],
   }
   for i, d in ipairs(dims) do
-    local j = HEAD + 5 * (i - 1)
-    p.b[d] = {lim = x[j + 1], cap = x[j + 2], rate = x[j + 3], debt = x[j + 4], lvl = x[j + 5]}
+    local j = HEAD + PER_DIM * (i - 1)
+    p.b[d] = {
+      lim = x[j + 1], cap = x[j + 2], rate = x[j + 3], debt = x[j + 4], lvl = x[j + 5], unc = x[j + 6],
+      low = x[j + 7],
+    }
   end
   return p
 end
 
 -- Writes the numbers; the names only if a dimension was added, the reason only if set.
 local function save_pool(p)
-  local x = {p.t, p.burst, p.paused, p.clean, p.shrink, p.lx, p.renew}
+  local x = {p.t, p.burst, p.paused, p.clean, p.shrink, p.lx, p.renew, p.ver}
   for _, d in ipairs(p.dims) do
     local b = p.b[d]
-    x[#x + 1], x[#x + 2], x[#x + 3], x[#x + 4], x[#x + 5] = b.lim, b.cap, b.rate, b.debt, b.lvl
+    local n = #x
+    x[n + 1], x[n + 2], x[n + 3], x[n + 4], x[n + 5], x[n + 6], x[n + 7] =
+      b.lim, b.cap, b.rate, b.debt, b.lvl, b.unc, b.low
   end
-  local args = {'v', struct.pack(packing(#p.dims), unpack(x))}
+  local args = {'v2', struct.pack(packing(#p.dims), unpack(x))}
   if p.new_dims then
     args[#args + 1], args[#args + 2] = 'dims', table.concat(p.dims, ',')
   end
@@ -136,6 +146,17 @@ local function apply_diff(p, diff)
   end
 end
 
+-- Refunds the server never counted (requests released unsent or refused, a prefetch's
+-- unused part): their running total per bucket, for resync's relative rule.
+local function add_uncounted(p, refunds)
+  for d, a in pairs(refunds) do
+    local b = p.b[d]
+    if b and a > 0 then
+      b.unc = b.unc + a
+    end
+  end
+end
+
 -- Resize a bucket the way Pool._resize does. With keep_used (a limit learned from the
 -- headers: the server's bucket was that size all along) what was used stays used;
 -- without it (a burst change) the level is only clamped to the new capacity. The bucket
@@ -166,6 +187,7 @@ end
 
 local function set_burst(p, burst)
   p.burst = burst
+  p.ver = p.ver + 1
   for _, d in ipairs(p.dims) do
     local b = p.b[d]
     if b.rate > 0 then -- a concurrency cap (batch queue) has no burst
@@ -179,14 +201,16 @@ local function set_limit(p, d, lim)
   local b = p.b[d]
   if b == nil then
     local cap = cap_for(d, lim, p.burst)
-    p.b[d] = {lim = lim, cap = cap, rate = lim / 60, debt = lim, lvl = cap}
+    p.b[d] = {lim = lim, cap = cap, rate = lim / 60, debt = lim, lvl = cap, unc = 0, low = 0}
     p.dims[#p.dims + 1] = d
     p.new_dims = true
+    p.ver = p.ver + 1
     return true
   end
   if b.lim == lim then
     return false
   end
+  p.ver = p.ver + 1
   b.lim = lim
   if b.rate > 0 then
     b.rate = lim / 60
@@ -207,7 +231,7 @@ end
 -- resyncs stop counting it as unseen by the server. p.lx (no lease expires before
 -- it) lets most calls skip the look; settlements remove leases without raising it,
 -- so it stays a lower bound.
-local function purge_leases(p, res_key, lease_key, now)
+local function purge_leases(p, res_key, lease_key, now, note_key)
   if now < p.lx then
     return 0
   end
@@ -215,9 +239,36 @@ local function purge_leases(p, res_key, lease_key, now)
   if #dead > 0 then
     redis.call('ZREM', lease_key, unpack(dead))
     redis.call('HDEL', res_key, unpack(dead))
+    if note_key then
+      redis.call('HDEL', note_key, unpack(dead))
+    end
   end
   local first = redis.call('ZRANGE', lease_key, 0, 0, 'WITHSCORES')
   p.lx = tonumber(first[2]) or math.huge
   p.lx_changed = true
   return #dead
+end
+
+-- Resync's relative rule needs, per reservation, the pool as it was right after the grant:
+-- ver, then per dimension (in p.dims order) level, unc, low. Packed like the pool.
+local function grant_note(p)
+  local x = {p.ver}
+  for _, d in ipairs(p.dims) do
+    local b = p.b[d]
+    local n = #x
+    x[n + 1], x[n + 2], x[n + 3] = b.lvl, b.unc, b.low
+  end
+  return struct.pack('<' .. string.rep('d', #x), unpack(x))
+end
+
+-- {ver = ..., [dim] = {lvl, unc, low}} from grant_note's string (dims: the pool's, in order;
+-- a dimension added since the grant is absent)
+local function read_note(p, raw)
+  local k = (#raw / 8 - 1) / 3
+  local x = {struct.unpack('<' .. string.rep('d', 1 + 3 * k), raw)}
+  local note = {ver = x[1]}
+  for i = 1, math.min(k, #p.dims) do
+    note[p.dims[i]] = {x[3 * i - 1], x[3 * i], x[3 * i + 1]}
+  end
+  return note
 end

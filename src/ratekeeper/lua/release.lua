@@ -1,6 +1,6 @@
 -- Release: a request ends without a usage report (the local limiter's release rules).
 --
--- KEYS: org, pool, res, lease
+-- KEYS: org, pool, res, lease, notes
 -- ARGV: seq, mode ('unsent': it never left, everything comes back; 'error': the server
 --       refused it, it keeps only its request; 'kept': it succeeded, the reservation
 --       stands), charged (the caller's record, used if the lease already expired)
@@ -10,6 +10,9 @@ local now = clock()
 local stored = redis.call('HGET', KEYS[3], seq)
 redis.call('HDEL', KEYS[3], seq)
 redis.call('ZREM', KEYS[4], seq)
+if KEYS[5] then
+  redis.call('HDEL', KEYS[5], seq)
+end
 local p = load_pool(KEYS[2])
 if not p then
   return {'NOPOOL', fmt(now)}
@@ -28,6 +31,7 @@ end
 if next(refund) then
   advance(p, now)
   apply_diff(p, refund)
+  add_uncounted(p, refund) -- the server never counted these
   save_pool(p)
 end
 return {'OK', fmt(now)}

@@ -1,6 +1,6 @@
 -- Reserve: admit a process's waiters, in its local order, as far as they fit.
 --
--- KEYS: org, pool, res, lease, q, qd
+-- KEYS: org, pool, res, lease, q, qd, notes (seq -> the pool right after its grant, for resync)
 -- ARGV: me (this participant's id), lease (s), ticket_ttl (s), key_ttl (ms),
 --       scopes (comma list of organization-wide holds that apply: 'all,opus'; '' none),
 --       queue ('1': keep a place in line if not everything fits; '0': nowait),
@@ -24,7 +24,7 @@
 -- TIME, one read of the organization, one of the pool, the line, the reservations
 -- with their leases and the pool's new levels; the keys' TTLs are refreshed every
 -- tenth of key_ttl, not on every call.
-local org, pkey, rkey, lkey, qkey, qdkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local org, pkey, rkey, lkey, qkey, qdkey, nkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local me = ARGV[1]
 local lease, ticket_ttl, key_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local scopes, queue, n = ARGV[5], ARGV[6] == '1', tonumber(ARGV[7])
@@ -46,7 +46,7 @@ local p = load_pool(pkey)
 if not p then
   return {'NOPOOL', fmt(now), '0', '', ''}
 end
-purge_leases(p, rkey, lkey, now)
+purge_leases(p, rkey, lkey, now, nkey)
 local dirty = p.lx_changed or false
 advance(p, now)
 
@@ -86,7 +86,7 @@ local status, wait, why = 'OK', 0, ''
 local left_arrival, left_draws = nil, nil
 -- the reservation counter starts from the clock so seqs never repeat after Redis lost its data
 local seq = tonumber(o[2]) or math.floor(now * 1000000)
-local records, leases = {}, {}
+local records, leases, notes = {}, {}, {}
 for c = 1, n do
   local arrival = tonumber(ARGV[6 + 2 * c]) or now
   if arrival > now then
@@ -154,6 +154,7 @@ for c = 1, n do
   local s = string.format('%d', seq) -- %d: a plain number would be written with 14 digits
   records[#records + 1], records[#records + 2] = s, draws_s
   leases[#leases + 1], leases[#leases + 2] = fmt(now + lease), s
+  notes[#notes + 1], notes[#notes + 2] = s, grant_note(p)
 end
 
 -- Prefetch: when everything asked for fit, nobody else is in line and the pool has
@@ -195,9 +196,13 @@ end
 if #records > 0 then
   redis.call('HSET', rkey, unpack(records))
   redis.call('ZADD', lkey, unpack(leases))
-  -- these two empty out and come back with traffic: their TTL is set whenever they are written
+  -- these empty out and come back with traffic: their TTL is set whenever they are written
   redis.call('PEXPIRE', rkey, key_ttl)
   redis.call('PEXPIRE', lkey, key_ttl)
+  if nkey and #notes > 0 then -- (a caller that passes no notes key gets the fallback resync)
+    redis.call('HSET', nkey, unpack(notes))
+    redis.call('PEXPIRE', nkey, key_ttl)
+  end
   redis.call('HSET', org, 'seq', string.format('%d', seq))
   if now + lease < p.lx then
     p.lx = now + lease

@@ -1,10 +1,11 @@
 -- Settle: apply a request's actual cost, or charge output as a stream produces it.
 --
--- KEYS: org, pool, res, lease
+-- KEYS: org, pool, res, lease, notes
 -- ARGV: seq, mode ('settle': the request is done and leaves the in-flight set;
---       'progress': it stays, its recorded charge grows), diff ("dim=amount,...":
+--       'progress': it stays, its recorded charge changes), diff ("dim=amount,...":
 --       positive refunds, negative charges more), recovery (seconds without an
---       unpredicted 429 before the burst grows back; '' = not adaptive)
+--       unpredicted 429 before the burst grows back; '' = not adaptive), uncounted
+--       ('1': the refunds were never counted by the server, a prefetch's unused part)
 -- Returns {status, now, burst}. The diff applies even when the lease already expired:
 -- the reservation's charge stood, so its correction is still due.
 --
@@ -16,6 +17,9 @@ local diff = parse_draws(ARGV[3])
 if mode ~= 'progress' then
   redis.call('HDEL', KEYS[3], seq)
   redis.call('ZREM', KEYS[4], seq)
+  if KEYS[5] then
+    redis.call('HDEL', KEYS[5], seq)
+  end
 end
 local p = load_pool(KEYS[2])
 if not p then
@@ -34,6 +38,9 @@ if timed then
   advance(p, now)
 end
 apply_diff(p, diff)
+if ARGV[5] == '1' then
+  add_uncounted(p, diff)
+end
 if mode == 'progress' then
   local cur = redis.call('HGET', KEYS[3], seq)
   if cur then
