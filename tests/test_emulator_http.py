@@ -9,13 +9,14 @@ import sys
 import urllib.request
 
 import anthropic
+import anyio
 import httpx2
 import pytest
 from anthropic.types import MessageParam
 
 from ratekeeper._cli import main
 from ratekeeper._errors import ConfigurationError
-from ratekeeper.emulator import EmulatedServer, EmulatorConfig, LatencyModel, serve
+from ratekeeper.emulator import EmulatedServer, EmulatorConfig, LatencyModel, PoolLimits, serve
 
 FAST = LatencyModel(ttft=0.01, tokens_per_second=5_000.0, error_delay=0.0)
 MODEL = "claude-haiku-4-5"
@@ -41,6 +42,31 @@ def test_sdk_against_the_http_server() -> None:
     assert [r.status for r in server.log] == [200, 200, 200, 200]
     with pytest.raises(httpx2.ConnectError):
         httpx2.get(url + "/v1/messages")
+
+
+def test_many_clients_connecting_at_once_are_all_answered() -> None:
+    """The listen backlog holds a crowd: socketserver's default of 5 reset connections."""
+    slow = LatencyModel(ttft=0.3, tokens_per_second=5_000.0, error_delay=0.0)
+    server = EmulatedServer(EmulatorConfig(latency=slow, default_limits=PoolLimits(10_000, 10**9, 10**9)))
+    body = {"model": MODEL, "max_tokens": 5, "messages": HELLO}
+    headers = {"x-api-key": "test", "anthropic-version": "2023-06-01"}
+    statuses: list[int] = []
+
+    async def one(client: httpx2.AsyncClient) -> None:
+        statuses.append((await client.post("/v1/messages", json=body, headers=headers)).status_code)
+
+    async def crowd(url: str) -> None:
+        limits = httpx2.Limits(max_connections=None)
+        async with (
+            httpx2.AsyncClient(base_url=url, limits=limits, timeout=10) as client,
+            anyio.create_task_group() as tg,
+        ):
+            for _ in range(64):
+                tg.start_soon(one, client)
+
+    with serve(server, port=0) as http:
+        anyio.run(crowd, http.url)
+    assert statuses == [200] * 64
 
 
 def test_http_server_refuses_non_loopback_hosts() -> None:

@@ -91,6 +91,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5: a few dozen clients connecting at once
+    # (workers starting together) would see connections reset instead of a slow answer
+    request_queue_size = 1024
     owner: EmulatorHTTPServer
 
 
