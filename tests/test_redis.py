@@ -303,6 +303,23 @@ async def test_an_unused_prefetch_goes_back_when_it_expires(
     assert level(redis_server, "requests") == pytest.approx(59, abs=0.5)
 
 
+def test_a_prefetched_requests_report_is_read_against_its_prefetch(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends, limits=SMALL, prefetch_ttl=30.0)
+    demand = Demand(input_tokens=10, max_tokens=10)
+    with limiter.acquire_sync(SONNET, demand) as first, limiter.acquire_sync(SONNET, demand) as prefetched:
+        assert first.seq > 0  # through Redis: 59 left, then 56 with a prefetch of three
+        assert prefetched.seq < 0
+        first.mark_sent()
+        prefetched.mark_sent()
+        # the server saw these two and 10 requests of someone else's: 48 left. The pool was
+        # noted at 56 with the prefetch's three charged, two of them not sent yet: 10 ahead
+        prefetched.observe(rpm_headers(48), status=200)
+        assert backend.flush()
+        assert level(redis_server, "requests") == pytest.approx(46, abs=0.1)
+
+
 def test_no_prefetch_while_others_wait_or_the_pool_is_under_half(
     redis_server: RedisServer, backends: list[RedisBackend]
 ) -> None:

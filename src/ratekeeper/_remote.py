@@ -149,13 +149,18 @@ class _Prefetch:
     ``left`` is what is not handed out (refunds of its requests come back to it);
     ``open`` until it expires, runs short or must make way; once closed and its last
     request is done, ``left`` goes back to Redis in one settle (``returned``).
+    ``fresh`` is the part of ``left`` the server has never counted (never handed out,
+    or given back by a request that never reached it; not settlement refunds, which
+    the server makes too): resync allows for it. ``given`` is what of it went back.
     """
 
-    __slots__ = ("holders", "left", "open", "returned", "seq", "until")
+    __slots__ = ("fresh", "given", "holders", "left", "open", "returned", "seq", "until")
 
     def __init__(self, seq: int, left: dict[str, float], until: float) -> None:
         self.seq = seq
         self.left = left
+        self.fresh = dict(left)
+        self.given: dict[str, float] = {}
         self.until = until
         self.holders = 0
         self.open = True
@@ -176,8 +181,9 @@ class RemoteEngine:
         self._fallback: Limiter | None = None
         self._heartbeat = backend.ticket_ttl / 3.0
         self._recovery = repr(limiter._burst_recovery) if limiter._adaptive else ""
-        # permits admitted from a prefetch (by their local seq, negative), until they are done
-        self._prefetched: dict[int, _Prefetch] = {}
+        # permits admitted from a prefetch (by their local seq, negative), until they are
+        # done: the prefetch, and what of it the server had never counted right after
+        self._prefetched: dict[int, tuple[_Prefetch, dict[str, float]]] = {}
         backend.on_close(self.close_prefetches)
 
     @property
@@ -605,14 +611,17 @@ class RemoteEngine:
                 if (have is None and dim in limits) or (have is not None and have < amount):
                     self._close_prefetch(rp, c)
                     return None
+        fresh = c.fresh
         for dim, amount in draws.items():
             if dim in left:
                 left[dim] -= amount
+                fresh[dim] -= min(fresh[dim], amount)
         limiter = self._limiter
-        seq = -1 - next(limiter._seq)  # local: Redis knows only the prefetch's seq
+        # local, negative, decreasing: Redis knows only the prefetch's seq
+        seq = -1 - next(limiter._seq)
         permit = Permit(limiter, rt, model, draws, 0.0, seq, now)
         c.holders += 1
-        self._prefetched[seq] = c
+        self._prefetched[seq] = (c, dict(fresh))
         rt.in_flight[seq] = permit
         rt.granted += 1
         rt.waits.add(0.0)
@@ -648,17 +657,28 @@ class RemoteEngine:
             rp.prefetch = None
         # the requests still out keep their part of the reservation; the rest goes back now
         unused = {dim: amount for dim, amount in c.left.items() if amount}
+        uncounted: dict[str, float] = {}
         for dim in unused:
             c.left[dim] = 0.0
-        self._prefetch_op(rp, c, unused, uncounted=True)  # the server never saw what was unused
+            given = min(unused[dim], c.fresh[dim])
+            if given > 0.0:
+                uncounted[dim] = given
+                c.fresh[dim] -= given
+                c.given[dim] = c.given.get(dim, 0.0) + given
+        self._prefetch_op(rp, c, unused, uncounted)
 
     def _prefetch_op(
-        self, rp: _RPool, c: _Prefetch, diff: Mapping[str, float], *, uncounted: bool = False
+        self,
+        rp: _RPool,
+        c: _Prefetch,
+        diff: Mapping[str, float],
+        uncounted: Mapping[str, float] | None = None,
     ) -> None:
         """Under the lock: apply a closed prefetch's ``diff`` in Redis (its record with it).
 
         ``settle.lua`` in 'progress' mode changes the reservation's record and the
         pool; the last one, when no request of it is out, also removes the record.
+        ``uncounted``: the refunds in ``diff`` the server never counted.
         """
         if c.returned:
             return
@@ -673,36 +693,48 @@ class RemoteEngine:
             mode,
             _encode(diff),
             self._recovery if last else "",
-            "1" if uncounted else "0",
+            _encode(uncounted or {}),
         ]
         self._backend.send(Op("settle", rp.settle_keys, args, rp.on_burst if last else None))
         if any(amount > 0.0 for amount in diff.values()):
             self._poke(rp.rt)
 
-    def _to_prefetch(self, rp: _RPool, c: _Prefetch, amounts: Mapping[str, float], done: bool) -> None:
+    def _to_prefetch(
+        self, rp: _RPool, c: _Prefetch, amounts: Mapping[str, float], done: bool, uncounted: bool = False
+    ) -> None:
         """Under the lock: a prefetched request's refund (> 0) or extra charge (< 0).
 
-        While ``c`` is open it goes to what ``c`` can still hand out; once closed, to Redis.
+        While ``c`` is open it goes to what ``c`` can still hand out; once closed, to
+        Redis. ``uncounted``: the request never reached the server, or it refused it.
         """
         if done:
             c.holders -= 1
         # (a dimension the prefetch lacks, the pool lacks: Redis would ignore it too)
         diff = {dim: amount for dim, amount in amounts.items() if amount and dim in c.left}
         if not c.open:
-            self._prefetch_op(rp, c, diff)
+            self._prefetch_op(rp, c, diff, diff if uncounted else None)
             return
         left = c.left
         for dim, amount in diff.items():
             left[dim] += amount
+            if uncounted and amount > 0.0:
+                c.fresh[dim] += amount
         if any(v < 0.0 for v in left.values()):
             self._close_prefetch(rp, c)  # it owes Redis more than it holds: settle up
 
     def _redis_seq(self, permit: Permit) -> int:
         """The Redis reservation a permit's request belongs to (-1: not known any more)."""
-        c = self._prefetched.get(permit.seq)
-        if c is not None:
-            return c.seq
+        entry = self._prefetched.get(permit.seq)
+        if entry is not None:
+            return entry[0].seq
         return permit.seq
+
+    def _order(self, permit: Permit) -> tuple[int, int]:
+        """Admission order across the Redis seqs and the requests of each prefetch."""
+        entry = self._prefetched.get(permit.seq)
+        if entry is not None:
+            return entry[0].seq, -permit.seq  # (local seqs decrease)
+        return permit.seq, 0
 
     def close_prefetches(self) -> None:
         """Close every prefetch (what they hold goes back as their requests finish).
@@ -797,9 +829,9 @@ class RemoteEngine:
             permit._charged = new
             permit._state = _SETTLED
             rt.in_flight.pop(permit.seq, None)
-            c = self._prefetched.pop(permit.seq, None)
-            if c is not None:
-                self._to_prefetch(rp, c, diff, done=True)
+            entry = self._prefetched.pop(permit.seq, None)
+            if entry is not None:
+                self._to_prefetch(rp, entry[0], diff, done=True)
             else:
                 self._backend.send(
                     Op(
@@ -830,9 +862,9 @@ class RemoteEngine:
                 permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
             diff = {dim: -amount for dim, amount in more.items()}
             rp = self._rpool(rt)
-            c = self._prefetched.get(permit.seq)
-            if c is not None:
-                self._to_prefetch(rp, c, diff, done=False)
+            entry = self._prefetched.get(permit.seq)
+            if entry is not None:
+                self._to_prefetch(rp, entry[0], diff, done=False)
             else:
                 self._backend.send(Op("settle", rp.settle_keys, [permit.seq, "progress", _encode(diff), ""]))
 
@@ -858,9 +890,9 @@ class RemoteEngine:
             permit._state = _RELEASED
             rt.in_flight.pop(permit.seq, None)
             rp = self._rpool(rt)
-            c = self._prefetched.pop(permit.seq, None)
-            if c is not None:
-                self._to_prefetch(rp, c, refund, done=True)
+            entry = self._prefetched.pop(permit.seq, None)
+            if entry is not None:
+                self._to_prefetch(rp, entry[0], refund, done=True, uncounted=True)
             else:
                 self._backend.send(self._release_op(rp, permit.seq, mode, charged))
             if refund:
@@ -940,13 +972,25 @@ class RemoteEngine:
         date = snap.server_date
         bound = math.inf
         floor = 0.0
-        # since: reservations after the observed request's were unseen by the server; a
-        # prefetch holds several requests, so its own record counts as unseen too
+        # since: the observed request's reservation (a prefetched request's is its
+        # prefetch's, with what of the prefetch the server had not counted as extra)
         since = -1
+        extra: dict[str, float] = {}
         if permit is not None:
-            since = permit.seq if permit.seq >= 0 else max(-1, self._redis_seq(permit) - 1)
+            entry = self._prefetched.get(permit.seq)
+            if permit.seq >= 0:
+                since = permit.seq
+                extra = self._uncounted(rt, permit)
+            elif entry is not None:
+                c, fresh = entry
+                since = c.seq
+                extra = self._uncounted(rt, permit)
+                # fresh then, less what of it went back since (resync counts that as given back)
+                for dim, amount in fresh.items():
+                    unseen = amount - c.given.get(dim, 0.0)
+                    if unseen > 0.0:
+                        extra[dim] = extra.get(dim, 0.0) + unseen
         args: list[str | int] = [since, "1" if limiter._learn else "0"]
-        extra = self._uncounted(rt, permit) if permit is not None and permit.seq >= 0 else {}
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
@@ -1001,8 +1045,9 @@ class RemoteEngine:
             for dim, amount in permit._charged.items():
                 if dim != "requests":
                     extra[dim] = extra.get(dim, 0.0) + amount
+        order = self._order(permit)
         for other in rt.in_flight.values():
-            if not other.sent and other is not permit and self._redis_seq(other) < permit.seq:
+            if not other.sent and other is not permit and self._order(other) < order:
                 for dim, amount in other._charged.items():
                     extra[dim] = extra.get(dim, 0.0) + amount
         return extra

@@ -189,6 +189,7 @@ if k >= 2 and n > 0 and status == 'OK' and not left_arrival and #others == 0 and
     local draws_s = encode_draws(t)
     records[#records + 1], records[#records + 2] = s, draws_s
     leases[#leases + 1], leases[#leases + 2] = fmt(now + lease), s
+    notes[#notes + 1], notes[#notes + 2] = s, grant_note(p) -- its requests' resyncs use it
     prefetch = s .. ';' .. draws_s
   end
 end

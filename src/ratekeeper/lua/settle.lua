@@ -5,7 +5,8 @@
 --       'progress': it stays, its recorded charge changes), diff ("dim=amount,...":
 --       positive refunds, negative charges more), recovery (seconds without an
 --       unpredicted 429 before the burst grows back; '' = not adaptive), uncounted
---       ('1': the refunds were never counted by the server, a prefetch's unused part)
+--       ("dim=amount,...": the part of the refunds the server never counted, such as
+--       what a prefetch did not hand out)
 -- Returns {status, now, burst}. The diff applies even when the lease already expired:
 -- the reservation's charge stood, so its correction is still due.
 --
@@ -38,9 +39,7 @@ if timed then
   advance(p, now)
 end
 apply_diff(p, diff)
-if ARGV[5] == '1' then
-  add_uncounted(p, diff)
-end
+add_uncounted(p, parse_draws(ARGV[5]))
 if mode == 'progress' then
   local cur = redis.call('HGET', KEYS[3], seq)
   if cur then
