@@ -311,6 +311,17 @@ class RedisBackend:
         errors = self._redis.exceptions
         return (errors.ConnectionError, errors.TimeoutError, errors.BusyLoadingError, OSError, TimeoutError)
 
+    def _outage(self, exc: BaseException) -> bool:
+        """True if ``exc`` means Redis could not be reached, not that a script or a call was wrong.
+
+        A cluster client adds its own: the cluster says it is down, the slot has no node,
+        or no node it knows answers (an exception raised from a connection error).
+        """
+        errors = self._redis.exceptions
+        if isinstance(exc, (*self._failures(), errors.ClusterDownError, errors.SlotNotCoveredError)):
+            return True
+        return isinstance(exc, errors.RedisClusterException) and isinstance(exc.__cause__, self._failures())
+
     def run_sync(self, ops: Sequence[Op]) -> list[Reply]:
         """Run ``ops`` in one round trip (a pipeline) with the synchronous client.
 
@@ -318,7 +329,9 @@ class RedisBackend:
         """
         try:
             replies = self._execute_sync(ops)
-        except self._failures() as exc:
+        except Exception as exc:
+            if not self._outage(exc):
+                raise
             self.mark_down(exc)
             raise Down(str(exc)) from exc
         self._mark_up()
@@ -338,7 +351,9 @@ class RedisBackend:
             # even for a client without timeouts (asyncio's own scope: anyio's costs ~10 us more)
             async with asyncio.timeout(self.timeout * 2 + 0.1):
                 replies = await self._execute_async(client, ops)
-        except self._failures() as exc:
+        except Exception as exc:
+            if not self._outage(exc):
+                raise
             self.mark_down(exc)
             raise Down(str(exc)) from exc
         self._mark_up()
@@ -404,6 +419,36 @@ class RedisBackend:
     def _args(self, op: Op) -> tuple[Any, ...]:
         return (self._scripts[op.script][1], len(op.keys), *op.keys, *op.args)
 
+    def _pipeline(self, client: Any, ops: Sequence[Op]) -> Any:
+        """A pipeline of ``client`` (sync or async, single server or cluster) with ``ops`` queued.
+
+        Not ``pipe.evalsha``: redis-py's cluster pipelines refuse it (EVALSHA is in their
+        ``PIPELINE_BLOCKED_COMMANDS``, redis-py issue #2914), though the command needs
+        nothing a pipeline lacks: every key here carries one hash tag, so the whole
+        pipeline goes to the one node that owns the organization's slot, in order.
+        """
+        route = self._route(client)
+        pipe = client.pipeline(transaction=False)
+        for op in ops:
+            pipe.execute_command("EVALSHA", *self._args(op), **route)
+        return pipe
+
+    def _route(self, client: Any) -> dict[str, Any]:
+        """For a cluster client, ``target_nodes``: the node that owns this organization's slot.
+
+        Named, it spares a round trip per pipelined EVALSHA (redis-py's synchronous
+        cluster pipeline otherwise asks a node for each one's keys: COMMAND GETKEYS),
+        and SCRIPT LOAD goes there alone, not to every primary (one of which may be
+        down). The node comes from the client's slot table; a MOVED reply still redirects.
+        """
+        owner = getattr(client, "get_node_from_key", None)
+        if owner is None:
+            return {}
+        try:
+            return {"target_nodes": owner(self.tag)}
+        except self._redis.exceptions.RedisClusterException:
+            return {}  # no slot table yet or just now: the client finds the node, or says why not
+
     def _execute_sync(self, ops: Sequence[Op]) -> list[Reply]:
         client = self._sync
         noscript = self._redis.exceptions.NoScriptError
@@ -413,9 +458,7 @@ class RedisBackend:
             except noscript:
                 self._load_sync()
                 return [_decode(client.evalsha(*self._args(ops[0])))]
-        pipe = client.pipeline(transaction=False)
-        for op in ops:
-            pipe.evalsha(*self._args(op))
+        pipe = self._pipeline(client, ops)
         raw = pipe.execute(raise_on_error=False)
         if any(isinstance(r, noscript) for r in raw):
             # Redis lost its scripts (a restart, SCRIPT FLUSH): load them, redo what failed
@@ -434,9 +477,7 @@ class RedisBackend:
             except noscript:
                 await self._load_async(client)
                 return [_decode(await client.evalsha(*self._args(ops[0])))]
-        pipe = client.pipeline(transaction=False)
-        for op in ops:
-            pipe.evalsha(*self._args(op))
+        pipe = self._pipeline(client, ops)
         raw = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, noscript) for r in raw):
             await self._load_async(client)
@@ -454,12 +495,15 @@ class RedisBackend:
         return _decode(raw)
 
     def _load_sync(self) -> None:
+        client: Any = self._sync  # redis.Redis or redis.RedisCluster
+        route = self._route(client)
         for text, _ in self._scripts.values():
-            self._sync.script_load(text)
+            client.execute_command("SCRIPT LOAD", text, **route)
 
     async def _load_async(self, client: Any) -> None:
+        route = self._route(client)
         for text, _ in self._scripts.values():
-            await client.script_load(text)
+            await client.execute_command("SCRIPT LOAD", text, **route)
 
     # ------------------------------------------------------------------ the outbox
 
@@ -658,10 +702,16 @@ def _pack_command(args: Sequence[str | int | float]) -> bytes:
 
 
 def _describe(client: Any) -> str:
-    """``redis://host:port/db`` of a client, for messages."""
+    """``redis://host:port/db`` of a client, ``redis://host:port (cluster)`` of a cluster's, for messages."""
     try:
         kwargs = client.connection_pool.connection_kwargs
         return f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+    except AttributeError:
+        pass
+    try:
+        # a cluster client has no pool of its own: name the node it asks when no key decides
+        node = client.get_default_node()
+        return f"redis://{node.host}:{node.port} (cluster)"
     except AttributeError:
         return repr(client)
 
