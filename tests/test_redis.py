@@ -451,6 +451,21 @@ def test_resync_allows_for_what_the_server_never_counted(
     assert level(redis_server, "requests") == pytest.approx(47, abs=0.1)
 
 
+def test_resync_does_not_count_refunds_of_requests_granted_after_the_observed_one(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends)
+    observed = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # 59 left
+    later = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # 58
+    later.release()  # never sent: 59 again, and the server never counted it
+    observed.mark_sent()
+    # the server saw the observed request and 10 of someone else's: 49. The note of the
+    # observed request never had the later one charged: its refund changes nothing here
+    observed.observe(rpm_headers(49), status=200)
+    assert backend.flush()
+    assert level(redis_server, "requests") == pytest.approx(49, abs=0.1)
+
+
 def test_learned_limits_are_shared(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
     a, a_backend = make(redis_server, backends)
     b, _ = make(redis_server, backends)

@@ -139,7 +139,7 @@ class RedisBackend:
         key_ttl: float = 86_400.0,
         flush_delay: float = 0.002,
         prefetch: int = 16,
-        prefetch_ttl: float = 0.5,
+        prefetch_ttl: float = 0.1,
     ) -> None:
         try:
             import redis

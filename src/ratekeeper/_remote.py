@@ -130,8 +130,8 @@ class _RPool:
     def __init__(self, rt: _PoolRuntime, keys: tuple[str, ...], on_burst: Callable[[Reply], None]) -> None:
         self.rt = rt
         self.keys = keys
-        # org, pool, res, lease, notes: what settle, release and resync touch
-        self.settle_keys = (*keys[:4], keys[6])
+        # org, pool, res, lease, notes, uncounted log: what settle, release and resync touch
+        self.settle_keys = (*keys[:4], keys[6], keys[7])
         self.on_burst = on_burst  # a reply carrying the shared burst updates the local mirror
         self.scopes = _scopes(rt.pool.name)
         self.driving = False
@@ -181,6 +181,7 @@ class RemoteEngine:
         self._fallback: Limiter | None = None
         self._heartbeat = backend.ticket_ttl / 3.0
         self._recovery = repr(limiter._burst_recovery) if limiter._adaptive else ""
+        self._key_ttl_ms = int(backend.key_ttl * 1000)
         # permits admitted from a prefetch (by their local seq, negative), until they are
         # done: the prefetch, and what of it the server had never counted right after
         self._prefetched: dict[int, tuple[_Prefetch, dict[str, float]]] = {}
@@ -197,8 +198,10 @@ class RemoteEngine:
         rp = self._pools.get(rt.pool.name)
         if rp is None:
             name = rt.pool.name
-            # (org, pool, res, lease, q, qd) and the grant notes resync reads
-            keys = (*self._backend.pool_keys(name), f"{self._backend.tag}:notes:{name}")
+            # (org, pool, res, lease, q, qd), and for resync the grant notes and the log of
+            # refunds the server never counted
+            t = self._backend.tag
+            keys = (*self._backend.pool_keys(name), f"{t}:notes:{name}", f"{t}:unc:{name}")
             rp = self._pools[name] = _RPool(rt, keys, self._on_burst(rt))
         return rp
 
@@ -694,6 +697,7 @@ class RemoteEngine:
             _encode(diff),
             self._recovery if last else "",
             _encode(uncounted or {}),
+            self._key_ttl_ms,
         ]
         self._backend.send(Op("settle", rp.settle_keys, args, rp.on_burst if last else None))
         if any(amount > 0.0 for amount in diff.values()):
@@ -796,7 +800,7 @@ class RemoteEngine:
     # ------------------------------------------------------------------ settlement
 
     def _release_op(self, rp: _RPool, seq: int, mode: str, charged: Mapping[str, float]) -> Op:
-        return Op("release", rp.settle_keys, [seq, mode, _encode(charged)])
+        return Op("release", rp.settle_keys, [seq, mode, _encode(charged), self._key_ttl_ms])
 
     def _poke(self, rt: _PoolRuntime) -> None:
         """Under the lock: capacity came back locally; the head may try again at once."""

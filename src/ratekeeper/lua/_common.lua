@@ -147,14 +147,39 @@ local function apply_diff(p, diff)
 end
 
 -- Refunds the server never counted (requests released unsent or refused, a prefetch's
--- unused part): their running total per bucket, for resync's relative rule.
-local function add_uncounted(p, refunds)
+-- unused part): their running total per bucket, for resync's relative rule, and the
+-- refund itself in a log scored by its reservation's seq (unc_key: a sorted set): a
+-- report of an older request must not count refunds of reservations granted after it,
+-- which its note never had charged. The log keeps the 256 youngest reservations'.
+local UNC_LOG = 256
+
+local function add_uncounted(p, refunds, unc_key, seq, now, key_ttl)
+  local kept = {}
   for d, a in pairs(refunds) do
     local b = p.b[d]
     if b and a > 0 then
       b.unc = b.unc + a
+      kept[d] = a
     end
   end
+  if unc_key and next(kept) then
+    redis.call('ZADD', unc_key, seq, fmt(now) .. ':' .. seq .. '|' .. encode_draws(kept))
+    redis.call('ZREMRANGEBYRANK', unc_key, 0, -UNC_LOG - 1)
+    redis.call('PEXPIRE', unc_key, key_ttl)
+  end
+end
+
+-- What the log holds of reservations granted after seq ``since``, per dimension.
+local function uncounted_after(unc_key, since)
+  local out = {}
+  if unc_key then
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', unc_key, '(' .. since, '+inf')) do
+      for d, a in pairs(parse_draws(string.match(m, '|(.*)$'))) do
+        out[d] = (out[d] or 0) + a
+      end
+    end
+  end
+  return out
 end
 
 -- Resize a bucket the way Pool._resize does. With keep_used (a limit learned from the

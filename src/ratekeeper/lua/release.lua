@@ -1,9 +1,10 @@
 -- Release: a request ends without a usage report (the local limiter's release rules).
 --
--- KEYS: org, pool, res, lease, notes
+-- KEYS: org, pool, res, lease, notes, uncounted log
 -- ARGV: seq, mode ('unsent': it never left, everything comes back; 'error': the server
 --       refused it, it keeps only its request; 'kept': it succeeded, the reservation
---       stands), charged (the caller's record, used if the lease already expired)
+--       stands), charged (the caller's record, used if the lease already expired),
+--       key_ttl (ms: the uncounted log's TTL)
 -- Returns {status, now}.
 local seq, mode = ARGV[1], ARGV[2]
 local now = clock()
@@ -31,7 +32,7 @@ end
 if next(refund) then
   advance(p, now)
   apply_diff(p, refund)
-  add_uncounted(p, refund) -- the server never counted these
+  add_uncounted(p, refund, KEYS[6], seq, now, tonumber(ARGV[4]) or 86400000) -- never counted
   save_pool(p)
 end
 return {'OK', fmt(now)}

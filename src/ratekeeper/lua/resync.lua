@@ -1,6 +1,6 @@
 -- Resync: correct the shared buckets from one response's rate-limit headers.
 --
--- KEYS: org, pool, res, lease, notes
+-- KEYS: org, pool, res, lease, notes, uncounted log
 -- ARGV: since (seq of the observed request: reservations admitted after it, by any
 --       process, were not seen by the server when it answered; -1: all in flight),
 --       learn ('1': adopt the -limit headers), then quadruples: dim, limit ('' if absent),
@@ -13,9 +13,11 @@
 -- The rule is the in-process limiter's. The report is of the server's buckets just after
 -- the observed request's grant; the note reserve.lua kept of the pool right then says by
 -- how much the shared model was ahead of the server at that moment:
---   ahead = level at grant + extra + (unc now - unc then) - target - (low now - low then)
--- (unc: given back since without the server ever counting it; low: what resyncs took off
--- since, other reports having shown the same). The level comes down by that now. Lowering
+--   ahead = level at grant + extra + (unc now - unc then - of younger ones) - target
+--           - (low now - low then)
+-- (unc: given back since without the server ever counting it, less what of that belonged
+-- to reservations granted after the observed one, which the note never had charged; low:
+-- what resyncs took off since, other reports having shown the same). The level comes down by that now. Lowering
 -- to the report itself, less what was admitted since, would also throw away the refill
 -- since the grant, which the model counted like the server: seconds of it for a long
 -- request. Without a note (a prefetched request, a lease purged, a capacity changed since:
@@ -61,6 +63,7 @@ if since >= 0 and KEYS[5] then
   end
 end
 local unseen = nil -- the fallback's: what reservations after the observed one hold
+local younger = note and uncounted_after(KEYS[6], ARGV[1]) or {} -- (ARGV: all the digits)
 for i = 3, #ARGV, 4 do
   local d, target, extra = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]) or 0
   local b = p.b[d]
@@ -68,7 +71,8 @@ for i = 3, #ARGV, 4 do
     local at = note and note[d]
     local t = math.huge
     if at then
-      local ahead = at[1] + extra + (b.unc - at[2]) - target - (b.low - at[3])
+      local given = b.unc - at[2] - (younger[d] or 0)
+      local ahead = at[1] + extra + given - target - (b.low - at[3])
       if ahead > 0 then
         t = b.lvl - ahead
       end

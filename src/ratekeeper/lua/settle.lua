@@ -1,12 +1,12 @@
 -- Settle: apply a request's actual cost, or charge output as a stream produces it.
 --
--- KEYS: org, pool, res, lease, notes
+-- KEYS: org, pool, res, lease, notes, uncounted log
 -- ARGV: seq, mode ('settle': the request is done and leaves the in-flight set;
 --       'progress': it stays, its recorded charge changes), diff ("dim=amount,...":
 --       positive refunds, negative charges more), recovery (seconds without an
 --       unpredicted 429 before the burst grows back; '' = not adaptive), uncounted
 --       ("dim=amount,...": the part of the refunds the server never counted, such as
---       what a prefetch did not hand out)
+--       what a prefetch did not hand out), key_ttl (ms: the log's TTL)
 -- Returns {status, now, burst}. The diff applies even when the lease already expired:
 -- the reservation's charge stood, so its correction is still due.
 --
@@ -39,7 +39,10 @@ if timed then
   advance(p, now)
 end
 apply_diff(p, diff)
-add_uncounted(p, parse_draws(ARGV[5]))
+local uncounted = parse_draws(ARGV[5])
+if next(uncounted) then
+  add_uncounted(p, uncounted, KEYS[6], seq, clock(), tonumber(ARGV[6]) or 86400000)
+end
 if mode == 'progress' then
   local cur = redis.call('HGET', KEYS[3], seq)
   if cur then

@@ -1,0 +1,135 @@
+"""How much of a shared limit several processes use through Redis, against the real HTTP emulator.
+
+Run: ``python benchmarks/redis_processes_utilization.py [--workers 2 --tasks 24 --ttft 3
+--rpm 120 --interval 60 --seconds 30 --prefetch 16 0 --runs 3]`` (about 35 s per run).
+
+Each worker process has its own ``Limiter`` and ``RedisBackend`` and runs ``tasks``
+concurrent loops of acquire, POST to ``ratekeeper emulate``, observe, settle. Requests
+take ``ttft`` seconds (a long, non-streamed answer), so every report the limiter reads
+is that old. The result is the successful requests over what the server allowed
+(its burst plus the refill over the run), and the 429s. A local ``redis-server`` is
+started on a free loopback port, as in the tests. Results vary by a few percent from
+run to run (processes share the machine's cores): compare several runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from redis_server import RedisServer
+
+WORKER = r"""
+import json, sys, time
+import anyio, httpx2
+from ratekeeper import Limiter, RedisBackend
+
+base_url, redis_url = sys.argv[1], sys.argv[2]
+duration, rpm, burst = (float(a) for a in sys.argv[3:6])
+tasks, prefetch = int(sys.argv[6]), int(sys.argv[7])
+MODEL = "claude-sonnet-4-5"
+BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}]}
+statuses = {}
+
+async def main():
+    backend = RedisBackend(redis_url, org="utilization", prefetch=prefetch)
+    limits = {"sonnet-4.x": {"requests": rpm, "input_tokens": 10_000_000, "output_tokens": 10_000_000}}
+    limiter = Limiter("tier-1", limits=limits, burst=burst, backend=backend)
+    deadline = time.time() + duration
+    headers = {"x-api-key": "test", "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    async with httpx2.AsyncClient(base_url=base_url, timeout=60) as client:
+        async def task():
+            while True:
+                async with limiter.acquire(MODEL, input_tokens=20, max_tokens=8) as permit:
+                    if time.time() >= deadline:
+                        return
+                    permit.mark_sent()
+                    resp = await client.post("/v1/messages", json=BODY, headers=headers)
+                    statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+                    permit.observe(resp.headers, status=resp.status_code, body=resp.content)
+                    if resp.status_code == 200:
+                        permit.settle(resp.json()["usage"])
+        async with anyio.create_task_group() as tg:
+            for _ in range(tasks):
+                tg.start_soon(task)
+    backend.close()
+
+anyio.run(main)
+print(json.dumps({str(k): v for k, v in statuses.items()}))
+"""
+
+
+def run_once(args: argparse.Namespace, prefetch: int) -> dict[str, int]:
+    """One run with a fresh Redis and emulator: status code -> count over every worker."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryDirectory(prefix="ratekeeper-utilization-") as directory:
+        redis = RedisServer(Path(directory))
+        redis.start()
+        code = "from ratekeeper._cli import main; raise SystemExit(main())"
+        emulate = [
+            *(sys.executable, "-c", code, "emulate", "--port", "0", "--ttft", str(args.ttft)),
+            *("--tokens-per-second", "10000", "--rpm", str(args.rpm), "--itpm", "10000000"),
+            *("--otpm", "10000000", "--enforcement-interval", str(args.interval)),
+        ]
+        server = subprocess.Popen(emulate, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            assert server.stdout is not None
+            url = server.stdout.readline().strip().removeprefix("listening on ")
+            worker_args = [url, redis.url, str(args.seconds), str(args.rpm), str(args.interval / 60)]
+            workers = [
+                subprocess.Popen(
+                    [sys.executable, "-c", WORKER, *worker_args, str(args.tasks), str(prefetch)],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+                for _ in range(args.workers)
+            ]
+            totals: dict[str, int] = {}
+            for worker in workers:
+                out, _ = worker.communicate(timeout=args.seconds + 120)
+                if worker.returncode != 0:
+                    raise SystemExit(f"a worker failed (exit {worker.returncode})")
+                for status, count in json.loads(out.strip().splitlines()[-1]).items():
+                    totals[status] = totals.get(status, 0) + count
+            return totals
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=10)
+            redis.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=24, help="concurrent requests per worker")
+    parser.add_argument("--ttft", type=float, default=3.0, help="seconds before the answer")
+    parser.add_argument("--rpm", type=int, default=120)
+    parser.add_argument("--interval", type=float, default=60.0, help="the server's burst, seconds")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--prefetch", type=int, nargs="+", default=[16, 0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    allowed = args.rpm * args.interval / 60 + args.rpm / 60 * args.seconds
+    print(
+        f"{args.workers} workers x {args.tasks} tasks, {args.ttft:g}-s requests, {args.rpm} RPM "
+        f"({args.interval:g}-s burst), {args.seconds:g} s: the server allows about {allowed:.0f}"
+    )
+    for prefetch in args.prefetch:
+        for _ in range(args.runs):
+            totals = run_once(args, prefetch)
+            ok = totals.get("200", 0)
+            print(
+                f"prefetch={prefetch}: {ok} ok ({ok / allowed:.3f}), {totals.get('429', 0)} 429s", flush=True
+            )
+
+
+if __name__ == "__main__":
+    main()
