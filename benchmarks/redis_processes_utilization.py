@@ -25,45 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from redis_server import RedisServer
-
-WORKER = r"""
-import json, sys, time
-import anyio, httpx2
-from ratekeeper import Limiter, RedisBackend
-
-base_url, redis_url = sys.argv[1], sys.argv[2]
-duration, rpm, burst = (float(a) for a in sys.argv[3:6])
-tasks, prefetch = int(sys.argv[6]), int(sys.argv[7])
-MODEL = "claude-sonnet-4-5"
-BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}]}
-statuses = {}
-
-async def main():
-    backend = RedisBackend(redis_url, org="utilization", prefetch=prefetch)
-    limits = {"sonnet-4.x": {"requests": rpm, "input_tokens": 10_000_000, "output_tokens": 10_000_000}}
-    limiter = Limiter("tier-1", limits=limits, burst=burst, backend=backend)
-    deadline = time.time() + duration
-    headers = {"x-api-key": "test", "anthropic-version": "2023-06-01", "content-type": "application/json"}
-    async with httpx2.AsyncClient(base_url=base_url, timeout=60) as client:
-        async def task():
-            while True:
-                async with limiter.acquire(MODEL, input_tokens=20, max_tokens=8) as permit:
-                    if time.time() >= deadline:
-                        return
-                    permit.mark_sent()
-                    resp = await client.post("/v1/messages", json=BODY, headers=headers)
-                    statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
-                    permit.observe(resp.headers, status=resp.status_code, body=resp.content)
-                    if resp.status_code == 200:
-                        permit.settle(resp.json()["usage"])
-        async with anyio.create_task_group() as tg:
-            for _ in range(tasks):
-                tg.start_soon(task)
-    backend.close()
-
-anyio.run(main)
-print(json.dumps({str(k): v for k, v in statuses.items()}))
-"""
+from test_redis_processes import WORKER
 
 
 def run_once(args: argparse.Namespace, prefetch: int) -> dict[str, int]:

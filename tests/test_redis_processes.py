@@ -25,8 +25,10 @@ BURST_SECONDS = 6.0
 DURATION = 6.0
 WORKERS = 4
 
-# One worker: its own limiter and backend (another process, to Redis), 4 concurrent tasks,
-# plain httpx2 calls that acquire, observe and settle themselves. Prints a JSON summary.
+# One worker: its own limiter and backend (another process, to Redis), concurrent tasks
+# (4, or argv[6]) making plain httpx2 calls that acquire, observe and settle themselves;
+# argv[7] is the backend's prefetch. Prints a JSON summary. (Also run by
+# benchmarks/redis_processes_utilization.py.)
 WORKER = r"""
 import json, sys, time
 import anyio, httpx2
@@ -34,12 +36,14 @@ from ratekeeper import Limiter, RedisBackend
 
 base_url, redis_url = sys.argv[1], sys.argv[2]
 duration, rpm, burst = (float(a) for a in sys.argv[3:6])
+tasks = int(sys.argv[6]) if len(sys.argv) > 6 else 4
+prefetch = int(sys.argv[7]) if len(sys.argv) > 7 else 16
 MODEL = "claude-sonnet-4-5"
 BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}]}
 statuses = {}
 
 async def main():
-    backend = RedisBackend(redis_url, org="multi")
+    backend = RedisBackend(redis_url, org="multi", prefetch=prefetch)
     limiter = Limiter(
         "tier-1",
         limits={"sonnet-4.x": {"requests": rpm, "input_tokens": 10_000_000, "output_tokens": 10_000_000}},
@@ -48,7 +52,7 @@ async def main():
     )
     deadline = time.time() + duration
     headers = {"x-api-key": "test", "anthropic-version": "2023-06-01", "content-type": "application/json"}
-    async with httpx2.AsyncClient(base_url=base_url, timeout=30) as client:
+    async with httpx2.AsyncClient(base_url=base_url, timeout=60) as client:
         async def task():
             while True:
                 async with limiter.acquire(MODEL, input_tokens=20, max_tokens=8) as permit:
@@ -61,7 +65,7 @@ async def main():
                     if resp.status_code == 200:
                         permit.settle(resp.json()["usage"])
         async with anyio.create_task_group() as tg:
-            for _ in range(4):
+            for _ in range(tasks):
                 tg.start_soon(task)
     backend.close()
 
