@@ -10,6 +10,8 @@ given by the caller. Real ``redis-server``, real clocks.
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import pytest
 import redis
@@ -17,7 +19,7 @@ import redis.asyncio
 from redis_server import RedisServer
 
 # the same fixtures as test_redis.py (pytest finds them by name, hence the noqa)
-from test_redis import anyio_backend, backends, client  # noqa: F401
+from test_redis import anyio_backend, backends, client, stored_pool  # noqa: F401
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
 from ratekeeper._redis import Op
@@ -93,3 +95,26 @@ async def test_a_given_asyncio_client_without_decoding_works(
     assert backend.flush()
     assert client(redis_server).hlen(RES) == 0
     await given.aclose()
+
+
+def test_the_flusher_thread_outlives_a_batch_redis_refuses(
+    redis_server: RedisServer, backends: list[RedisBackend], caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = RedisBackend(redis_server.url, org="acme", prefetch=0)
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
+    limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # creates the pool: 599 left
+    org, pool = backend.pool_keys(POOL)[:2]
+    backend.send(Op("control", [org, pool], ["no-such-operation"]))  # an error reply
+    deadline = time.monotonic() + 2.0
+    while "no-such-operation" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "sending queued changes to Redis failed" in caplog.text
+    backend.send(Op("control", [org, pool], ["giveback", "requests=1"]))  # sent by the flusher
+    while level_of(redis_server, "requests") < 600 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert level_of(redis_server, "requests") == pytest.approx(600, abs=0.01)
+
+
+def level_of(server: RedisServer, dim: str) -> float:
+    return stored_pool(server)[f"{dim}.level"]

@@ -569,7 +569,10 @@ class RedisBackend:
         """Send every queued change now (blocking); False if Redis could not be reached.
 
         When it returns True, every change queued before the call has been applied,
-        including one the flusher thread was sending at that moment.
+        including one the flusher thread was sending at that moment. Any other error
+        propagates, and those changes are dropped: Redis may have applied some of
+        them, and applying them twice would be worse (dropped refunds and corrections
+        err on the side of admitting less).
         """
         with self._flush_lock:
             ops = self.take_outbox()
@@ -584,17 +587,8 @@ class RedisBackend:
             return True
 
     async def aflush(self) -> bool:
-        """``flush`` for async code."""
-        ops = self.take_outbox()
-        if not ops:
-            return True
-        try:
-            replies = await self.run_async(ops)
-        except Down:
-            self.put_back(ops)
-            return False
-        self.deliver(ops, replies)
-        return True
+        """``flush`` for async code (in a worker thread, so that it waits like ``flush``)."""
+        return await anyio.to_thread.run_sync(self.flush)
 
     def _flush_loop(self) -> None:
         while True:
@@ -629,7 +623,12 @@ class RedisBackend:
                 if self._closed:
                     return
                 continue
-            self.flush()
+            try:
+                self.flush()
+            except Exception:
+                # (the scripts flushed again between a reload and its retry, say): that batch
+                # is lost, but this thread must live to send the next ones
+                log.exception("ratekeeper: sending queued changes to Redis failed; they are dropped")
 
     def close(self) -> None:
         """Return prefetched capacity, send what is queued (best effort), stop the flusher thread."""
@@ -641,7 +640,10 @@ class RedisBackend:
                 callback()
             except Exception:
                 log.exception("ratekeeper: closing a limiter's prefetches failed")
-        self.flush()
+        try:
+            self.flush()
+        except Exception:
+            log.exception("ratekeeper: sending the last queued changes to Redis failed")
         with self._out_lock:
             self._closed = True
             self._out_ready.notify()
