@@ -4,8 +4,11 @@ Run: ``pytest benchmarks/test_bench_limiter.py --benchmark-only``; results in do
 
 * ``limiter-uncontended``: one round is ``ROUNDS`` ``async with`` blocks on one
   asyncio loop (amortizing the loop's own cost): ratekeeper's three-dimension
-  acquire and settle, a minimal one-bucket async gate written here, and
-  ``aiolimiter.AsyncLimiter``.
+  acquire and settle, a minimal one-bucket async gate written here,
+  ``aiolimiter.AsyncLimiter``, and a floor: the least a three-bucket gate with a
+  settlement can do (``ToyGate``: a lock, three refills and charges, a refund;
+  no permit, queue, statistics or resync notes), which says what is possible
+  in CPython at all.
 * ``limiter-queue``: N waiters queued at a frozen clock, then one request given
   back; each waiter, once granted, gives its request back too, so the grants
   run as a chain through the whole queue. Time per grant (``extra_info``)
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Coroutine
@@ -74,6 +78,57 @@ class _MiniAcquire:
         return None
 
 
+class ToyGate:
+    """Three token buckets (requests, input, output) behind a lock, admitted and settled.
+
+    Nothing else: no permit state, no queue, no statistics, no notes for resync.
+    """
+
+    def __init__(self, rates: tuple[float, float, float], capacities: tuple[float, float, float]) -> None:
+        self.lock = threading.Lock()
+        self.rates = rates
+        self.caps = capacities
+        self.levels = list(capacities)
+        self.t = time.monotonic()
+
+    def acquire(self, input_tokens: int, max_tokens: int) -> _ToyAcquire:
+        return _ToyAcquire(self, float(input_tokens), float(max_tokens))
+
+
+class _ToyAcquire:
+    __slots__ = ("_gate", "_inp", "_out")
+
+    def __init__(self, gate: ToyGate, inp: float, out: float) -> None:
+        self._gate = gate
+        self._inp = inp
+        self._out = out
+
+    async def __aenter__(self) -> _ToyAcquire:
+        gate = self._gate
+        with gate.lock:
+            now = asyncio.get_running_loop().time()
+            dt = now - gate.t
+            gate.t = now
+            lv, rates, caps = gate.levels, gate.rates, gate.caps
+            r = min(caps[0], lv[0] + dt * rates[0])
+            i = min(caps[1], lv[1] + dt * rates[1])
+            o = min(caps[2], lv[2] + dt * rates[2])
+            if r < 1.0 or i < self._inp or o < self._out:
+                raise RuntimeError("the toy gate never waits: the benchmark's limits are huge")
+            lv[0], lv[1], lv[2] = r - 1.0, i - self._inp, o - self._out
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def settle(self, input_tokens: int, output_tokens: int) -> None:
+        gate = self._gate
+        with gate.lock:
+            lv, caps = gate.levels, gate.caps
+            lv[1] = min(caps[1], lv[1] + self._inp - input_tokens)
+            lv[2] = min(caps[2], lv[2] + self._out - output_tokens)
+
+
 def run_rounds(benchmark: BenchmarkFixture, make: Callable[[], Coroutine[Any, Any, None]]) -> None:
     loop = asyncio.new_event_loop()
     try:
@@ -104,6 +159,18 @@ def test_minimal_one_bucket_gate(benchmark: BenchmarkFixture) -> None:
         for _ in range(ROUNDS):
             async with gate.acquire(1.0):
                 pass
+
+    run_rounds(benchmark, rounds)
+
+
+@pytest.mark.benchmark(group="limiter-uncontended")
+def test_floor_three_buckets_and_a_settle(benchmark: BenchmarkFixture) -> None:
+    gate = ToyGate((1e12, 1e15, 1e15), (1e12, 1e15, 1e15))
+
+    async def rounds() -> None:
+        for _ in range(ROUNDS):
+            async with gate.acquire(1_000, 1_000) as permit:
+                permit.settle(1_000, 500)
 
     run_rounds(benchmark, rounds)
 
