@@ -84,7 +84,7 @@ log = logging.getLogger("ratekeeper")
 #: report explains but the model did not foresee, raised by SHARE_STEP every SHARE_STEP_EVERY
 #: clean seconds, never below MIN_SHARE (additive increase, multiplicative decrease).
 SHARE_DECREASE: Final = 0.7
-SHARE_STEP: Final = 0.05
+SHARE_STEP: Final = 0.02
 SHARE_STEP_EVERY: Final = 5.0
 MIN_SHARE: Final = 0.25
 
