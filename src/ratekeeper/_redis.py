@@ -229,8 +229,8 @@ class RedisBackend:
         """The organization hash: reservation counter, spend cap, subscription holds."""
         return f"{self.tag}:org"
 
-    def pool_keys(self, pool: str) -> tuple[str, str, str, str, str, str]:
-        """``(org, pool, res, lease, q, qd)``: every key one pool's scripts touch."""
+    def pool_keys(self, pool: str) -> tuple[str, str, str, str, str, str, str, str]:
+        """``(org, pool, res, lease, q, qd, notes, unc)``: every key one pool's scripts touch."""
         t = self.tag
         return (
             f"{t}:org",
@@ -239,6 +239,8 @@ class RedisBackend:
             f"{t}:lease:{pool}",
             f"{t}:q:{pool}",
             f"{t}:qd:{pool}",
+            f"{t}:notes:{pool}",
+            f"{t}:unc:{pool}",
         )
 
     # ------------------------------------------------------------------ binding

@@ -198,11 +198,7 @@ class RemoteEngine:
         rp = self._pools.get(rt.pool.name)
         if rp is None:
             name = rt.pool.name
-            # (org, pool, res, lease, q, qd), and for resync the grant notes and the log of
-            # refunds the server never counted
-            t = self._backend.tag
-            keys = (*self._backend.pool_keys(name), f"{t}:notes:{name}", f"{t}:unc:{name}")
-            rp = self._pools[name] = _RPool(rt, keys, self._on_burst(rt))
+            rp = self._pools[name] = _RPool(rt, self._backend.pool_keys(name), self._on_burst(rt))
         return rp
 
     def _init_op(self, rp: _RPool) -> Op:
@@ -240,7 +236,7 @@ class RemoteEngine:
         for w in cands:
             args += [self._arrival(w), _encode(w.draws)]
         args += [prefetch, repr(PREFETCH_SHARE), repr(PREFETCH_FLOOR)]
-        return Op("reserve", rp.keys, args)
+        return Op("reserve", rp.keys[:7], args)
 
     def _learn_time(self, redis_now: str, sent: float) -> None:
         # NTP's rule: trust the fastest round trips, whose midpoint is closest to when

@@ -162,7 +162,7 @@ local function add_uncounted(p, refunds, unc_key, seq, now, key_ttl)
       kept[d] = a
     end
   end
-  if unc_key and next(kept) then
+  if next(kept) then
     redis.call('ZADD', unc_key, seq, fmt(now) .. ':' .. seq .. '|' .. encode_draws(kept))
     redis.call('ZREMRANGEBYRANK', unc_key, 0, -UNC_LOG - 1)
     redis.call('PEXPIRE', unc_key, key_ttl)
@@ -172,11 +172,9 @@ end
 -- What the log holds of reservations granted after seq ``since``, per dimension.
 local function uncounted_after(unc_key, since)
   local out = {}
-  if unc_key then
-    for _, m in ipairs(redis.call('ZRANGEBYSCORE', unc_key, '(' .. since, '+inf')) do
-      for d, a in pairs(parse_draws(string.match(m, '|(.*)$'))) do
-        out[d] = (out[d] or 0) + a
-      end
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', unc_key, '(' .. since, '+inf')) do
+    for d, a in pairs(parse_draws(string.match(m, '|(.*)$'))) do
+      out[d] = (out[d] or 0) + a
     end
   end
   return out
@@ -264,9 +262,7 @@ local function purge_leases(p, res_key, lease_key, now, note_key)
   if #dead > 0 then
     redis.call('ZREM', lease_key, unpack(dead))
     redis.call('HDEL', res_key, unpack(dead))
-    if note_key then
-      redis.call('HDEL', note_key, unpack(dead))
-    end
+    redis.call('HDEL', note_key, unpack(dead))
   end
   local first = redis.call('ZRANGE', lease_key, 0, 0, 'WITHSCORES')
   p.lx = tonumber(first[2]) or math.huge

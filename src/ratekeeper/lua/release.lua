@@ -11,9 +11,7 @@ local now = clock()
 local stored = redis.call('HGET', KEYS[3], seq)
 redis.call('HDEL', KEYS[3], seq)
 redis.call('ZREM', KEYS[4], seq)
-if KEYS[5] then
-  redis.call('HDEL', KEYS[5], seq)
-end
+redis.call('HDEL', KEYS[5], seq)
 local p = load_pool(KEYS[2])
 if not p then
   return {'NOPOOL', fmt(now)}

@@ -200,7 +200,7 @@ if #records > 0 then
   -- these empty out and come back with traffic: their TTL is set whenever they are written
   redis.call('PEXPIRE', rkey, key_ttl)
   redis.call('PEXPIRE', lkey, key_ttl)
-  if nkey and #notes > 0 then -- (a caller that passes no notes key gets the fallback resync)
+  if #notes > 0 then
     redis.call('HSET', nkey, unpack(notes))
     redis.call('PEXPIRE', nkey, key_ttl)
   end

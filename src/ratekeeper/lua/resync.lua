@@ -53,7 +53,7 @@ if learn then
   end
 end
 local note = nil
-if since >= 0 and KEYS[5] then
+if since >= 0 then
   local raw = redis.call('HGET', KEYS[5], ARGV[1])
   if raw then
     note = read_note(p, raw)

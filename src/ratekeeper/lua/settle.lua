@@ -18,9 +18,7 @@ local diff = parse_draws(ARGV[3])
 if mode ~= 'progress' then
   redis.call('HDEL', KEYS[3], seq)
   redis.call('ZREM', KEYS[4], seq)
-  if KEYS[5] then
-    redis.call('HDEL', KEYS[5], seq)
-  end
+  redis.call('HDEL', KEYS[5], seq)
 end
 local p = load_pool(KEYS[2])
 if not p then
