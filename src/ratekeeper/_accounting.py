@@ -101,6 +101,17 @@ class Usage:
         """
         if isinstance(usage, Usage):
             return usage
+        if (
+            usage is not None
+            and not isinstance(usage, Mapping)
+            and not (hasattr(usage, "input_tokens") or hasattr(usage, "output_tokens"))
+        ):
+            # read as all zeros, a Message (or a str, an int) would refund the whole reservation
+            hint = "; pass message.usage, not the message" if hasattr(usage, "usage") else ""
+            raise TypeError(
+                "usage must be a mapping or an object with usage attributes (input_tokens, "
+                f"output_tokens), got {type(usage).__name__}{hint}"
+            )
         get = _getter(usage)
         split = get("cache_creation")
         split_get = _getter(split) if split is not None else None

@@ -363,6 +363,13 @@ class Permit:
         the ``max_tokens`` rule the reservation already covers it and this only
         guards against going over it.
         """
+        # a nan or an unbounded count would drive the output bucket to any level
+        if (
+            isinstance(output_tokens, bool)
+            or not isinstance(output_tokens, int | float)
+            or not 0 <= output_tokens <= _MAX_COUNT
+        ):
+            raise ValueError(f"output_tokens must be a count from 0 to {_MAX_COUNT:,}, got {output_tokens!r}")
         self._limiter._progress(self, float(output_tokens))
 
     def observe(
@@ -744,6 +751,7 @@ class Limiter:
         )
         if plain is not None and service_tier != "priority" and credits == 0.0:
             # the common request: its checks are done, the Demand is built only if it must wait
+            _check_wait(model, priority, timeout)
             return _Acquire(self, (model, None, priority, timeout), plain)
         demand = _demand(
             input_tokens,
@@ -754,6 +762,7 @@ class Limiter:
             service_tier,
             credits,
         )
+        _check_wait(model, priority, timeout)
         return _Acquire(self, (model, demand, priority, timeout))
 
     def acquire_demand(
@@ -769,6 +778,7 @@ class Limiter:
                 demand.cache_creation_input_tokens,
                 demand.expected_output_tokens,
             )
+        _check_wait(model, priority, timeout)
         return _Acquire(self, (model, demand, priority, timeout), plain)
 
     def acquire_sync(
@@ -782,6 +792,7 @@ class Limiter:
         showed (trio's is offset from it), so threads and tasks can share a
         limiter.
         """
+        _check_wait(model, priority, timeout)
         return _Acquire(self, (model, demand, priority, timeout))
 
     def acquire_nowait(
@@ -797,6 +808,7 @@ class Limiter:
         credits: float = 0.0,
     ) -> Permit:
         """Admit the request now or raise ``WouldBlock`` (with the earliest retry time)."""
+        _check_wait(model, 0, None)
         if self._backend is None and service_tier != "priority" and credits == 0.0:
             plain = _plain(
                 input_tokens,
@@ -1667,6 +1679,7 @@ class Limiter:
             if "count_tokens" not in self._pools:
                 limit = rpm or count_tokens_rpm(self._preset or _DEFAULT_PRESET) or 100
                 self._special_pool("count_tokens", {"requests": float(limit)}, self._now())
+        _check_wait("count_tokens", 0, timeout)
         return _Acquire(self, ("count_tokens", Demand(), 0, timeout))
 
     def acquire_batch(self, requests: int, *, timeout: float | None = None) -> _Acquire:
@@ -1684,6 +1697,7 @@ class Limiter:
                     float(bl.max_queued_requests), 0.0, now=self._now(), debt_limit=0.0
                 )
                 self._pools["batches"].pool.limits["queued_requests"] = float(bl.max_queued_requests)
+        _check_wait("batches", 0, timeout)
         return _Acquire(self, ("batches", _BatchDemand(requests), 0, timeout))
 
     def batch_finished(self, requests: int) -> None:
@@ -1796,6 +1810,22 @@ def _plain(
     ):
         return (input_tokens, max_tokens, cache_read, cache_write, expected)
     return None
+
+
+_MAX_COUNT = 10**15  # far above any real token count, far below where a float loses whole tokens
+
+
+def _check_wait(model: object, priority: object, timeout: object) -> None:
+    """Refuse bad arguments before anything is enqueued: a waiter that fails later wedges its pool."""
+    if type(model) is not str and not isinstance(model, str):
+        raise TypeError(f"model must be a str (a model id or pool name), got {type(model).__name__}")
+    if type(priority) is not int and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+            raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
+        if timeout != timeout:  # nan: every comparison with a deadline is false, so the wait spins
+            raise ValueError("timeout must be a number of seconds or None, got nan")
 
 
 def _usage_counts(usage: object) -> tuple[int, int, int, int] | None:
