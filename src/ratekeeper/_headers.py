@@ -7,13 +7,19 @@ A malformed value never raises: its field is ``None``, the raw value is kept in
 ``RateLimitSnapshot.unparsed`` and logged at debug level on the
 ``ratekeeper.headers`` logger, and everything else still parses. Every value is
 length-checked before it is converted, so hostile input costs linear time at
-most.
+most (repeated headers included: their values are joined once, at the end).
+
+Converted values are memoised (bounded, by raw text, only values short enough
+to be well-formed): consecutive responses repeat most of their values (limits,
+resets, the date within a second), so a response costs a few dict look-ups
+per header rather than a regex and a datetime each.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import email.utils
+import functools
 import logging
 import math
 import re
@@ -292,7 +298,9 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
     ``httpx``/``httpx2`` ``Headers``, a dict), or an iterable of (name, value)
     pairs; names and values may be ``str`` or ``bytes`` (decoded as UTF-8).
     A repeated header's values are joined with ``", "``, as HTTP does.
-    ``received_at`` (timezone-aware) is when the response arrived.
+    ``received_at`` (timezone-aware) is when the response arrived. A
+    ``RateLimitSnapshot`` is returned as it is, so a snapshot can be passed on
+    wherever headers are expected without being parsed again.
 
     A malformed value never raises (see the module docstring); an argument of
     the wrong type raises ``TypeError`` and a naive ``received_at`` ``ValueError``.
@@ -300,6 +308,9 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
         snapshot = parse_headers(response.headers, received_at=datetime.now(UTC))
         snapshot.request_limit.remaining
     """
+    if type(headers) is RateLimitSnapshot:
+        # already parsed (the middleware parses a response once and passes the result on)
+        return headers
     received = _aware_utc(received_at)
     reader = _Reader(*_collect(headers))
 
@@ -307,7 +318,14 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
     reference = server_date if server_date is not None else received
     retry_ms = reader.parse("retry-after-ms", _non_negative)
     retry_s = reader.parse("retry-after", lambda value: _retry_after(value, reference))
-    infos = {field: _limit_info(reader, prefix) for _, field, prefix in _DIMENSIONS}
+    values = reader.values
+    # a family is parsed only if one of its names is there: most responses carry four buckets
+    infos = {
+        field: _limit_info(reader, prefix)
+        if (names := _LIMIT_NAMES[prefix])[0] in values or names[1] in values or names[2] in values
+        else None
+        for _, field, prefix in _DIMENSIONS
+    }
 
     return RateLimitSnapshot(
         request_id=reader.parse("request-id", _text),
@@ -351,8 +369,12 @@ class _Reader:
         return value
 
     def parse(self, name: str, convert: Callable[[str], _T | None]) -> _T | None:
-        value = self.take(name)
+        # ``take`` inlined: this runs once per header read, the bulk of a parse
+        value = self.values.pop(name, None)
         if value is None:
+            return None
+        if self.undecodable and name in self.undecodable:
+            self.reject(name, value)
             return None
         result = convert(value)
         if result is None:
@@ -375,8 +397,14 @@ class _Reader:
 
 def _collect(headers: HeadersInput) -> tuple[dict[str, str], set[str]]:
     """Lowercased name -> text, and the names whose bytes were not UTF-8."""
-    if isinstance(headers, Mapping):
+    if type(headers) is dict and _str_items(headers):
+        # the common case, a dict of str: nothing to check or decode per item
+        values = {name.lower(): value for name, value in headers.items()}
+        if len(values) == len(headers):  # no two names differing only in case
+            return values, set()
         items: Iterable[object] = headers.items()
+    elif isinstance(headers, Mapping):
+        items = headers.items()
     elif isinstance(headers, Iterable) and not isinstance(headers, str | bytes | bytearray):
         items = headers
     else:
@@ -386,17 +414,35 @@ def _collect(headers: HeadersInput) -> tuple[dict[str, str], set[str]]:
         )
     values: dict[str, str] = {}
     undecodable: set[str] = set()
+    # a repeated name's values, joined once at the end: joining as they come copies
+    # the growing text each time, quadratic in the number of repeats
+    repeated: dict[str, list[str]] = {}
     for item in items:
-        if not isinstance(item, tuple | list) or len(item) != 2:
+        if type(item) is not tuple and (not isinstance(item, tuple | list) or len(item) != 2):
             raise TypeError(f"each header must be a (name, value) pair, got {type(item).__name__}")
-        raw_name, value = item
+        try:
+            raw_name, value = item
+        except ValueError:
+            raise TypeError(f"each header must be a (name, value) pair, got {type(item).__name__}") from None
         name = (raw_name if type(raw_name) is str else _decode(raw_name)[0]).lower()
         if type(value) is not str:  # the common case, str, needs no decoding
             value, ok = _decode(value)
             if not ok:
                 undecodable.add(name)
-        values[name] = value if name not in values else f"{values[name]}, {value}"
+        if name not in values:
+            values[name] = value
+        elif name in repeated:
+            repeated[name].append(value)
+        else:
+            repeated[name] = [values[name], value]
+    for name, parts in repeated.items():
+        values[name] = ", ".join(parts)
     return values, undecodable
+
+
+def _str_items(headers: dict[object, object]) -> bool:
+    """Whether every name and value is a ``str``."""
+    return all(type(name) is str and type(value) is str for name, value in headers.items())
 
 
 def _decode(raw: object) -> tuple[str, bool]:
@@ -497,6 +543,24 @@ def _quota_info(reader: _Reader) -> QuotaInfo | None:
 
 # -- one value each: ``None`` means malformed --------------------------------------
 
+_MEMO_SIZE = 1024  # distinct values remembered per converter: a few KB at most
+
+
+def _memoised(convert: Callable[[str], _T | None]) -> Callable[[str], _T | None]:
+    """``convert`` remembering its results; only for values short enough to be well-formed.
+
+    A longer value is malformed for every converter here (``_strip``), so it is
+    refused without being hashed or kept: a hostile header costs no memory.
+    The results (ints, floats, aware datetimes) are immutable, so sharing is safe.
+    """
+    cached = functools.lru_cache(maxsize=_MEMO_SIZE)(convert)
+
+    @functools.wraps(convert)
+    def memo(value: str) -> _T | None:
+        return cached(value) if len(value) <= _MAX_RAW else None
+
+    return memo
+
 
 def _strip(value: str, max_len: int) -> str | None:
     """The value without surrounding blanks, or ``None`` if empty or longer than ``max_len``."""
@@ -511,6 +575,7 @@ def _text(value: str) -> str | None:
     return text or None
 
 
+@_memoised
 def _count(value: str) -> int | None:
     """A non-negative integer in ASCII digits: not ``-5``, ``12.5``, ``1e3`` or fullwidth digits."""
     text = _strip(value, _MAX_NUMBER)
@@ -519,11 +584,13 @@ def _count(value: str) -> int | None:
     return int(text)
 
 
+@_memoised
 def _non_negative(value: str) -> float | None:
     """A finite decimal number >= 0 (``0.5``, ``3``, ``1e3``); not NaN, inf, ``+1`` or ``1_000``."""
     return _decimal(value, _DECIMAL)
 
 
+@_memoised
 def _signed(value: str) -> float | None:
     """Like ``_non_negative``, but may start with ``-``."""
     return _decimal(value, _SIGNED_DECIMAL)
@@ -537,6 +604,7 @@ def _decimal(value: str, grammar: re.Pattern[str]) -> float | None:
     return number if math.isfinite(number) else None
 
 
+@_memoised
 def _epoch(value: str) -> _dt.datetime | None:
     seconds = _non_negative(value)
     if seconds is None:
@@ -547,6 +615,7 @@ def _epoch(value: str) -> _dt.datetime | None:
         return None
 
 
+@_memoised
 def _rfc3339(value: str) -> _dt.datetime | None:
     """``2024-05-01T13:29:17Z``, with fractions (to microseconds) or an offset; as UTC."""
     text = _strip(value, _MAX_DATE)
@@ -577,6 +646,7 @@ def _rfc3339(value: str) -> _dt.datetime | None:
         return None
 
 
+@_memoised
 def _http_date(value: str) -> _dt.datetime | None:
     """An HTTP date (``Sat, 02 Aug 2025 20:27:04 GMT`` and the two obsolete forms), as UTC."""
     text = _strip(value, _MAX_DATE)
