@@ -43,10 +43,12 @@ _log = logging.getLogger("ratekeeper.headers")
 _T = TypeVar("_T")
 _U = TypeVar("_U")
 
-#: What ``parse_headers`` accepts: a mapping (``httpx.Headers``, a dict) or (name, value) pairs.
-HeadersInput: TypeAlias = (
+_RawHeaders: TypeAlias = (
     Mapping[str, str | bytes] | Mapping[bytes, str | bytes] | Iterable[tuple[str | bytes, str | bytes]]
 )
+#: What ``parse_headers`` accepts: a mapping (``httpx.Headers``, a dict), (name, value) pairs,
+#: or a snapshot already parsed.
+HeadersInput: TypeAlias = "_RawHeaders | RateLimitSnapshot"
 
 # (dimension name, snapshot field, header prefix), in seed 001's ``toArray()`` order.
 _DIMENSIONS: Final = (
@@ -308,7 +310,7 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
         snapshot = parse_headers(response.headers, received_at=datetime.now(UTC))
         snapshot.request_limit.remaining
     """
-    if type(headers) is RateLimitSnapshot:
+    if isinstance(headers, RateLimitSnapshot):
         # already parsed (the middleware parses a response once and passes the result on)
         return headers
     received = _aware_utc(received_at)
@@ -395,13 +397,13 @@ class _Reader:
         return rest
 
 
-def _collect(headers: HeadersInput) -> tuple[dict[str, str], set[str]]:
+def _collect(headers: _RawHeaders) -> tuple[dict[str, str], set[str]]:
     """Lowercased name -> text, and the names whose bytes were not UTF-8."""
     if type(headers) is dict and _str_items(headers):
         # the common case, a dict of str: nothing to check or decode per item
-        values = {name.lower(): value for name, value in headers.items()}
-        if len(values) == len(headers):  # no two names differing only in case
-            return values, set()
+        lowered = {name.lower(): value for name, value in headers.items()}
+        if len(lowered) == len(headers):  # no two names differing only in case
+            return lowered, set()
         items: Iterable[object] = headers.items()
     elif isinstance(headers, Mapping):
         items = headers.items()
