@@ -320,14 +320,7 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
     reference = server_date if server_date is not None else received
     retry_ms = reader.parse("retry-after-ms", _non_negative)
     retry_s = reader.parse("retry-after", lambda value: _retry_after(value, reference))
-    values = reader.values
-    # a family is parsed only if one of its names is there: most responses carry four buckets
-    infos = {
-        field: _limit_info(reader, prefix)
-        if (names := _LIMIT_NAMES[prefix])[0] in values or names[1] in values or names[2] in values
-        else None
-        for _, field, prefix in _DIMENSIONS
-    }
+    infos = {field: _limit_info(reader, prefix) for _, field, prefix in _DIMENSIONS}
 
     return RateLimitSnapshot(
         request_id=reader.parse("request-id", _text),
@@ -444,7 +437,7 @@ def _collect(headers: _RawHeaders) -> tuple[dict[str, str], set[str]]:
 
 def _str_items(headers: dict[object, object]) -> bool:
     """Whether every name and value is a ``str``."""
-    return all(type(name) is str and type(value) is str for name, value in headers.items())
+    return {*map(type, headers), *map(type, headers.values())} == {str}  # C loops, no generator
 
 
 def _decode(raw: object) -> tuple[str, bool]:
@@ -469,15 +462,38 @@ def _aware_utc(moment: _dt.datetime | None) -> _dt.datetime | None:
     return moment.astimezone(_dt.UTC)
 
 
+# (limit, remaining, reset) texts -> their LimitInfo, for buckets whose three values were well-formed
+_LIMIT_MEMO: dict[tuple[str | None, str | None, str | None], LimitInfo] = {}
+
+
 def _limit_info(reader: _Reader, prefix: str) -> LimitInfo | None:
-    limit, remaining, reset = names = _LIMIT_NAMES[prefix]
-    if not reader.has_any(names):
+    """One bucket, or ``None`` if none of its names is there (most responses carry four of eight).
+
+    A bucket's three texts repeat from response to response (the reset moves once
+    a second at most), so a well-formed triple is remembered whole: three
+    look-ups and no conversion on a hit.
+    """
+    limit, remaining, reset = _LIMIT_NAMES[prefix]
+    values = reader.values
+    if limit not in values and remaining not in values and reset not in values:
         return None
-    return LimitInfo(
+    key = (values.get(limit), values.get(remaining), values.get(reset))
+    known = _LIMIT_MEMO.get(key)
+    if known is not None and not reader.undecodable:
+        del values[limit], values[remaining], values[reset]  # a hit has all three: misses are not kept
+        return known
+    rejected = len(reader.unparsed)
+    info = LimitInfo(
         limit=reader.parse(limit, _count),
         remaining=reader.parse(remaining, _count),
         reset=reader.parse(reset, _rfc3339),
     )
+    complete = None not in key and len(reader.unparsed) == rejected
+    if complete and all(len(text) <= _MAX_RAW for text in key if text is not None):
+        if len(_LIMIT_MEMO) >= _MEMO_SIZE:
+            _LIMIT_MEMO.clear()  # bounded: a burst of new values starts it over
+        _LIMIT_MEMO[key] = info
+    return info
 
 
 def _unified_info(reader: _Reader) -> UnifiedInfo | None:
