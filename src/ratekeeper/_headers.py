@@ -7,13 +7,19 @@ A malformed value never raises: its field is ``None``, the raw value is kept in
 ``RateLimitSnapshot.unparsed`` and logged at debug level on the
 ``ratekeeper.headers`` logger, and everything else still parses. Every value is
 length-checked before it is converted, so hostile input costs linear time at
-most.
+most (repeated headers included: their values are joined once, at the end).
+
+Converted values are memoised (bounded, by raw text, only values short enough
+to be well-formed): consecutive responses repeat most of their values (limits,
+resets, the date within a second), so a response costs a few dict look-ups
+per header rather than a regex and a datetime each.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import email.utils
+import functools
 import logging
 import math
 import re
@@ -37,10 +43,12 @@ _log = logging.getLogger("ratekeeper.headers")
 _T = TypeVar("_T")
 _U = TypeVar("_U")
 
-#: What ``parse_headers`` accepts: a mapping (``httpx.Headers``, a dict) or (name, value) pairs.
-HeadersInput: TypeAlias = (
+_RawHeaders: TypeAlias = (
     Mapping[str, str | bytes] | Mapping[bytes, str | bytes] | Iterable[tuple[str | bytes, str | bytes]]
 )
+#: What ``parse_headers`` accepts: a mapping (``httpx.Headers``, a dict), (name, value) pairs,
+#: or a snapshot already parsed.
+HeadersInput: TypeAlias = "_RawHeaders | RateLimitSnapshot"
 
 # (dimension name, snapshot field, header prefix), in seed 001's ``toArray()`` order.
 _DIMENSIONS: Final = (
@@ -292,7 +300,9 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
     ``httpx``/``httpx2`` ``Headers``, a dict), or an iterable of (name, value)
     pairs; names and values may be ``str`` or ``bytes`` (decoded as UTF-8).
     A repeated header's values are joined with ``", "``, as HTTP does.
-    ``received_at`` (timezone-aware) is when the response arrived.
+    ``received_at`` (timezone-aware) is when the response arrived. A
+    ``RateLimitSnapshot`` is returned as it is, so a snapshot can be passed on
+    wherever headers are expected without being parsed again.
 
     A malformed value never raises (see the module docstring); an argument of
     the wrong type raises ``TypeError`` and a naive ``received_at`` ``ValueError``.
@@ -300,6 +310,9 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
         snapshot = parse_headers(response.headers, received_at=datetime.now(UTC))
         snapshot.request_limit.remaining
     """
+    if isinstance(headers, RateLimitSnapshot):
+        # already parsed (the middleware parses a response once and passes the result on)
+        return headers
     received = _aware_utc(received_at)
     reader = _Reader(*_collect(headers))
 
@@ -351,8 +364,12 @@ class _Reader:
         return value
 
     def parse(self, name: str, convert: Callable[[str], _T | None]) -> _T | None:
-        value = self.take(name)
+        # ``take`` inlined: this runs once per header read, the bulk of a parse
+        value = self.values.pop(name, None)
         if value is None:
+            return None
+        if self.undecodable and name in self.undecodable:
+            self.reject(name, value)
             return None
         result = convert(value)
         if result is None:
@@ -373,10 +390,16 @@ class _Reader:
         return rest
 
 
-def _collect(headers: HeadersInput) -> tuple[dict[str, str], set[str]]:
+def _collect(headers: _RawHeaders) -> tuple[dict[str, str], set[str]]:
     """Lowercased name -> text, and the names whose bytes were not UTF-8."""
-    if isinstance(headers, Mapping):
+    if type(headers) is dict and _str_items(headers):
+        # the common case, a dict of str: nothing to check or decode per item
+        lowered = {name.lower(): value for name, value in headers.items()}
+        if len(lowered) == len(headers):  # no two names differing only in case
+            return lowered, set()
         items: Iterable[object] = headers.items()
+    elif isinstance(headers, Mapping):
+        items = headers.items()
     elif isinstance(headers, Iterable) and not isinstance(headers, str | bytes | bytearray):
         items = headers
     else:
@@ -386,17 +409,35 @@ def _collect(headers: HeadersInput) -> tuple[dict[str, str], set[str]]:
         )
     values: dict[str, str] = {}
     undecodable: set[str] = set()
+    # a repeated name's values, joined once at the end: joining as they come copies
+    # the growing text each time, quadratic in the number of repeats
+    repeated: dict[str, list[str]] = {}
     for item in items:
-        if not isinstance(item, tuple | list) or len(item) != 2:
+        if type(item) is not tuple and (not isinstance(item, tuple | list) or len(item) != 2):
             raise TypeError(f"each header must be a (name, value) pair, got {type(item).__name__}")
-        raw_name, value = item
+        try:
+            raw_name, value = item
+        except ValueError:
+            raise TypeError(f"each header must be a (name, value) pair, got {type(item).__name__}") from None
         name = (raw_name if type(raw_name) is str else _decode(raw_name)[0]).lower()
         if type(value) is not str:  # the common case, str, needs no decoding
             value, ok = _decode(value)
             if not ok:
                 undecodable.add(name)
-        values[name] = value if name not in values else f"{values[name]}, {value}"
+        if name not in values:
+            values[name] = value
+        elif name in repeated:
+            repeated[name].append(value)
+        else:
+            repeated[name] = [values[name], value]
+    for name, parts in repeated.items():
+        values[name] = ", ".join(parts)
     return values, undecodable
+
+
+def _str_items(headers: dict[object, object]) -> bool:
+    """Whether every name and value is a ``str``."""
+    return {*map(type, headers), *map(type, headers.values())} == {str}  # C loops, no generator
 
 
 def _decode(raw: object) -> tuple[str, bool]:
@@ -421,15 +462,38 @@ def _aware_utc(moment: _dt.datetime | None) -> _dt.datetime | None:
     return moment.astimezone(_dt.UTC)
 
 
+# (limit, remaining, reset) texts -> their LimitInfo, for buckets whose three values were well-formed
+_LIMIT_MEMO: dict[tuple[str | None, str | None, str | None], LimitInfo] = {}
+
+
 def _limit_info(reader: _Reader, prefix: str) -> LimitInfo | None:
-    limit, remaining, reset = names = _LIMIT_NAMES[prefix]
-    if not reader.has_any(names):
+    """One bucket, or ``None`` if none of its names is there (most responses carry four of eight).
+
+    A bucket's three texts repeat from response to response (the reset moves once
+    a second at most), so a well-formed triple is remembered whole: three
+    look-ups and no conversion on a hit.
+    """
+    limit, remaining, reset = _LIMIT_NAMES[prefix]
+    values = reader.values
+    if limit not in values and remaining not in values and reset not in values:
         return None
-    return LimitInfo(
+    key = (values.get(limit), values.get(remaining), values.get(reset))
+    known = _LIMIT_MEMO.get(key)
+    if known is not None and not reader.undecodable:
+        del values[limit], values[remaining], values[reset]  # a hit has all three: misses are not kept
+        return known
+    rejected = len(reader.unparsed)
+    info = LimitInfo(
         limit=reader.parse(limit, _count),
         remaining=reader.parse(remaining, _count),
         reset=reader.parse(reset, _rfc3339),
     )
+    complete = None not in key and len(reader.unparsed) == rejected
+    if complete and all(len(text) <= _MAX_RAW for text in key if text is not None):
+        if len(_LIMIT_MEMO) >= _MEMO_SIZE:
+            _LIMIT_MEMO.clear()  # bounded: a burst of new values starts it over
+        _LIMIT_MEMO[key] = info
+    return info
 
 
 def _unified_info(reader: _Reader) -> UnifiedInfo | None:
@@ -497,6 +561,24 @@ def _quota_info(reader: _Reader) -> QuotaInfo | None:
 
 # -- one value each: ``None`` means malformed --------------------------------------
 
+_MEMO_SIZE = 1024  # distinct values remembered per converter: a few KB at most
+
+
+def _memoised(convert: Callable[[str], _T | None]) -> Callable[[str], _T | None]:
+    """``convert`` remembering its results; only for values short enough to be well-formed.
+
+    A longer value is malformed for every converter here (``_strip``), so it is
+    refused without being hashed or kept: a hostile header costs no memory.
+    The results (ints, floats, aware datetimes) are immutable, so sharing is safe.
+    """
+    cached = functools.lru_cache(maxsize=_MEMO_SIZE)(convert)
+
+    @functools.wraps(convert)
+    def memo(value: str) -> _T | None:
+        return cached(value) if len(value) <= _MAX_RAW else None
+
+    return memo
+
 
 def _strip(value: str, max_len: int) -> str | None:
     """The value without surrounding blanks, or ``None`` if empty or longer than ``max_len``."""
@@ -511,6 +593,7 @@ def _text(value: str) -> str | None:
     return text or None
 
 
+@_memoised
 def _count(value: str) -> int | None:
     """A non-negative integer in ASCII digits: not ``-5``, ``12.5``, ``1e3`` or fullwidth digits."""
     text = _strip(value, _MAX_NUMBER)
@@ -519,11 +602,13 @@ def _count(value: str) -> int | None:
     return int(text)
 
 
+@_memoised
 def _non_negative(value: str) -> float | None:
     """A finite decimal number >= 0 (``0.5``, ``3``, ``1e3``); not NaN, inf, ``+1`` or ``1_000``."""
     return _decimal(value, _DECIMAL)
 
 
+@_memoised
 def _signed(value: str) -> float | None:
     """Like ``_non_negative``, but may start with ``-``."""
     return _decimal(value, _SIGNED_DECIMAL)
@@ -537,6 +622,7 @@ def _decimal(value: str, grammar: re.Pattern[str]) -> float | None:
     return number if math.isfinite(number) else None
 
 
+@_memoised
 def _epoch(value: str) -> _dt.datetime | None:
     seconds = _non_negative(value)
     if seconds is None:
@@ -547,6 +633,7 @@ def _epoch(value: str) -> _dt.datetime | None:
         return None
 
 
+@_memoised
 def _rfc3339(value: str) -> _dt.datetime | None:
     """``2024-05-01T13:29:17Z``, with fractions (to microseconds) or an offset; as UTC."""
     text = _strip(value, _MAX_DATE)
@@ -577,6 +664,7 @@ def _rfc3339(value: str) -> _dt.datetime | None:
         return None
 
 
+@_memoised
 def _http_date(value: str) -> _dt.datetime | None:
     """An HTTP date (``Sat, 02 Aug 2025 20:27:04 GMT`` and the two obsolete forms), as UTC."""
     text = _strip(value, _MAX_DATE)

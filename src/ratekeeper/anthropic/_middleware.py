@@ -165,8 +165,7 @@ class _Exchange:
         self._plan = plan
         self.permit = permit
         self._path = urllib.parse.urlsplit(url).path
-        self._headers: httpx2.Headers | None = None
-        self._received: _dt.datetime | None = None
+        self._snapshot: RateLimitSnapshot | None = None
 
     # -- failures before a response
 
@@ -186,18 +185,18 @@ class _Exchange:
         """
         permit, plan = self.permit, self._plan
         status = response.status_code
-        self._headers = response.headers
-        self._received = _dt.datetime.now(_dt.UTC)
+        # parsed once here; the limiter and the settlement take the snapshot as it is
+        self._snapshot = headers = parse_headers(response.headers, received_at=_dt.datetime.now(_dt.UTC))
         if status >= 400:
             error_body = _json_of(response)
-            snapshot = permit.observe(response.headers, status=status, body=error_body)
+            snapshot = permit.observe(headers, status=status, body=error_body)
             permit.release()
             if status == 402:
                 raise _insufficient(permit, snapshot, error_body)
             return None
         if plan.route == _MESSAGES:
             return self._messages(response, metered)
-        snapshot = permit.observe(response.headers, status=status)
+        snapshot = permit.observe(headers, status=status)
         body = _json_of(response)
         if plan.route == _BATCH_CREATE:
             self._mw._batch_created(body, plan.batch_requests)
@@ -212,7 +211,7 @@ class _Exchange:
         if _is_read(response):
             return self._settle_message(_json_of(response), complete=True, observed=False)
         # the body is still to come: observe the headers now, settle when the body ends
-        self.permit.observe(response.headers)
+        self.permit.observe(self._snapshot)
         encoding = response.headers.get("content-encoding", "")
         meter: Meter
         if _is_sse(response):
@@ -235,11 +234,10 @@ class _Exchange:
         proxy reports it after the charge, so it is fed after settling, or the
         limiter would give this request's reservation back a second time.
         """
-        permit, headers = self.permit, self._headers
-        assert headers is not None
-        snapshot = parse_headers(headers, received_at=self._received)
+        permit, snapshot = self.permit, self._snapshot
+        assert snapshot is not None
         if not observed:
-            permit.observe([(k, v) for k, v in headers.multi_items() if not k.startswith("x-quota-")])
+            permit.observe(attrs.evolve(snapshot, quota=None))  # the balance is fed after settling
         usage = body.get("usage") if isinstance(body, dict) else None
         quota = body.get("quota") if isinstance(body, dict) else None
         quota = quota if isinstance(quota, dict) else {}
