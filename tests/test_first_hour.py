@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pathlib
 import subprocess
 import sys
 
@@ -75,3 +77,22 @@ def test_python_dash_m_ratekeeper() -> None:
         [sys.executable, "-m", "ratekeeper", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout == f"ratekeeper {ratekeeper.__version__}\n"
+
+
+def test_simulate_without_its_extra_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m.startswith("ratekeeper.simulate")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "rich", None)  # what find_spec reports for a missing package
+    with pytest.raises(
+        ratekeeper.MissingDependency,
+        match=r"^rich is not installed; install it with: pip install 'ratekeeper\[cli\]'$",
+    ):
+        importlib.import_module("ratekeeper.simulate")
+
+
+def test_check_install_is_run_by_scripts_test_on_ci() -> None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    script = (root / "scripts" / "test").read_text()
+    assert 'if [ "${CI:-}" = true ] || [ "${RATEKEEPER_CHECK_INSTALL:-}" = 1 ]; then' in script
+    assert "python scripts/check-install" in script
+    assert (root / "scripts" / "check-install").stat().st_mode & 0o111

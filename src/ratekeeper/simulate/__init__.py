@@ -11,6 +11,16 @@ prints the comparison. Needs the ``cli`` extra (trio, the SDK, rich); see
 
 from __future__ import annotations
 
+try:
+    # fail here, with the install hint, not deep inside on whichever import comes first
+    import anthropic as _anthropic  # noqa: F401
+    import rich as _rich  # noqa: F401
+    import trio as _trio  # noqa: F401
+except ImportError as _exc:
+    from ratekeeper._errors import MissingDependency
+
+    raise MissingDependency(_exc.name or "trio", "cli") from _exc
+
 from ratekeeper.simulate._metrics import Series, StrategyResult
 from ratekeeper.simulate._plot import plot
 from ratekeeper.simulate._report import json_lines, render_text
