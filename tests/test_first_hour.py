@@ -6,6 +6,7 @@ import importlib
 import pathlib
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -96,3 +97,24 @@ def test_check_install_is_run_by_scripts_test_on_ci() -> None:
     assert 'if [ "${CI:-}" = true ] || [ "${RATEKEEPER_CHECK_INSTALL:-}" = 1 ]; then' in script
     assert "python scripts/check-install" in script
     assert (root / "scripts" / "check-install").stat().st_mode & 0o111
+
+
+def test_the_distribution_carries_its_license_and_classifiers() -> None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    assert (root / "LICENSE").read_text().startswith("MIT License\n")
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert pyproject["license-files"] == ["LICENSE"]
+    assert "Typing :: Typed" in pyproject["classifiers"]
+
+
+@pytest.mark.anyio
+async def test_a_sync_client_in_async_code_is_told_to_use_async_anthropic() -> None:
+    from anthropic_support import HELLO, MODEL, emulator, sync_client
+
+    client = sync_client(emulator(), Limiter("tier-1"))
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^a sync Anthropic client would block the running event loop while it waits for capacity; "
+        r"in async code use anthropic\.AsyncAnthropic \(wrap\(anthropic\.AsyncAnthropic\(\)\)\)$",
+    ):
+        client.messages.create(model=MODEL, max_tokens=10, messages=HELLO)

@@ -34,6 +34,7 @@ from typing import Any, Final, TypeVar, final
 import anthropic
 import attrs
 import httpx2
+import sniffio
 
 from ratekeeper._accounting import Demand, Usage
 from ratekeeper._errors import ConfigurationError, InsufficientCredits, UnknownModelError
@@ -394,6 +395,12 @@ class RateLimitMiddleware(anthropic.Middleware):
         route = _route(request)
         if route is None:
             return call_next(request)
+        if _in_event_loop():
+            # the user called the sync client, not acquire_sync: name the fix in their terms
+            raise ConfigurationError(
+                "a sync Anthropic client would block the running event loop while it waits for "
+                "capacity; in async code use anthropic.AsyncAnthropic (wrap(anthropic.AsyncAnthropic()))"
+            )
         run_deferred()
         body, counted = self._count_target(request, route)
         if body is not None and counted is None:
@@ -666,6 +673,14 @@ def _with_count(demand: Demand, counted: int) -> Demand:
         cache_creation_input_tokens=write,
         cache_creation_1h_input_tokens=min(demand.cache_creation_1h_input_tokens * counted // total, write),
     )
+
+
+def _in_event_loop() -> bool:
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
 
 
 def wrap(client: _C, limiter: Limiter | None = None, **options: Any) -> _C:
