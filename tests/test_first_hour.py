@@ -118,3 +118,28 @@ async def test_a_sync_client_in_async_code_is_told_to_use_async_anthropic() -> N
         r"in async code use anthropic\.AsyncAnthropic \(wrap\(anthropic\.AsyncAnthropic\(\)\)\)$",
     ):
         client.messages.create(model=MODEL, max_tokens=10, messages=HELLO)
+
+
+def test_wrap_without_a_limiter_shares_one_per_key_and_base_url() -> None:
+    import gc
+
+    import anthropic
+    from anthropic_support import middleware_of
+
+    from ratekeeper.anthropic import wrap
+    from ratekeeper.anthropic._middleware import _shared
+
+    def limiter_of(client: anthropic.Anthropic | anthropic.AsyncAnthropic) -> Limiter:
+        return middleware_of(client)._limiter
+
+    a = wrap(anthropic.Anthropic(api_key="key-1", base_url="http://127.0.0.1:9"))
+    b = wrap(anthropic.AsyncAnthropic(api_key="key-1", base_url="http://127.0.0.1:9"))
+    other_key = wrap(anthropic.Anthropic(api_key="key-2", base_url="http://127.0.0.1:9"))
+    other_url = wrap(anthropic.Anthropic(api_key="key-1", base_url="http://127.0.0.1:10"))
+    assert limiter_of(a) is limiter_of(b)
+    assert limiter_of(other_key) is not limiter_of(a)
+    assert limiter_of(other_url) is not limiter_of(a)
+    held = len(_shared)
+    del a, b
+    gc.collect()
+    assert len(_shared) == held - 1  # weak: no client of key-1 at that URL is left, nor its budget

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import hashlib
 import inspect
 import json
 import logging
 import threading
 import urllib.parse
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar, final
 
@@ -683,17 +685,38 @@ def _in_event_loop() -> bool:
     return True
 
 
+# wrap()'s default limiters, one per (credential digest, base URL): limits belong to the
+# organization behind a key, so two clients of one key must draw on one budget. Weak values:
+# a limiter lives as long as some wrapped client's middleware holds it.
+_shared: weakref.WeakValueDictionary[tuple[str, str], Limiter] = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
+
+
+def _shared_limiter(client: anthropic.Anthropic | anthropic.AsyncAnthropic) -> Limiter:
+    credential = client.api_key or client.auth_token or ""
+    # a digest, so this module-level table never holds the key itself
+    key = (hashlib.sha256(credential.encode()).hexdigest(), str(client.base_url))
+    with _shared_lock:
+        limiter = _shared.get(key)
+        if limiter is None:
+            limiter = _shared[key] = Limiter()
+        return limiter
+
+
 def wrap(client: _C, limiter: Limiter | None = None, **options: Any) -> _C:
     """``client`` with a :class:`RateLimitMiddleware` added (a copy, as ``with_middleware`` makes).
 
     Works for ``Anthropic`` and ``AsyncAnthropic``; ``options`` go to the
     middleware (``estimator``, ``count_tokens``, ``wallet``...). The
     middleware is bound to the new client, so ``count_tokens=True`` works.
+    Without ``limiter``, every client wrapped with the same API key (or auth
+    token) and base URL shares one ``Limiter()``, for as long as one of them
+    lives: the limits are the organization's, not the client's.
     """
     if any(isinstance(m, RateLimitMiddleware) for m in client.middleware):
         # two middlewares would each take a permit per attempt: every request paid twice
         raise ConfigurationError("this client already has a RateLimitMiddleware")
-    middleware = RateLimitMiddleware(limiter, **options)
+    middleware = RateLimitMiddleware(limiter if limiter is not None else _shared_limiter(client), **options)
     wrapped = client.with_middleware(middleware)
     middleware.bind(wrapped)
     return wrapped
