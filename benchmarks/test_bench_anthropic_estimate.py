@@ -168,7 +168,7 @@ def measure(
         counted.append(demand)  # with count_tokens=True: the exact count the limiter got
         return acquire(model, demand, **kwargs)
 
-    limiter.acquire_sync = spy_acquire  # type: ignore[method-assign]
+    limiter.acquire_sync = spy_acquire  # type: ignore[method-assign,assignment]
     plain = anthropic.Anthropic(api_key="test", http_client=http, base_url="http://emulator")
     client = wrap(plain, limiter, count_tokens=count_tokens, estimator=estimator)
     rng = random.Random(seed)

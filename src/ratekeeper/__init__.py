@@ -6,6 +6,7 @@ as an argument; the async ``Limiter`` gates requests on top of it.
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
 from typing import TYPE_CHECKING
 
 from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
@@ -57,7 +58,11 @@ from ratekeeper._stats import LimiterEvent, LimiterStatistics, PoolStatistics
 if TYPE_CHECKING:
     from ratekeeper._redis import RedisBackend
 
-__version__ = "0.1.0"
+try:
+    # one source of truth, pyproject.toml, read from the installed metadata
+    __version__: str = _metadata.version("ratekeeper")
+except _metadata.PackageNotFoundError:  # a bare source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AccountingRules",

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from ratekeeper._errors import RateKeeperError
+
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ratekeeper", description="Keep programs inside Claude's rate limits."
     )
+    parser.add_argument("--version", action="version", version=f"ratekeeper {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
@@ -200,8 +203,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    code: int = args.run(args)
+    try:
+        code: int = args.run(args)
+    except (RateKeeperError, BaseExceptionGroup) as exc:
+        # one clear line, not a traceback of task groups: these are the user's
+        # arguments meeting the limits, not a bug
+        message = _error_line(exc)
+        if message is None:
+            raise
+        print(f"ratekeeper {args.command}: {message}", file=sys.stderr)
+        return 1
     return code
+
+
+def _error_line(exc: BaseException) -> str | None:
+    """The message of a ratekeeper error, also inside (nested) exception groups; None for any other error."""
+    if isinstance(exc, RateKeeperError):
+        return str(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        lines = [_error_line(e) for e in exc.exceptions]
+        if lines and all(line is not None for line in lines):
+            return "; ".join(dict.fromkeys(line for line in lines if line is not None))
+    return None
+
+
+def _version() -> str:
+    from ratekeeper import __version__
+
+    return __version__
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from ratekeeper._errors import (
 )
 from ratekeeper._headers import RateLimitSnapshot, parse_headers
 from ratekeeper._pool import Pool
-from ratekeeper._presets import batch_limits, count_tokens_rpm, limits_for, spend_cap
+from ratekeeper._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
 from ratekeeper._reading import (
     ROUNDING_MARGIN,
     burst_bound,
@@ -498,9 +498,11 @@ class Limiter:
     ``preset`` (``"tier-1"`` .. ``"tier-4"``, ``"start"``, ``"build"``,
     ``"scale"``) gives the starting limits; without one the limiter starts at
     Tier 1 and learns the real limits from the first responses' ``-limit``
-    headers. ``limits`` overrides per pool, e.g. ``{"sonnet-4": {"requests":
+    headers. ``limits`` overrides per pool, e.g. ``{"sonnet-4.x": {"requests":
     50, "input_tokens": 30000, "output_tokens": 8000, "tokens": 20000}}`` (a
-    ``tokens`` entry adds a combined limit, such as a workspace's).
+    ``tokens`` entry adds a combined limit, such as a workspace's); a key may
+    also be a model class or id (``"sonnet-4"``, ``"claude-sonnet-4-5"``) and a
+    dimension ``rpm``, ``itpm`` or ``otpm``. Anything else is a ``ConfigurationError``.
 
     Under asyncio and trio alike::
 
@@ -566,7 +568,7 @@ class Limiter:
         if backfill_window < 0:
             raise ConfigurationError(f"backfill_window must be >= 0, got {backfill_window!r}")
         Pool("check", {}, now=0.0, burst=burst)  # validates burst with the pool's own message
-        self._overrides = {k: dict(v) for k, v in (limits or {}).items()}
+        self._overrides = limit_overrides(limits or {})
         self._batch = batch
         self._burst = burst
         self._adaptive = adaptive_burst
@@ -782,9 +784,25 @@ class Limiter:
         return _Acquire(self, (model, demand, priority, timeout), plain)
 
     def acquire_sync(
-        self, model: str, demand: Demand, *, priority: int = 0, timeout: float | None = None
+        self,
+        model: str,
+        demand: Demand | None = None,
+        *,
+        input_tokens: int = 0,
+        max_tokens: int = 0,
+        cache_read_input_tokens: int = 0,
+        cache_creation_input_tokens: int = 0,
+        expected_output_tokens: int | None = None,
+        service_tier: str | None = None,
+        credits: float = 0.0,
+        priority: int = 0,
+        timeout: float | None = None,
     ) -> _Acquire:
         """The blocking form, for synchronous code in threads: ``with limiter.acquire_sync(...) as p:``.
+
+        It takes the same keywords as ``acquire`` and ``acquire_nowait``
+        (``acquire_sync(model, input_tokens=1200, max_tokens=1024)``), or a
+        ready ``Demand`` in their place.
 
         In a worker thread started by anyio it waits in the event loop; in any
         other thread it waits on the thread itself, with ``time.monotonic``
@@ -793,6 +811,22 @@ class Limiter:
         limiter.
         """
         _check_wait(model, priority, timeout)
+        if demand is None:
+            return self.acquire(
+                model,
+                input_tokens=input_tokens,
+                max_tokens=max_tokens,
+                cache_read_input_tokens=cache_read_input_tokens,
+                cache_creation_input_tokens=cache_creation_input_tokens,
+                expected_output_tokens=expected_output_tokens,
+                service_tier=service_tier,
+                credits=credits,
+                priority=priority,
+                timeout=timeout,
+            )
+        given = (input_tokens, max_tokens, cache_read_input_tokens, cache_creation_input_tokens, credits)
+        if any(given) or expected_output_tokens is not None or service_tier is not None:
+            raise ConfigurationError("acquire_sync: give either a Demand or the token keywords, not both")
         return _Acquire(self, (model, demand, priority, timeout))
 
     def acquire_nowait(

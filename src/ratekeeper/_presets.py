@@ -526,3 +526,61 @@ def register_model(pattern_or_id: str | re.Pattern[str], model_class: str) -> No
         raise ConfigurationError("register_model needs a non-empty model id")
     _registered_ids[key] = cls
     _registered_ids[_normalize(key)] = cls
+
+
+# --------------------------------------------------------------------------- Limiter(limits=...)
+
+# the names people write for a limit (the console's and the headers' words) -> the pool's dimension
+_DIMENSIONS: Final[Mapping[str, str]] = {
+    "requests": "requests",
+    "rpm": "requests",
+    "input_tokens": "input_tokens",
+    "itpm": "input_tokens",
+    "output_tokens": "output_tokens",
+    "otpm": "output_tokens",
+    "tokens": "tokens",
+    "priority_input_tokens": "priority_input_tokens",
+    "priority_output_tokens": "priority_output_tokens",
+}
+
+
+def _pool_names() -> tuple[str, ...]:
+    pools = _tables().pools
+    return tuple(sorted({pools.get(cls, cls) for cls in model_classes()}))
+
+
+def limit_overrides(limits: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """``Limiter(limits=...)`` keyed by pool and dimension, whatever names were given.
+
+    A key may be a pool (``"sonnet-4.x"``), a model class (``"sonnet-4"``) or a
+    model id (``"claude-sonnet-4-5"``); a dimension may be ``rpm``, ``itpm``,
+    ``otpm`` or the pool's own name. Anything else raises ``ConfigurationError``
+    listing what is valid: a misspelt key used to be kept as a pool of its own
+    that no model ever drew on, so the override was silently ignored.
+
+    >>> limit_overrides({"claude-sonnet-4-5": {"rpm": 50}})
+    {'sonnet-4.x': {'requests': 50.0}}
+    """
+    out: dict[str, dict[str, float]] = {}
+    for key, dims in limits.items():
+        pools = _pool_names()
+        if key in pools:
+            pool = key
+        else:
+            try:
+                pool = pool_for(key)
+            except UnknownModelError:
+                raise ConfigurationError(
+                    f"limits: unknown pool or model {key!r}; give a pool ({', '.join(pools)}), "
+                    f"a model class ({', '.join(model_classes())}) or a model id such as "
+                    f"'claude-sonnet-4-5'"
+                ) from None
+        target = out.setdefault(pool, {})
+        for dim, value in dims.items():
+            name = _DIMENSIONS.get(dim.lower())
+            if name is None:
+                raise ConfigurationError(
+                    f"limits[{key!r}]: unknown dimension {dim!r}; valid: {', '.join(_DIMENSIONS)}"
+                )
+            target[name] = float(value)
+    return out

@@ -23,17 +23,20 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import hashlib
 import inspect
 import json
 import logging
 import threading
 import urllib.parse
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar, final
 
 import anthropic
 import attrs
 import httpx2
+import sniffio
 
 from ratekeeper._accounting import Demand, Usage
 from ratekeeper._errors import ConfigurationError, InsufficientCredits, UnknownModelError
@@ -392,6 +395,12 @@ class RateLimitMiddleware(anthropic.Middleware):
         route = _route(request)
         if route is None:
             return call_next(request)
+        if _in_event_loop():
+            # the user called the sync client, not acquire_sync: name the fix in their terms
+            raise ConfigurationError(
+                "a sync Anthropic client would block the running event loop while it waits for "
+                "capacity; in async code use anthropic.AsyncAnthropic (wrap(anthropic.AsyncAnthropic()))"
+            )
         run_deferred()
         body, counted = self._count_target(request, route)
         if body is not None and counted is None:
@@ -666,17 +675,46 @@ def _with_count(demand: Demand, counted: int) -> Demand:
     )
 
 
+def _in_event_loop() -> bool:
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
+
+
+# wrap()'s default limiters, one per (credential digest, base URL): limits belong to the
+# organization behind a key, so two clients of one key must draw on one budget. Weak values:
+# a limiter lives as long as some wrapped client's middleware holds it.
+_shared: weakref.WeakValueDictionary[tuple[str, str], Limiter] = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
+
+
+def _shared_limiter(client: anthropic.Anthropic | anthropic.AsyncAnthropic) -> Limiter:
+    credential = client.api_key or client.auth_token or ""
+    # a digest, so this module-level table never holds the key itself
+    key = (hashlib.sha256(credential.encode()).hexdigest(), str(client.base_url))
+    with _shared_lock:
+        limiter = _shared.get(key)
+        if limiter is None:
+            limiter = _shared[key] = Limiter()
+        return limiter
+
+
 def wrap(client: _C, limiter: Limiter | None = None, **options: Any) -> _C:
     """``client`` with a :class:`RateLimitMiddleware` added (a copy, as ``with_middleware`` makes).
 
     Works for ``Anthropic`` and ``AsyncAnthropic``; ``options`` go to the
     middleware (``estimator``, ``count_tokens``, ``wallet``...). The
     middleware is bound to the new client, so ``count_tokens=True`` works.
+    Without ``limiter``, every client wrapped with the same API key (or auth
+    token) and base URL shares one ``Limiter()``, for as long as one of them
+    lives: the limits are the organization's, not the client's.
     """
     if any(isinstance(m, RateLimitMiddleware) for m in client.middleware):
         # two middlewares would each take a permit per attempt: every request paid twice
         raise ConfigurationError("this client already has a RateLimitMiddleware")
-    middleware = RateLimitMiddleware(limiter, **options)
+    middleware = RateLimitMiddleware(limiter if limiter is not None else _shared_limiter(client), **options)
     wrapped = client.with_middleware(middleware)
     middleware.bind(wrapped)
     return wrapped
