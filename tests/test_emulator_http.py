@@ -104,3 +104,28 @@ def test_cli_emulate_serves_until_interrupted() -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
+
+
+def _raw_post(url: str, head: bytes, body: bytes = b"") -> bytes:
+    """Send one hand-made POST and read the answer until the server closes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=5) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n" + head + b"\r\n" + body)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("length", [b"1001", b"10000000000", b"-1", b"ten"])
+def test_http_server_refuses_a_body_over_the_cap_unread(length: bytes) -> None:
+    server = EmulatedServer(EmulatorConfig(latency=FAST, max_request_bytes=1000))
+    with serve(server, port=0) as http:
+        # the body is never sent: a server reading it would wait, the test's timeout would fire
+        answer = _raw_post(http.url, b"content-length: " + length + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b'"type": "request_too_large"' in answer
+    assert server.log == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,7 +52,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         owner = self.server.owner
-        length = int(self.headers.get("content-length") or 0)
+        length = self._declared_length()
+        if length is None:
+            return
         body = self.rfile.read(length) if length else b""
         host = self.headers.get("host") or f"{owner.host}:{owner.port}"
         req = EmulatorRequest(self.command, self.path, body, dict(self.headers.items()), f"http://{host}")
@@ -70,6 +73,40 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("content-length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+    def _declared_length(self) -> int | None:
+        """The body's declared length, or ``None`` after refusing it unread.
+
+        The body is read only once its length is known to be within the cap, so a
+        huge or lying ``content-length`` never makes the server buffer it.
+        """
+        cfg = self.server.owner.server.config
+        cap = cfg.max_batch_bytes if "/batches" in self.path else cfg.max_request_bytes
+        raw = self.headers.get("content-length") or "0"
+        try:
+            length = int(raw)
+        except ValueError:
+            length = -1
+        if 0 <= length <= cap:
+            return length
+        data = json.dumps(
+            {
+                "type": "error",
+                "error": {
+                    "type": "request_too_large",
+                    "message": f"Request exceeds the maximum allowed number of bytes ({cap}); "
+                    f"content-length was {raw!r}.",
+                },
+            }
+        ).encode()
+        self.close_connection = True  # the unread body must not be parsed as the next request
+        self.send_response_only(413)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.send_header("connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        return None
 
     def _stream(self, reply: Reply, arrival: float) -> None:
         owner = self.server.owner
