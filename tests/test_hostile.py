@@ -1,0 +1,81 @@
+"""Hostile input to the local limiter: malformed reports and arguments fail clearly or are survived."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import anthropic
+import httpx2
+import pytest
+from anthropic_support import in_flight
+
+from ratekeeper import Limiter, Usage
+from ratekeeper.anthropic import wrap
+
+MODEL = "claude-sonnet-4-5"
+HELLO = [{"role": "user", "content": "hello"}]
+BAD_COUNTS: list[Any] = ["12", -5, 10**400]
+
+
+def _message(usage: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": [{"type": "text", "text": "hi"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": usage,
+    }
+
+
+def _sse(usage: dict[str, Any]) -> bytes:
+    start = _message({"input_tokens": 5, "output_tokens": 1})
+    start["content"] = []
+    events = [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": usage}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return b"".join(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode() for kind, data in events)
+
+
+def _client(limiter: Limiter, handler: Any) -> anthropic.Anthropic:
+    http = httpx2.Client(transport=httpx2.MockTransport(handler))
+    client = anthropic.Anthropic(api_key="test", http_client=http, base_url="http://test", max_retries=0)
+    return wrap(client, limiter)
+
+
+@pytest.mark.parametrize("bad", BAD_COUNTS)
+def test_a_stream_with_malformed_usage_still_lets_its_permit_go(bad: Any) -> None:
+    limiter = Limiter("tier-1")
+    body = _sse({"output_tokens": bad})
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=iter([body]))
+
+    client = _client(limiter, handler)
+    stream = client.messages.create(model=MODEL, max_tokens=100, messages=HELLO, stream=True)
+    for _ in stream:
+        pass
+    assert in_flight(limiter) == 0
+
+
+@pytest.mark.parametrize("bad", BAD_COUNTS)
+def test_a_response_with_malformed_usage_is_returned_and_keeps_its_reservation(bad: Any) -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    payload = json.dumps(_message({"input_tokens": bad, "output_tokens": 3})).encode()
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "application/json"}, content=payload)
+
+    client = _client(limiter, handler)
+    message = client.messages.create(model=MODEL, max_tokens=100, messages=HELLO)
+    assert message.id == "msg_1"
+    assert in_flight(limiter) == 0
+    pool = next(iter(limiter.statistics().pools.values()))
+    # kept as charged: the 100 reserved output tokens were not given back
+    assert pool.levels["output_tokens"] == pool.capacity["output_tokens"] - 100
