@@ -15,7 +15,7 @@ from ratekeeper import Limiter, Usage
 from ratekeeper.anthropic import wrap
 
 MODEL = "claude-sonnet-4-5"
-HELLO = [{"role": "user", "content": "hello"}]
+HELLO: Any = [{"role": "user", "content": "hello"}]
 BAD_COUNTS: list[Any] = ["12", -5, 10**400]
 
 
@@ -79,3 +79,43 @@ def test_a_response_with_malformed_usage_is_returned_and_keeps_its_reservation(b
     pool = next(iter(limiter.statistics().pools.values()))
     # kept as charged: the 100 reserved output tokens were not given back
     assert pool.levels["output_tokens"] == pool.capacity["output_tokens"] - 100
+
+
+class _Message:
+    """Something with a ``usage`` but no counts of its own: passed instead of ``message.usage``."""
+
+    usage = Usage(input_tokens=5, output_tokens=5)
+
+
+@pytest.mark.parametrize("wrong", [_Message(), "usage", 7])
+def test_settle_rejects_what_is_not_a_usage_and_keeps_the_reservation(wrong: object) -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    permit = limiter.acquire_nowait(MODEL, input_tokens=1000, max_tokens=500)
+    with pytest.raises(TypeError, match=type(wrong).__name__):
+        permit.settle(wrong)
+    assert permit.active
+    assert permit.settle({"input_tokens": 1000, "output_tokens": 500}).output_tokens == 500
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1, -0.5])
+def test_record_output_rejects_non_finite_or_negative_counts(bad: float) -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    permit = limiter.acquire_nowait(MODEL, input_tokens=10, max_tokens=100)
+    with pytest.raises(ValueError, match="output_tokens"):
+        permit.record_output(bad)  # type: ignore[arg-type]
+    level = limiter.statistics().pools[permit.pool].levels["output_tokens"]
+    assert level == limiter.statistics().pools[permit.pool].capacity["output_tokens"] - 100
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "error"),
+    [("input_tokens", "100", TypeError), ("output_tokens", 10**400, ValueError)],
+)
+def test_a_malformed_count_names_its_field(field: str, bad: Any, error: type[Exception]) -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    permit = limiter.acquire_nowait(MODEL, input_tokens=10, max_tokens=100)
+    with pytest.raises(error, match=field):
+        permit.settle({"input_tokens": 1, "output_tokens": 1, field: bad})
+    arg = field.replace("output_tokens", "max_tokens")
+    with pytest.raises(error, match=arg):
+        limiter.acquire_nowait(MODEL, **{arg: bad})

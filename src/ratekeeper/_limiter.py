@@ -105,6 +105,8 @@ _DEFAULT_PRESET: Final = "tier-1"
 _FALLBACK_PRESET: Final = "start"
 
 _ACTIVE, _SETTLED, _RELEASED = 0, 1, 2
+#: The largest token count ``record_output`` takes: one a float holds exactly.
+_MAX_COUNT: Final = 2**53
 
 #: An ordinary request's demand, checked: input, max_tokens, cache reads, cache writes,
 #: expected output (no priority tier, no credits). ``Limiter._admit_plain`` takes it.
@@ -361,8 +363,16 @@ class Permit:
 
         Under the real-time OTPM rule output is charged as it is produced; under
         the ``max_tokens`` rule the reservation already covers it and this only
-        guards against going over it.
+        guards against going over it. A count that is not a finite non-negative
+        number raises (a NaN would otherwise drive the bucket to minus its capacity).
         """
+        if type(output_tokens) is not int:
+            if not isinstance(output_tokens, int | float) or isinstance(output_tokens, bool):
+                raise TypeError(f"output_tokens must be a number, got {type(output_tokens).__name__}")
+            if not (output_tokens >= 0 and math.isfinite(output_tokens)):
+                raise ValueError(f"output_tokens must be a non-negative finite number, got {output_tokens!r}")
+        elif not 0 <= output_tokens <= _MAX_COUNT:
+            raise ValueError(f"output_tokens must be between 0 and {_MAX_COUNT}, got {output_tokens!r:.40}")
         self._limiter._progress(self, float(output_tokens))
 
     def observe(
@@ -1791,8 +1801,9 @@ def _plain(
         and type(max_tokens) is int
         and type(cache_read) is int
         and type(cache_write) is int
-        and (input_tokens | max_tokens | cache_read | cache_write) >= 0  # negative iff one is
-        and (expected is None or (type(expected) is int and expected >= 0))
+        # 0 iff all are non-negative and below 2**53 (a float holds them; 10**400 would not)
+        and (input_tokens | max_tokens | cache_read | cache_write) >> 53 == 0
+        and (expected is None or (type(expected) is int and 0 <= expected <= _MAX_COUNT))
     ):
         return (input_tokens, max_tokens, cache_read, cache_write, expected)
     return None
@@ -1826,7 +1837,7 @@ def _usage_counts(usage: object) -> tuple[int, int, int, int] | None:
             getattr(usage, "cache_creation_input_tokens", None) or 0,
         )
     for n in counts:
-        if type(n) is not int or n < 0:
+        if type(n) is not int or not 0 <= n <= _MAX_COUNT:  # 10**400 would overflow a float
             return None
     return counts  # type: ignore[return-value]
 
