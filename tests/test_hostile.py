@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import anthropic
+import anyio
 import httpx2
 import pytest
 from anthropic_support import in_flight
@@ -119,3 +120,49 @@ def test_a_malformed_count_names_its_field(field: str, bad: Any, error: type[Exc
     arg = field.replace("output_tokens", "max_tokens")
     with pytest.raises(error, match=arg):
         limiter.acquire_nowait(MODEL, **{arg: bad})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("option", "bad", "error"),
+    [
+        ("priority", None, TypeError),
+        ("priority", "high", TypeError),
+        ("timeout", math.nan, ValueError),
+        ("timeout", "1", TypeError),
+    ],
+)
+async def test_a_bad_acquire_argument_fails_before_it_is_enqueued(
+    option: str, bad: Any, error: type[Exception]
+) -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    pool = limiter.pool_of(MODEL)
+    limiter.set_limits(pool, requests=1)
+    first = limiter.acquire_nowait(MODEL)
+    with anyio.move_on_after(0.01):  # another request waits behind the first
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_acquire_and_settle, limiter)
+            for _ in range(100):  # until it is in the queue (trio runs it later than asyncio)
+                if limiter.statistics().pools[pool].queue_depth:
+                    break
+                await anyio.sleep(0)
+            with pytest.raises(error, match=option):
+                await limiter.acquire(MODEL, **{option: bad})
+            assert limiter.statistics().pools[pool].queue_depth == 1
+            tg.cancel_scope.cancel()
+    first.release()
+    assert limiter.statistics().pools[pool].queue_depth == 0
+
+
+async def _acquire_and_settle(limiter: Limiter) -> None:
+    async with limiter.acquire(MODEL):
+        pass
+
+
+@pytest.mark.parametrize("model", [None, 5])
+def test_the_model_must_be_a_str(model: Any) -> None:
+    limiter = Limiter("tier-1")
+    with pytest.raises(TypeError, match="model must be a str"):
+        limiter.acquire_nowait(model)
+    with pytest.raises(TypeError, match="model must be a str"):
+        limiter.acquire(model)

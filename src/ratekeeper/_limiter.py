@@ -436,6 +436,10 @@ class _Acquire:
     __slots__ = ("_args", "_limiter", "_permit", "_plain")
 
     def __init__(self, limiter: Limiter, args: tuple[Any, ...], plain: _Plain | None = None) -> None:
+        # checked here, before anything is enqueued: a bad priority met in the queue's
+        # ordering would raise there and leave its waiter behind, wedging the pool
+        if type(args[0]) is not str or type(args[2]) is not int or args[3] is not None:
+            _check_args(*args)
         self._limiter = limiter
         self._args = args
         self._plain = plain
@@ -844,6 +848,8 @@ class Limiter:
     def _prepare(
         self, model: str, demand: Demand, now: float
     ) -> tuple[_PoolRuntime, dict[str, float], float]:
+        if type(model) is not str:  # else it fails deep in the presets, naming nothing
+            raise TypeError(f"model must be a str, got {type(model).__name__}")
         if self._spend_until is not None:
             self._check_spend(now)
         if self._warmup is not None:
@@ -1757,6 +1763,19 @@ class Limiter:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_args(model: object, demand: object, priority: object, timeout: object) -> None:
+    """Raise for an ``acquire`` argument of the wrong type (or a NaN timeout), naming it."""
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a str, got {type(model).__name__}")
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+    if timeout is not None:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+            raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
+        if timeout != timeout:  # NaN: no deadline ever passes, the wait would spin
+            raise ValueError("timeout must be a number of seconds or None, got nan")
 
 
 def _demand(
