@@ -13,6 +13,7 @@ import pytest
 from anthropic_support import in_flight
 
 from ratekeeper import Limiter, Usage
+from ratekeeper._reading import MAX_PAUSE
 from ratekeeper.anthropic import wrap
 
 MODEL = "claude-sonnet-4-5"
@@ -166,3 +167,35 @@ def test_the_model_must_be_a_str(model: Any) -> None:
         limiter.acquire_nowait(model)
     with pytest.raises(TypeError, match="model must be a str"):
         limiter.acquire(model)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"retry-after": str(10**9)},
+        {"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"},
+        {"retry-after-ms": "1e308"},
+    ],
+)
+@pytest.mark.parametrize("status", [429, 529])
+def test_a_pause_is_capped_at_seven_days(
+    headers: dict[str, str], status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    permit = limiter.acquire_nowait(MODEL, input_tokens=10, max_tokens=10)
+    permit.observe(headers, status=status)
+    paused = limiter.statistics().pools[permit.pool].paused_for
+    assert 0 < paused <= MAX_PAUSE == 7 * 24 * 3600
+    assert "7 days" in caplog.text
+
+
+def test_a_subscription_hold_is_capped_at_seven_days() -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    permit = limiter.acquire_nowait(MODEL, input_tokens=10, max_tokens=10)
+    headers = {
+        "anthropic-ratelimit-unified-status": "rejected",
+        "anthropic-ratelimit-unified-reset": "253402300799",  # 9999-12-31
+        "anthropic-ratelimit-unified-representative-claim": "five_hour",
+    }
+    permit.observe(headers, status=429)
+    assert 0 < limiter.statistics().pools[permit.pool].paused_for <= MAX_PAUSE

@@ -57,6 +57,7 @@ from ratekeeper._presets import batch_limits, count_tokens_rpm, limits_for, spen
 from ratekeeper._reading import (
     ROUNDING_MARGIN,
     burst_bound,
+    capped_pause,
     error_fields,
     explained_by_remaining,
     first_of_next_month,
@@ -1564,8 +1565,7 @@ class Limiter:
             rt.shrink_seq = next(self._seq)
             self._emit("burst_change", rt, now, {"burst": burst})
         retry = snap.retry_after
-        if retry is None:
-            retry = 1.0
+        retry = 1.0 if retry is None else capped_pause(retry, "a 429's retry-after")
         if pool.pause(now + retry, "429 rate_limit_error"):
             self._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
         self._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
@@ -1575,7 +1575,9 @@ class Limiter:
         rt.overloaded += 1
         backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
         rt.overload_backoff = backoff
-        wait = snap.retry_after if snap.retry_after is not None else backoff
+        wait = (
+            capped_pause(snap.retry_after, "a 529's retry-after") if snap.retry_after is not None else backoff
+        )
         if rt.pool.pause(now + wait, "529 overloaded"):
             self._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
         self._emit("overloaded", rt, now, {"backoff": wait})
