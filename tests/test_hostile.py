@@ -199,3 +199,20 @@ def test_a_subscription_hold_is_capped_at_seven_days() -> None:
     }
     permit.observe(headers, status=429)
     assert 0 < limiter.statistics().pools[permit.pool].paused_for <= MAX_PAUSE
+
+
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "50"])
+def test_a_bad_limit_is_rejected_by_the_constructor_naming_its_key(bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"limits\['sonnet-4'\]\['requests'\]"):
+        Limiter("tier-1", limits={"sonnet-4": {"requests": bad}})
+
+
+def test_observe_names_a_status_that_is_not_an_int() -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    permit = limiter.acquire_nowait(MODEL)
+    with pytest.raises(TypeError, match="status must be an int"):
+        permit.observe({}, status="429")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="status must be an int"):
+        limiter.observe({}, status="429")  # type: ignore[arg-type]
+    assert permit.active
+    assert not permit.sent

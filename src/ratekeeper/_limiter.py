@@ -384,6 +384,8 @@ class Permit:
         body: object = None,
     ) -> RateLimitSnapshot:
         """Feed the response's headers (and, for errors, its JSON body) back to the limiter."""
+        if type(status) is not int:
+            _check_status(status)
         self.sent = True
         self.response_status = status
         return self._limiter._observe(headers, status=status, body=body, permit=self, runtime=self._runtime)
@@ -575,6 +577,12 @@ class Limiter:
             raise ConfigurationError(f"backfill_window must be >= 0, got {backfill_window!r}")
         Pool("check", {}, now=0.0, burst=burst)  # validates burst with the pool's own message
         self._overrides = {k: dict(v) for k, v in (limits or {}).items()}
+        for pool_name, dims in self._overrides.items():
+            for dim, value in dims.items():  # here, not at the first acquire of that pool
+                if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+                    raise ConfigurationError(
+                        f"limits[{pool_name!r}][{dim!r}] must be a positive finite number, got {value!r}"
+                    )
         self._batch = batch
         self._burst = burst
         self._adaptive = adaptive_burst
@@ -1369,6 +1377,8 @@ class Limiter:
         subscription status); with it they also resync that model's pool,
         counting all of this limiter's in-flight requests as unseen by the server.
         """
+        if type(status) is not int:
+            _check_status(status)
         runtime = None
         if model is not None:
             with self._lock:
@@ -1765,6 +1775,12 @@ class Limiter:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_status(status: object) -> None:
+    """Raise unless ``status`` is an HTTP status code (an int: "429" would fail deep, naming nothing)."""
+    if not isinstance(status, int) or isinstance(status, bool):
+        raise TypeError(f"status must be an int HTTP status code, got {type(status).__name__} {status!r:.20}")
 
 
 def _check_args(model: object, demand: object, priority: object, timeout: object) -> None:
