@@ -216,3 +216,22 @@ def test_observe_names_a_status_that_is_not_an_int() -> None:
         limiter.observe({}, status="429")  # type: ignore[arg-type]
     assert permit.active
     assert not permit.sent
+
+
+def _system(ttl: str) -> Any:
+    """A system block whose cache TTL the estimator cannot read."""
+    return [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": ttl}}]
+
+
+def test_an_unreadable_body_is_logged_without_its_text(caplog: pytest.LogCaptureFixture) -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    secret = "my secret prompt text " * 5
+    payload = json.dumps(_message({"input_tokens": 3, "output_tokens": 3})).encode()
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "application/json"}, content=payload)
+
+    client = _client(limiter, handler)
+    client.messages.create(model=MODEL, max_tokens=100, messages=HELLO, system=_system(secret))
+    assert "cannot estimate" in caplog.text
+    assert "secret" not in caplog.text

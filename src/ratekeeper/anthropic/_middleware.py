@@ -520,7 +520,10 @@ class RateLimitMiddleware(anthropic.Middleware):
             raise
         except ConfigurationError as exc:
             # a body the estimator can't read may still be one the API accepts
-            log.warning("cannot estimate this request (%s); reserving by its size", exc)
+            # the field path only: the value after ", got" may be a prompt's text
+            log.warning(
+                "cannot estimate this request (%s); reserving by its size", str(exc).split(", got ", 1)[0]
+            )
             demand = Demand(
                 input_tokens=len(json.dumps(body, default=str)) // 3, max_tokens=_max_tokens(body)
             )
