@@ -235,3 +235,21 @@ def test_an_unreadable_body_is_logged_without_its_text(caplog: pytest.LogCapture
     client.messages.create(model=MODEL, max_tokens=100, messages=HELLO, system=_system(secret))
     assert "cannot estimate" in caplog.text
     assert "secret" not in caplog.text
+
+
+def test_maps_keyed_by_input_are_bounded() -> None:
+    from ratekeeper._limiter import MAX_REMEMBERED
+
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    for i in range(MAX_REMEMBERED * 2):
+        limiter.pool_of(f"claude-sonnet-4-5-{20250000 + i}")
+        limiter.observe(
+            {
+                "anthropic-ratelimit-unified-status": "allowed_warning",
+                "anthropic-ratelimit-unified-reset": str(1_800_000_000 + i),
+                "anthropic-ratelimit-unified-representative-claim": f"claim-{i}",
+            }
+        )
+    assert len(limiter._model_runtime) <= MAX_REMEMBERED
+    assert len(limiter._model_pool) <= MAX_REMEMBERED
+    assert len(limiter._unified_warned) <= MAX_REMEMBERED

@@ -89,6 +89,10 @@ SHARE_STEP: Final = 0.02
 SHARE_STEP_EVERY: Final = 5.0
 MIN_SHARE: Final = 0.25
 
+#: How many entries a map keyed by caller or server input (model ids, subscription claims,
+#: warned resets) holds before it is emptied, so hostile input cannot grow it without bound.
+MAX_REMEMBERED: Final = 1024
+
 #: Header dimension names that map onto pool buckets.
 _RESYNC_DIMS: Final = (
     "requests",
@@ -634,6 +638,11 @@ class Limiter:
     # ------------------------------------------------------------------ pools
 
     def _runtime_for(self, model: str, now: float) -> _PoolRuntime:
+        if len(self._model_runtime) >= MAX_REMEMBERED:
+            # 100k distinct model ids held 15.8 MB: forget the lookups (pools stay; a model
+            # is looked up again in the presets at its next request)
+            self._model_runtime.clear()
+            self._model_pool.clear()
         rt = self._runtime_for_model(model, now)
         self._model_runtime[model] = rt
         return rt
@@ -1606,6 +1615,10 @@ class Limiter:
         if unified.status == "rejected" or (status == 429 and unified.status is not None):
             wait = unified_wait(snap, skew)
             claim = unified.representative_claim
+            if len(self._unified_holds) >= MAX_REMEMBERED:  # server-sent claims: keep the live ones
+                self._unified_holds = {c: u for c, u in self._unified_holds.items() if u > now}
+                if len(self._unified_holds) >= MAX_REMEMBERED:
+                    self._unified_holds.clear()
             self._unified_holds[claim] = max(self._unified_holds.get(claim, -math.inf), now + wait)
             targets = _unified_targets(claim, self._pools, runtime)
             for rt in targets:
@@ -1615,6 +1628,8 @@ class Limiter:
         elif unified.status == "allowed_warning":
             key = (unified.representative_claim, unified.reset.isoformat() if unified.reset else None)
             if key not in self._unified_warned:
+                if len(self._unified_warned) >= MAX_REMEMBERED:  # server-sent: bounded
+                    self._unified_warned.clear()
                 self._unified_warned.add(key)
                 name = runtime.pool.name if runtime is not None else "*"
                 log.warning(
