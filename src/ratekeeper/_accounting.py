@@ -50,8 +50,14 @@ class OutputRule(enum.Enum):
 
 def _nonneg(name: str) -> Any:
     def check(_inst: object, _attr: object, value: float) -> None:
-        if not (value >= 0) or value == math.inf:  # NaN fails the first test
-            raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        if not isinstance(value, int | float):  # a str would fail below with no field named
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
+        try:
+            finite = value >= 0 and math.isfinite(value)  # NaN fails the first test
+        except OverflowError:  # an int too large for a float (10**400)
+            finite = False
+        if not finite:
+            raise ValueError(f"{name} must be a non-negative finite number, got {value!r:.40}")
 
     return check
 
@@ -106,11 +112,10 @@ class Usage:
             and not isinstance(usage, Mapping)
             and not (hasattr(usage, "input_tokens") or hasattr(usage, "output_tokens"))
         ):
-            # read as all zeros, a Message (or a str, an int) would refund the whole reservation
-            hint = "; pass message.usage, not the message" if hasattr(usage, "usage") else ""
+            # a Message instead of message.usage, a str, an int: not zero usage, a mistake
             raise TypeError(
-                "usage must be a mapping or an object with usage attributes (input_tokens, "
-                f"output_tokens), got {type(usage).__name__}{hint}"
+                "usage must be a Usage, a mapping or an object with input_tokens/output_tokens"
+                f" (such as message.usage), got {type(usage).__name__}"
             )
         get = _getter(usage)
         split = get("cache_creation")

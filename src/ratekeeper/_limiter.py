@@ -57,6 +57,7 @@ from ratekeeper._presets import batch_limits, count_tokens_rpm, limit_overrides,
 from ratekeeper._reading import (
     ROUNDING_MARGIN,
     burst_bound,
+    capped_pause,
     error_fields,
     explained_by_remaining,
     first_of_next_month,
@@ -88,6 +89,10 @@ SHARE_STEP: Final = 0.02
 SHARE_STEP_EVERY: Final = 5.0
 MIN_SHARE: Final = 0.25
 
+#: How many entries a map keyed by caller or server input (model ids, subscription claims,
+#: warned resets) holds before it is emptied, so hostile input cannot grow it without bound.
+MAX_REMEMBERED: Final = 1024
+
 #: Header dimension names that map onto pool buckets.
 _RESYNC_DIMS: Final = (
     "requests",
@@ -105,6 +110,8 @@ _DEFAULT_PRESET: Final = "tier-1"
 _FALLBACK_PRESET: Final = "start"
 
 _ACTIVE, _SETTLED, _RELEASED = 0, 1, 2
+#: The largest token count ``record_output`` takes: one a float holds exactly.
+_MAX_COUNT: Final = 2**53
 
 #: An ordinary request's demand, checked: input, max_tokens, cache reads, cache writes,
 #: expected output (no priority tier, no credits). ``Limiter._admit_plain`` takes it.
@@ -361,15 +368,16 @@ class Permit:
 
         Under the real-time OTPM rule output is charged as it is produced; under
         the ``max_tokens`` rule the reservation already covers it and this only
-        guards against going over it.
+        guards against going over it. A count that is not a finite non-negative
+        number raises (a NaN would otherwise drive the bucket to minus its capacity).
         """
-        # a nan or an unbounded count would drive the output bucket to any level
-        if (
-            isinstance(output_tokens, bool)
-            or not isinstance(output_tokens, int | float)
-            or not 0 <= output_tokens <= _MAX_COUNT
-        ):
-            raise ValueError(f"output_tokens must be a count from 0 to {_MAX_COUNT:,}, got {output_tokens!r}")
+        if type(output_tokens) is not int:
+            if not isinstance(output_tokens, int | float) or isinstance(output_tokens, bool):
+                raise TypeError(f"output_tokens must be a number, got {type(output_tokens).__name__}")
+            if not (output_tokens >= 0 and math.isfinite(output_tokens)):
+                raise ValueError(f"output_tokens must be a non-negative finite number, got {output_tokens!r}")
+        elif not 0 <= output_tokens <= _MAX_COUNT:
+            raise ValueError(f"output_tokens must be between 0 and {_MAX_COUNT}, got {output_tokens!r:.40}")
         self._limiter._progress(self, float(output_tokens))
 
     def observe(
@@ -380,6 +388,8 @@ class Permit:
         body: object = None,
     ) -> RateLimitSnapshot:
         """Feed the response's headers (and, for errors, its JSON body) back to the limiter."""
+        if type(status) is not int:
+            _check_status(status)
         self.sent = True
         self.response_status = status
         return self._limiter._observe(headers, status=status, body=body, permit=self, runtime=self._runtime)
@@ -433,6 +443,10 @@ class _Acquire:
     __slots__ = ("_args", "_limiter", "_permit", "_plain")
 
     def __init__(self, limiter: Limiter, args: tuple[Any, ...], plain: _Plain | None = None) -> None:
+        # checked here, before anything is enqueued: a bad priority met in the queue's
+        # ordering would raise there and leave its waiter behind, wedging the pool
+        if type(args[0]) is not str or type(args[2]) is not int or args[3] is not None:
+            _check_args(*args)
         self._limiter = limiter
         self._args = args
         self._plain = plain
@@ -568,6 +582,12 @@ class Limiter:
         if backfill_window < 0:
             raise ConfigurationError(f"backfill_window must be >= 0, got {backfill_window!r}")
         Pool("check", {}, now=0.0, burst=burst)  # validates burst with the pool's own message
+        for pool_name, dims in (limits or {}).items():
+            for dim, value in dict(dims).items():  # under the names the user wrote; not at first acquire
+                if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+                    raise ConfigurationError(
+                        f"limits[{pool_name!r}][{dim!r}] must be a positive finite number, got {value!r}"
+                    )
         self._overrides = limit_overrides(limits or {})
         self._batch = batch
         self._burst = burst
@@ -620,6 +640,11 @@ class Limiter:
     # ------------------------------------------------------------------ pools
 
     def _runtime_for(self, model: str, now: float) -> _PoolRuntime:
+        if len(self._model_runtime) >= MAX_REMEMBERED:
+            # 100k distinct model ids held 15.8 MB: forget the lookups (pools stay; a model
+            # is looked up again in the presets at its next request)
+            self._model_runtime.clear()
+            self._model_pool.clear()
         rt = self._runtime_for_model(model, now)
         self._model_runtime[model] = rt
         return rt
@@ -753,7 +778,6 @@ class Limiter:
         )
         if plain is not None and service_tier != "priority" and credits == 0.0:
             # the common request: its checks are done, the Demand is built only if it must wait
-            _check_wait(model, priority, timeout)
             return _Acquire(self, (model, None, priority, timeout), plain)
         demand = _demand(
             input_tokens,
@@ -764,7 +788,6 @@ class Limiter:
             service_tier,
             credits,
         )
-        _check_wait(model, priority, timeout)
         return _Acquire(self, (model, demand, priority, timeout))
 
     def acquire_demand(
@@ -780,7 +803,6 @@ class Limiter:
                 demand.cache_creation_input_tokens,
                 demand.expected_output_tokens,
             )
-        _check_wait(model, priority, timeout)
         return _Acquire(self, (model, demand, priority, timeout), plain)
 
     def acquire_sync(
@@ -810,7 +832,6 @@ class Limiter:
         showed (trio's is offset from it), so threads and tasks can share a
         limiter.
         """
-        _check_wait(model, priority, timeout)
         if demand is None:
             return self.acquire(
                 model,
@@ -842,7 +863,7 @@ class Limiter:
         credits: float = 0.0,
     ) -> Permit:
         """Admit the request now or raise ``WouldBlock`` (with the earliest retry time)."""
-        _check_wait(model, 0, None)
+        _check_args(model, None, 0, None)  # (no _Acquire here to check it)
         if self._backend is None and service_tier != "priority" and credits == 0.0:
             plain = _plain(
                 input_tokens,
@@ -880,6 +901,8 @@ class Limiter:
     def _prepare(
         self, model: str, demand: Demand, now: float
     ) -> tuple[_PoolRuntime, dict[str, float], float]:
+        if type(model) is not str:  # else it fails deep in the presets, naming nothing
+            raise TypeError(f"model must be a str, got {type(model).__name__}")
         if self._spend_until is not None:
             self._check_spend(now)
         if self._warmup is not None:
@@ -1398,6 +1421,8 @@ class Limiter:
         subscription status); with it they also resync that model's pool,
         counting all of this limiter's in-flight requests as unseen by the server.
         """
+        if type(status) is not int:
+            _check_status(status)
         runtime = None
         if model is not None:
             with self._lock:
@@ -1594,8 +1619,7 @@ class Limiter:
             rt.shrink_seq = next(self._seq)
             self._emit("burst_change", rt, now, {"burst": burst})
         retry = snap.retry_after
-        if retry is None:
-            retry = 1.0
+        retry = 1.0 if retry is None else capped_pause(retry, "a 429's retry-after")
         if pool.pause(now + retry, "429 rate_limit_error"):
             self._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
         self._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
@@ -1605,7 +1629,9 @@ class Limiter:
         rt.overloaded += 1
         backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
         rt.overload_backoff = backoff
-        wait = snap.retry_after if snap.retry_after is not None else backoff
+        wait = (
+            capped_pause(snap.retry_after, "a 529's retry-after") if snap.retry_after is not None else backoff
+        )
         if rt.pool.pause(now + wait, "529 overloaded"):
             self._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
         self._emit("overloaded", rt, now, {"backoff": wait})
@@ -1624,6 +1650,10 @@ class Limiter:
         if unified.status == "rejected" or (status == 429 and unified.status is not None):
             wait = unified_wait(snap, skew)
             claim = unified.representative_claim
+            if len(self._unified_holds) >= MAX_REMEMBERED:  # server-sent claims: keep the live ones
+                self._unified_holds = {c: u for c, u in self._unified_holds.items() if u > now}
+                if len(self._unified_holds) >= MAX_REMEMBERED:
+                    self._unified_holds.clear()
             self._unified_holds[claim] = max(self._unified_holds.get(claim, -math.inf), now + wait)
             targets = _unified_targets(claim, self._pools, runtime)
             for rt in targets:
@@ -1633,6 +1663,8 @@ class Limiter:
         elif unified.status == "allowed_warning":
             key = (unified.representative_claim, unified.reset.isoformat() if unified.reset else None)
             if key not in self._unified_warned:
+                if len(self._unified_warned) >= MAX_REMEMBERED:  # server-sent: bounded
+                    self._unified_warned.clear()
                 self._unified_warned.add(key)
                 name = runtime.pool.name if runtime is not None else "*"
                 log.warning(
@@ -1713,7 +1745,6 @@ class Limiter:
             if "count_tokens" not in self._pools:
                 limit = rpm or count_tokens_rpm(self._preset or _DEFAULT_PRESET) or 100
                 self._special_pool("count_tokens", {"requests": float(limit)}, self._now())
-        _check_wait("count_tokens", 0, timeout)
         return _Acquire(self, ("count_tokens", Demand(), 0, timeout))
 
     def acquire_batch(self, requests: int, *, timeout: float | None = None) -> _Acquire:
@@ -1731,7 +1762,6 @@ class Limiter:
                     float(bl.max_queued_requests), 0.0, now=self._now(), debt_limit=0.0
                 )
                 self._pools["batches"].pool.limits["queued_requests"] = float(bl.max_queued_requests)
-        _check_wait("batches", 0, timeout)
         return _Acquire(self, ("batches", _BatchDemand(requests), 0, timeout))
 
     def batch_finished(self, requests: int) -> None:
@@ -1797,6 +1827,25 @@ class Limiter:
 # ---------------------------------------------------------------------- helpers
 
 
+def _check_status(status: object) -> None:
+    """Raise unless ``status`` is an HTTP status code (an int: "429" would fail deep, naming nothing)."""
+    if not isinstance(status, int) or isinstance(status, bool):
+        raise TypeError(f"status must be an int HTTP status code, got {type(status).__name__} {status!r:.20}")
+
+
+def _check_args(model: object, demand: object, priority: object, timeout: object) -> None:
+    """Raise for an ``acquire`` argument of the wrong type (or a NaN timeout), naming it."""
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a str, got {type(model).__name__}")
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+    if timeout is not None:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+            raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
+        if timeout != timeout:  # NaN: no deadline ever passes, the wait would spin
+            raise ValueError("timeout must be a number of seconds or None, got nan")
+
+
 def _demand(
     input_tokens: int,
     max_tokens: int,
@@ -1839,27 +1888,12 @@ def _plain(
         and type(max_tokens) is int
         and type(cache_read) is int
         and type(cache_write) is int
-        and (input_tokens | max_tokens | cache_read | cache_write) >= 0  # negative iff one is
-        and (expected is None or (type(expected) is int and expected >= 0))
+        # 0 iff all are non-negative and below 2**53 (a float holds them; 10**400 would not)
+        and (input_tokens | max_tokens | cache_read | cache_write) >> 53 == 0
+        and (expected is None or (type(expected) is int and 0 <= expected <= _MAX_COUNT))
     ):
         return (input_tokens, max_tokens, cache_read, cache_write, expected)
     return None
-
-
-_MAX_COUNT = 10**15  # far above any real token count, far below where a float loses whole tokens
-
-
-def _check_wait(model: object, priority: object, timeout: object) -> None:
-    """Refuse bad arguments before anything is enqueued: a waiter that fails later wedges its pool."""
-    if type(model) is not str and not isinstance(model, str):
-        raise TypeError(f"model must be a str (a model id or pool name), got {type(model).__name__}")
-    if type(priority) is not int and (isinstance(priority, bool) or not isinstance(priority, int)):
-        raise TypeError(f"priority must be an int, got {type(priority).__name__}")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
-        if timeout != timeout:  # nan: every comparison with a deadline is false, so the wait spins
-            raise ValueError("timeout must be a number of seconds or None, got nan")
 
 
 def _usage_counts(usage: object) -> tuple[int, int, int, int] | None:
@@ -1890,7 +1924,7 @@ def _usage_counts(usage: object) -> tuple[int, int, int, int] | None:
             getattr(usage, "cache_creation_input_tokens", None) or 0,
         )
     for n in counts:
-        if type(n) is not int or n < 0:
+        if type(n) is not int or not 0 <= n <= _MAX_COUNT:  # 10**400 would overflow a float
             return None
     return counts  # type: ignore[return-value]
 

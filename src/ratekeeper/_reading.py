@@ -11,6 +11,7 @@ error body.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 from collections.abc import Mapping
 from typing import Final
@@ -20,7 +21,9 @@ from ratekeeper._pool import MIN_BURST, Pool
 
 __all__ = [
     "ROUNDING_MARGIN",
+    "MAX_PAUSE",
     "burst_bound",
+    "capped_pause",
     "error_fields",
     "explained_by_remaining",
     "first_of_next_month",
@@ -30,6 +33,23 @@ __all__ = [
 
 #: Token ``-remaining`` headers are rounded to the nearest thousand.
 ROUNDING_MARGIN: Final = 500.0
+
+#: The longest pause a response can impose, in seconds: 7 days, the longest window the
+#: server has (the subscription's weekly limits). A ``retry-after`` of 10**9 s or a reset in
+#: year 9999 is a broken report, not a reason to stop for decades.
+MAX_PAUSE: Final = 7 * 24 * 3600.0
+
+_log = logging.getLogger("ratekeeper")
+
+
+def capped_pause(seconds: float, what: str) -> float:
+    """``seconds`` of pause, at most ``MAX_PAUSE`` (with a warning when it was more, or NaN)."""
+    if seconds <= MAX_PAUSE:
+        return seconds
+    _log.warning(
+        "%s asks for a pause of %.0f s; pausing for the cap, %.0f s (7 days)", what, seconds, MAX_PAUSE
+    )
+    return MAX_PAUSE
 
 
 def unified_wait(snap: RateLimitSnapshot, skew: float) -> float:
@@ -48,7 +68,7 @@ def unified_wait(snap: RateLimitSnapshot, skew: float) -> float:
         wait = (unified.reset - _dt.datetime.now(_dt.UTC)).total_seconds() + skew
     if snap.retry_after is not None:
         wait = max(wait, snap.retry_after)
-    return max(wait, 1.0)
+    return capped_pause(max(wait, 1.0), "a subscription rejection")
 
 
 def explained_by_remaining(snap: RateLimitSnapshot, reserved: Mapping[str, float]) -> bool:

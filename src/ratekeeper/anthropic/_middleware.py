@@ -247,13 +247,20 @@ class _Exchange:
         if not isinstance(usage, dict):
             permit.release()
             return snapshot
-        if output > (_number(usage.get("output_tokens")) or 0.0):
-            usage = {**usage, "output_tokens": output}  # a cut stream: what its deltas showed
-        credits = _number(quota.get("credits_used"))
-        if credits is None and snapshot.quota is not None:
-            credits = snapshot.quota.credits_used
-        if permit.active:
-            permit.settle(usage, credits=credits)
+        try:
+            if output > (_number(usage.get("output_tokens")) or 0.0):
+                usage = {**usage, "output_tokens": output}  # a cut stream: what its deltas showed
+            credits = _number(quota.get("credits_used"))
+            if credits is None and snapshot.quota is not None:
+                credits = snapshot.quota.credits_used
+            if permit.active:
+                permit.settle(usage, credits=credits)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # a malformed report must not lose the response nor leak the permit: keep the
+            # reservation as charged (the safe side), and say what was wrong
+            log.warning("cannot settle on this response's usage (%s); keeping its reservation", exc)
+            permit.release()
+            return snapshot
         balance = _number(quota.get("balance_after"))
         if balance is None and snapshot.quota is not None:
             balance = snapshot.quota.balance
@@ -520,7 +527,10 @@ class RateLimitMiddleware(anthropic.Middleware):
             raise
         except ConfigurationError as exc:
             # a body the estimator can't read may still be one the API accepts
-            log.warning("cannot estimate this request (%s); reserving by its size", exc)
+            # the field path only: the value after ", got" may be a prompt's text
+            log.warning(
+                "cannot estimate this request (%s); reserving by its size", str(exc).split(", got ", 1)[0]
+            )
             demand = Demand(
                 input_tokens=len(json.dumps(body, default=str)) // 3, max_tokens=_max_tokens(body)
             )
