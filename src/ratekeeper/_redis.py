@@ -23,6 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, final
+from urllib.parse import unquote
 
 import anyio
 import sniffio
@@ -721,10 +722,23 @@ def _describe(client: Any) -> str:
 
 
 def _redact(url: str) -> str:
-    """The URL without a password, for messages and logs."""
+    """The URL without its credentials, for messages, logs and ``repr``.
+
+    redis-py takes a password in the userinfo (``redis://user:pw@host``) and in
+    the query (``?password=pw``); both are masked, the user name is kept.
+    """
     scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at:
+    if not sep:
         return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user + ':***' if user else '***'}@{host}"
+    rest, q, query = rest.partition("?")
+    userinfo, at, host = rest.rpartition("@")
+    if at:
+        user = userinfo.split(":", 1)[0]
+        rest = f"{user + ':***' if user else '***'}@{host}"
+    if q:
+        fields = []
+        for field in query.split("&"):
+            key, eq, _ = field.partition("=")
+            fields.append(f"{key}=***" if eq and unquote(key).lower() == "password" else field)
+        rest = f"{rest}?{'&'.join(fields)}"
+    return f"{scheme}://{rest}"
