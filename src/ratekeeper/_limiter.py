@@ -863,7 +863,8 @@ class Limiter:
         credits: float = 0.0,
     ) -> Permit:
         """Admit the request now or raise ``WouldBlock`` (with the earliest retry time)."""
-        _check_args(model, None, 0, None)  # (no _Acquire here to check it)
+        if type(model) is not str:  # (no _Acquire here to check it; the rest are constants)
+            _check_args(model, None, 0, None)
         if self._backend is None and service_tier != "priority" and credits == 0.0:
             plain = _plain(
                 input_tokens,
