@@ -57,6 +57,7 @@ EXPECTED = {
     "preset_names",
     "register_model",
     "resolve_model",
+    "run_requests",
     "spend_cap",
 }
 

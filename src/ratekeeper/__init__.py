@@ -53,6 +53,7 @@ from ratekeeper._presets import (
     resolve_model,
     spend_cap,
 )
+from ratekeeper._run import run_requests
 from ratekeeper._stats import LimiterEvent, LimiterStatistics, PoolStatistics
 
 if TYPE_CHECKING:
@@ -114,6 +115,7 @@ __all__ = [
     "preset_names",
     "register_model",
     "resolve_model",
+    "run_requests",
     "spend_cap",
     "__version__",
 ]

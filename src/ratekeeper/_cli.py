@@ -167,6 +167,21 @@ def _simulate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# --------------------------------------------------------------------------- run
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    from ratekeeper._run_cli import configure  # argparse only: --help needs no extra
+
+    configure(p)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ratekeeper._run_cli import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- the table
 
 COMMANDS: list[Command] = [
@@ -178,6 +193,12 @@ COMMANDS: list[Command] = [
         "compare rate-limiting strategies on a simulated workload (emulator, virtual time)",
         _simulate_arguments,
         _simulate,
+    ),
+    Command(
+        "run",
+        "send a JSONL file of requests (Batches format) as fast as the rate limits allow; resumable",
+        _run_arguments,
+        _run,
     ),
 ]
 

@@ -1,0 +1,311 @@
+"""``run_requests`` and ``ratekeeper run``: the real SDK, wrapped, against the emulator."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import anyio
+import httpx2
+import pytest
+from anthropic_support import FAST, POOL, in_flight
+
+from ratekeeper import ConfigurationError, Limiter, run_requests
+from ratekeeper._cli import main
+from ratekeeper._run import BadLine, BatchRequest, Previous, RequestResult, ResultsFile, read_requests
+from ratekeeper.emulator import EmulatedServer, EmulatorConfig, EmulatorTransport, LatencyModel, serve
+
+MODEL = "claude-sonnet-4-5"
+
+
+def request(i: int, max_tokens: int = 200, model: str = MODEL) -> dict[str, Any]:
+    content = f"request {i}: " + "word " * 200
+    return {
+        "custom_id": f"r{i}",
+        "params": {
+            "model": model,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": content}],
+        },
+    }
+
+
+def write_requests(path: Path, items: list[Any]) -> Path:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in items))
+    return path
+
+
+def lines_of(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def inprocess_client(server: EmulatedServer) -> anthropic.AsyncAnthropic:
+    http = httpx2.AsyncClient(transport=EmulatorTransport(server))
+    return anthropic.AsyncAnthropic(api_key="test", http_client=http, base_url="http://emulator")
+
+
+# ---------------------------------------------------------------------- the input format
+
+
+def test_bad_lines_are_named_by_number_and_duplicates_by_both_lines() -> None:
+    good = json.dumps(request(1))
+    items = list(
+        read_requests(
+            [
+                good,
+                "",
+                "{not json",
+                json.dumps({"custom_id": "x y", "params": {}}),
+                json.dumps({"custom_id": "r2", "params": {"model": MODEL, "max_tokens": 0, "messages": []}}),
+                json.dumps({"custom_id": "r3"}),
+                good,
+                json.dumps({"custom_id": "r4", "params": {**request(4)["params"], "stream": True}}),
+            ]
+        )
+    )
+    assert isinstance(items[0], BatchRequest)
+    assert items[0].line == 1
+    assert items[1:] == [
+        BadLine(3, "not JSON: Expecting property name enclosed in double quotes at column 2"),
+        BadLine(4, "custom_id 'x y' must be 1 to 64 letters, digits, '_' or '-' (as the Batches API asks)"),
+        BadLine(5, "r2: params.max_tokens must be a positive integer, got 0"),
+        BadLine(6, "r3: params must be an object, got nothing"),
+        BadLine(7, "custom_id 'r1' is already on line 1", duplicate=True),
+        BadLine(8, "r4: params.stream is not allowed (the Batches API refuses it too)"),
+    ]
+
+
+def test_a_torn_last_line_is_cut_off_and_a_foreign_line_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    whole = json.dumps({"custom_id": "a", "result": {"type": "succeeded", "message": {}}})
+    errored = json.dumps({"custom_id": "b", "result": {"type": "errored", "error": {}}})
+    out.write_text(f"{whole}\n{errored}\n" + '{"custom_id": "c", "res')
+    previous = Previous.read(out)
+    assert previous.succeeded == {"a"}
+    assert previous.errored == {"b"}
+    assert previous.torn_bytes == len('{"custom_id": "c", "res')
+    assert out.read_text() == f"{whole}\n{errored}\n"
+    out.write_text(f"{whole}\nhello\n")
+    with pytest.raises(
+        ConfigurationError, match=r"out\.jsonl: line 2 is not JSON; not a results file to resume$"
+    ):
+        Previous.read(out)
+
+
+def test_results_file_drops_the_lines_it_is_told_to_retry(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    a = {"custom_id": "a", "result": {"type": "succeeded", "message": {}}}
+    b = {"custom_id": "b", "result": {"type": "errored", "error": {}}}
+    out.write_text(json.dumps(a) + "\n" + json.dumps(b) + "\n")
+    with ResultsFile(out, drop={"b"}) as f:
+        f.write(RequestResult("b", {"type": "succeeded", "message": {}}, 1, 0.0, 0.5))
+    rows = lines_of(out)
+    assert [r["custom_id"] for r in rows] == ["a", "b"]
+    assert rows[1] == {
+        "custom_id": "b",
+        "result": {"type": "succeeded", "message": {}},
+        "attempts": 1,
+        "timing": {"started_at": "1970-01-01T00:00:00.000Z", "seconds": 0.5},
+    }
+
+
+# ---------------------------------------------------------------------- the library, in process
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"], indirect=True)
+async def test_every_request_is_answered_once_within_the_limit(anyio_backend: object) -> None:
+    server = EmulatedServer(
+        EmulatorConfig(preset="tier-1", latency=LatencyModel(ttft=0.5, tokens_per_second=60))
+    )
+    limiter = Limiter("tier-1")
+    results: list[RequestResult] = []
+    async with contextlib.aclosing(
+        run_requests(inprocess_client(server), [request(i) for i in range(150)], limiter=limiter)
+    ) as it:
+        async for result in it:
+            results.append(result)
+    assert sorted(r.custom_id for r in results) == sorted(f"r{i}" for i in range(150))
+    assert all(r.succeeded and r.attempts == 1 for r in results)
+    assert len(server.log) == 150
+    assert all(record.status == 200 for record in server.log)
+    stats = limiter.statistics().pools[POOL]
+    assert stats.rate_limited == 0
+    assert in_flight(limiter) == 0
+
+
+@pytest.mark.anyio
+async def test_api_errors_are_errored_results_with_the_attempts_they_took(anyio_backend: object) -> None:
+    server = EmulatedServer(EmulatorConfig(latency=FAST, overload_probability=1.0))
+    limiter = Limiter("tier-1")
+    client = inprocess_client(server).with_options(max_retries=1)
+    async with contextlib.aclosing(
+        run_requests(client, [request(0), request(1, model="claude-nope-9")], limiter=limiter)
+    ) as it:
+        results = {r.custom_id: r async for r in it}
+    overloaded = results["r0"]
+    assert overloaded.result["type"] == "errored"
+    assert overloaded.result["error"]["error"]["type"] == "overloaded_error"
+    assert overloaded.attempts == 2  # the SDK's retry, counted
+    unknown = results["r1"]
+    assert unknown.attempts == 0  # refused before sending: the preset has no limits for it
+    assert unknown.result["error"]["error"]["type"] == "invalid_request_error"
+    assert unknown.result["error"]["error"]["message"].startswith("ratekeeper: unknown model 'claude-nope-9'")
+    assert in_flight(limiter) == 0
+
+
+@pytest.mark.anyio
+async def test_a_repeated_custom_id_or_a_malformed_request_raises(anyio_backend: object) -> None:
+    server = EmulatedServer(EmulatorConfig(latency=FAST))
+    for requests, message in [
+        ([request(0), request(0)], r"^request 1: custom_id 'r0' is repeated$"),
+        ([request(0), {"custom_id": "r1"}], r"^request 1: r1: params must be an object, got nothing$"),
+    ]:
+        limiter = Limiter("tier-4")
+
+        async def drain(requests: list[dict[str, Any]] = requests, limiter: Limiter = limiter) -> None:
+            it = run_requests(inprocess_client(server), requests, limiter=limiter)
+            async with contextlib.aclosing(it):
+                async for _ in it:
+                    pass
+
+        with pytest.raises(ConfigurationError, match=message):
+            await drain()
+        assert in_flight(limiter) == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"], indirect=True)
+async def test_cancelling_mid_run_loses_no_answer_and_a_resume_finishes(
+    anyio_backend: object, tmp_path: Path
+) -> None:
+    server = EmulatedServer(
+        EmulatorConfig(preset="tier-1", latency=LatencyModel(ttft=0.5, tokens_per_second=60))
+    )
+    out = tmp_path / "out.jsonl"
+    requests = [request(i) for i in range(120)]
+    limiter = Limiter("tier-1")
+    with anyio.CancelScope() as scope, ResultsFile(out) as f:
+        async with contextlib.aclosing(
+            run_requests(inprocess_client(server), requests, limiter=limiter)
+        ) as it:
+            async for result in it:
+                f.write(result)
+                if len(lines_of(out)) == 40:
+                    scope.cancel()
+    assert in_flight(limiter) == 0
+    first = lines_of(out)
+    assert len(first) == 40
+    answered = {r.request_id for r in server.log if r.status == 200}
+    assert len(answered) >= 40  # some were answered by the server while the run was cancelled
+    done = Previous.read(out).succeeded
+    limiter = Limiter("tier-1")
+    with ResultsFile(out) as f:
+        todo = [r for r in requests if r["custom_id"] not in done]
+        async with contextlib.aclosing(run_requests(inprocess_client(server), todo, limiter=limiter)) as it:
+            async for result in it:
+                f.write(result)
+    ids = [row["custom_id"] for row in lines_of(out)]
+    assert sorted(ids) == sorted(r["custom_id"] for r in requests)  # each exactly once
+    assert in_flight(limiter) == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"], indirect=True)
+async def test_stop_withdraws_the_waiting_and_lets_the_sent_finish(anyio_backend: object) -> None:
+    server = EmulatedServer(
+        EmulatorConfig(preset="tier-1", latency=LatencyModel(ttft=2.0, tokens_per_second=20))
+    )
+    limiter = Limiter("tier-1")
+    stop = anyio.Event()
+    results: list[RequestResult] = []
+    async with contextlib.aclosing(
+        run_requests(inprocess_client(server), [request(i) for i in range(200)], limiter=limiter, stop=stop)
+    ) as it:
+        async for result in it:
+            results.append(result)
+            if len(results) == 10:
+                stop.set()
+    sent = {r.request_id for r in server.log}
+    assert len(results) == len(sent) > 10  # what was sent finished; nothing else was sent
+    assert len(results) < 200
+    assert all(r.succeeded for r in results)
+    assert in_flight(limiter) == 0
+    assert limiter.statistics().pools[POOL].queue_depth == 0
+
+
+# ---------------------------------------------------------------------- the command, over HTTP
+
+
+@pytest.fixture
+def emulator_url() -> Iterator[str]:
+    server = EmulatedServer(
+        EmulatorConfig(preset="tier-4", latency=LatencyModel(ttft=0.01, tokens_per_second=4000))
+    )
+    with serve(server, port=0) as http:
+        yield http.url
+
+
+@pytest.fixture
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test")
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+
+
+def test_cli_runs_a_file_and_resumes(
+    emulator_url: str, api_key: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = write_requests(
+        tmp_path / "req.jsonl", [request(i) for i in range(30)] + ["oops", request(30, model="claude-nope-9")]
+    )
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(src), "--out", str(out), "--preset", "tier-4", "--base-url", emulator_url]
+    assert main(args) == 1  # one errored
+    err = capsys.readouterr().err
+    assert f"ratekeeper run: {src}: line 31: not JSON: Expecting value at column 1\n" in err
+    assert "31 done · 30 ok · 1 errored" in err
+    rows = lines_of(out)
+    assert sorted(r["custom_id"] for r in rows) == sorted(f"r{i}" for i in range(31))
+    assert {r["result"]["type"] for r in rows if r["custom_id"] != "r30"} == {"succeeded"}
+    assert rows[0]["result"]["message"]["usage"]["output_tokens"] > 0
+
+    assert main([*args, "--json"]) == 0  # nothing left but the errored one, not retried
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert (summary["already_done"], summary["done"], summary["remaining"]) == (31, 0, 0)
+    assert "31 request(s) already in" in captured.err
+    assert "(1 errored; --retry-errors resends them)" in captured.err
+    assert len(lines_of(out)) == 31
+
+    assert main([*args, "--retry-errors", "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["already_done"], summary["done"], summary["errored"]) == (30, 1, 1)
+    ids = [r["custom_id"] for r in lines_of(out)]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(31))  # the old errored line replaced, not added to
+
+
+def test_cli_strict_and_duplicates_send_nothing(
+    emulator_url: str, api_key: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.jsonl"
+    src = write_requests(tmp_path / "req.jsonl", [request(0), "[1]", request(1)])
+    assert main(["run", str(src), "--out", str(out), "--strict", "--base-url", emulator_url]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"ratekeeper run: {src}: line 2: a request is an object with custom_id and params, got list\n"
+        "ratekeeper run: 1 bad line(s); nothing sent (--strict)\n"
+    )
+    src = write_requests(tmp_path / "dup.jsonl", [request(0), request(1), request(0)])
+    assert main(["run", str(src), "--out", str(out), "--base-url", emulator_url]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"ratekeeper run: {src}: line 3: custom_id 'r0' is already on line 1\n"
+        "ratekeeper run: results are keyed by custom_id: make them unique\n"
+    )
+    assert not out.exists()
