@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ from ratekeeper._run import BadLine, BatchRequest, Previous, RequestResult, Resu
 from ratekeeper.emulator import EmulatedServer, EmulatorConfig, EmulatorTransport, LatencyModel, serve
 
 MODEL = "claude-sonnet-4-5"
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def request(i: int, max_tokens: int = 200, model: str = MODEL) -> dict[str, Any]:
@@ -309,3 +315,93 @@ def test_cli_strict_and_duplicates_send_nothing(
         "ratekeeper run: results are keyed by custom_id: make them unique\n"
     )
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------- interrupts, in a real process
+
+SLOW = LatencyModel(ttft=0.3, tokens_per_second=100.0, jitter=0.0)
+
+
+def start_run(src: Path, out: Path, url: str, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "ANTHROPIC_API_KEY": "test", "PYTHONUNBUFFERED": "1"}
+    env.pop("ANTHROPIC_BASE_URL", None)
+    args = [sys.executable, "-m", "ratekeeper", "run", str(src), "--out", str(out), "--base-url", url, *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_lines(out: Path, n: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {n} results before the run ended or 60 s passed")
+
+
+@pytest.fixture
+def slow_server() -> Iterator[tuple[EmulatedServer, str]]:
+    server = EmulatedServer(EmulatorConfig(preset="tier-4", latency=SLOW))
+    with serve(server, port=0) as http:
+        yield server, http.url
+
+
+def test_first_interrupt_stops_admitting_and_lets_the_sent_finish(
+    slow_server: tuple[EmulatedServer, str], tmp_path: Path
+) -> None:
+    server, url = slow_server
+    src = write_requests(tmp_path / "req.jsonl", [request(i, max_tokens=60) for i in range(200)])
+    out = tmp_path / "out.jsonl"
+    proc = start_run(src, out, url, "--max-concurrency", "8", "--json")
+    wait_for_lines(out, 8, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "stopping: no new requests; waiting for those sent" in stderr
+    rows = lines_of(out)
+    summary = json.loads(stdout)
+    assert summary["interrupted"] is True
+    assert summary["done"] == len(rows) < 200
+    assert summary["remaining"] == 200 - len(rows)
+    assert f"{200 - len(rows)} remaining (run again to resume)" in stderr
+    # every request the server received was answered and written: none cut off
+    assert len(server.log) == len(rows)
+    assert all(r["result"]["type"] == "succeeded" for r in rows)
+
+
+def test_second_interrupt_cancels_and_a_kill_then_a_resume_answers_each_once(
+    slow_server: tuple[EmulatedServer, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, url = slow_server
+    # 2.3 s each: still in flight when the second signal comes
+    requests = [request(i, max_tokens=200) for i in range(120)]
+    src = write_requests(tmp_path / "req.jsonl", requests)
+    out = tmp_path / "out.jsonl"
+    proc = start_run(src, out, url, "--max-concurrency", "8")
+    wait_for_lines(out, 4, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    first = proc.stderr.readline() + proc.stderr.readline()  # a blank line, then the message
+    assert "stopping: no new requests" in first  # two signals at once would count as one
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "cancelling the requests in flight" in stderr
+    after_cancel = len(lines_of(out))
+    assert after_cancel < len(requests)
+
+    proc = start_run(src, out, url, "--max-concurrency", "8")
+    wait_for_lines(out, after_cancel + 8, proc)
+    proc.kill()  # SIGKILL: no chance to tidy up
+    proc.communicate(timeout=60)
+    killed = len(lines_of_tolerant(out))
+    assert after_cancel + 8 <= killed < len(requests)
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test")
+    assert main(["run", str(src), "--out", str(out), "--base-url", url, "--preset", "tier-4"]) == 0
+    ids = [row["custom_id"] for row in lines_of(out)]
+    assert sorted(ids) == sorted(r["custom_id"] for r in requests)  # each exactly once
+
+
+def lines_of_tolerant(path: Path) -> list[str]:
+    """The whole lines of ``path`` (a killed writer may leave a torn last one)."""
+    return [line for line in path.read_text().split("\n")[:-1]]
