@@ -405,3 +405,45 @@ def test_second_interrupt_cancels_and_a_kill_then_a_resume_answers_each_once(
 def lines_of_tolerant(path: Path) -> list[str]:
     """The whole lines of ``path`` (a killed writer may leave a torn last one)."""
     return [line for line in path.read_text().split("\n")[:-1]]
+
+
+# ---------------------------------------------------------------------- dry run, streaming
+
+
+def test_dry_run_names_the_binding_dimension_and_sends_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [request(i, max_tokens=1000) for i in range(100)] + [request(100, model="claude-haiku-4-5")]
+    src = write_requests(tmp_path / "req.jsonl", items)
+    assert main(["run", str(src), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "101 requests at tier-1 (estimated; output counted at max_tokens)"
+    assert out[1].startswith("sonnet-4.x: 100 requests / 50 RPM = 2.0 min · ")
+    assert out[1].endswith(" · 100,000 output tokens / 8,000 OTPM = 12.5 min")
+    assert out[2] == "  binding: OTPM"
+    assert out[3].startswith("haiku-4.5: 1 requests / 50 RPM = 0.0 min")
+    assert out[-1] == "time at the limit: at most 12m30s (the pools run side by side)"
+    assert main(["run", str(src), "--dry-run", "--json", "--preset", "tier-2"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    sonnet = summary["pools"][0]
+    assert (sonnet["pool"], sonnet["binding"], sonnet["limits"]["otpm"]) == (
+        "sonnet-4.x",
+        "output_tokens",
+        90_000,
+    )
+    assert sonnet["input_tokens"] > 100 * 200  # 200 words each, estimated
+    assert summary["minutes"] == round(100_000 / 90_000, 3)
+
+
+@pytest.mark.anyio
+async def test_a_long_max_tokens_is_streamed(anyio_backend: object) -> None:
+    server = EmulatedServer(EmulatorConfig(preset="tier-4", latency=FAST))
+    limiter = Limiter("tier-4")
+    items = [request(0, max_tokens=100), request(1, max_tokens=8192)]
+    async with contextlib.aclosing(run_requests(inprocess_client(server), items, limiter=limiter)) as it:
+        results = {r.custom_id: r async for r in it}
+    assert [record.stream for record in sorted(server.log, key=lambda r: r.max_tokens)] == [False, True]
+    message = results["r1"].result["message"]
+    assert message["type"] == "message"
+    assert message["usage"]["output_tokens"] > 0
+    assert in_flight(limiter) == 0
