@@ -447,3 +447,34 @@ async def test_a_long_max_tokens_is_streamed(anyio_backend: object) -> None:
     assert message["type"] == "message"
     assert message["usage"]["output_tokens"] > 0
     assert in_flight(limiter) == 0
+
+
+@pytest.mark.anyio
+async def test_leaving_the_loop_early_cancels_the_rest_and_strands_no_permit(anyio_backend: object) -> None:
+    server = EmulatedServer(EmulatorConfig(preset="tier-1", latency=FAST))
+    limiter = Limiter("tier-1")
+    seen = 0
+    results = run_requests(inprocess_client(server), [request(i) for i in range(100)], limiter=limiter)
+    async with contextlib.aclosing(results):
+        async for _ in results:
+            seen += 1
+            if seen == 5:
+                break
+    stats = limiter.statistics().pools[POOL]
+    assert (stats.in_flight, stats.queue_depth) == (0, 0)
+    assert seen == 5 < len(server.log) < 100
+
+
+def test_cli_with_redis_shares_the_limit(
+    emulator_url: str, api_key: None, redis_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = write_requests(tmp_path / "req.jsonl", [request(i) for i in range(20)])
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(src), "--out", str(out), "--preset", "tier-4", "--base-url", emulator_url]
+    assert main([*args, "--redis", redis_server.url, "--org", "test-run", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["succeeded"], summary["rate_limited"]) == (20, 0)
+    import redis
+
+    keys = redis.Redis.from_url(redis_server.url).keys("*test-run*")
+    assert keys  # the pool lives in Redis, where other processes find it

@@ -165,6 +165,7 @@ class _Tally:
         self.rate_limited = 0
         self.started = time.monotonic()
         self.interrupted = 0
+        self.binding = ""
 
     @property
     def done(self) -> int:
@@ -193,11 +194,13 @@ class _Tally:
         return (self.total - self.done) * elapsed / self.done
 
     def line(self) -> str:
+        """One short progress line: it has to fit a terminal beside the bar."""
         eta = self.eta()
         return (
-            f"{self.done:,}/{self.total:,} done · {self.ok:,} ok · {self.errored:,} errored · "
-            f"{self.rate_limited:,} 429s · {self.per_minute(self.input_tokens):,.0f} input and "
-            f"{self.per_minute(self.output_tokens):,.0f} output tokens/min"
+            f"{self.done:,}/{self.total:,} · {self.errored:,} errored · {self.rate_limited:,} 429s · "
+            f"in {_short(self.per_minute(self.input_tokens))}/min · "
+            f"out {_short(self.per_minute(self.output_tokens))}/min"
+            + (f" · {self.binding}" if self.binding else "")
             + (f" · ETA {_duration(eta)}" if eta is not None else "")
         )
 
@@ -235,7 +238,10 @@ class _Progress:
         except ImportError:
             return
         self._rich = Progress(
-            BarColumn(), TextColumn("{task.description}"), console=Console(file=stream), transient=True
+            BarColumn(bar_width=16),
+            TextColumn("{task.description}"),
+            console=Console(file=stream),
+            transient=True,
         )
         self._task = self._rich.add_task(tally.line(), total=tally.total)
 
@@ -364,8 +370,23 @@ async def _tick(progress: _Progress, limiter: Limiter, tally: _Tally) -> None:
 
     while True:
         tally.rate_limited = _rate_limited(limiter)
+        tally.binding = _binding(limiter)
         progress.update()
         await anyio.sleep(1.0)
+
+
+def _short(n: float) -> str:
+    return f"{n / 1000:,.1f}k" if n >= 10_000 else f"{n:,.0f}"
+
+
+def _binding(limiter: Limiter) -> str:
+    """The dimension nearest its limit over the last minute, over every pool: 'ITPM 98%'."""
+    best, name = 0.0, ""
+    for pool in limiter.statistics().pools.values():
+        for dimension, used in pool.utilization.items():
+            if used > best and dimension in _DIMENSION:
+                best, name = used, _DIMENSION[dimension]
+    return f"{name} {best:.0%}" if name else ""
 
 
 def _rate_limited(limiter: Limiter) -> int:

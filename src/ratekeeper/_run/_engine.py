@@ -109,7 +109,13 @@ async def run_requests(
             )
             async with results_receive:
                 async for result in results_receive:
-                    yield result
+                    try:
+                        yield result
+                    except GeneratorExit:
+                        # closed early (the caller left its loop): cancel the rest here, where the
+                        # task group lives, instead of letting GeneratorExit pass through it
+                        tg.cancel_scope.cancel()
+                        break
     except BaseExceptionGroup as group:
         raise _single(group) from None
 
@@ -138,6 +144,8 @@ async def _run_all(
     ) -> None:
         async with jobs, out:
             async for request in jobs:
+                if stop is not None and stop.is_set():
+                    return  # taken just as the stop came: never started, so it stays to do
                 result = await _one(client, fields, request, stream_above, flights)
                 if result is not None:
                     await out.send(result)
