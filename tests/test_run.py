@@ -478,3 +478,22 @@ def test_cli_with_redis_shares_the_limit(
 
     keys = redis.Redis.from_url(redis_server.url).keys("*test-run*")
     assert keys  # the pool lives in Redis, where other processes find it
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"], indirect=True)
+async def test_workers_grow_while_the_limiter_admits_all_up_to_the_bound(anyio_backend: object) -> None:
+    # 2 s per request, a limit far above the load: only the bound can hold the run back
+    server = EmulatedServer(
+        EmulatorConfig(preset="tier-4", latency=LatencyModel(ttft=2.0, tokens_per_second=20_000, jitter=0.0))
+    )
+    limiter = Limiter("tier-4")
+    items = [request(i, max_tokens=50) for i in range(200)]
+    results = run_requests(inprocess_client(server), items, limiter=limiter, max_concurrency=50)
+    async with contextlib.aclosing(results):
+        n = len([r async for r in results])
+    assert n == 200
+    # 4 workers would take 100 s; 50 at once at most, so at least 4 rounds of 2 s
+    assert 8.0 <= anyio.current_time() < 12.0
+    arrivals = sorted(r.arrival for r in server.log)
+    assert max(sum(1 for a in arrivals if t <= a < t + 2.0) for t in arrivals) == 50

@@ -55,9 +55,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-concurrency",
         type=_positive_int,
-        default=64,
+        default=256,
         metavar="N",
-        help="requests on their way at once, waiting for capacity or in flight (default 64)",
+        help="at most this many requests on their way at once, waiting for capacity or in flight; "
+        "workers are added while the limiter admits all they send (default 256)",
     )
     p.add_argument("--base-url", help="API base URL (default: $ANTHROPIC_BASE_URL or the SDK's)")
     p.add_argument("--max-retries", type=int, default=2, help="the SDK's max_retries (default 2, its own)")

@@ -1,13 +1,14 @@
 """``run_requests``: many requests through one wrapped ``AsyncAnthropic``, as fast as the limits allow.
 
-Up to ``max_concurrency`` workers each take the next request and send it
-through the client; the client's ``RateLimitMiddleware`` makes each attempt
-wait for capacity, so the limiter, not a semaphore, sets the pace: the workers
-only keep enough requests queued in it that it never waits for the program.
-An attempt counter sits inside the middleware (it runs once a permit is
-granted), so each result says how many HTTP attempts it took and a stop can
-tell a request still waiting for capacity (withdrawn) from one already sent
-(left to finish).
+Workers each take the next request and send it through the client; the
+client's ``RateLimitMiddleware`` makes each attempt wait for capacity, so the
+limiter, not a semaphore, sets the pace. The workers only keep it supplied: a
+few start, and one more joins whenever every worker is busy and none is
+waiting in the limiter's queue (the limiter would admit more than they send),
+up to ``max_concurrency``. An attempt counter sits inside the middleware (it
+runs once a permit is granted), so each result says how many HTTP attempts it
+took and a stop can tell a request still waiting for capacity (withdrawn)
+from one already sent (left to finish).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import attrs
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from ratekeeper._errors import CapacityExceeded, ConfigurationError, RateKeeperError, UnknownModelError
 from ratekeeper._limiter import Limiter
@@ -32,7 +33,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_MAX_CONCURRENCY", "STREAM_ABOVE", "run_requests"]
 
-DEFAULT_MAX_CONCURRENCY: Final = 64
+DEFAULT_MAX_CONCURRENCY: Final = 256
+#: Workers at the start; more join while the limiter admits everything they send.
+_FIRST_WORKERS: Final = 4
 #: From this ``max_tokens`` on a request is streamed: its output tokens settle as they come
 #: (and the SDK refuses long non-streaming requests anyway).
 STREAM_ABOVE: Final = 8192
@@ -81,9 +84,10 @@ async def run_requests(
     ``BackendUnavailable``).
 
     ``client`` is wrapped with ``ratekeeper.anthropic.wrap(client, limiter)``
-    unless it already is (then ``limiter`` must not be given). Up to
-    ``max_concurrency`` requests are on their way at once, waiting for
-    capacity or in flight: the limiter decides when each is sent. Once
+    unless it already is (then ``limiter`` must not be given). The limiter
+    decides when each request is sent; workers are added while it admits
+    everything they send, up to ``max_concurrency`` requests on their way at
+    once (waiting for capacity or in flight). Once
     ``stop`` is set no request starts; those still waiting for capacity are
     withdrawn (no result: they were never sent) and those sent finish.
     Cancelling the iteration cancels those too; every permit is settled or
@@ -124,14 +128,16 @@ async def _run_all(
     client: anthropic.AsyncAnthropic,
     fields: frozenset[str],
     requests: Iterable[BatchRequest | Mapping[str, Any]] | AsyncIterable[BatchRequest | Mapping[str, Any]],
-    workers: int,
+    limit: int,
     stop: anyio.Event | None,
     stream_above: int,
     results: MemoryObjectSendStream[RequestResult],
 ) -> None:
-    jobs_send, jobs_receive = anyio.create_memory_object_stream[BatchRequest]()
+    limiter = limiter_of(client)
+    jobs_send, jobs = anyio.create_memory_object_stream[BatchRequest]()
     flights: set[_Flight] = set()
     feeding = anyio.CancelScope()
+    crew = _Crew()
 
     async def feed() -> None:
         with feeding:
@@ -139,14 +145,19 @@ async def _run_all(
                 async for request in _checked(requests):
                     await jobs_send.send(request)
 
-    async def work(
-        jobs: MemoryObjectReceiveStream[BatchRequest], out: MemoryObjectSendStream[RequestResult]
-    ) -> None:
-        async with jobs, out:
+    async def work(out: MemoryObjectSendStream[RequestResult]) -> None:
+        async with out:
             async for request in jobs:
                 if stop is not None and stop.is_set():
                     return  # taken just as the stop came: never started, so it stays to do
+                crew.busy += 1
+                if crew.busy == crew.size < limit and not _queued(limiter):
+                    # every worker busy and none waiting for capacity: the limiter would admit
+                    # more than the workers send, so one more (the limiter, not a guess, decides)
+                    crew.size += 1
+                    tg.start_soon(work, results.clone())
                 result = await _one(client, fields, request, stream_above, flights)
+                crew.busy -= 1
                 if result is not None:
                     await out.send(result)
 
@@ -158,17 +169,31 @@ async def _run_all(
                 flight.scope.cancel()
 
     try:
-        async with results, anyio.create_task_group() as watch:
+        async with results, jobs, anyio.create_task_group() as watch:
             if stop is not None:
                 watch.start_soon(withdraw_on_stop, stop)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(feed)
-                async with jobs_receive:
-                    for _ in range(workers):
-                        tg.start_soon(work, jobs_receive.clone(), results.clone())
+                crew.size = min(_FIRST_WORKERS, limit)
+                for _ in range(crew.size):
+                    tg.start_soon(work, results.clone())
             watch.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _single(group) from None
+
+
+@attrs.define
+class _Crew:
+    """How many workers there are and how many are sending (or waiting for capacity)."""
+
+    size: int = 0
+    busy: int = 0
+
+
+def _queued(limiter: Limiter | None) -> int:
+    if limiter is None:
+        return 0
+    return sum(pool.queue_depth for pool in limiter.statistics().pools.values())
 
 
 async def _checked(
