@@ -497,3 +497,18 @@ async def test_workers_grow_while_the_limiter_admits_all_up_to_the_bound(anyio_b
     assert 8.0 <= anyio.current_time() < 12.0
     arrivals = sorted(r.arrival for r in server.log)
     assert max(sum(1 for a in arrivals if t <= a < t + 2.0) for t in arrivals) == 50
+
+
+def test_cli_without_an_api_key_says_so_and_sends_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    src = write_requests(tmp_path / "req.jsonl", [request(0)])
+    out = tmp_path / "out.jsonl"
+    assert main(["run", str(src), "--out", str(out), "--base-url", "http://127.0.0.1:9"]) == 2
+    assert (
+        capsys.readouterr().err
+        == "ratekeeper run: no API key: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN)\n"
+    )
+    assert not out.exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import anthropic
     import anyio
 
     from ratekeeper._limiter import Limiter
@@ -283,13 +284,17 @@ def _run(args: argparse.Namespace, requests: list[BatchRequest], bad: int) -> in
         errored_skipped = sum(1 for r in requests if r.custom_id in errored_kept)
         note = f" ({errored_skipped:,} errored; --retry-errors resends them)" if errored_skipped else ""
         print(f"{PROG}: {skipped:,} request(s) already in {args.out}{note}", file=sys.stderr)
+    client = _client(args)
+    if client is None:
+        print(f"{PROG}: no API key: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN)", file=sys.stderr)
+        return 2
     limiter, close_backend = _limiter(args)
     tally = _Tally(len(todo), skipped, bad)
     try:
         with ResultsFile(args.out, drop=retry & {r.custom_id for r in todo}) as out:
             import anyio
 
-            code = anyio.run(_main, args, limiter, todo, out, tally)
+            code = anyio.run(_main, args, client, limiter, todo, out, tally)
     finally:
         close_backend()  # its last settlements reach Redis, what it prefetched goes back
     if args.json:
@@ -310,16 +315,29 @@ def _limiter(args: argparse.Namespace) -> tuple[Limiter, Callable[[], None]]:
     return Limiter(args.preset, backend=backend), backend.close
 
 
-async def _main(
-    args: argparse.Namespace, limiter: Limiter, todo: list[BatchRequest], out: Any, tally: _Tally
-) -> int:
+def _client(args: argparse.Namespace) -> anthropic.AsyncAnthropic | None:
+    """The SDK's client as its users configure it; None without any credentials."""
     import anthropic
+
+    # the SDK reads ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL itself, as its users expect
+    client = anthropic.AsyncAnthropic(base_url=args.base_url, max_retries=args.max_retries)
+    if all(getattr(client, name, None) is None for name in ("api_key", "auth_token", "credentials")):
+        return None  # every request would fail alike, deep in the SDK
+    return client
+
+
+async def _main(
+    args: argparse.Namespace,
+    client: anthropic.AsyncAnthropic,
+    limiter: Limiter,
+    todo: list[BatchRequest],
+    out: Any,
+    tally: _Tally,
+) -> int:
     import anyio
 
     from ratekeeper._run import run_requests
 
-    # the SDK reads ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL itself, as its users expect
-    client = anthropic.AsyncAnthropic(base_url=args.base_url, max_retries=args.max_retries)
     stop = anyio.Event()
     show = not args.no_progress and sys.stderr.isatty()
     progress = _Progress(tally, sys.stderr) if show else None
