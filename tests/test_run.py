@@ -512,3 +512,19 @@ def test_cli_without_an_api_key_says_so_and_sends_nothing(
         == "ratekeeper run: no API key: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN)\n"
     )
     assert not out.exists()
+
+
+def test_without_the_sdk_the_command_names_the_extra(tmp_path: Path) -> None:
+    src = write_requests(tmp_path / "req.jsonl", [request(0)])
+    code = (
+        "import sys; sys.modules['anthropic'] = None\n"
+        "import ratekeeper\n"  # run_requests is there without the SDK; it needs it only when called
+        "from ratekeeper._cli import main\n"
+        f"raise SystemExit(main(['run', {str(src)!r}, '--out', {str(tmp_path / 'out.jsonl')!r}]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "ANTHROPIC_API_KEY": "test"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "ratekeeper run: anthropic is not installed; install it with: pip install 'ratekeeper[anthropic]'\n"
+    )

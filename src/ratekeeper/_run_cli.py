@@ -317,7 +317,12 @@ def _limiter(args: argparse.Namespace) -> tuple[Limiter, Callable[[], None]]:
 
 def _client(args: argparse.Namespace) -> anthropic.AsyncAnthropic | None:
     """The SDK's client as its users configure it; None without any credentials."""
-    import anthropic
+    try:
+        import anthropic
+    except ImportError:
+        from ratekeeper._errors import MissingDependency
+
+        raise MissingDependency("anthropic", "anthropic") from None
 
     # the SDK reads ANTHROPIC_API_KEY and ANTHROPIC_BASE_URL itself, as its users expect
     client = anthropic.AsyncAnthropic(base_url=args.base_url, max_retries=args.max_retries)
