@@ -528,3 +528,27 @@ def test_without_the_sdk_the_command_names_the_extra(tmp_path: Path) -> None:
     assert proc.stderr == (
         "ratekeeper run: anthropic is not installed; install it with: pip install 'ratekeeper[anthropic]'\n"
     )
+
+
+def test_dry_run_with_count_tokens_uses_the_exact_counts(
+    emulator_url: str, api_key: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [request(i) for i in range(10)]
+    src = write_requests(tmp_path / "req.jsonl", items)
+    args = ["run", str(src), "--dry-run", "--json", "--base-url", emulator_url, "--preset", "tier-4"]
+    assert main(args) == 0
+    estimated = json.loads(capsys.readouterr().out)
+    assert estimated["input_tokens"] == "estimated"
+    assert main([*args, "--count-tokens"]) == 0
+    counted = json.loads(capsys.readouterr().out)
+    assert counted["input_tokens"] == "counted"
+    # the emulator's own count of the same text, which the estimator overestimates
+    client = anthropic.Anthropic(api_key="test", base_url=emulator_url)
+    exact = sum(
+        client.messages.count_tokens(model=MODEL, messages=r["params"]["messages"]).input_tokens
+        for r in items
+    )
+    assert counted["pools"][0]["input_tokens"] == exact < estimated["pools"][0]["input_tokens"]
+    src = write_requests(tmp_path / "bad.jsonl", [request(0, model="claude-nope-9")])
+    assert main(["run", str(src), "--dry-run", "--count-tokens", "--base-url", emulator_url]) == 1
+    assert capsys.readouterr().err.startswith("ratekeeper run: count_tokens failed for 1 request(s); r0: ")

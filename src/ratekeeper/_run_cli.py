@@ -68,6 +68,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="estimate tokens and time at the preset's limits; send nothing"
     )
+    p.add_argument(
+        "--count-tokens",
+        action="store_true",
+        help="with --dry-run: count input tokens exactly with the API's count_tokens (free, own RPM limit)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout at the end")
     p.add_argument(
         "--no-progress", action="store_true", help="no progress display (none either when not a TTY)"
@@ -116,17 +121,38 @@ def _dry_run(args: argparse.Namespace, requests: list[BatchRequest]) -> int:
     from ratekeeper._errors import ConfigurationError
     from ratekeeper._run._plan import plan
 
+    counted: dict[str, int] | None = None
+    if args.count_tokens:
+        client = _client(args)
+        if client is None:
+            print(f"{PROG}: no API key: set ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN)", file=sys.stderr)
+            return 2
+        import anyio
+
+        limiter, close_backend = _limiter(args)
+        try:
+            counted, failed = anyio.run(_count_all, client, limiter, requests, args.max_concurrency)
+        finally:
+            close_backend()
+        if failed:
+            custom_id, why = next(iter(failed.items()))
+            print(
+                f"{PROG}: count_tokens failed for {len(failed):,} request(s); {custom_id}: {why}",
+                file=sys.stderr,
+            )
+            return 1
     try:
-        plans = plan(requests, args.preset)
+        plans = plan(requests, args.preset, counted=counted)
     except ConfigurationError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
     minutes = max((max(p.minutes.values()) for p in plans), default=0.0)
+    how = "counted" if counted is not None else "estimated"
     if args.json:
-        print(json.dumps({"dry_run": True, "requests": len(requests), "minutes": round(minutes, 3),
-                          "pools": [p.to_json() for p in plans]}))  # fmt: skip
+        print(json.dumps({"dry_run": True, "input_tokens": how, "requests": len(requests),
+                          "minutes": round(minutes, 3), "pools": [p.to_json() for p in plans]}))  # fmt: skip
         return 0
-    print(f"{len(requests):,} requests at {args.preset} (estimated; output counted at max_tokens)")
+    print(f"{len(requests):,} requests at {args.preset} (input {how}; output counted at max_tokens)")
     for p in plans:
         m = p.minutes
         print(
@@ -140,6 +166,39 @@ def _dry_run(args: argparse.Namespace, requests: list[BatchRequest]) -> int:
 
 
 _DIMENSION = {"requests": "RPM", "input_tokens": "ITPM", "output_tokens": "OTPM"}
+
+
+async def _count_all(
+    client: anthropic.AsyncAnthropic, limiter: Limiter, requests: list[BatchRequest], concurrency: int
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Each request's exact input tokens from ``count_tokens``, within its own RPM limit; and the failures."""
+    import anthropic
+    import anyio
+
+    from ratekeeper.anthropic import wrap
+
+    # wrapped: count_tokens has a rate limit of its own, which the middleware keeps to
+    wrapped = wrap(client, limiter)
+    fields = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+    counted: dict[str, int] = {}
+    failed: dict[str, str] = {}
+    slots = anyio.CapacityLimiter(concurrency)
+
+    async def one(request: BatchRequest) -> None:
+        async with slots:
+            body = {k: v for k, v in request.params.items() if k in fields}
+            try:
+                counted[request.custom_id] = (await wrapped.messages.count_tokens(**body)).input_tokens
+            except anthropic.APIError as exc:
+                failed.setdefault(request.custom_id, str(exc))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for request in requests:
+                tg.start_soon(one, request)
+    finally:
+        await wrapped.close()
+    return counted, failed
 
 
 def _duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ burst can shorten it by up to a minute).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import final
 
 import attrs
@@ -65,12 +65,16 @@ class PoolPlan:
 
 
 def plan(
-    requests: Iterable[BatchRequest], preset: str, estimator: TokenEstimator | None = None
+    requests: Iterable[BatchRequest],
+    preset: str,
+    estimator: TokenEstimator | None = None,
+    counted: Mapping[str, int] | None = None,
 ) -> list[PoolPlan]:
     """Per pool, the estimated totals of ``requests`` against ``preset``'s limits, longest first.
 
     Input tokens are the estimator's (every input token, cache reads
-    included: a dry run knows nothing of the cache). Raises
+    included: a dry run knows nothing of the cache), or the exact count in
+    ``counted`` (``custom_id`` -> input tokens) where it has one. Raises
     ``UnknownModelError`` for a model the preset has no limits for.
 
     >>> r = BatchRequest("a", {"model": "claude-sonnet-4-5", "max_tokens": 1000,
@@ -87,9 +91,10 @@ def plan(
         model = request.params["model"]
         lim = limits_for(preset, model)
         estimate = estimator.estimate(request.params, now=0.0)
+        exact = counted.get(request.custom_id) if counted is not None else None
         row = totals.setdefault(lim.pool, [0, 0, 0])
         row[0] += 1
-        row[1] += estimate.input_tokens
+        row[1] += estimate.input_tokens if exact is None else exact
         row[2] += estimate.demand.max_tokens
         models.setdefault(lim.pool, {})[model] = None
         limits[lim.pool] = (lim.rpm, lim.itpm, lim.otpm)
