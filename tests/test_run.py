@@ -417,7 +417,7 @@ def test_dry_run_names_the_binding_dimension_and_sends_nothing(
     src = write_requests(tmp_path / "req.jsonl", items)
     assert main(["run", str(src), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "101 requests at tier-1 (estimated; output counted at max_tokens)"
+    assert out[0] == "101 requests at tier-1 (input estimated; output counted at max_tokens)"
     assert out[1].startswith("sonnet-4.x: 100 requests / 50 RPM = 2.0 min · ")
     assert out[1].endswith(" · 100,000 output tokens / 8,000 OTPM = 12.5 min")
     assert out[2] == "  binding: OTPM"
