@@ -9,6 +9,7 @@ is minted (nothing applied twice) and no reservation is left without an owner.
 
 from __future__ import annotations
 
+import struct
 import tempfile
 import threading
 import time
@@ -78,15 +79,18 @@ def client(server: RedisServer) -> redis.Redis:
 
 def requests_level(server: RedisServer, pool: str = POOL) -> float:
     """The stored requests level (as of its last change)."""
-    import struct
+    return stored(server, pool)[1]
 
+
+def stored(server: RedisServer, pool: str = POOL) -> tuple[float, float]:
+    """(Redis time of the stored levels, the requests level then)."""
     raw = redis.Redis.from_url(server.url).hmget(f"{TAG}:pool:{pool}", ["v2", "dims"])
     packed, dims = raw[0], raw[1]
     assert isinstance(packed, bytes)
     assert isinstance(dims, bytes)
     names = list(range(8)) + [f"{d}.{i}" for d in dims.decode().split(",") for i in range(7)]
     values = dict(zip(names, struct.unpack("<" + "d" * len(names), packed), strict=True))
-    return float(values["requests.4"])
+    return float(values[0]), float(values["requests.4"])
 
 
 def reservations(server: RedisServer, pool: str = POOL) -> int:
@@ -310,3 +314,20 @@ def test_a_cancel_that_arrives_first_makes_the_reserve_a_no_op(
     assert statuses(backend.run_sync([reserve])) == ["DUP"]
     assert reservations(server) == 0
     assert statuses(backend.run_sync(cancel)) == ["OK"]  # a second cancel: nothing to do
+
+
+def test_a_change_whose_id_may_be_forgotten_is_not_sent_again(
+    server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    # lease 2 s: an op id lives 2 s; a change first sent over 2 - 2 * 0.3 - 1 = 0.4 s ago is dropped
+    limiter, backend = make(server, backends, flush_delay=5.0, lease=2.0)
+    permits = [limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1) for _ in range(10)]
+    t0, before = stored(server)
+    permits[0].release()  # never sent: one request comes back
+    sleeper = sleep_redis(server, 0.6)
+    assert not backend.flush()  # timed out; Redis runs the release when it wakes
+    sleeper.join()
+    time.sleep(2.1)  # its id has expired: sent again, it would give the request back twice
+    assert backend.flush()
+    t1, after = stored(server)
+    assert after == pytest.approx(before + (t1 - t0) * 1.0 + 1, abs=1e-6)  # refill: 1 a second

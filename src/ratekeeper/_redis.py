@@ -622,23 +622,18 @@ class RedisBackend:
             self._flusher.start()
 
     def take_outbox(self) -> list[Op]:
-        """Everything queued, in order, to go ahead of a reserve in the same pipeline."""
+        """Everything queued, in order, to go ahead of a reserve in the same pipeline.
+
+        Sent again, an op with an id is a no-op if it had run; one whose id Redis may
+        have forgotten by the time it arrives (first sent over ``lease`` seconds ago,
+        less two timeouts and a second) is dropped instead, with a warning.
+        """
         if not self._outbox:  # a racy peek is fine: an op added right now goes next time
             return []
         with self._out_lock:
             ops = list(self._outbox)
             self._outbox.clear()
-        return ops
-
-    def put_back(self, ops: Sequence[Op]) -> None:
-        """Ops a failed round trip may not have delivered go back to the front, in order.
-
-        Sent again, an op with an id is a no-op if it had run; one whose id Redis may
-        have forgotten (first sent over ``lease`` seconds ago, less a margin) is dropped.
-        """
-        if not ops:
-            return
-        horizon = time.monotonic() - max(0.0, self.lease - 2.0 * self.timeout - 1.0)
+        horizon = time.monotonic() - (self.lease - 2.0 * self.timeout - 1.0)
         keep = [op for op in ops if not (op.ident is not None and op.sent and op.sent < horizon)]
         if len(keep) < len(ops):
             log.warning(
@@ -648,8 +643,14 @@ class RedisBackend:
                 self.where,
                 self.lease,
             )
+        return keep
+
+    def put_back(self, ops: Sequence[Op]) -> None:
+        """Ops a failed round trip may not have delivered go back to the front, in order."""
+        if not ops:
+            return
         with self._out_lock:
-            self._outbox.extendleft(reversed(keep))
+            self._outbox.extendleft(reversed(ops))
             while len(self._outbox) > _OUTBOX_LIMIT:
                 self._outbox.popleft()
             self._out_ready.notify()
