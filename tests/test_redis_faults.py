@@ -331,3 +331,25 @@ def test_a_change_whose_id_may_be_forgotten_is_not_sent_again(
     assert backend.flush()
     t1, after = stored(server)
     assert after == pytest.approx(before + (t1 - t0) * 1.0 + 1, abs=1e-6)  # refill: 1 a second
+
+
+@pytest.mark.anyio
+async def test_an_async_reserve_whose_reply_timed_out_is_given_back(
+    server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    # asyncio: the backend's own connection and its deadline; trio: the client in a thread
+    limiter, backend = make(server, backends, prefetch=16)
+    async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1) as permit:
+        permit.release()  # creates the pool (and takes a prefetch)
+    await anyio.sleep(0.3)  # the prefetch's unused part goes back (prefetch_ttl)
+    assert await backend.aflush()
+    assert reservations(server) == 0
+    full = requests_level(server)
+    sleeper = await anyio.to_thread.run_sync(sleep_redis, server, 0.6)
+    with pytest.raises(BackendUnavailable):
+        async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1):
+            pytest.fail("admitted")
+    await anyio.to_thread.run_sync(sleeper.join)  # Redis ran the reserve (and its prefetch) when it woke
+    await anyio.to_thread.run_sync(until_up, backend)
+    assert reservations(server) == 0
+    assert requests_level(server) >= full - 1e-9
