@@ -353,3 +353,25 @@ async def test_an_async_reserve_whose_reply_timed_out_is_given_back(
     await anyio.to_thread.run_sync(until_up, backend)
     assert reservations(server) == 0
     assert requests_level(server) >= full - 1e-9
+
+
+@pytest.mark.anyio
+async def test_a_pool_that_cannot_be_created_is_backend_unavailable(
+    server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    # a user who may not HDEL: init.lua fails (after HEXISTS), reserve.lua finds no pool
+    client(server).acl_setuser("limited", enabled=True, nopass=True, keys=["~*"], commands=["+@all", "-hdel"])
+    url = server.url.replace("redis://", "redis://limited@")
+    message = r"can.t run this command"
+    limiter = Limiter("tier-1", limits=LIMITS, backend=limited(url, backends))
+    with pytest.raises(BackendUnavailable, match=message):
+        limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+    limiter = Limiter("tier-1", limits=LIMITS, backend=limited(url, backends))
+    with anyio.fail_after(5), pytest.raises(BackendUnavailable, match=message):
+        await limiter.acquire(SONNET, input_tokens=1, max_tokens=1).__aenter__()
+
+
+def limited(url: str, made: list[RedisBackend]) -> RedisBackend:
+    backend = RedisBackend(url, org="acme", prefetch=0, timeout=0.3, retry_interval=5.0)
+    made.append(backend)
+    return backend

@@ -372,8 +372,9 @@ class RemoteEngine:
         if replies is not None:
             self._backend.deliver(ops[:-1], replies[:-1])
             reply = replies[-1]
-            if isinstance(reply, Refused):
-                self._backend.mark_down(reply.error)  # an error reply: as if Redis did not answer
+            refused = _refused(ops, replies)
+            if refused is not None:
+                self._backend.mark_down(refused.error)  # an error reply: as if Redis did not answer
                 replies = None
         if replies is None:
             fallback = self._fallback_for(model)
@@ -508,12 +509,14 @@ class RemoteEngine:
             return
         self._backend.deliver(ops[:-1], replies[:-1])
         reply = replies[-1]
-        if isinstance(reply, Refused):
-            self._backend.mark_down(reply.error)
+        refused = _refused(ops, replies)
+        if refused is not None:
+            self._backend.mark_down(refused.error)
             with limiter._lock:
                 rp.driving = False
                 self._went_down()
             return
+        assert not isinstance(reply, Refused)
         self._learn_time(reply[1], sent)
         status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[5:]
         rt = rp.rt
@@ -1201,6 +1204,22 @@ class RemoteEngine:
         ident = self._backend.new_ident()
         self._backend.send(Op("control", [rp.keys[0], rp.keys[1]], args, ident=ident))
         self._poke(rt)
+
+
+def _refused(ops: list[Op], replies: list[Result]) -> Refused | None:
+    """Why a reserve round trip must count as Redis unavailable, or None.
+
+    Its reserve got an error reply; or the pool's init did and the reserve found no
+    pool: trying again would only repeat both (a user without a permission init needs).
+    """
+    reply = replies[-1]
+    if isinstance(reply, Refused):
+        return reply
+    if reply[0] == "NOPOOL" and len(ops) >= 2 and ops[-2].script == "init":
+        init = replies[-2]
+        if isinstance(init, Refused):
+            return init
+    return None
 
 
 def _learns(pool: Pool, dim: str, limit: float) -> bool:
