@@ -325,11 +325,13 @@ def test_no_prefetch_while_others_wait_or_the_pool_is_under_half(
 ) -> None:
     limiter, backend = make(redis_server, backends)
     held = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=5_000)  # creates the pool
-    keys = backend.pool_keys(POOL)
+    keys = backend.pool_keys(POOL)[:7]  # reserve.lua takes an op id key as KEYS[8]
 
     def reserve(who: str, arrival: str, draws: str, prefetch: int) -> list[str]:
         args: list[str | int] = [who, "600", "10", 60_000, "all,sonnet", "1", 1, arrival, draws]
-        return backend.run_sync([Op("reserve", keys, [*args, prefetch, "0.05", "0.5"])])[0]
+        reply = backend.run_sync([Op("reserve", keys, [*args, prefetch, "0.05", "0.5"])])[0]
+        assert isinstance(reply, list), reply
+        return reply
 
     small = "requests=1,input_tokens=10,output_tokens=10"
     alone = reserve("a", "", small, 16)
@@ -568,7 +570,7 @@ async def test_a_dead_processes_place_in_line_expires(
 ) -> None:
     limiter, backend = make(redis_server, backends)
     # a process that queued a request the bucket can't hold yet, then died
-    keys = backend.pool_keys(POOL)
+    keys = backend.pool_keys(POOL)[:7]  # reserve.lua takes an op id key as KEYS[8]
     limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=19_000)
     ghost: list[str | int] = [
         "ghost",
@@ -585,6 +587,7 @@ async def test_a_dead_processes_place_in_line_expires(
         "0.5",
     ]
     reply = backend.run_sync([Op("reserve", keys, ghost)])[0]
+    assert isinstance(reply, list), reply
     assert reply[0] == "OK"
     assert reply[4:] == [""]  # no prefetch, nothing granted: it holds the head of the line
     start = time.monotonic()

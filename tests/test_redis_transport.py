@@ -45,11 +45,13 @@ async def test_scripts_lost_mid_run_are_loaded_again_and_every_failed_call_repea
     backends.append(backend)
     limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
     await cycle(limiter)
-    leave = Op("reserve", backend.pool_keys(POOL), [backend.participant, "600", "10", 86_400_000, "", "1", 0])
+    leave = Op(
+        "reserve", backend.pool_keys(POOL)[:7], [backend.participant, "600", "10", 86_400_000, "", "1", 0]
+    )
     client(redis_server).script_flush()
     # two calls of one round trip both meet NOSCRIPT: both are answered after the reload
     replies = await backend.run_async([leave, leave])
-    assert [r[0] for r in replies] == ["OK", "OK"]
+    assert [r[0] if isinstance(r, list) else r for r in replies] == ["OK", "OK"]
     client(redis_server).script_flush()
     seqs = [await cycle(limiter) for _ in range(3)]
     assert seqs == sorted(set(seqs))
@@ -109,7 +111,7 @@ def test_the_flusher_thread_outlives_a_batch_redis_refuses(
     deadline = time.monotonic() + 2.0
     while "no-such-operation" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert "sending queued changes to Redis failed" in caplog.text
+    assert "refused a control change" in caplog.text  # logged and dropped, alone
     backend.send(Op("control", [org, pool], ["giveback", "requests=1"]))  # sent by the flusher
     while level_of(redis_server, "requests") < 600 and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -4,7 +4,8 @@ This module imports ``redis`` only when a backend is constructed, so
 ``import ratekeeper`` works without the extra. The scheduling logic that uses
 the backend is in ``_remote.py``; this module is the transport: keys, the Lua
 scripts (package data in ``ratekeeper/lua``), EVALSHA with a reload on
-NOSCRIPT, timeouts, the unavailability state and the outbox of changes that
+NOSCRIPT, timeouts, error replies (one op's is its own), op ids (a change sent
+twice applies once), the unavailability state and the outbox of changes that
 synchronous permit methods leave for later.
 """
 
@@ -49,9 +50,15 @@ Reply = list[str]
 
 @final
 class Op:
-    """One script call: ``script`` with ``keys`` and ``args``; ``on_reply`` sees its reply."""
+    """One script call: ``script`` with ``keys`` and ``args``; ``on_reply`` sees its reply.
 
-    __slots__ = ("args", "keys", "on_reply", "script")
+    ``ident``: the op's id, for a change that must not apply twice (reserve, settle,
+    release, a give-back). Its key (``RedisBackend.op_key``) goes last in ``KEYS``; the
+    script records it for ``lease`` seconds, and a second run of the same op is a no-op
+    (reply ``DUP``). ``sent``: when it first left in a round trip (monotonic; 0: never).
+    """
+
+    __slots__ = ("args", "ident", "keys", "on_reply", "script", "sent")
 
     def __init__(
         self,
@@ -59,11 +66,31 @@ class Op:
         keys: Sequence[str],
         args: Sequence[str | int | float],
         on_reply: Callable[[Reply], None] | None = None,
+        ident: str | None = None,
     ) -> None:
         self.script = script
         self.keys = tuple(keys)
         self.args = tuple(args)
         self.on_reply = on_reply
+        self.ident = ident
+        self.sent = 0.0
+
+
+@final
+class Refused(Exception):
+    """Internal: Redis answered one op with an error reply (``error``); the others of its round trip stand.
+
+    The script may have run in part (Redis does not undo a script's writes before an
+    error), so the op is never sent again.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
+#: What a round trip gives back per op: its reply, or the error Redis answered it with.
+Result = Reply | Refused
 
 
 class Down(Exception):
@@ -200,7 +227,7 @@ class RedisBackend:
             self.where = _describe(url_or_client)
         self._scripts = _load_scripts()
         # EVALSHA's constant part per (script, keys): everything but the arguments
-        self._heads: dict[tuple[str, tuple[str, ...]], bytes] = {}
+        self._heads: dict[tuple[str, tuple[str, ...], bool], bytes] = {}
         # unavailability: when Redis failed last, until when not to try again
         self._down_until = 0.0
         self._down_error: BaseException | None = None
@@ -217,6 +244,7 @@ class RedisBackend:
         # (when, order, callback), run by the flusher thread: prefetches expire this way
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_order = itertools.count()
+        self._idents = itertools.count()  # next() on a count is atomic: threads may share it
         self._closing: list[weakref.WeakMethod[Callable[[], None]]] = []
 
     # ------------------------------------------------------------------ keys
@@ -244,6 +272,14 @@ class RedisBackend:
             f"{t}:unc:{pool}",
         )
 
+    def op_key(self, ident: str) -> str:
+        """The key an op's id is recorded under (``lease`` seconds): ``{prefix:org}:op:ID``."""
+        return f"{self.tag}:op:{ident}"
+
+    def new_ident(self) -> str:
+        """A fresh op id, unique across processes (this participant's name and a counter)."""
+        return f"{self.participant}{next(self._idents):x}"
+
     # ------------------------------------------------------------------ binding
 
     def _bind_limiter(self, limiter: Limiter) -> RemoteEngine:
@@ -260,7 +296,7 @@ class RedisBackend:
     def mark_down(self, error: BaseException) -> None:
         """Redis failed: don't try again for ``retry_interval`` seconds."""
         if self._down_until == 0.0:
-            log.warning("Redis at %s is unreachable (%s); policy %r", self.where, error, self.on_unavailable)
+            log.warning("Redis at %s is unavailable (%s); policy %r", self.where, error, self.on_unavailable)
         self._down_until = time.monotonic() + self.retry_interval
         self._down_error = error
 
@@ -325,22 +361,41 @@ class RedisBackend:
             return True
         return isinstance(exc, errors.RedisClusterException) and isinstance(exc.__cause__, self._failures())
 
-    def run_sync(self, ops: Sequence[Op]) -> list[Reply]:
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        """What redis-py raises for a round trip that failed as a whole (after ``_outage``)."""
+        errors = self._redis.exceptions
+        return (errors.RedisError, errors.RedisClusterException)
+
+    def _down(self, exc: BaseException) -> Down:
+        # any failure of the round trip as a whole, an outage or not (an error reply to the
+        # connection's own commands, a reply redis-py cannot parse): Redis cannot be used now
+        self.mark_down(exc)
+        return Down(str(exc))
+
+    def _mark_sent(self, ops: Sequence[Op]) -> None:
+        now = time.monotonic()
+        for op in ops:
+            if not op.sent:
+                op.sent = now
+
+    def run_sync(self, ops: Sequence[Op]) -> list[Result]:
         """Run ``ops`` in one round trip (a pipeline) with the synchronous client.
 
-        Raises ``Down`` if Redis does not answer; script errors propagate.
+        Raises ``Down`` if the round trip failed (Redis did not answer, or answered the
+        connection with an error): then any op may have run or not. An op Redis answered
+        with an error reply gets a ``Refused`` in its place; the others' replies stand.
         """
+        self._mark_sent(ops)
         try:
-            replies = self._execute_sync(ops)
+            results = self._execute_sync(ops)
         except Exception as exc:
-            if not self._outage(exc):
+            if not self._outage(exc) and not isinstance(exc, self._errors()):
                 raise
-            self.mark_down(exc)
-            raise Down(str(exc)) from exc
+            raise self._down(exc) from exc
         self._mark_up()
-        return replies
+        return results
 
-    async def run_async(self, ops: Sequence[Op]) -> list[Reply]:
+    async def run_async(self, ops: Sequence[Op]) -> list[Result]:
         """Run ``ops`` in one round trip from async code (asyncio natively, trio via a thread)."""
         client = None
         if sniffio.current_async_library() == "asyncio":
@@ -350,17 +405,17 @@ class RedisBackend:
             client = self._async_client()
         if client is None:
             return await anyio.to_thread.run_sync(self.run_sync, ops)
+        self._mark_sent(ops)
         try:
             # even for a client without timeouts (asyncio's own scope: anyio's costs ~10 us more)
             async with asyncio.timeout(self.timeout * 2 + 0.1):
-                replies = await self._execute_async(client, ops)
+                results = await self._execute_async(client, ops)
         except Exception as exc:
-            if not self._outage(exc):
+            if not self._outage(exc) and not isinstance(exc, self._errors()):
                 raise
-            self.mark_down(exc)
-            raise Down(str(exc)) from exc
+            raise self._down(exc) from exc
         self._mark_up()
-        return replies
+        return results
 
     def _wire(self) -> _Wire | None:
         """This event loop's own connection (made on first use), or None for clients without a pool."""
@@ -381,9 +436,10 @@ class RedisBackend:
             )
         return wire
 
-    async def _run_wire(self, wire: _Wire, ops: Sequence[Op]) -> list[Reply]:
+    async def _run_wire(self, wire: _Wire, ops: Sequence[Op]) -> list[Result]:
         """``run_async`` over the backend's own connection: commands packed here, replies read in order."""
         wire.busy = True
+        self._mark_sent(ops)
         try:
             async with asyncio.timeout(self.timeout):
                 raw = await wire.exchange(b"".join([self._pack(op) for op in ops]), len(ops))
@@ -399,28 +455,36 @@ class RedisBackend:
                     )
                     for i, reply in zip(redo, again[len(loads) :], strict=True):
                         raw[i] = reply
+            results = self._results(raw)
         except TimeoutError as exc:
             error = TimeoutError(f"no answer within {self.timeout:g}s")
             self.mark_down(error)
             raise Down(str(error)) from exc
-        except self._failures() as exc:
-            self.mark_down(exc)
-            raise Down(str(exc)) from exc
+        except (*self._failures(), *self._errors()) as exc:
+            raise self._down(exc) from exc
         finally:
             wire.busy = False
         self._mark_up()
-        return [self._check(r) for r in raw]
+        return results
 
     def _pack(self, op: Op) -> bytes:
-        """``EVALSHA sha numkeys keys... args...`` in the Redis protocol."""
-        head = self._heads.get((op.script, op.keys))
+        """``EVALSHA sha numkeys keys... [op key] args...`` in the Redis protocol."""
+        ident = op.ident
+        key = (op.script, op.keys, ident is not None)
+        head = self._heads.get(key)
         if head is None:
             sha = self._scripts[op.script][1]
-            head = self._heads[(op.script, op.keys)] = _pack_args(("EVALSHA", sha, len(op.keys), *op.keys))
-        return b"*%d\r\n%b%b" % (3 + len(op.keys) + len(op.args), head, _pack_args(op.args))
+            count = len(op.keys) + (ident is not None)
+            head = self._heads[key] = _pack_args(("EVALSHA", sha, count, *op.keys))
+        if ident is None:
+            return b"*%d\r\n%b%b" % (3 + len(op.keys) + len(op.args), head, _pack_args(op.args))
+        tail = _pack_args((self.op_key(ident), *op.args))
+        return b"*%d\r\n%b%b" % (4 + len(op.keys) + len(op.args), head, tail)
 
     def _args(self, op: Op) -> tuple[Any, ...]:
-        return (self._scripts[op.script][1], len(op.keys), *op.keys, *op.args)
+        if op.ident is None:
+            return (self._scripts[op.script][1], len(op.keys), *op.keys, *op.args)
+        return (self._scripts[op.script][1], len(op.keys) + 1, *op.keys, self.op_key(op.ident), *op.args)
 
     def _pipeline(self, client: Any, ops: Sequence[Op]) -> Any:
         """A pipeline of ``client`` (sync or async, single server or cluster) with ``ops`` queued.
@@ -452,15 +516,18 @@ class RedisBackend:
         except self._redis.exceptions.RedisClusterException:
             return {}  # no slot table yet or just now: the client finds the node, or says why not
 
-    def _execute_sync(self, ops: Sequence[Op]) -> list[Reply]:
+    def _execute_sync(self, ops: Sequence[Op]) -> list[Result]:
         client = self._sync
         noscript = self._redis.exceptions.NoScriptError
         if len(ops) == 1:
             try:
-                return [_decode(client.evalsha(*self._args(ops[0])))]
-            except noscript:
-                self._load_sync()
-                return [_decode(client.evalsha(*self._args(ops[0])))]
+                try:
+                    return [_decode(client.evalsha(*self._args(ops[0])))]
+                except noscript:
+                    self._load_sync()
+                    return [_decode(client.evalsha(*self._args(ops[0])))]
+            except self._redis.exceptions.ResponseError as exc:
+                return self._results([exc])
         pipe = self._pipeline(client, ops)
         raw = pipe.execute(raise_on_error=False)
         if any(isinstance(r, noscript) for r in raw):
@@ -470,16 +537,19 @@ class RedisBackend:
             again = self._execute_sync([ops[i] for i in redo])
             for i, reply in zip(redo, again, strict=True):
                 raw[i] = reply
-        return [self._check(r) for r in raw]
+        return self._results(raw)
 
-    async def _execute_async(self, client: Any, ops: Sequence[Op]) -> list[Reply]:
+    async def _execute_async(self, client: Any, ops: Sequence[Op]) -> list[Result]:
         noscript = self._redis.exceptions.NoScriptError
         if len(ops) == 1:
             try:
-                return [_decode(await client.evalsha(*self._args(ops[0])))]
-            except noscript:
-                await self._load_async(client)
-                return [_decode(await client.evalsha(*self._args(ops[0])))]
+                try:
+                    return [_decode(await client.evalsha(*self._args(ops[0])))]
+                except noscript:
+                    await self._load_async(client)
+                    return [_decode(await client.evalsha(*self._args(ops[0])))]
+            except self._redis.exceptions.ResponseError as exc:
+                return self._results([exc])
         pipe = self._pipeline(client, ops)
         raw = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, noscript) for r in raw):
@@ -488,14 +558,27 @@ class RedisBackend:
             again = await self._execute_async(client, [ops[i] for i in redo])
             for i, reply in zip(redo, again, strict=True):
                 raw[i] = reply
-        return [self._check(r) for r in raw]
+        return self._results(raw)
 
-    def _check(self, raw: object) -> Reply:
-        if isinstance(raw, BaseException):
-            raise raw
-        if isinstance(raw, list) and raw and all(isinstance(v, str) for v in raw):
-            return raw
-        return _decode(raw)
+    def _results(self, raw: Sequence[object]) -> list[Result]:
+        """Replies decoded, error replies as ``Refused``; one that says the server is down raises.
+
+        (A cluster's CLUSTERDOWN or TRYAGAIN, or redis-py's connection errors in a
+        pipeline's replies: then no reply of the round trip can be trusted to be all.)
+        """
+        out: list[Result] = []
+        for r in raw:
+            if isinstance(r, Refused):
+                out.append(r)
+            elif isinstance(r, BaseException):
+                if self._outage(r):
+                    raise r
+                out.append(Refused(r))
+            elif isinstance(r, list) and r and all(isinstance(v, str) for v in r):
+                out.append(r)
+            else:
+                out.append(_decode(r))
+        return out
 
     def _load_sync(self) -> None:
         client: Any = self._sync  # redis.Redis or redis.RedisCluster
@@ -540,16 +623,31 @@ class RedisBackend:
             self._flusher.start()
 
     def take_outbox(self) -> list[Op]:
-        """Everything queued, in order, to go ahead of a reserve in the same pipeline."""
+        """Everything queued, in order, to go ahead of a reserve in the same pipeline.
+
+        Sent again, an op with an id is a no-op if it had run; one whose id Redis may
+        have forgotten by the time it arrives (first sent over ``lease`` seconds ago,
+        less two timeouts and a second) is dropped instead, with a warning.
+        """
         if not self._outbox:  # a racy peek is fine: an op added right now goes next time
             return []
         with self._out_lock:
             ops = list(self._outbox)
             self._outbox.clear()
-        return ops
+        horizon = time.monotonic() - (self.lease - 2.0 * self.timeout - 1.0)
+        keep = [op for op in ops if not (op.ident is not None and op.sent and op.sent < horizon)]
+        if len(keep) < len(ops):
+            log.warning(
+                "ratekeeper: %d queued changes to Redis at %s are dropped: first sent over "
+                "%gs ago, Redis may have forgotten whether it applied them",
+                len(ops) - len(keep),
+                self.where,
+                self.lease,
+            )
+        return keep
 
     def put_back(self, ops: Sequence[Op]) -> None:
-        """Ops a failed round trip could not deliver go back to the front, in order."""
+        """Ops a failed round trip may not have delivered go back to the front, in order."""
         if not ops:
             return
         with self._out_lock:
@@ -558,35 +656,44 @@ class RedisBackend:
                 self._outbox.popleft()
             self._out_ready.notify()
 
-    @staticmethod
-    def deliver(ops: Sequence[Op], replies: Sequence[Reply]) -> None:
-        """Hand each reply to its op's callback (a broken callback must not lose the others)."""
-        for op, reply in zip(ops, replies, strict=True):
-            if op.on_reply is not None:
+    def deliver(self, ops: Sequence[Op], results: Sequence[Result]) -> None:
+        """Hand each reply to its op's callback (a broken callback must not lose the others).
+
+        An op Redis refused is logged and dropped: it may have run in part.
+        """
+        for op, result in zip(ops, results, strict=True):
+            if isinstance(result, Refused):
+                log.error(
+                    "ratekeeper: Redis at %s refused a %s change (%s); it is dropped",
+                    self.where,
+                    op.script,
+                    result,
+                )
+            elif op.on_reply is not None:
                 try:
-                    op.on_reply(reply)
+                    op.on_reply(result)
                 except Exception:
                     log.exception("ratekeeper: handling a Redis reply failed")
 
     def flush(self) -> bool:
         """Send every queued change now (blocking); False if Redis could not be reached.
 
-        When it returns True, every change queued before the call has been applied,
-        including one the flusher thread was sending at that moment. Any other error
-        propagates, and those changes are dropped: Redis may have applied some of
-        them, and applying them twice would be worse (dropped refunds and corrections
-        err on the side of admitting less).
+        When it returns True, every change queued before the call has been applied
+        (or refused by Redis with an error reply, which is logged: that change is
+        dropped), including one the flusher thread was sending at that moment. When it
+        returns False they stay queued, to be sent again: Redis may have applied some,
+        and their ids make the second run a no-op.
         """
         with self._flush_lock:
             ops = self.take_outbox()
             if not ops:
                 return True
             try:
-                replies = self.run_sync(ops)
+                results = self.run_sync(ops)
             except Down:
                 self.put_back(ops)
                 return False
-            self.deliver(ops, replies)
+            self.deliver(ops, results)
             return True
 
     async def aflush(self) -> bool:

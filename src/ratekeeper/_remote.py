@@ -65,7 +65,7 @@ from ratekeeper._reading import (
     fitted_burst,
     unified_wait,
 )
-from ratekeeper._redis import Down, Op, Reply
+from ratekeeper._redis import Down, Op, Refused, Reply, Result
 
 if TYPE_CHECKING:
     from ratekeeper._redis import RedisBackend
@@ -182,6 +182,8 @@ class RemoteEngine:
         self._heartbeat = backend.ticket_ttl / 3.0
         self._recovery = repr(limiter._burst_recovery) if limiter._adaptive else ""
         self._key_ttl_ms = int(backend.key_ttl * 1000)
+        # how long Redis keeps an op's id: as long as anything may still send it again
+        self._op_ttl_ms = math.ceil(backend.lease * 1000)
         # permits admitted from a prefetch (by their local seq, negative), until they are
         # done: the prefetch, and what of it the server had never counted right after
         self._prefetched: dict[int, tuple[_Prefetch, dict[str, float]]] = {}
@@ -236,7 +238,20 @@ class RemoteEngine:
         for w in cands:
             args += [self._arrival(w), _encode(w.draws)]
         args += [prefetch, repr(PREFETCH_SHARE), repr(PREFETCH_FLOOR)]
-        return Op("reserve", rp.keys[:7], args)
+        # an id when it can grant: a reserve whose reply never came is cancelled by it
+        return Op("reserve", rp.keys[:7], args, ident=b.new_ident() if cands else None)
+
+    def _cancel(self, rp: _RPool, reserve: Op) -> None:
+        """A reserve's reply never came: whatever it granted goes back once Redis answers.
+
+        ``release.lua`` in 'cancel' mode reads what the reserve with this id granted (the
+        reservations, unsent: all of it returns) and marks the id used, so the reserve,
+        should it reach Redis only now, grants nothing.
+        """
+        if reserve.ident is None:
+            return
+        args: list[str | int] = ["", "cancel", "", self._key_ttl_ms, self._op_ttl_ms]
+        self._backend.send(Op("release", rp.settle_keys, args, ident=reserve.ident))
 
     def _learn_time(self, redis_now: str, sent: float) -> None:
         # NTP's rule: trust the fastest round trips, whose midpoint is closest to when
@@ -348,12 +363,25 @@ class RemoteEngine:
             replies = self._backend.run_sync(ops)
         except Down:
             self._backend.put_back(ops[:-1])
+            self._cancel(rp, ops[-1])
+            replies = None
+        except BaseException:
+            self._backend.put_back(ops[:-1])
+            self._cancel(rp, ops[-1])
+            raise
+        if replies is not None:
+            self._backend.deliver(ops[:-1], replies[:-1])
+            reply = replies[-1]
+            refused = _refused(ops, replies)
+            if refused is not None:
+                self._backend.mark_down(refused.error)  # an error reply: as if Redis did not answer
+                replies = None
+        if replies is None:
             fallback = self._fallback_for(model)
             if fallback is None:
                 raise self._backend.unavailable_error() from None
             return fallback._nowait_local(model, demand)
-        self._backend.deliver(ops[:-1], replies[:-1])
-        reply = replies[-1]
+        assert not isinstance(reply, Refused)
         self._learn_time(reply[1], sent)
         status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[5:]
         if status == "NOPOOL":
@@ -451,6 +479,7 @@ class RemoteEngine:
         with self._limiter._lock:
             rp.driving = False
         self._backend.put_back(ops[:-1])
+        self._cancel(rp, ops[-1])
         raise exc
 
     def _drive_ops(self, rp: _RPool, cands: list[_RWaiter]) -> list[Op]:
@@ -462,18 +491,32 @@ class RemoteEngine:
         return ops
 
     def _driven(
-        self, rp: _RPool, cands: list[_RWaiter], ops: list[Op], replies: list[Reply] | None, sent: float
+        self, rp: _RPool, cands: list[_RWaiter], ops: list[Op], replies: list[Result] | None, sent: float
     ) -> None:
-        """Apply a reserve's answer: grant, fail, or plan the next attempt; wake whoever must act."""
+        """Apply a reserve's answer: grant, fail, or plan the next attempt; wake whoever must act.
+
+        ``replies`` None: the round trip failed, any op of it may have run or not. The
+        changes go back to the outbox (their ids make a second run a no-op) and the
+        reserve is cancelled. An error reply to the reserve counts as Redis unavailable.
+        """
         limiter = self._limiter
         if replies is None:
             self._backend.put_back(ops[:-1])
+            self._cancel(rp, ops[-1])
             with limiter._lock:
                 rp.driving = False
                 self._went_down()
             return
         self._backend.deliver(ops[:-1], replies[:-1])
         reply = replies[-1]
+        refused = _refused(ops, replies)
+        if refused is not None:
+            self._backend.mark_down(refused.error)
+            with limiter._lock:
+                rp.driving = False
+                self._went_down()
+            return
+        assert not isinstance(reply, Refused)
         self._learn_time(reply[1], sent)
         status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[5:]
         rt = rp.rt
@@ -694,8 +737,10 @@ class RemoteEngine:
             self._recovery if last else "",
             _encode(uncounted or {}),
             self._key_ttl_ms,
+            self._op_ttl_ms,
         ]
-        self._backend.send(Op("settle", rp.settle_keys, args, rp.on_burst if last else None))
+        on_reply = rp.on_burst if last else None
+        self._backend.send(Op("settle", rp.settle_keys, args, on_reply, self._backend.new_ident()))
         if any(amount > 0.0 for amount in diff.values()):
             self._poke(rp.rt)
 
@@ -796,7 +841,15 @@ class RemoteEngine:
     # ------------------------------------------------------------------ settlement
 
     def _release_op(self, rp: _RPool, seq: int, mode: str, charged: Mapping[str, float]) -> Op:
-        return Op("release", rp.settle_keys, [seq, mode, _encode(charged), self._key_ttl_ms])
+        args: list[str | int] = [seq, mode, _encode(charged), self._key_ttl_ms, self._op_ttl_ms]
+        return Op("release", rp.settle_keys, args, ident=self._backend.new_ident())
+
+    def _settle_op(
+        self, rp: _RPool, seq: int, mode: str, diff: Mapping[str, float], recovery: str, on_reply: bool
+    ) -> Op:
+        args: list[str | int] = [seq, mode, _encode(diff), recovery, "", self._key_ttl_ms, self._op_ttl_ms]
+        callback = rp.on_burst if on_reply else None
+        return Op("settle", rp.settle_keys, args, callback, self._backend.new_ident())
 
     def _poke(self, rt: _PoolRuntime) -> None:
         """Under the lock: capacity came back locally; the head may try again at once."""
@@ -833,14 +886,7 @@ class RemoteEngine:
             if entry is not None:
                 self._to_prefetch(rp, entry[0], diff, done=True)
             else:
-                self._backend.send(
-                    Op(
-                        "settle",
-                        rp.settle_keys,
-                        [permit.seq, "settle", _encode(diff), self._recovery],
-                        rp.on_burst,
-                    )
-                )
+                self._backend.send(self._settle_op(rp, permit.seq, "settle", diff, self._recovery, True))
             self._poke(rt)
         return actual
 
@@ -866,7 +912,7 @@ class RemoteEngine:
             if entry is not None:
                 self._to_prefetch(rp, entry[0], diff, done=False)
             else:
-                self._backend.send(Op("settle", rp.settle_keys, [permit.seq, "progress", _encode(diff), ""]))
+                self._backend.send(self._settle_op(rp, permit.seq, "progress", diff, "", False))
 
     def release(self, permit: Permit) -> None:
         """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
@@ -1154,8 +1200,26 @@ class RemoteEngine:
     def give_back(self, rt: _PoolRuntime, amounts: Mapping[str, float]) -> None:
         """Under the lock: return amounts to a shared pool (``batch_finished``)."""
         rp = self._rpool(rt)
-        self._backend.send(Op("control", [rp.keys[0], rp.keys[1]], ["giveback", _encode(amounts)]))
+        args: list[str | int] = ["giveback", _encode(amounts), self._op_ttl_ms]
+        ident = self._backend.new_ident()
+        self._backend.send(Op("control", [rp.keys[0], rp.keys[1]], args, ident=ident))
         self._poke(rt)
+
+
+def _refused(ops: list[Op], replies: list[Result]) -> Refused | None:
+    """Why a reserve round trip must count as Redis unavailable, or None.
+
+    Its reserve got an error reply; or the pool's init did and the reserve found no
+    pool: trying again would only repeat both (a user without a permission init needs).
+    """
+    reply = replies[-1]
+    if isinstance(reply, Refused):
+        return reply
+    if reply[0] == "NOPOOL" and len(ops) >= 2 and ops[-2].script == "init":
+        init = replies[-2]
+        if isinstance(init, Refused):
+            return init
+    return None
 
 
 def _learns(pool: Pool, dim: str, limit: float) -> bool:

@@ -13,7 +13,9 @@
 --   hold seconds reason scope     an organization-wide subscription hold ('all' or a family)
 --   spend seconds resets_at       the monthly spend cap: every reserve fails until then
 --   limits dim value ...          set per-minute limits of KEYS[2] by hand
---   giveback draws                return amounts to KEYS[2] (a batch left the queue)
+--   giveback draws op_ttl         return amounts to KEYS[2] (a batch left the queue); KEYS[3],
+--                                 if given, is the op's id key: a give-back sent again after
+--                                 a reply that never came returns {DUP, now}, changing nothing
 -- Returns {status, now, burst...}.
 local op = ARGV[1]
 local now = clock()
@@ -68,6 +70,9 @@ else
       set_limit(p, ARGV[i], tonumber(ARGV[i + 1]))
     end
   elseif op == 'giveback' then
+    if KEYS[3] and not redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[3]), 'NX') then
+      return {'DUP', fmt(now)}
+    end
     apply_diff(p, parse_draws(ARGV[2]))
   elseif op == 'fit' then
     local burst = math.max(MIN_BURST, math.min(1, tonumber(ARGV[2])))

@@ -1,17 +1,65 @@
 -- Release: a request ends without a usage report (the local limiter's release rules).
 --
--- KEYS: org, pool, res, lease, notes, uncounted log
+-- KEYS: org, pool, res, lease, notes, uncounted log, then the op's id key (optional)
 -- ARGV: seq, mode ('unsent': it never left, everything comes back; 'error': the server
 --       refused it, it keeps only its request; 'kept': it succeeded, the reservation
---       stands), charged (the caller's record, used if the lease already expired),
---       key_ttl (ms: the uncounted log's TTL)
--- Returns {status, now}.
+--       stands; 'cancel': see below), charged (the caller's record, used if the lease
+--       already expired), key_ttl (ms: the uncounted log's TTL), op_ttl (ms)
+-- Returns {status, now}: DUP if the op's id is already recorded (it was sent again after
+-- a reply that never came; nothing changes).
+--
+-- 'cancel' (seq and charged unused): KEYS[7] is the id of a reserve whose reply never
+-- came. What it granted (reserve.lua recorded the seqs there) comes back as unsent, and
+-- the id is marked used: a reserve arriving after this grants nothing; a second cancel
+-- finds nothing to do.
 local seq, mode = ARGV[1], ARGV[2]
 local now = clock()
-local stored = redis.call('HGET', KEYS[3], seq)
-redis.call('HDEL', KEYS[3], seq)
-redis.call('ZREM', KEYS[4], seq)
-redis.call('HDEL', KEYS[5], seq)
+local opkey, op_ttl = KEYS[7], tonumber(ARGV[5])
+local key_ttl = tonumber(ARGV[4]) or 86400000
+
+local function forget(s)
+  local stored = redis.call('HGET', KEYS[3], s)
+  redis.call('HDEL', KEYS[3], s)
+  redis.call('ZREM', KEYS[4], s)
+  redis.call('HDEL', KEYS[5], s)
+  return stored
+end
+
+local function give_back(p, s, refund)
+  if next(refund) then
+    advance(p, now)
+    apply_diff(p, refund)
+    add_uncounted(p, refund, KEYS[6], s, now, key_ttl) -- never counted
+    return true
+  end
+  return false
+end
+
+if mode == 'cancel' then
+  local granted = redis.call('GET', opkey)
+  redis.call('SET', opkey, 'x', 'PX', op_ttl)
+  if not granted or granted == 'x' then
+    return {'OK', fmt(now)}
+  end
+  local p = load_pool(KEYS[2])
+  local dirty = false
+  for s in string.gmatch(granted, '[^,]+') do
+    local stored = forget(s)
+    -- (no record: its lease expired and was purged, its charge stands)
+    if stored and p and give_back(p, s, parse_draws(stored)) then
+      dirty = true
+    end
+  end
+  if dirty then
+    save_pool(p)
+  end
+  return {'OK', fmt(now)}
+end
+
+if opkey and not redis.call('SET', opkey, '1', 'PX', op_ttl, 'NX') then
+  return {'DUP', fmt(now)}
+end
+local stored = forget(seq)
 local p = load_pool(KEYS[2])
 if not p then
   return {'NOPOOL', fmt(now)}
@@ -27,10 +75,7 @@ elseif mode == 'error' then
     end
   end
 end
-if next(refund) then
-  advance(p, now)
-  apply_diff(p, refund)
-  add_uncounted(p, refund, KEYS[6], seq, now, tonumber(ARGV[4]) or 86400000) -- never counted
+if give_back(p, seq, refund) then
   save_pool(p)
 end
 return {'OK', fmt(now)}

@@ -1,6 +1,9 @@
 -- Reserve: admit a process's waiters, in its local order, as far as they fit.
 --
--- KEYS: org, pool, res, lease, q, qd, notes (seq -> the pool right after its grant, for resync)
+-- KEYS: org, pool, res, lease, q, qd, notes (seq -> the pool right after its grant, for resync),
+--       then optionally the op's id key: what it granted is recorded there ("seq,seq,...",
+--       for lease seconds) so that release.lua can cancel it by id if its reply never came;
+--       if the key exists (a cancel came first), this reserve is a no-op (status DUP)
 -- ARGV: me (this participant's id), lease (s), ticket_ttl (s), key_ttl (ms),
 --       scopes (comma list of organization-wide holds that apply: 'all,opus'; '' none),
 --       queue ('1': keep a place in line if not everything fits; '0': nowait),
@@ -29,6 +32,10 @@ local me = ARGV[1]
 local lease, ticket_ttl, key_ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local scopes, queue, n = ARGV[5], ARGV[6] == '1', tonumber(ARGV[7])
 local now = clock()
+local opkey = KEYS[8]
+if opkey and redis.call('EXISTS', opkey) == 1 then
+  return {'DUP', fmt(now), '0', '', ''}
+end
 
 -- everything this call needs from the organization hash, in one read
 local fields = {'spend_until', 'seq'}
@@ -205,6 +212,13 @@ if #records > 0 then
     redis.call('PEXPIRE', nkey, key_ttl)
   end
   redis.call('HSET', org, 'seq', string.format('%d', seq))
+  if opkey then
+    local granted = {}
+    for i = 1, #records, 2 do
+      granted[#granted + 1] = records[i]
+    end
+    redis.call('SET', opkey, table.concat(granted, ','), 'PX', math.ceil(lease * 1000))
+  end
   if now + lease < p.lx then
     p.lx = now + lease
   end

@@ -6,7 +6,9 @@
 --       positive refunds, negative charges more), recovery (seconds without an
 --       unpredicted 429 before the burst grows back; '' = not adaptive), uncounted
 --       ("dim=amount,...": the part of the refunds the server never counted, such as
---       what a prefetch did not hand out), key_ttl (ms: the log's TTL)
+--       what a prefetch did not hand out), key_ttl (ms: the log's TTL), op_ttl (ms)
+-- KEYS[7], if given, is the op's id key: a settle whose id is already recorded (it was
+-- sent again after a reply that never came) changes nothing and returns {DUP, now, ''}.
 -- Returns {status, now, burst}. The diff applies even when the lease already expired:
 -- the reservation's charge stood, so its correction is still due.
 --
@@ -14,6 +16,9 @@
 -- level brought up first and refunded after, so only charges and burst recovery read
 -- TIME (now is then the pool's own time of its levels).
 local seq, mode = ARGV[1], ARGV[2]
+if KEYS[7] and not redis.call('SET', KEYS[7], '1', 'PX', tonumber(ARGV[7]), 'NX') then
+  return {'DUP', fmt(clock()), ''}
+end
 local diff = parse_draws(ARGV[3])
 if mode ~= 'progress' then
   redis.call('HDEL', KEYS[3], seq)
