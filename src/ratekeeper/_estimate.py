@@ -18,7 +18,7 @@ from typing import Any, Final, TypeAlias, final
 import attrs
 
 from ratekeeper._accounting import Demand, Usage
-from ratekeeper._body_scan import Layout, bad, model_profile, scan_body, token_counter
+from ratekeeper._body_scan import Layout, Scan, bad, model_profile, scan_body, token_counter
 from ratekeeper._cache_predict import CachePrediction, PromptCachePredictor
 from ratekeeper._errors import ConfigurationError
 
@@ -176,7 +176,14 @@ class TokenEstimator:
         Raises ``ConfigurationError`` naming the field when the body is
         malformed, and ``UnknownModelError`` for a model no preset knows.
         """
-        scan = scan_body(body)
+        return self._from_scan(scan_body(body), body, now)
+
+    def _from_scan(self, scan: Scan, body: Mapping[str, Any], now: float) -> Estimate:
+        """``estimate`` of a body already scanned (the middleware scans a request once for all its attempts).
+
+        Only the scan is reused: the calibration, the counter and the cache
+        prediction are applied anew, since they change between attempts.
+        """
         profile = scan.profile
         with self._lock:
             learned = self._learned.get(profile.family) or _Learned()
