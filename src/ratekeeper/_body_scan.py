@@ -26,7 +26,7 @@ from typing import Any, Final, final
 import attrs
 
 from ratekeeper._errors import ConfigurationError
-from ratekeeper._presets import _normalize, resolve_model
+from ratekeeper._presets import MAX_REMEMBERED_IDS, _normalize, resolve_model
 
 __all__ = [
     "CLASSIC_CHARS_PER_TOKEN",
@@ -163,17 +163,28 @@ def _generation(model: str) -> _Generation:
     return _UNKNOWN_GENERATION
 
 
+# model id -> (its model class when profiled, the profile); see model_profile
+_profiles: dict[str, tuple[str, Profile]] = {}
+
+
 def model_profile(model: str) -> Profile:
     # The model class (shared with the presets) names the family; the version
     # picks the tokenizer and the minimum cacheable length, which vary inside a class.
-    model_class = resolve_model(model)
+    model_class = resolve_model(model)  # memoized there, and follows register_model
+    hit = _profiles.get(model)
+    if hit is not None and hit[0] == model_class:
+        return hit[1]
     gen = _generation(model)
-    return Profile(
+    profile = Profile(
         family=gen.family or model_class,
         chars_per_token=NEW_TOKENIZER_CHARS_PER_TOKEN if gen.new_tokenizer else CLASSIC_CHARS_PER_TOKEN,
         min_cacheable=gen.min_cacheable,
         tool_prompt=gen.tool_prompt,
     )
+    if len(_profiles) >= MAX_REMEMBERED_IDS:
+        _profiles.clear()  # ids come from callers: bounded
+    _profiles[model] = (model_class, profile)
+    return profile
 
 
 # --------------------------------------------------------------------------- small helpers
