@@ -200,6 +200,9 @@ def bad(path: str, expected: str, value: object) -> ConfigurationError:
     return ConfigurationError(f"{path} must be {expected}, got {_show(value)}")
 
 
+_SEQUENCES: Final = (list, tuple)  # a tuple of types: isinstance with a union is slower
+
+
 def _text_len(s: str) -> int:
     # UTF-8 bytes, not code points: non-Latin scripts take more tokens per
     # character, and their byte length tracks that better. isascii() is O(1).
@@ -226,13 +229,13 @@ def json_len(value: object, path: str, depth: int = 0) -> int:
         return len(repr(value))
     if depth >= _MAX_DEPTH:
         raise ConfigurationError(f"{path} is nested more than {_MAX_DEPTH} levels deep")
-    if isinstance(value, Mapping):
+    if type(value) is dict or (type(value) is not list and isinstance(value, Mapping)):  # ABCs are slow
         n = 2 * len(value) + 1 if value else 2  # braces, colons and commas
         for k, v in value.items():
             n += json_len(k if isinstance(k, str) else str(k), path, depth + 1)
             n += json_len(v, path, depth + 1)
         return n
-    if isinstance(value, list | tuple):
+    if isinstance(value, _SEQUENCES):
         return max(len(value) + 1, 2) + sum(json_len(v, path, depth + 1) for v in value)
     raise ConfigurationError(f"{path} holds a {type(value).__name__}, which is not a JSON value")
 
@@ -345,17 +348,18 @@ def _framed(value: object, path: str, *, strip_cache_control: bool = False) -> b
 
 
 def _framed_plain(value: object) -> bytes | None:
-    """``_framed`` of a unit of the commonest shapes, byte for byte, built directly; else None.
+    """``_framed(value, path, strip_cache_control=True)`` of the commonest units, built directly.
 
     A string, a text block, a tool result holding a string: what the C
     encoder would write for them (sorted keys), without a call into it.
+    None for any other unit.
     """
     kind = type(value)
     if kind is str:
         data = _STRING_TOKENS[value]  # type: ignore[index]
     elif kind is dict:
         get = value.get  # type: ignore[attr-defined]
-        size = len(value)  # type: ignore[arg-type]
+        size = len(value) - ("cache_control" in value)  # type: ignore[arg-type,operator]
         block = get("type")
         if block == "text" and size == 2:
             text = get("text")
@@ -401,7 +405,7 @@ def _feed_checked(h: Any, value: object, path: str, depth: int = 0) -> None:
             _feed_checked(h, k, path, depth + 1)
             _feed_checked(h, v, path, depth + 1)
         h.update(b"}")
-    elif isinstance(value, list | tuple):
+    elif isinstance(value, _SEQUENCES):
         h.update(b"[%d:" % len(value))
         for v in value:
             _feed_checked(h, v, path, depth + 1)
@@ -411,7 +415,7 @@ def _feed_checked(h: Any, value: object, path: str, depth: int = 0) -> None:
 
 
 def _as_mapping(value: object, path: str) -> Mapping[str, Any]:
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):
         return value
     # SDK content blocks (pydantic models) passed back as assistant content.
     dump = getattr(value, "model_dump", None)
@@ -615,8 +619,12 @@ class _Scanner:
     def add(self, unit: object, path: str, chars: int, fixed: int, ttl: float | None) -> None:
         self.chars += chars
         self.fixed += fixed
-        self.units.append((tuple(self.pending), unit, path))
-        self.pending = []
+        pending = self.pending
+        if pending:
+            self.units.append((tuple(pending), unit, path))
+            self.pending = []
+        else:
+            self.units.append(((), unit, path))
         self.totals.append((self.chars, self.fixed))
         if ttl is not None:
             self.marks.append((len(self.totals) - 1, ttl))
@@ -626,7 +634,7 @@ class _Scanner:
     def tools(self, tools: object, tool_choice: object) -> None:
         if tools is None:
             return
-        if not isinstance(tools, list | tuple):
+        if not isinstance(tools, _SEQUENCES):
             raise bad("tools", "a list", tools)
         auto, forced = self.profile.tool_prompt
         kind = tool_choice.get("type") if isinstance(tool_choice, Mapping) else None
@@ -661,7 +669,7 @@ class _Scanner:
         if isinstance(system, str):
             self.add(system, "system", _text_len(system), 0, None)
             return
-        if not isinstance(system, list | tuple):
+        if not isinstance(system, _SEQUENCES):
             raise bad("system", "a string or a list of blocks", system)
         for i, item in enumerate(system):
             path = f"system[{i}]"
@@ -670,7 +678,7 @@ class _Scanner:
             self.add(block, path, chars, fixed, _cache_ttl(block, path))
 
     def messages(self, messages: object) -> None:
-        if not isinstance(messages, list | tuple):
+        if not isinstance(messages, _SEQUENCES):
             raise bad("messages", "a list", messages)
         for i, item in enumerate(messages):
             path = f"messages[{i}]"
@@ -683,7 +691,7 @@ class _Scanner:
             content = message.get("content")
             if isinstance(content, str):
                 self.add(content, f"{path}.content", _text_len(content), 0, None)
-            elif isinstance(content, list | tuple):
+            elif isinstance(content, _SEQUENCES):
                 for j, part in enumerate(content):
                     bpath = f"{path}.content[{j}]"
                     block = _as_mapping(part, bpath)
@@ -700,7 +708,7 @@ class _Scanner:
             return 0, 0
         if isinstance(content, str):
             return _text_len(content), 0
-        if not isinstance(content, list | tuple):
+        if not isinstance(content, _SEQUENCES):
             raise bad(path, "a string or a list of blocks", content)
         if depth >= _MAX_DEPTH:
             raise ConfigurationError(f"{path} is nested more than {_MAX_DEPTH} levels deep")
@@ -778,16 +786,17 @@ class _Scanner:
         last = self.marks[-1][0]
         update = h.update
         units = self.units[: last + 1]
-        values = [_without_cache_control(unit) for _, unit, _ in units]
-        framed = [_framed_plain(value) for value in values]
+        framed = [_framed_plain(unit) for _, unit, _ in units]
         others = [i for i, data in enumerate(framed) if data is None]
-        encoded = _encode_units([values[i] for i in others]) if others else []
-        for i, position in enumerate(others):
-            if encoded is None:
-                framed[position] = _framed(values[position], units[position][2])
-            else:
-                data = encoded[i]
-                framed[position] = b"%d:%s" % (len(data), data)
+        if others:
+            values = [_without_cache_control(units[i][1]) for i in others]
+            encoded = _encode_units(values)
+            for n, position in enumerate(others):
+                if encoded is None:
+                    framed[position] = _framed(values[n], units[position][2])
+                else:
+                    data = encoded[n]
+                    framed[position] = b"%d:%s" % (len(data), data)
         for position, (markers, _, path) in enumerate(units):
             for marker in markers:
                 update(marker if type(marker) is bytes else _framed(marker, path))
