@@ -321,11 +321,6 @@ def _encode_units(values: list[object]) -> list[bytes] | None:
     return pieces if len(pieces) == len(values) else None
 
 
-def _feed(h: Any, value: object, path: str, *, strip_cache_control: bool = False) -> None:
-    """Feed a canonical, unambiguous encoding of ``value`` into hash ``h``."""
-    h.update(_framed(value, path, strip_cache_control=strip_cache_control))
-
-
 def _framed(value: object, path: str, *, strip_cache_control: bool = False) -> bytes:
     """A canonical, unambiguous encoding of ``value``, length-prefixed, for a prefix hash.
 
@@ -541,7 +536,7 @@ class _Breakpoint:
     ttl: float
     #: (prefix key, cumulative text chars, cumulative fixed tokens), the
     #: breakpoint's own position first, then up to 20 earlier block boundaries.
-    candidates: tuple[tuple[bytes, int, int], ...]
+    candidates: tuple[tuple[int, int, int], ...]
 
 
 @final
@@ -577,7 +572,7 @@ class LaidOutBreakpoint:
     tokens: int
     ttl: float
     #: (prefix key, tokens up to there), nearest (the breakpoint itself) first.
-    candidates: tuple[tuple[bytes, int], ...]
+    candidates: tuple[tuple[int, int], ...]
 
 
 @final
@@ -781,10 +776,13 @@ class _Scanner:
         wanted = {
             p for position, _ in self.marks for p in range(max(0, position - _LOOKBACK_BLOCKS), position + 1)
         }
-        keys: dict[int, bytes] = {}
-        h = hashlib.blake2b(model.encode("utf-8", "surrogatepass"), digest_size=16)
+        keys: dict[int, int] = {}
+        # Each prefix's key is the hash of the previous key and this unit's encoding: tuple
+        # hashing over bytes hashes (SipHash, keyed per process), which never maps two
+        # encodings after one key to one key unless their SipHash collides (64 bits); a
+        # tenth of a blake2b copy and digest per unit.
+        key = hash(("prefix", model))
         last = self.marks[-1][0]
-        update = h.update
         units = self.units[: last + 1]
         framed = [_framed_plain(unit) for _, unit, _ in units]
         others = [i for i, data in enumerate(framed) if data is None]
@@ -798,11 +796,11 @@ class _Scanner:
                     data = encoded[n]
                     framed[position] = b"%d:%s" % (len(data), data)
         for position, (markers, _, path) in enumerate(units):
-            for marker in markers:
-                update(marker if type(marker) is bytes else _framed(marker, path))
-            update(framed[position])  # type: ignore[arg-type]  # (all filled above)
+            if markers:
+                key = hash((key, tuple(m if type(m) is bytes else _framed(m, path) for m in markers)))
+            key = hash((key, framed[position]))
             if position in wanted:
-                keys[position] = h.copy().digest()
+                keys[position] = key
         return tuple(
             _Breakpoint(
                 position,
