@@ -143,3 +143,11 @@ def test_a_retried_request_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> N
     assert limiter.statistics().pools[POOL].granted == 3
     assert len(scanned) == 1
     assert in_flight(limiter) == 0
+
+
+def test_remembered_url_paths_are_bounded() -> None:
+    from ratekeeper.anthropic import _middleware
+
+    for i in range(3000):
+        assert _middleware._path_of(f"http://x/v1/messages/batches/b{i}?q=1") == f"/v1/messages/batches/b{i}"
+    assert len(_middleware._paths) <= _middleware._MAX_PATHS

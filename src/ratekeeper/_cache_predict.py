@@ -109,6 +109,8 @@ class PromptCachePredictor:
             prediction = self.predict(request, now)
         else:
             prediction = request.cache
+        if not prediction._touch:
+            return  # nothing to cache (no breakpoint long enough) and nothing read
         with self._lock:
             for key, ttl in prediction._touch:
                 entry = self._entries.get(key)

@@ -82,8 +82,23 @@ _Metered = Callable[[Any, Meter], httpx2.SyncByteStream | httpx2.AsyncByteStream
 # ---------------------------------------------------------------------- routing
 
 
+# url -> its path: the SDK sends a few URLs again and again (urlsplit: ~3 us); bounded
+_paths: dict[str, str] = {}
+_MAX_PATHS: Final = 1024
+
+
+def _path_of(url: str) -> str:
+    path = _paths.get(url)
+    if path is None:
+        path = urllib.parse.urlsplit(url).path
+        if len(_paths) >= _MAX_PATHS:
+            _paths.clear()  # batch ids and the like make new URLs
+        _paths[url] = path
+    return path
+
+
 def _route(request: anthropic.APIRequest) -> str | None:
-    path = urllib.parse.urlsplit(request.url).path.rstrip("/")
+    path = _path_of(request.url).rstrip("/")
     method = request.method.lower()
     if path.endswith("/messages/batches") and method == "post":
         return _BATCH_CREATE
@@ -172,7 +187,7 @@ class _Exchange:
         self._mw = middleware
         self._plan = plan
         self.permit = permit
-        self._path = urllib.parse.urlsplit(url).path
+        self._path = _path_of(url)
         self._snapshot: RateLimitSnapshot | None = None
 
     # -- failures before a response
@@ -590,7 +605,7 @@ class RateLimitMiddleware(anthropic.Middleware):
         return self._limiter._now()  # the limiter's clock, so cache TTLs and buckets agree
 
     def _response_started(self, estimate: Estimate | None) -> None:
-        if estimate is not None:
+        if estimate is not None and estimate.cache._touch:  # (else nothing to record: no clock read)
             # the prefixes this request writes are cached from the start of its response
             self._estimator.predictor.record(estimate, self._now())
 
