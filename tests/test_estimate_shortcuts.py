@@ -34,3 +34,19 @@ def test_the_reservation_made_with_the_estimate_is_the_margin_applied(body: dict
         )
         assert e.reserved == expected
         assert attrs.evolve(e, _reserved=None).reserved == expected
+
+
+def test_a_body_without_breakpoints_gets_the_predictors_empty_prediction() -> None:
+    from ratekeeper._body_scan import Layout, scan_body, token_counter
+
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "x" * 9000}],
+    }
+    est = TokenEstimator()
+    scan = scan_body(body)
+    general = est.predictor._predict(Layout.of(scan, token_counter(1 / 3.5)), 0.0)
+    cache = est.estimate(body, now=0.0).cache
+    assert cache == general
+    assert cache._touch == general._touch == ()

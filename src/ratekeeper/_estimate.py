@@ -34,6 +34,7 @@ _MAX_LOG_FACTOR: Final = math.log(4.0)
 _COLD_LOG_ERROR: Final = 0.05
 # The reservation's margin: this many typical errors.
 _MARGIN_ERRORS: Final = 2.0
+_NO_CACHE: Final = CachePrediction()
 
 
 @final
@@ -209,7 +210,10 @@ class TokenEstimator:
                 # rounded down so a read is never predicted bigger than it is.
                 return counted * tokens(chars, fixed) // estimated_total if estimated_total else 0
 
-        cache = self._predictor._predict(Layout.of(scan, layout_tokens), now)
+        if scan.breakpoints:
+            cache = self._predictor._predict(Layout.of(scan, layout_tokens), now)
+        else:
+            cache = _NO_CACHE  # what _predict gives a layout without breakpoints
         expected = min(scan.max_tokens, math.ceil(ratio * scan.max_tokens))
         fresh = total - cache.read_tokens - cache.write_tokens
         priority = self._priority_tier and scan.priority_requested
