@@ -217,6 +217,30 @@ def _int_len(v: int) -> int:
 
 def json_len(value: object, path: str, depth: int = 0) -> int:
     """The length of ``value`` as compact JSON, without building the JSON."""
+    kind = type(value)
+    if kind is dict or kind is list:  # the common containers, their str items inline
+        if depth >= _MAX_DEPTH:
+            raise ConfigurationError(f"{path} is nested more than {_MAX_DEPTH} levels deep")
+        items: Any = value
+        if kind is dict:
+            n = 2 * len(items) + 1 if items else 2  # braces, colons and commas
+            for k, v in items.items():
+                if type(k) is str:
+                    n += (len(k) if k.isascii() else _text_len(k)) + 2
+                else:
+                    n += json_len(str(k), path, depth + 1)
+                if type(v) is str:
+                    n += (len(v) if v.isascii() else _text_len(v)) + 2
+                else:
+                    n += json_len(v, path, depth + 1)
+            return n
+        n = max(len(items) + 1, 2)
+        for v in items:
+            if type(v) is str:
+                n += (len(v) if v.isascii() else _text_len(v)) + 2
+            else:
+                n += json_len(v, path, depth + 1)
+        return n
     if isinstance(value, str):
         return _text_len(value) + 2
     if value is None or value is True:
