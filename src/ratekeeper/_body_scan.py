@@ -319,13 +319,13 @@ _PREFIX_ENCODER: Final[Callable[[object, int], list[str]] | None] = (
 )
 
 
-def _encode_unit(value: object) -> bytes:
+def _encode_unit(value: object) -> str:
     if _PREFIX_ENCODER is None:  # no C accelerator (not CPython): the plain JSON
-        return _CANONICAL_JSON.encode(value).encode("ascii")
-    return "".join(_PREFIX_ENCODER(value, 0)).encode("ascii", "surrogatepass")
+        return _CANONICAL_JSON.encode(value)
+    return "".join(_PREFIX_ENCODER(value, 0))
 
 
-def _encode_units(values: list[object]) -> list[bytes] | None:
+def _encode_units(values: list[object]) -> list[str] | None:
     """``_encode_unit`` of each value, in one call of the C encoder (~1 us saved a unit).
 
     None if the C encoder refuses one of them (each is then encoded alone).
@@ -341,12 +341,12 @@ def _encode_units(values: list[object]) -> list[bytes] | None:
     except (TypeError, ValueError, RecursionError):
         return None
     # "[\x01,e0,\x01,e1]": the pieces between the separators are the units' own encodings
-    pieces = text[3:-1].encode("ascii").split(b",\x01,")
+    pieces = text[3:-1].split(",\x01,")
     return pieces if len(pieces) == len(values) else None
 
 
-def _framed(value: object, path: str, *, strip_cache_control: bool = False) -> bytes:
-    """A canonical, unambiguous encoding of ``value``, length-prefixed, for a prefix hash.
+def _framed(value: object, path: str, *, strip_cache_control: bool = False) -> str:
+    """A canonical, unambiguous encoding of ``value``, for a prefix hash (one unit of its chain).
 
     Plain JSON goes through the C encoder (sorted keys, long strings as
     tokens: see ``_StringTokens``): a 10 MB image costs one hash of it.
@@ -362,11 +362,11 @@ def _framed(value: object, path: str, *, strip_cache_control: bool = False) -> b
     except (TypeError, ValueError, RecursionError):
         slow = hashlib.blake2b(digest_size=16)
         _feed_checked(slow, value, path)
-        data = b"\x00" + slow.digest()
-    return b"%d:%s" % (len(data), data)
+        data = "\x00" + slow.hexdigest()  # no colon: never a long string's token
+    return data
 
 
-def _framed_plain(value: object) -> bytes | None:
+def _framed_plain(value: object) -> str | None:
     """``_framed(value, path, strip_cache_control=True)`` of the commonest units, built directly.
 
     A string, a text block, a tool result holding a string: what the C
@@ -397,7 +397,7 @@ def _framed_plain(value: object) -> bytes | None:
             return None
     else:
         return None
-    return b"%d:%s" % (len(data), data.encode("ascii"))
+    return data
 
 
 def _without_cache_control(value: object) -> object:
@@ -801,10 +801,10 @@ class _Scanner:
             p for position, _ in self.marks for p in range(max(0, position - _LOOKBACK_BLOCKS), position + 1)
         }
         keys: dict[int, int] = {}
-        # Each prefix's key is the hash of the previous key and this unit's encoding: tuple
-        # hashing over bytes hashes (SipHash, keyed per process), which never maps two
-        # encodings after one key to one key unless their SipHash collides (64 bits); a
-        # tenth of a blake2b copy and digest per unit.
+        # Each prefix's key is the hash of the previous key and this unit's encoding (its
+        # markers, then itself): tuple hashing over the strings' hashes (SipHash, keyed per
+        # process), which never maps two encodings after one key to one key unless their
+        # SipHash collides (64 bits); a tenth of a blake2b copy and digest per unit.
         key = hash(("prefix", model))
         last = self.marks[-1][0]
         units = self.units[: last + 1]
@@ -814,14 +814,10 @@ class _Scanner:
             values = [_without_cache_control(units[i][1]) for i in others]
             encoded = _encode_units(values)
             for n, position in enumerate(others):
-                if encoded is None:
-                    framed[position] = _framed(values[n], units[position][2])
-                else:
-                    data = encoded[n]
-                    framed[position] = b"%d:%s" % (len(data), data)
+                framed[position] = _framed(values[n], units[position][2]) if encoded is None else encoded[n]
         for position, (markers, _, path) in enumerate(units):
             if markers:
-                key = hash((key, tuple(m if type(m) is bytes else _framed(m, path) for m in markers)))
+                key = hash((key, tuple(m if type(m) is str else _framed(m, path) for m in markers)))
             key = hash((key, framed[position]))
             if position in wanted:
                 keys[position] = key
@@ -838,7 +834,7 @@ class _Scanner:
         )
 
 
-# A message's start in the prefix encoding, framed once: the same bytes _framed gives it.
+# A message's start in the prefix encoding, made once: what _framed gives it.
 _ROLE_MARKERS: Final = {role: _framed(("message", role), "") for role in ("user", "assistant")}
 
 
