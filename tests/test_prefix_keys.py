@@ -79,3 +79,12 @@ def test_remembered_short_strings_are_bounded() -> None:
         assert _STRING_TOKENS[f"s{i}"] == f'"s{i}"'
     assert len(_STRING_TOKENS) <= _MAX_SHORT_TOKENS + 1
     assert _STRING_TOKENS[_SEPARATOR] == "\x01"
+
+
+def test_the_separator_keeps_its_token_after_the_memo_is_emptied() -> None:
+    _STRING_TOKENS.clear()  # as another thread might leave it, before the separator is put back
+    assert _STRING_TOKENS[_SEPARATOR] == "\x01"
+    assert _encode_units(["a" * 100, {"type": "text", "text": "b"}]) == [
+        _encode_unit("a" * 100),
+        _encode_unit({"type": "text", "text": "b"}),
+    ]

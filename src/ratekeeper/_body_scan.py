@@ -291,7 +291,8 @@ class _StringTokens(dict[str, str]):
     def __missing__(self, text: str) -> str:
         if len(text) > _SHORT_STRING:
             return "\x00%x:%x\x00" % (len(text), str.__hash__(text))  # noqa: UP031 - the fastest here
-        token = _JSON_STRING(text)
+        # (the separator too, should another thread look it up between a clear and its re-entry)
+        token = "\x01" if text == _SEPARATOR else _JSON_STRING(text)
         if len(self) >= _MAX_SHORT_TOKENS:
             self.clear()  # bounded: strings come from callers
             self[_SEPARATOR] = "\x01"
