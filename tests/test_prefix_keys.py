@@ -88,3 +88,19 @@ def test_the_separator_keeps_its_token_after_the_memo_is_emptied() -> None:
         _encode_unit("a" * 100),
         _encode_unit({"type": "text", "text": "b"}),
     ]
+
+
+def test_remembered_long_strings_are_bounded_by_their_characters() -> None:
+    from ratekeeper._body_scan import _MAX_LONG_CHARS
+
+    piece = _MAX_LONG_CHARS // 64
+    for i in range(200):  # 200 strings of 1/64 of the bound: over three times what is kept
+        text = str(i) + "x" * piece
+        assert _STRING_TOKENS[text] == "\x00%x:%x\x00" % (len(text), hash(text))  # noqa: UP031
+    assert _STRING_TOKENS.long_chars <= _MAX_LONG_CHARS + piece + 3
+    kept = sum(len(k) for k in _STRING_TOKENS if len(k) > 48)
+    assert kept == _STRING_TOKENS.long_chars
+    huge = "y" * (_MAX_LONG_CHARS // 8)  # bigger than any kept string: answered, not kept
+    assert _STRING_TOKENS[huge].startswith("\x00")
+    assert huge not in _STRING_TOKENS
+    assert _STRING_TOKENS[_SEPARATOR] == "\x01"

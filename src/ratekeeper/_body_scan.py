@@ -270,7 +270,10 @@ _CANONICAL_JSON: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 # Strings up to this long go into the prefix hash as their JSON; longer ones as their length
 # and Python's hash (see _StringTokens).
 _SHORT_STRING: Final = 48
+# The tokens remembered: at most this many, holding at most this many characters of long
+# strings (a conversation's strings come back every turn; the memo keeps them alive, so bounded).
 _MAX_SHORT_TOKENS: Final = 4096
+_MAX_LONG_CHARS: Final = 4 * 1024 * 1024
 
 
 class _StringTokens(dict[str, str]):
@@ -284,17 +287,26 @@ class _StringTokens(dict[str, str]):
     two different strings share a token with odds of about 2**-64, and then
     a cache read is mispredicted, which settlement corrects. The token holds
     NUL characters, which JSON output never does, so it is never mistaken
-    for a short string's JSON. Short strings (keys, types, roles, ids) are
-    remembered, so the C encoder finds them with a dict lookup.
+    for a short string's JSON. Tokens are remembered (strings of up to a
+    sixteenth of ``_MAX_LONG_CHARS``), so the C encoder finds them with a
+    dict lookup instead of a call into Python.
     """
 
+    long_chars = 0  # the characters of the long strings remembered
+
     def __missing__(self, text: str) -> str:
-        if len(text) > _SHORT_STRING:
-            return "\x00%x:%x\x00" % (len(text), str.__hash__(text))  # noqa: UP031 - the fastest here
-        # (the separator too, should another thread look it up between a clear and its re-entry)
-        token = "\x01" if text == _SEPARATOR else _JSON_STRING(text)
-        if len(self) >= _MAX_SHORT_TOKENS:
+        size = len(text)
+        if size > _SHORT_STRING:
+            token = "\x00%x:%x\x00" % (size, str.__hash__(text))  # noqa: UP031 - the fastest here
+            if size > _MAX_LONG_CHARS // 16:
+                return token  # too big to keep
+            self.long_chars += size
+        else:
+            # (the separator too, should another thread look it up between a clear and its re-entry)
+            token = "\x01" if text == _SEPARATOR else _JSON_STRING(text)
+        if len(self) >= _MAX_SHORT_TOKENS or self.long_chars > _MAX_LONG_CHARS:
             self.clear()  # bounded: strings come from callers
+            self.long_chars = size if size > _SHORT_STRING else 0
             self[_SEPARATOR] = "\x01"
         self[text] = token
         return token
