@@ -104,3 +104,11 @@ def test_remembered_long_strings_are_bounded_by_their_characters() -> None:
     assert _STRING_TOKENS[huge].startswith("\x00")
     assert huge not in _STRING_TOKENS
     assert _STRING_TOKENS[_SEPARATOR] == "\x01"
+
+
+def test_markers_made_once_are_what_the_encoder_gives() -> None:
+    from ratekeeper._body_scan import _NO_THINKING, _NO_TOOL_CHOICE, _ROLE_MARKERS
+
+    assert _framed(("tool_choice", None), "p") == _NO_TOOL_CHOICE
+    assert _framed(("thinking", None), "p") == _NO_THINKING
+    assert {role: _framed(("message", role), "p") for role in ("user", "assistant")} == _ROLE_MARKERS

@@ -849,6 +849,9 @@ class _Scanner:
 
 # A message's start in the prefix encoding, made once: what _framed gives it.
 _ROLE_MARKERS: Final = {role: _framed(("message", role), "") for role in ("user", "assistant")}
+# The same for the usual tool_choice and thinking: none given.
+_NO_TOOL_CHOICE: Final = _framed(("tool_choice", None), "")
+_NO_THINKING: Final = _framed(("thinking", None), "")
 
 
 def _cache_ttl(block: Mapping[str, Any], path: str) -> float | None:
@@ -905,9 +908,9 @@ def scan_body(body: object) -> Scan:
     scanner.tools(body.get("tools"), tool_choice)
     # Changing tool_choice invalidates the system and message caches, changing
     # thinking the message caches: fold them into the prefix where they start to matter.
-    scanner.pending.append(("tool_choice", tool_choice))
+    scanner.pending.append(_NO_TOOL_CHOICE if tool_choice is None else ("tool_choice", tool_choice))
     scanner.system(body.get("system"))
-    scanner.pending.append(("thinking", thinking))
+    scanner.pending.append(_NO_THINKING if thinking is None else ("thinking", thinking))
     scanner.messages(body.get("messages"))
     return Scan(
         model=model,
