@@ -152,15 +152,15 @@ def measure(
     demands: list[Demand] = []
 
     estimator = TokenEstimator()
-    estimate = estimator.estimate
+    from_scan = estimator._from_scan  # what the middleware calls (it scans a body once per request)
 
-    def spy(body: Mapping[str, Any], now: float) -> Estimate:
+    def spy(scan: Any, body: Mapping[str, Any], now: float) -> Estimate:
         # the estimate itself, not the reservation (which adds a safety margin on top)
-        e = estimate(body, now)
+        e = from_scan(scan, body, now)
         demands.append(e.demand)
         return e
 
-    estimator.estimate = spy  # type: ignore[method-assign]
+    estimator._from_scan = spy  # type: ignore[method-assign]
     counted: list[Demand] = []
     acquire = limiter.acquire_sync
 

@@ -304,3 +304,77 @@ def _transport(server: Any) -> Any:
     from ratekeeper.emulator import EmulatorTransport
 
     return EmulatorTransport(server)
+
+
+def _refuse_then_answer(failures: list[str]) -> Any:
+    """A transport handler: each attempt takes the next failure ("429" or "connect"), then answers."""
+    message = {
+        "id": "msg_01",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": [{"type": "text", "text": "Fine, thanks."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 4},
+    }
+    refused = {"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
+
+    def handle(request: httpx2.Request) -> httpx2.Response:
+        if failures:
+            if failures.pop(0) == "connect":
+                raise httpx2.ConnectError("connection refused", request=request)
+            return httpx2.Response(429, headers={"retry-after-ms": "1"}, json=refused)
+        return httpx2.Response(200, json=message)
+
+    return handle
+
+
+def _count_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The bodies the middleware scans, in order (the real scan still runs)."""
+    import ratekeeper._body_scan
+    import ratekeeper._estimate
+    import ratekeeper.anthropic._middleware
+
+    scanned: list[object] = []
+    real = ratekeeper._body_scan.scan_body
+
+    def scan(body: object) -> Any:
+        scanned.append(body)
+        return real(body)
+
+    # wherever a scan can start from
+    for module in (ratekeeper._estimate, ratekeeper.anthropic._middleware):
+        monkeypatch.setattr(module, "scan_body", scan, raising=False)
+    return scanned
+
+
+async def test_a_retried_request_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    scanned = _count_scans(monkeypatch)
+    demands: list[Any] = []
+    limiter = Limiter("tier-1")
+    acquire = limiter.acquire_demand
+
+    def spy_acquire(model: str, demand: Any, **options: Any) -> Any:
+        demands.append(demand)
+        return acquire(model, demand, **options)
+
+    monkeypatch.setattr(limiter, "acquire_demand", spy_acquire)
+    failures = ["429", "connect"]
+    client = anthropic.AsyncAnthropic(
+        api_key="test",
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(_refuse_then_answer(failures))),
+        base_url="http://mock",
+        max_retries=2,
+        middleware=[RateLimitMiddleware(limiter)],
+    )
+    await client.messages.create(model=MODEL, max_tokens=100, messages=HELLO)
+    assert failures == []  # three attempts: a 429, a refused connection, an answer
+    assert len(demands) == 3
+    assert len(scanned) == 1
+    assert demands[0] == demands[1] == demands[2]  # the retries reserve what a fresh estimate would
+    # another call is another body: scanned anew, even with the same content
+    await client.messages.create(model=MODEL, max_tokens=100, messages=HELLO)
+    assert len(scanned) == 2
+    assert scanned[0] is not scanned[1]
+    assert in_flight(limiter) == 0

@@ -123,3 +123,31 @@ def test_wrapping_twice_is_refused() -> None:
     client = sync_client(emulator(), Limiter("tier-1"))
     with pytest.raises(ConfigurationError, match=r"^this client already has a RateLimitMiddleware$"):
         wrap(client)
+
+
+def test_a_retried_request_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_anthropic_async import _count_scans, _refuse_then_answer
+
+    scanned = _count_scans(monkeypatch)
+    limiter = Limiter("tier-1")
+    failures = ["429", "429"]
+    client = anthropic.Anthropic(
+        api_key="test",
+        http_client=httpx2.Client(transport=httpx2.MockTransport(_refuse_then_answer(failures))),
+        base_url="http://mock",
+        max_retries=2,
+        middleware=[RateLimitMiddleware(limiter)],
+    )
+    client.messages.create(model=MODEL, max_tokens=100, messages=HELLO)
+    assert failures == []
+    assert limiter.statistics().pools[POOL].granted == 3
+    assert len(scanned) == 1
+    assert in_flight(limiter) == 0
+
+
+def test_remembered_url_paths_are_bounded() -> None:
+    from ratekeeper.anthropic import _middleware
+
+    for i in range(3000):
+        assert _middleware._path_of(f"http://x/v1/messages/batches/b{i}?q=1") == f"/v1/messages/batches/b{i}"
+    assert len(_middleware._paths) <= _middleware._MAX_PATHS

@@ -475,6 +475,34 @@ def test_registration_beats_builtin_and_later_wins() -> None:
     assert resolve_model("claude-haiku-4-5") == "haiku-4.5"
 
 
+def test_remembered_answers_follow_registrations() -> None:
+    # resolve_model and the estimator's model profile remember their answers by id
+    from ratekeeper import TokenEstimator
+
+    assert resolve_model("claude-haiku-4-5") == "haiku-4.5"
+    assert TokenEstimator.family_of("claude-haiku-4-5") == "haiku-4.5"
+    with pytest.raises(UnknownModelError):
+        resolve_model("acme-large")
+    register_model("claude-haiku-4-5", "haiku-x")
+    register_model("acme-large", "sonnet-4")
+    assert resolve_model("claude-haiku-4-5") == "haiku-x"
+    assert TokenEstimator.family_of("claude-haiku-4-5") == "haiku-x"
+    assert TokenEstimator.family_of("acme-large") == "sonnet-4"
+    register_model(re.compile(r"acme-.*"), "opus-4")  # a pattern registered later wins too
+    assert TokenEstimator.family_of("acme-large") == "sonnet-4"  # exact ids are tried first
+    assert TokenEstimator.family_of("acme-small") == "opus-4"
+
+
+def test_remembered_answers_are_bounded() -> None:
+    from ratekeeper import _body_scan
+
+    for i in range(3 * _presets.MAX_REMEMBERED_IDS):
+        assert resolve_model(f"claude-sonnet-4-5-2025{i:04d}") == "sonnet-4"
+        _body_scan.model_profile(f"claude-sonnet-4-5-2025{i:04d}")
+    assert len(_presets._resolved) <= _presets.MAX_REMEMBERED_IDS
+    assert len(_body_scan._profiles) <= _presets.MAX_REMEMBERED_IDS
+
+
 @pytest.mark.parametrize("bad", ["", "Has Space", "-x", "ü"])
 def test_register_rejects_bad_class(bad: str) -> None:
     msg = f"invalid model class {bad!r}: use lower-case letters, digits, '.', '-' and '_'"

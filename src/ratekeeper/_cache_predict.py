@@ -40,7 +40,7 @@ class CachePrediction:
     write_tokens: int = 0
     write_1h_tokens: int = 0
     #: (prefix key, TTL in seconds or None for "refresh with the entry's own TTL").
-    _touch: tuple[tuple[bytes, float | None], ...] = attrs.field(default=(), repr=False, eq=False)
+    _touch: tuple[tuple[int, float | None], ...] = attrs.field(default=(), repr=False, eq=False)
 
 
 @attrs.define
@@ -84,7 +84,7 @@ class PromptCachePredictor:
         if not isinstance(max_entries, int) or isinstance(max_entries, bool) or max_entries < 1:
             raise bad("max_entries", "a positive integer", max_entries)
         self._max_entries = max_entries
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._lock = threading.Lock()
 
     def predict(self, body: Mapping[str, Any], now: float) -> CachePrediction:
@@ -109,6 +109,8 @@ class PromptCachePredictor:
             prediction = self.predict(request, now)
         else:
             prediction = request.cache
+        if not prediction._touch:
+            return  # nothing to cache (no breakpoint long enough) and nothing read
         with self._lock:
             for key, ttl in prediction._touch:
                 entry = self._entries.get(key)
@@ -138,7 +140,7 @@ class PromptCachePredictor:
 
     def _predict(self, layout: Layout, now: float) -> CachePrediction:
         read = 0
-        touch: list[tuple[bytes, float | None]] = []
+        touch: list[tuple[int, float | None]] = []
         for bp in layout.breakpoints:
             for key, tokens in bp.candidates:  # longest prefix first
                 if tokens <= read:

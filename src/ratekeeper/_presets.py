@@ -435,6 +435,18 @@ _OLD_FORM: Final = re.compile(rf"claude-{_MAJOR_MINOR}-{_FAMILY}")
 
 _registered_ids: dict[str, str] = {}
 _registered_patterns: list[tuple[re.Pattern[str], str]] = []
+# bumped by register_model (after it changes the registry), so the memo below is rebuilt
+_registrations = 0
+
+#: The most ids a memo of answers about model ids holds: the ids come from callers, so
+#: each such memo is emptied when full (as the Limiter's maps are at its MAX_REMEMBERED).
+MAX_REMEMBERED_IDS: Final = 1024
+
+# resolve_model's answers (~10 us each: normalizing, the registry, the class list), valid for
+# the registry they were made with; kept with it, so a registry put back (tests swap them)
+# is never mistaken for the one the answers came from
+_resolved: dict[str, str] = {}
+_resolved_for: tuple[object, object, int] = (_registered_ids, _registered_patterns, _registrations)
 
 
 def _normalize(model: str) -> str:
@@ -479,6 +491,23 @@ def resolve_model(model: str) -> str:
     >>> resolve_model("claude-3-7-sonnet-latest"), resolve_model("CLAUDE-OPUS-4-20250514")
     ('sonnet-3.7', 'opus-4')
     """
+    global _resolved, _resolved_for
+    owner = _resolved_for
+    if owner[0] is not _registered_ids or owner[1] is not _registered_patterns or owner[2] != _registrations:
+        # a registration since: answer anew (a thread still holding the old memo fills only that)
+        _resolved_for = (_registered_ids, _registered_patterns, _registrations)
+        _resolved = {}
+    memo = _resolved
+    cls = memo.get(model)
+    if cls is None:
+        cls = _resolve(model)  # an unknown id raises, and is not remembered
+        if len(memo) >= MAX_REMEMBERED_IDS:
+            memo.clear()
+        memo[model] = cls
+    return cls
+
+
+def _resolve(model: str) -> str:
     lowered = model.strip().lower()
     normalized = _normalize(model)
     found = _registered(lowered, normalized)
@@ -513,6 +542,7 @@ def register_model(pattern_or_id: str | re.Pattern[str], model_class: str) -> No
     >>> resolve_model("anthropic/claude-sonnet-4.7")
     'sonnet-4'
     """
+    global _registrations
     cls = model_class.strip().lower()
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", cls):
         raise ConfigurationError(
@@ -520,12 +550,13 @@ def register_model(pattern_or_id: str | re.Pattern[str], model_class: str) -> No
         )
     if isinstance(pattern_or_id, re.Pattern):
         _registered_patterns.append((pattern_or_id, cls))
-        return
-    key = pattern_or_id.strip().lower()
-    if not key:
-        raise ConfigurationError("register_model needs a non-empty model id")
-    _registered_ids[key] = cls
-    _registered_ids[_normalize(key)] = cls
+    else:
+        key = pattern_or_id.strip().lower()
+        if not key:
+            raise ConfigurationError("register_model needs a non-empty model id")
+        _registered_ids[key] = cls
+        _registered_ids[_normalize(key)] = cls
+    _registrations += 1  # after the change: a memo made from here on sees it
 
 
 # --------------------------------------------------------------------------- Limiter(limits=...)

@@ -39,6 +39,7 @@ import httpx2
 import sniffio
 
 from ratekeeper._accounting import Demand, Usage
+from ratekeeper._body_scan import Scan, scan_body
 from ratekeeper._errors import ConfigurationError, InsufficientCredits, UnknownModelError
 from ratekeeper._estimate import Estimate, TokenEstimator
 from ratekeeper._headers import RateLimitSnapshot, parse_headers
@@ -67,6 +68,7 @@ _MESSAGES, _COUNT, _BATCH_CREATE, _BATCH = "messages", "count_tokens", "batch_cr
 _ERROR_STATUS: Final = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500}
 #: The fields of a Messages body that ``count_tokens`` accepts.
 _COUNT_FIELDS: Final = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+#: How many bodies the retry memos (exact counts, scans) hold.
 _COUNT_CACHE: Final = 64
 #: Characters per output token before a stream of the family has finished: the docs' rule of
 #: thumb, which counts more tokens than English prose has (charging early errs on the safe side).
@@ -80,8 +82,23 @@ _Metered = Callable[[Any, Meter], httpx2.SyncByteStream | httpx2.AsyncByteStream
 # ---------------------------------------------------------------------- routing
 
 
+# url -> its path: the SDK sends a few URLs again and again (urlsplit: ~3 us); bounded
+_paths: dict[str, str] = {}
+_MAX_PATHS: Final = 1024
+
+
+def _path_of(url: str) -> str:
+    path = _paths.get(url)
+    if path is None:
+        path = urllib.parse.urlsplit(url).path
+        if len(_paths) >= _MAX_PATHS:
+            _paths.clear()  # batch ids and the like make new URLs
+        _paths[url] = path
+    return path
+
+
 def _route(request: anthropic.APIRequest) -> str | None:
-    path = urllib.parse.urlsplit(request.url).path.rstrip("/")
+    path = _path_of(request.url).rstrip("/")
     method = request.method.lower()
     if path.endswith("/messages/batches") and method == "post":
         return _BATCH_CREATE
@@ -157,6 +174,9 @@ class _Plan:
     demand: Demand | None = None
     estimate: Estimate | None = None
     batch_requests: int = 0
+    #: the Messages body and its scan, kept for the SDK's retry of this request if this attempt fails
+    body: object = None
+    scan: Scan | None = None
 
 
 @final
@@ -167,7 +187,7 @@ class _Exchange:
         self._mw = middleware
         self._plan = plan
         self.permit = permit
-        self._path = urllib.parse.urlsplit(url).path
+        self._path = _path_of(url)
         self._snapshot: RateLimitSnapshot | None = None
 
     # -- failures before a response
@@ -176,6 +196,7 @@ class _Exchange:
         if _never_sent(exc):
             self.permit.sent = False  # it never left: give everything back
         self.permit.release()
+        self._mw._remember_scan(self._plan)  # the SDK may send it again
 
     # -- the response
 
@@ -191,6 +212,7 @@ class _Exchange:
         # parsed once here; the limiter and the settlement take the snapshot as it is
         self._snapshot = headers = parse_headers(response.headers, received_at=_dt.datetime.now(_dt.UTC))
         if status >= 400:
+            self._mw._remember_scan(plan)  # the SDK may send it again
             error_body = _json_of(response)
             snapshot = permit.observe(headers, status=status, body=error_body)
             permit.release()
@@ -364,6 +386,8 @@ class RateLimitMiddleware(anthropic.Middleware):
         self._open_batches: dict[str, int] = {}
         # exact counts by body identity, so the SDK's retries of one call count once
         self._counts: collections.OrderedDict[int, tuple[object, int]] = collections.OrderedDict()
+        # the scans of bodies whose attempt failed, by identity, for the SDK's retries
+        self._scans: collections.OrderedDict[int, tuple[object, Scan]] = collections.OrderedDict()
         # characters per output token by model family, learned from finished streams
         self._output_cpt: dict[str, float] = {}
 
@@ -520,8 +544,10 @@ class RateLimitMiddleware(anthropic.Middleware):
         assert isinstance(body, Mapping)  # checked by _route
         model = body["model"]
         estimate: Estimate | None = None
+        scan: Scan | None = None
         try:
-            estimate = self._estimator.estimate(body, now=self._now())
+            scan = self._scan(request, body)
+            estimate = self._estimator._from_scan(scan, body, self._now())
             demand = estimate.reserved
         except UnknownModelError:
             raise
@@ -538,7 +564,27 @@ class RateLimitMiddleware(anthropic.Middleware):
             demand = _with_count(estimate.demand if estimate is not None else demand, counted)
         if self._wallet is not None:
             demand = attrs.evolve(demand, credits=self._wallet.reservation(demand))
-        return _Plan(route, model, demand, estimate)
+        return _Plan(route, model, demand, estimate, body=body, scan=scan)
+
+    def _scan(self, request: anthropic.APIRequest, body: Mapping[str, Any]) -> Scan:
+        """The body's scan: made once per request, since the SDK retries with the same body object."""
+        if request.retries_taken:
+            with self._lock:
+                hit = self._scans.get(id(body))
+            if hit is not None and hit[0] is body:
+                return hit[1]
+        return scan_body(body)
+
+    def _remember_scan(self, plan: _Plan) -> None:
+        """Keep a failed attempt's scan for its retry (a successful attempt has none)."""
+        if plan.scan is None:
+            return
+        with self._lock:
+            # the body is kept with it, so its id is not reused by another body meanwhile
+            self._scans[id(plan.body)] = (plan.body, plan.scan)
+            self._scans.move_to_end(id(plan.body))
+            while len(self._scans) > _COUNT_CACHE:
+                self._scans.popitem(last=False)
 
     def _gate(self, request: anthropic.APIRequest, plan: _Plan, *, blocking: bool) -> Any:
         """The limiter's acquire for this attempt: entered with ``with`` (blocking) or awaited."""
@@ -559,7 +605,7 @@ class RateLimitMiddleware(anthropic.Middleware):
         return self._limiter._now()  # the limiter's clock, so cache TTLs and buckets agree
 
     def _response_started(self, estimate: Estimate | None) -> None:
-        if estimate is not None:
+        if estimate is not None and estimate.cache._touch:  # (else nothing to record: no clock read)
             # the prefixes this request writes are cached from the start of its response
             self._estimator.predictor.record(estimate, self._now())
 
