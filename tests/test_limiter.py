@@ -498,7 +498,8 @@ def test_on_event_reports_and_a_broken_hook_does_not_break_admission() -> None:
     permit = limiter.acquire_nowait(SONNET, max_tokens=10)
     permit.observe(headers(requests=(60, 10)))
     assert events.kinds() == ["limit_change", "resync"]
-    change, resync = events.seen
+    grant, change, resync = events.seen
+    assert (grant.kind, dict(grant.detail)) == ("grant", {"waited": 0.0})
     assert (change.pool, change.time, dict(change.detail)) == (POOL, 1000.0, {"requests": 60})
     assert dict(resync.detail) == {"dimension": "requests", "delta": -49.0}
 

@@ -51,6 +51,7 @@ from ratekeeper._errors import (
     UnknownModelError,
     WouldBlock,
 )
+from ratekeeper._events import EventLog, HookLock
 from ratekeeper._headers import RateLimitSnapshot, parse_headers
 from ratekeeper._pool import Pool
 from ratekeeper._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
@@ -600,7 +601,10 @@ class Limiter:
         self._window = backfill_window
         self._clock = clock
         self._on_event = on_event
-        self._lock = threading.Lock()
+        self._events_log = EventLog(log)
+        # with a hook, a lock that runs it once let go (a hook may call back in; see HookLock)
+        self._hook_lock = HookLock(self._call_hook) if on_event is not None else None
+        self._lock: threading.Lock | HookLock = self._hook_lock or threading.Lock()
         self._pools: dict[str, _PoolRuntime] = {}
         self._model_pool: dict[str, str] = {}
         # the same, straight to the runtime, for the uncontended path (filled by _runtime_for)
@@ -938,6 +942,8 @@ class Limiter:
         permit = Permit(self, rt, model, draws, credit, seq, now, _levels_after(rt.pool, now))
         rt.in_flight[seq] = permit
         rt.granted += 1
+        if self._on_event is not None:
+            self._emit("grant", rt, now, {"waited": 0.0})
         return permit
 
     def _admit_at_once(
@@ -990,6 +996,8 @@ class Limiter:
             permit = Permit(self, rt, model, draws, 0.0, seq, now, levels)
             rt.in_flight[seq] = permit
             rt.granted += 1
+            if self._on_event is not None:
+                self._emit("grant", rt, now, {"waited": 0.0})
             return permit
         finally:
             lock.release()
@@ -1241,8 +1249,7 @@ class Limiter:
         # a placeholder so observe() of earlier permits counts this one as in flight
         rt.in_flight[w.seq] = placeholder = _placeholder(self, rt, w, now)
         placeholder._levels = _levels_after(rt.pool, now)
-        if self._on_event is not None:
-            self._emit("grant", rt, now, {"waited": now - w.enqueued_at})
+        self._emit("grant", rt, now, {"waited": now - w.enqueued_at})  # a long wait is said at INFO
         w.wake()
 
     def _fail_impossible(self, rt: _PoolRuntime) -> None:
@@ -1726,12 +1733,16 @@ class Limiter:
             self._spend_until = None
 
     def _emit(self, kind: str, rt: _PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
-        if kind != "grant":
-            log.debug("%s %s %s", rt.pool.name, kind, detail)
+        """Every event of both engines passes here: to the log (``_events.EventLog``) and the hook."""
+        self._events_log.record(kind, rt.pool.name, now, detail)
         if self._on_event is not None:
             self._hook(LimiterEvent(kind, rt.pool.name, now, dict(detail)))
 
     def _hook(self, event: LimiterEvent) -> None:
+        if self._hook_lock is not None:
+            self._hook_lock.post(event)  # run once the lock is let go
+
+    def _call_hook(self, event: LimiterEvent) -> None:
         if self._on_event is not None:
             try:
                 self._on_event(event)
