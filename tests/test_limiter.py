@@ -464,6 +464,7 @@ def test_statistics_is_a_frozen_snapshot() -> None:
         paused_for=0.0,
         pause_reason="",
         utilization={"requests": 0.02, "input_tokens": 0.1, "output_tokens": 0.1},
+        used={"requests": 1, "input_tokens": 3_000, "output_tokens": 800},
     )
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         stats.granted = 5  # type: ignore[misc]

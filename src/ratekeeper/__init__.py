@@ -22,6 +22,7 @@ from ratekeeper._errors import (
     RateKeeperError,
     SpendLimitReached,
     UnknownModelError,
+    UnknownPoolError,
     WouldBlock,
 )
 from ratekeeper._estimate import Calibration, Estimate, TokenEstimator
@@ -53,7 +54,7 @@ from ratekeeper._presets import (
     resolve_model,
     spend_cap,
 )
-from ratekeeper._stats import LimiterEvent, LimiterStatistics, PoolStatistics
+from ratekeeper._stats import EventSummary, LimiterEvent, LimiterStatistics, PoolStatistics
 
 if TYPE_CHECKING:
     from ratekeeper._redis import RedisBackend
@@ -76,6 +77,7 @@ __all__ = [
     "Cost",
     "Demand",
     "Estimate",
+    "EventSummary",
     "InsufficientCredits",
     "LONG_CONTEXT_BETA",
     "LONG_CONTEXT_MIN_INPUT_TOKENS",
@@ -100,6 +102,7 @@ __all__ = [
     "UnifiedInfo",
     "UnifiedWindow",
     "UnknownModelError",
+    "UnknownPoolError",
     "Usage",
     "WouldBlock",
     "batch_limits",

@@ -67,6 +67,7 @@ from ratekeeper._reading import (
 )
 from ratekeeper._stats import (
     AdmittedWindow,
+    EventSummary,
     LimiterEvent,
     LimiterStatistics,
     Mark,
@@ -194,6 +195,7 @@ class _PoolRuntime:
     __slots__ = (
         "admitted",
         "cache_reads_count",
+        "events",
         "granted",
         "in_flight",
         "lowered",
@@ -248,6 +250,8 @@ class _PoolRuntime:
         self.share = 1.0
         self.share_seq = -1
         self.share_since = -math.inf
+        # for statistics(): by kind of event, when the last was, how many, its detail
+        self.events: dict[str, tuple[float, int, Mapping[str, Any]]] = {}
 
     def record(
         self, now: float, draws: Mapping[str, float], sign: float = 1.0, *, counted: bool = True
@@ -1735,6 +1739,9 @@ class Limiter:
     def _emit(self, kind: str, rt: _PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
         """Every event of both engines passes here: to the log (``_events.EventLog``) and the hook."""
         self._events_log.record(kind, rt.pool.name, now, detail)
+        if kind != "grant" and kind != "resync":  # those two are counted already
+            seen = rt.events.get(kind)
+            rt.events[kind] = (now, 1 if seen is None else seen[1] + 1, dict(detail))
         if self._on_event is not None:
             self._hook(LimiterEvent(kind, rt.pool.name, now, dict(detail)))
 
@@ -1795,14 +1802,18 @@ class Limiter:
         """A frozen snapshot of every pool: limits, levels, queue, waits, 429s, utilization."""
         with self._lock:
             now = self._now()
+            taken_at = _dt.datetime.now(_dt.UTC)
             pools = {}
             for name, rt in self._pools.items():
                 pool = rt.pool
                 admitted = rt.admitted.totals(now)
+                levels = pool.levels(now)
+                used = {d: max(0.0, admitted.get(d, 0.0)) for d, lim in pool.limits.items() if lim > 0}
+                paused_for = max(0.0, pool.paused_until - now)
                 pools[name] = PoolStatistics(
                     name=name,
                     limits=dict(pool.limits),
-                    levels=pool.levels(now),
+                    levels=levels,
                     capacity={d: b.capacity for d, b in pool.buckets.items()},
                     burst=pool.burst,
                     in_flight=sum(1 for p in rt.in_flight.values() if p.active),
@@ -1814,10 +1825,16 @@ class Limiter:
                     rate_limited_predicted=rt.rate_limited_predicted,
                     overloaded=rt.overloaded,
                     resyncs=rt.resyncs,
-                    paused_for=max(0.0, pool.paused_until - now),
+                    paused_for=paused_for,
                     pause_reason=pool.pause_reason if pool.paused_until > now else "",
-                    utilization={d: admitted.get(d, 0.0) / lim for d, lim in pool.limits.items() if lim > 0},
+                    utilization={d: _offered_share(u, levels.get(d, 0.0)) for d, u in used.items()},
                     share=rt.share,
+                    used=used,
+                    paused_until=_wall(taken_at, paused_for) if paused_for > 0.0 else None,
+                    events={
+                        kind: EventSummary(kind, count, now - t, _wall(taken_at, t - now), detail)
+                        for kind, (t, count, detail) in rt.events.items()
+                    },
                 )
             wallet = self._wallet.level_at(now) if self._wallet is not None else None
             return LimiterStatistics(
@@ -1825,6 +1842,7 @@ class Limiter:
                 pools=pools,
                 wallet_balance=wallet,
                 spend_limited=self._spend_until is not None and now < self._spend_until,
+                taken_at=taken_at,
             )
 
     def __repr__(self) -> str:
@@ -1837,6 +1855,20 @@ class Limiter:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _offered_share(used: float, level: float) -> float:
+    """Of what a bucket offered over the window (what it admitted plus what it holds), the share used."""
+    offered = used + max(level, 0.0)
+    return min(1.0, used / offered) if offered > 0.0 else 0.0
+
+
+def _wall(at: _dt.datetime, seconds: float) -> _dt.datetime:
+    """``at`` moved by ``seconds`` (to the calendar's end or start if it falls beyond)."""
+    try:
+        return at + _dt.timedelta(seconds=seconds)
+    except OverflowError:
+        return (_dt.datetime.max if seconds > 0 else _dt.datetime.min).replace(tzinfo=_dt.UTC)
 
 
 def _check_status(status: object) -> None:
