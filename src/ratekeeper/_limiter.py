@@ -538,7 +538,10 @@ class Limiter:
     ``wallet_balance`` (credits of a prepaid wallet), ``clock`` (a
     zero-argument function returning seconds; default: the event loop's clock
     in async code, ``time.monotonic`` in threads), ``on_event`` (called with a
-    ``LimiterEvent`` for pauses, resyncs, 429s...), ``backfill_window``.
+    ``LimiterEvent`` for grants, pauses, resyncs, 429s..., once the limiter's
+    lock is let go, so it may call back in), ``backfill_window``. What a user
+    should hear of (429s, pauses, limits learned) is also logged at INFO on the
+    ``ratekeeper`` logger (``_events.EventLog``).
     """
 
     def __init__(
