@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+import re
 import subprocess
 import sys
 import tomllib
@@ -105,6 +106,23 @@ def test_the_distribution_carries_its_license_and_classifiers() -> None:
     pyproject = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert pyproject["license-files"] == ["LICENSE"]
     assert "Typing :: Typed" in pyproject["classifiers"]
+
+
+def test_dev_tools_are_a_dependency_group_not_an_extra_users_see() -> None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "dev" not in pyproject["project"]["optional-dependencies"]
+    tools = {re.split(r"[<>=]", r)[0] for r in pyproject["dependency-groups"]["dev"]}
+    assert {"pytest", "mypy", "ruff", "hypothesis", "pytest-benchmark"} <= tools
+    # scripts/test installs every extra and the group (or, with an old pip, the group's list)
+    script = (root / "scripts" / "test").read_text()
+    assert """-e ".[$(python scripts/dev-group --extras)]\"""" in script
+    assert "--group dev" in script
+    run = [sys.executable, str(root / "scripts" / "dev-group")]
+    extras = subprocess.run([*run, "--extras"], capture_output=True, text=True, check=True).stdout
+    assert extras.strip().split(",") == list(pyproject["project"]["optional-dependencies"])
+    listed = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert listed.split() == pyproject["dependency-groups"]["dev"]
 
 
 @pytest.mark.anyio

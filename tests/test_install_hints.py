@@ -15,6 +15,7 @@ import pytest
         ("rich", "ratekeeper.simulate", "cli"),
         ("anthropic", "ratekeeper.simulate", "cli"),
         ("anthropic", "ratekeeper.anthropic", "anthropic"),
+        ("opentelemetry", "ratekeeper.otel", "otel"),
     ],
 )
 def test_missing_extra_names_the_install_command(blocked: str, module: str, extra: str) -> None:

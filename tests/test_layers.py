@@ -31,7 +31,7 @@ CORE = {
     "_reading",
     "_stats",
 }
-GATE = {"_limiter", "_remote"}
+GATE = {"_events", "_limiter", "_remote"}
 BACKEND = {"_redis"}
 # Libraries that mean an event loop or I/O: never in the core.
 IMPURE = {

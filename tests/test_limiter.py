@@ -464,6 +464,7 @@ def test_statistics_is_a_frozen_snapshot() -> None:
         paused_for=0.0,
         pause_reason="",
         utilization={"requests": 0.02, "input_tokens": 0.1, "output_tokens": 0.1},
+        used={"requests": 1, "input_tokens": 3_000, "output_tokens": 800},
     )
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         stats.granted = 5  # type: ignore[misc]
@@ -498,7 +499,8 @@ def test_on_event_reports_and_a_broken_hook_does_not_break_admission() -> None:
     permit = limiter.acquire_nowait(SONNET, max_tokens=10)
     permit.observe(headers(requests=(60, 10)))
     assert events.kinds() == ["limit_change", "resync"]
-    change, resync = events.seen
+    grant, change, resync = events.seen
+    assert (grant.kind, dict(grant.detail)) == ("grant", {"waited": 0.0})
     assert (change.pool, change.time, dict(change.detail)) == (POOL, 1000.0, {"requests": 60})
     assert dict(resync.detail) == {"dimension": "requests", "delta": -49.0}
 

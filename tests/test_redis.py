@@ -243,6 +243,30 @@ def draws_of(text: str) -> dict[str, float]:
     return {d: float(a) for d, _, a in (part.partition("=") for part in text.split(","))}
 
 
+def test_a_backend_is_a_context_manager_that_closes_it(redis_server: RedisServer) -> None:
+    with RedisBackend(redis_server.url, org="acme") as backend:
+        limiter = Limiter("tier-1", limits=SMALL, backend=backend)
+        with limiter.acquire_sync(SONNET, input_tokens=10, max_tokens=10) as permit:
+            permit.settle({"output_tokens": 5})
+        assert backend.flush()
+        assert client(redis_server).hlen(RES) == 1  # the prefetch it took with that round trip
+    assert client(redis_server).hlen(RES) == 0  # given back at the block's end
+    assert backend._flusher is None or not backend._flusher.is_alive()
+
+
+@pytest.mark.anyio
+async def test_a_backend_is_an_async_context_manager_that_closes_it(redis_server: RedisServer) -> None:
+    async with RedisBackend(redis_server.url, org="acme") as backend:
+        limiter = Limiter("tier-1", limits=SMALL, backend=backend)
+        async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10) as permit:
+            permit.settle({"output_tokens": 5})
+        assert await backend.aflush()
+        assert client(redis_server).hlen(RES) == 1  # the prefetch it took with that round trip
+    assert client(redis_server).hlen(RES) == 0
+    assert backend._flusher is None or not backend._flusher.is_alive()
+    assert not backend._async_clients  # the asyncio client it made for the loop is closed
+
+
 @pytest.mark.anyio
 async def test_a_prefetch_admits_without_a_round_trip_and_every_token_is_accounted_for(
     redis_server: RedisServer, backends: list[RedisBackend]

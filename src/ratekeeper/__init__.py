@@ -22,6 +22,7 @@ from ratekeeper._errors import (
     RateKeeperError,
     SpendLimitReached,
     UnknownModelError,
+    UnknownPoolError,
     WouldBlock,
 )
 from ratekeeper._estimate import Calibration, Estimate, TokenEstimator
@@ -54,7 +55,7 @@ from ratekeeper._presets import (
     spend_cap,
 )
 from ratekeeper._run import run_requests
-from ratekeeper._stats import LimiterEvent, LimiterStatistics, PoolStatistics
+from ratekeeper._stats import EventSummary, LimiterEvent, LimiterStatistics, PoolStatistics
 
 if TYPE_CHECKING:
     from ratekeeper._redis import RedisBackend
@@ -77,6 +78,7 @@ __all__ = [
     "Cost",
     "Demand",
     "Estimate",
+    "EventSummary",
     "InsufficientCredits",
     "LONG_CONTEXT_BETA",
     "LONG_CONTEXT_MIN_INPUT_TOKENS",
@@ -101,6 +103,7 @@ __all__ = [
     "UnifiedInfo",
     "UnifiedWindow",
     "UnknownModelError",
+    "UnknownPoolError",
     "Usage",
     "WouldBlock",
     "batch_limits",

@@ -3,6 +3,7 @@
 RateKeeperError
 ├── ConfigurationError (also ValueError): bad arguments, unknown preset
 │   └── UnknownModelError (also LookupError): a model id no preset knows
+├── UnknownPoolError (also KeyError): ``statistics()[name]`` of a pool not made yet
 ├── CapacityExceeded (also ValueError): a cost no bucket could ever admit
 ├── WouldBlock: ``acquire_nowait`` could not be granted at once
 ├── AcquireTimeout (also TimeoutError): ``acquire(timeout=...)`` ran out
@@ -27,6 +28,7 @@ __all__ = [
     "RateKeeperError",
     "SpendLimitReached",
     "UnknownModelError",
+    "UnknownPoolError",
     "WouldBlock",
 ]
 
@@ -52,6 +54,26 @@ class UnknownModelError(ConfigurationError, LookupError):
         self.known = known
         extra = f" ({detail})" if detail else ""
         super().__init__(f"unknown model {model!r}{extra}; known model classes: {', '.join(known)}")
+
+
+@final
+class UnknownPoolError(RateKeeperError, KeyError):
+    """``statistics()[name]`` for a pool the limiter has not made (pools are made at first use).
+
+    ``pools`` lists the ones it has.
+    """
+
+    def __init__(self, pool: str, pools: tuple[str, ...]) -> None:
+        self.pool = pool
+        self.pools = pools
+        have = ", ".join(pools) if pools else "none yet"
+        super().__init__(
+            f"no pool {pool!r} in these statistics: a pool is made at its first request "
+            f"(a model's pool is limiter.pool_of(model)); pools now: {have}"
+        )
+
+    def __str__(self) -> str:  # KeyError's own would show the message in quotes
+        return str(self.args[0])
 
 
 @final

@@ -51,6 +51,7 @@ from ratekeeper._errors import (
     UnknownModelError,
     WouldBlock,
 )
+from ratekeeper._events import EventLog, HookLock
 from ratekeeper._headers import RateLimitSnapshot, parse_headers
 from ratekeeper._pool import Pool
 from ratekeeper._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
@@ -66,6 +67,7 @@ from ratekeeper._reading import (
 )
 from ratekeeper._stats import (
     AdmittedWindow,
+    EventSummary,
     LimiterEvent,
     LimiterStatistics,
     Mark,
@@ -193,6 +195,7 @@ class _PoolRuntime:
     __slots__ = (
         "admitted",
         "cache_reads_count",
+        "events",
         "granted",
         "in_flight",
         "lowered",
@@ -247,6 +250,8 @@ class _PoolRuntime:
         self.share = 1.0
         self.share_seq = -1
         self.share_since = -math.inf
+        # for statistics(): by kind of event, when the last was, how many, its detail
+        self.events: dict[str, tuple[float, int, Mapping[str, Any]]] = {}
 
     def record(
         self, now: float, draws: Mapping[str, float], sign: float = 1.0, *, counted: bool = True
@@ -533,7 +538,10 @@ class Limiter:
     ``wallet_balance`` (credits of a prepaid wallet), ``clock`` (a
     zero-argument function returning seconds; default: the event loop's clock
     in async code, ``time.monotonic`` in threads), ``on_event`` (called with a
-    ``LimiterEvent`` for pauses, resyncs, 429s...), ``backfill_window``.
+    ``LimiterEvent`` for grants, pauses, resyncs, 429s..., once the limiter's
+    lock is let go, so it may call back in), ``backfill_window``. What a user
+    should hear of (429s, pauses, limits learned) is also logged at INFO on the
+    ``ratekeeper`` logger (``_events.EventLog``).
     """
 
     def __init__(
@@ -600,7 +608,10 @@ class Limiter:
         self._window = backfill_window
         self._clock = clock
         self._on_event = on_event
-        self._lock = threading.Lock()
+        self._events_log = EventLog(log)
+        # with a hook, a lock that runs it once let go (a hook may call back in; see HookLock)
+        self._hook_lock = HookLock(self._call_hook) if on_event is not None else None
+        self._lock: threading.Lock | HookLock = self._hook_lock or threading.Lock()
         self._pools: dict[str, _PoolRuntime] = {}
         self._model_pool: dict[str, str] = {}
         # the same, straight to the runtime, for the uncontended path (filled by _runtime_for)
@@ -938,6 +949,8 @@ class Limiter:
         permit = Permit(self, rt, model, draws, credit, seq, now, _levels_after(rt.pool, now))
         rt.in_flight[seq] = permit
         rt.granted += 1
+        if self._on_event is not None:
+            self._emit("grant", rt, now, {"waited": 0.0})
         return permit
 
     def _admit_at_once(
@@ -990,6 +1003,8 @@ class Limiter:
             permit = Permit(self, rt, model, draws, 0.0, seq, now, levels)
             rt.in_flight[seq] = permit
             rt.granted += 1
+            if self._on_event is not None:
+                self._emit("grant", rt, now, {"waited": 0.0})
             return permit
         finally:
             lock.release()
@@ -1241,8 +1256,7 @@ class Limiter:
         # a placeholder so observe() of earlier permits counts this one as in flight
         rt.in_flight[w.seq] = placeholder = _placeholder(self, rt, w, now)
         placeholder._levels = _levels_after(rt.pool, now)
-        if self._on_event is not None:
-            self._emit("grant", rt, now, {"waited": now - w.enqueued_at})
+        self._emit("grant", rt, now, {"waited": now - w.enqueued_at})  # a long wait is said at INFO
         w.wake()
 
     def _fail_impossible(self, rt: _PoolRuntime) -> None:
@@ -1726,12 +1740,19 @@ class Limiter:
             self._spend_until = None
 
     def _emit(self, kind: str, rt: _PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
-        if kind != "grant":
-            log.debug("%s %s %s", rt.pool.name, kind, detail)
+        """Every event of both engines passes here: to the log (``_events.EventLog``) and the hook."""
+        self._events_log.record(kind, rt.pool.name, now, detail)
+        if kind != "grant" and kind != "resync":  # those two are counted already
+            seen = rt.events.get(kind)
+            rt.events[kind] = (now, 1 if seen is None else seen[1] + 1, dict(detail))
         if self._on_event is not None:
             self._hook(LimiterEvent(kind, rt.pool.name, now, dict(detail)))
 
     def _hook(self, event: LimiterEvent) -> None:
+        if self._hook_lock is not None:
+            self._hook_lock.post(event)  # run once the lock is let go
+
+    def _call_hook(self, event: LimiterEvent) -> None:
         if self._on_event is not None:
             try:
                 self._on_event(event)
@@ -1784,14 +1805,18 @@ class Limiter:
         """A frozen snapshot of every pool: limits, levels, queue, waits, 429s, utilization."""
         with self._lock:
             now = self._now()
+            taken_at = _dt.datetime.now(_dt.UTC)
             pools = {}
             for name, rt in self._pools.items():
                 pool = rt.pool
                 admitted = rt.admitted.totals(now)
+                levels = pool.levels(now)
+                used = {d: max(0.0, admitted.get(d, 0.0)) for d, lim in pool.limits.items() if lim > 0}
+                paused_for = max(0.0, pool.paused_until - now)
                 pools[name] = PoolStatistics(
                     name=name,
                     limits=dict(pool.limits),
-                    levels=pool.levels(now),
+                    levels=levels,
                     capacity={d: b.capacity for d, b in pool.buckets.items()},
                     burst=pool.burst,
                     in_flight=sum(1 for p in rt.in_flight.values() if p.active),
@@ -1803,10 +1828,16 @@ class Limiter:
                     rate_limited_predicted=rt.rate_limited_predicted,
                     overloaded=rt.overloaded,
                     resyncs=rt.resyncs,
-                    paused_for=max(0.0, pool.paused_until - now),
+                    paused_for=paused_for,
                     pause_reason=pool.pause_reason if pool.paused_until > now else "",
-                    utilization={d: admitted.get(d, 0.0) / lim for d, lim in pool.limits.items() if lim > 0},
+                    utilization={d: _offered_share(u, levels.get(d, 0.0)) for d, u in used.items()},
                     share=rt.share,
+                    used=used,
+                    paused_until=_wall(taken_at, paused_for) if paused_for > 0.0 else None,
+                    events={
+                        kind: EventSummary(kind, count, now - t, _wall(taken_at, t - now), detail)
+                        for kind, (t, count, detail) in rt.events.items()
+                    },
                 )
             wallet = self._wallet.level_at(now) if self._wallet is not None else None
             return LimiterStatistics(
@@ -1814,6 +1845,7 @@ class Limiter:
                 pools=pools,
                 wallet_balance=wallet,
                 spend_limited=self._spend_until is not None and now < self._spend_until,
+                taken_at=taken_at,
             )
 
     def __repr__(self) -> str:
@@ -1826,6 +1858,20 @@ class Limiter:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _offered_share(used: float, level: float) -> float:
+    """Of what a bucket offered over the window (what it admitted plus what it holds), the share used."""
+    offered = used + max(level, 0.0)
+    return min(1.0, used / offered) if offered > 0.0 else 0.0
+
+
+def _wall(at: _dt.datetime, seconds: float) -> _dt.datetime:
+    """``at`` moved by ``seconds`` (to the calendar's end or start if it falls beyond)."""
+    try:
+        return at + _dt.timedelta(seconds=seconds)
+    except OverflowError:
+        return (_dt.datetime.max if seconds > 0 else _dt.datetime.min).replace(tzinfo=_dt.UTC)
 
 
 def _check_status(status: object) -> None:

@@ -761,6 +761,26 @@ class RedisBackend:
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(timeout=self.timeout * 2 + 1.0)
 
+    async def aclose(self) -> None:
+        """``close`` for async code (in a worker thread), then close the asyncio client made for this loop."""
+        await anyio.to_thread.run_sync(self.close)
+        if sniffio.current_async_library() == "asyncio":
+            client = self._async_clients.pop(asyncio.get_running_loop(), None)
+            if client is not None:
+                await client.aclose()
+
+    def __enter__(self) -> RedisBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RedisBackend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     def __repr__(self) -> str:
         state = "up" if self.available() else "down"
         return (

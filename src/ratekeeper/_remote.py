@@ -623,8 +623,7 @@ class RemoteEngine:
             rt.admitted.add(now, w.draws)
             if credit and limiter._wallet is not None:
                 limiter._wallet.charge(credit, now)
-            if limiter._on_event is not None:
-                limiter._emit("grant", rt, now, {"waited": now - w.enqueued_at})
+            limiter._emit("grant", rt, now, {"waited": now - w.enqueued_at})  # a long wait is said at INFO
         return permit
 
     # ------------------------------------------------------------------ prefetch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -9,20 +10,45 @@ from typing import Any, final
 
 import attrs
 
-__all__ = ["LimiterEvent", "LimiterStatistics", "PoolStatistics"]
+from ratekeeper._errors import UnknownPoolError
+
+__all__ = ["EventSummary", "LimiterEvent", "LimiterStatistics", "PoolStatistics"]
+
+
+@final
+@attrs.frozen
+class EventSummary:
+    """What a pool learned or went through, by kind of event: how often, how long ago, the last detail.
+
+    ``kind`` is a ``LimiterEvent`` kind (``limit_change``, ``burst_change``,
+    ``share_change``, ``pause``, ``rate_limited``, ``overloaded``); ``seconds_ago``
+    counts back from the snapshot, ``at`` is the same moment as an aware UTC datetime.
+    """
+
+    kind: str
+    count: int
+    seconds_ago: float
+    at: datetime.datetime
+    detail: Mapping[str, Any]
 
 
 @final
 @attrs.frozen
 class PoolStatistics:
-    """A snapshot of one pool.
+    """A snapshot of one pool; ``str()`` (or ``format()``) says it in lines a person can read.
 
     ``limits`` are per minute, ``levels`` what each bucket holds now,
     ``capacity`` what it can hold (the per-minute limit times ``burst``).
-    ``utilization`` is, per dimension, the fraction of the per-minute limit
-    admitted over the last 60 seconds of the limiter's clock (to within a second).
-    ``share`` is the fraction of the refill rate the pool counts on: below 1.0
-    after 429s that show other clients drawing on the same limit.
+    ``used`` is, per dimension, what was admitted (net of refunds) over the last
+    60 seconds of the limiter's clock (to within a second). ``utilization`` is
+    the share of what the bucket offered over those 60 seconds that was admitted:
+    ``used / (used + level now)``, from 0 to 1. (A share of the per-minute limit
+    could read 180% in a clean run: a full bucket plus a minute's refill may go in
+    the first minute, as the server allows.) ``share`` is the fraction of the refill
+    rate the pool counts on: below 1.0 after 429s that show other clients drawing on
+    the same limit. Times are seconds from the snapshot (``paused_for``) or aware
+    UTC datetimes (``paused_until``); ``events`` is what the pool learned or went
+    through, by kind (see ``EventSummary``).
     """
 
     name: str
@@ -43,20 +69,88 @@ class PoolStatistics:
     pause_reason: str
     utilization: Mapping[str, float]
     share: float = 1.0
+    used: Mapping[str, float] = attrs.field(factory=dict)
+    paused_until: datetime.datetime | None = None
+    events: Mapping[str, EventSummary] = attrs.field(factory=dict)
+
+    def format(self) -> str:
+        """The pool in a few lines: traffic, each bucket, what it learned."""
+        lines = [
+            f"{self.name}: {self.granted} granted, {self.in_flight} in flight, {self.queue_depth} waiting;"
+            f" wait p50 {_num(self.wait_p50)} s, p99 {_num(self.wait_p99)} s"
+        ]
+        for dim, limit in self.limits.items():
+            level = self.levels.get(dim, 0.0)
+            used = self.used.get(dim, 0.0)
+            use = self.utilization.get(dim, 0.0)
+            capacity = self.capacity.get(dim, limit)
+            lines.append(
+                f"  {dim}: {_num(level)} of {_num(capacity)} left, limit {_num(limit)}/min;"
+                f" last 60 s used {_num(used)} ({use:.0%} of what was on offer)"
+            )
+        lines.append(
+            f"  429s {self.rate_limited} ({self.rate_limited_predicted} predicted), 529s {self.overloaded},"
+            f" resyncs {self.resyncs}; burst {_num(self.burst)} ({_num(self.burst * 60.0)} s of refill),"
+            f" share {self.share:.0%}"
+        )
+        if self.paused_until is not None:
+            lines.append(
+                f"  paused {_num(self.paused_for)} s more, until {self.paused_until:%Y-%m-%d %H:%M:%S} UTC"
+                f" ({self.pause_reason})"
+            )
+        for e in self.events.values():
+            detail = ", ".join(f"{k}={_num(v) if isinstance(v, float) else v}" for k, v in e.detail.items())
+            lines.append(f"  {e.kind} x{e.count}, last {_num(e.seconds_ago)} s ago: {detail}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
 
 
 @final
 @attrs.frozen
 class LimiterStatistics:
-    """A snapshot of the whole limiter: one ``PoolStatistics`` per pool."""
+    """A snapshot of the whole limiter: one ``PoolStatistics`` per pool, by name.
+
+    ``time`` is the limiter's own clock (to compare with ``LimiterEvent.time``);
+    ``taken_at`` is the moment as an aware UTC datetime. ``str()`` says it all.
+    """
 
     time: float
     pools: Mapping[str, PoolStatistics]
     wallet_balance: float | None
     spend_limited: bool
+    taken_at: datetime.datetime = attrs.field(factory=lambda: datetime.datetime.now(datetime.UTC))
 
     def __getitem__(self, pool: str) -> PoolStatistics:
-        return self.pools[pool]
+        try:
+            return self.pools[pool]
+        except KeyError:
+            raise UnknownPoolError(pool, tuple(self.pools)) from None
+
+    def format(self) -> str:
+        """Every pool, then the wallet and spend limit if any."""
+        head = f"ratekeeper statistics at {self.taken_at:%Y-%m-%d %H:%M:%S} UTC"
+        if self.wallet_balance is not None:
+            head += f"; wallet {_num(self.wallet_balance)} credits"
+        if self.spend_limited:
+            head += "; monthly spend limit reached"
+        parts = [head, *(p.format() for p in self.pools.values())]
+        if not self.pools:
+            parts.append("no pools yet (a pool is made at its first request)")
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _num(value: object) -> str:
+    """A number as a person writes it: ``12``, ``0.5``, ``27,000``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return str(value)
+    if value == int(value) and abs(value) < 1e15:
+        return f"{int(value):,}"
+    return f"{value:,.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
 @final
