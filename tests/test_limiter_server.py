@@ -51,12 +51,18 @@ def test_foreign_traffic_seen_only_through_headers_is_respected() -> None:
     assert limiter.statistics()[POOL].resyncs == 3
 
 
-def test_resync_never_raises_the_level() -> None:
+def test_resync_raises_to_what_the_server_provably_holds() -> None:
+    """The server counts less than the model did (an over-estimate, a refund missed): rise to it.
+
+    Taken at admission or at the response, the report says the same here (nothing else was
+    granted or refilled since), so the level rises to its lowest reading.
+    """
     limiter = Limiter("tier-1", clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=1_000)
     permit.observe(headers(requests=(50, 50), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)))
-    assert levels(limiter) == {"requests": 49, "input_tokens": 20_000, "output_tokens": 7_000}
-    assert limiter.statistics()[POOL].resyncs == 0
+    assert levels(limiter) == {"requests": 50, "input_tokens": 29_500, "output_tokens": 7_500}
+    stats = limiter.statistics()[POOL]
+    assert (stats.resyncs, stats.raised) == (0, 3)
 
 
 def test_resync_counts_own_requests_admitted_later_as_unseen() -> None:
@@ -143,12 +149,14 @@ def test_resync_orders_by_admission_not_by_arrival_in_the_queue() -> None:
             await settle_soon(lambda: len(granted) == 2)
             assert len(granted) == 2
             assert levels(limiter)["input_tokens"] == 0
-            # cached's response is a report of t = 0, before the head's grant: 5,000 left, as our
-            # levels said just after cached's grant. The head's 20,000 and the 30 s of refill since
-            # are in our levels as in the server's: only the rounding comes off (lowering to the
-            # report less the head's 20,000, -15,500, would forget the refill)
+            clock.advance(1)  # the head has reached the server
+            # cached's response: 5,000 left. Taken at t = 0 (cached's admission, before the head's
+            # grant), it means 4,500 at the least then, 30 s of refill (19,500), the head's 20,000
+            # at t = 30 and a second of refill: 0 now. Taken now, 4,500. The lower is the one safe
+            # under both: only the rounding comes off our 500 (lowering to the report less the
+            # head's 20,000, -15,500, would forget the refill)
             cached.observe(headers(input_tokens=(30_000, 5_000)))
-            assert levels(limiter)["input_tokens"] == -500
+            assert levels(limiter)["input_tokens"] == 0
             tg.cancel_scope.cancel()
 
     anyio.run(main)

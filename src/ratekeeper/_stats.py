@@ -22,7 +22,12 @@ class PoolStatistics:
     ``utilization`` is, per dimension, the fraction of the per-minute limit
     admitted over the last 60 seconds of the limiter's clock (to within a second).
     ``share`` is the fraction of the refill rate the pool counts on: below 1.0
-    after 429s that show other clients drawing on the same limit.
+    after 429s that show other clients drawing on the same limit. ``resyncs``
+    counts corrections down from response headers, ``raised`` corrections up
+    (the server held more than the model: an over-estimate, a double count).
+    ``report_moment`` is what the headers have shown of the moment they
+    describe: ``admission``, ``response``, ``mixed`` (each, in turn), or
+    ``unknown`` so far (corrections then take the lower of the two readings).
     """
 
     name: str
@@ -43,6 +48,8 @@ class PoolStatistics:
     pause_reason: str
     utilization: Mapping[str, float]
     share: float = 1.0
+    raised: int = 0
+    report_moment: str = "unknown"
 
 
 @final
