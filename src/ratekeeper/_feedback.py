@@ -280,6 +280,16 @@ class MomentEvidence:
             self.refuted_response += 1
         series.lowest_response = min(series.lowest_response, at_resp + response_blur)
 
+    def reset_before_date(self) -> None:
+        """A report whose ``-reset`` is before its ``date`` (beyond their second's rounding).
+
+        ``date`` is when the answer was sent; a bucket reported at that moment
+        cannot have been full again before it. The report was taken earlier
+        (at the request's admission, say): not at the response.
+        """
+        self.reports += 1
+        self.refuted_response += 1
+
     @property
     def belief(self) -> Belief:
         """The reading the reports are consistent with (see the class docstring)."""

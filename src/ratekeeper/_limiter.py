@@ -109,6 +109,8 @@ MAX_TRANSIT: Final = 0.25
 _SENDS_KEPT: Final = 256
 #: How long after its grant a request is taken to be sent, at the most, when looking back.
 _GRANT_TO_SEND: Final = 5.0
+#: ``date`` and ``-reset`` are given to the second: a reset this far before the date is real.
+_RESET_ROUNDING: Final = 1.5
 
 #: Header dimension names that map onto pool buckets.
 _RESYNC_DIMS: Final = (
@@ -644,7 +646,12 @@ class Limiter:
     minute a bucket holds; ``adaptive_burst`` shrinks it after a 429 the model
     did not predict and grows it back after ``burst_recovery`` clean seconds),
     ``warmup`` (seconds of slow start from ``warmup_floor`` of the rate),
-    ``wallet_balance`` (credits of a prepaid wallet), ``clock`` (a
+    ``wallet_balance`` (credits of a prepaid wallet), ``opening`` (seconds
+    of the limit a new pool spends before its first response's headers show
+    how much the server holds: a server may enforce a minute's limit over
+    a few seconds, so a minute's burst at once can meet 429s; the first
+    report lifts the level to what the server holds; default: a full
+    bucket), ``clock`` (a
     zero-argument function returning seconds; default: the event loop's clock
     in async code, ``time.monotonic`` in threads), ``on_event`` (called with a
     ``LimiterEvent`` for pauses, resyncs, 429s...), ``backfill_window``.
@@ -666,6 +673,7 @@ class Limiter:
         wallet_balance: float | None = None,
         learn_limits: bool = True,
         backfill_window: int = 16,
+        opening: float | None = None,
         clock: Callable[[], float] | None = None,
         on_event: Callable[[LimiterEvent], None] | None = None,
         backend: object = None,
@@ -695,6 +703,9 @@ class Limiter:
             raise ConfigurationError(f"warmup_floor must be in (0, 1], got {warmup_floor!r}")
         if backfill_window < 0:
             raise ConfigurationError(f"backfill_window must be >= 0, got {backfill_window!r}")
+        if opening is not None and not 0 < opening <= 60:
+            raise ConfigurationError(f"opening must be a number of seconds in (0, 60], got {opening!r}")
+        self._opening = opening
         Pool("check", {}, now=0.0, burst=burst)  # validates burst with the pool's own message
         for pool_name, dims in (limits or {}).items():
             for dim, value in dict(dims).items():  # under the names the user wrote; not at first acquire
@@ -800,6 +811,12 @@ class Limiter:
         if scale < 1.0:
             for bucket in pool.buckets.values():
                 bucket.set_level(bucket.capacity * scale, now)
+        if self._opening is not None:
+            # how much the server's bucket holds is not known before its first report: the
+            # first wave spends only ``opening`` seconds of the limit, whatever the interval it
+            # is enforced over; that report then lifts the level to what the server holds
+            for dim, bucket in pool.buckets.items():
+                bucket.set_level(min(bucket.level_at(now), pool.limits[dim] * self._opening / 60.0), now)
         rt = _PoolRuntime(pool, rules, now)
         self._pools[name] = rt
         for claim, until in self._unified_holds.items():
@@ -1697,6 +1714,11 @@ class Limiter:
         else:
             for other in rt.in_flight.values():  # a response of unknown age: all in flight is unseen
                 _add(unseen, other._charged)
+        stale = False  # a bucket full again before the answer was sent: not a report of then
+        # First the bucket's shape: the limits the headers give, and its size from "-reset is
+        # when the bucket is full again" (capacity = remaining + rate * (reset - date)); the
+        # smallest upper bound over the dimensions tells a shorter enforcement interval
+        # before any 429 does. The levels below are then read against that shape.
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
@@ -1712,6 +1734,33 @@ class Limiter:
                     changed = True
                     self._fail_impossible(rt)
                     self._emit("limit_change", rt, now, {dim: info.limit})
+            if info.remaining is not None and dim in pool.limits and pool.buckets[dim].rate > 0.0:
+                lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
+                # the server's bucket holds at least what it reports left
+                burst_floor = max(burst_floor, lowest / pool.limits[dim])
+                if permit is not None and info.reset is not None and date is not None:
+                    # (a response of unknown age bounds nothing)
+                    age = max(0.0, now - permit.started_at)
+                    upper = min(upper, burst_bound(info.remaining, info.reset, date, dim, pool, age))
+                    if not stale and (date - info.reset).total_seconds() > _RESET_ROUNDING:
+                        stale = True
+        if stale and not (
+            permit is not None and permit.response_status is not None and permit.response_status >= 400
+        ):
+            rt.moment.reset_before_date()
+        fitted = False
+        upper = fitted_burst(upper, burst_floor)
+        if self._adaptive and upper < 1.0 and pool.fit_burst(upper, now):
+            fitted = changed = True
+            rt.shrink_seq = next(self._seq)
+            self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        elif self._adaptive and pool.widen_burst(burst_floor, now):
+            changed = True
+            self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        for dim in _RESYNC_DIMS:
+            info = limits.get(dim)
+            if info is None:
+                continue
             if info.remaining is not None and dim in pool.limits:
                 margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
                 # the report's lowest reading, always: keeping a level anywhere in the rounding
@@ -1723,12 +1772,11 @@ class Limiter:
                     since = unseen.get(dim, 0.0)
                     then = early.get(dim, 0.0)
                     then_maybe = early_maybe.get(dim, 0.0)
-                    # (what was sent just before this request is taken to have arrived first, as it
-                    # nearly always does: counting it unseen would lower a burst's every report by
-                    # the whole burst; a rare overtaking costs one report's worth, corrected next)
+                    # (what was sent within a round trip before this request may reach the server
+                    # after it: requests sent together arrive in any order)
                     if replay is not None:
                         admission = admission_estimate(
-                            lowest,
+                            lowest - then_maybe,
                             admitted,
                             now,
                             sorted((t, c.get(dim, 0.0)) for t, c in replay),
@@ -1741,6 +1789,7 @@ class Limiter:
                             min(lowest + bucket.rate * max(0.0, now - admitted), bucket.capacity)
                             - since
                             - then
+                            - then_maybe
                         )
                     now_maybe = unsent_maybe.get(dim, 0.0)
                     response = response_estimate(lowest, unsent.get(dim, 0.0) + now_maybe)
@@ -1802,26 +1851,6 @@ class Limiter:
                     else:
                         rt.raised += 1
                     self._emit("resync", rt, now, {"dimension": dim, "delta": delta})
-                if pool.buckets[dim].rate > 0.0:
-                    # the server's bucket holds at least what it reports left
-                    burst_floor = max(burst_floor, lowest / pool.limits[dim])
-                if (
-                    permit is not None  # a response of unknown age bounds nothing
-                    and info.reset is not None
-                    and date is not None
-                    and pool.buckets[dim].rate > 0.0
-                ):
-                    age = max(0.0, now - permit.started_at)
-                    upper = min(upper, burst_bound(info.remaining, info.reset, date, dim, pool, age))
-        fitted = False
-        upper = fitted_burst(upper, burst_floor)
-        if self._adaptive and upper < 1.0 and pool.fit_burst(upper, now):
-            fitted = changed = True
-            rt.shrink_seq = next(self._seq)
-            self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
-        elif self._adaptive and pool.widen_burst(burst_floor, now):
-            changed = True
-            self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
         if changed:
             self._dispatch(rt, now)
         return fitted

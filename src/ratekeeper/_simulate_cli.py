@@ -75,6 +75,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         "or either at random",
     )
     s.add_argument(
+        "--opening",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help="ratekeeper spends only this many seconds of the limit before the first response "
+        "shows the server's bucket (Limiter(opening=...); default: a full bucket)",
+    )
+    s.add_argument(
         "--foreign-traffic",
         type=_fraction(),
         default=0.0,
@@ -218,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
             output_rule=args.output_rule,
             foreign_traffic=args.foreign_traffic,
             report_moment=args.report_moment,
+            opening=args.opening,
             strategies=args.strategies,
             max_retries=args.max_retries,
         )

@@ -61,7 +61,9 @@ class Scenario:
     ``foreign_traffic`` is the fraction of every limit other clients of the
     organization use, steadily. ``report_moment`` is the moment the server's
     non-streamed headers describe (``admission``, ``response`` or ``mixed``:
-    see :class:`~ratekeeper.emulator.EmulatorConfig`). After ``minutes`` no new request starts;
+    see :class:`~ratekeeper.emulator.EmulatorConfig`). ``opening`` is given to
+    ratekeeper's limiter (``Limiter(opening=...)``: seconds of the limit its
+    first wave spends before the first report). After ``minutes`` no new request starts;
     requests under way get up to ``drain_seconds`` to finish.
     """
 
@@ -72,6 +74,7 @@ class Scenario:
     output_rule: str = "max_tokens"
     foreign_traffic: float = 0.0
     report_moment: str = "admission"
+    opening: float | None = None
     strategies: tuple[str, ...] = attrs.field(default=DEFAULT_STRATEGIES, converter=_strategies)
     max_retries: int = 2
     drain_seconds: float = 120.0
@@ -88,6 +91,8 @@ class Scenario:
             raise ConfigurationError(
                 f"output_rule must be 'max_tokens' or 'actual', got {self.output_rule!r}"
             )
+        if self.opening is not None and not 0 < self.opening <= 60:
+            raise ConfigurationError(f"opening must be in (0, 60] seconds, got {self.opening!r}")
         if self.report_moment not in REPORT_MOMENTS:
             raise ConfigurationError(
                 f"report_moment must be one of {', '.join(REPORT_MOMENTS)}, got {self.report_moment!r}"
@@ -207,6 +212,7 @@ class _Run:
                 output_rule=OutputRule(sc.output_rule),
                 http_client=http,
                 max_retries=sc.max_retries,
+                opening=sc.opening,
             )
             send = make_sender(self.strategy, ctx)
             async with anyio.create_task_group() as outer:
