@@ -83,10 +83,12 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
     seen = Spy()
     settle, release, record = Permit.settle, Permit.release, Permit.record_output
 
-    def spy_settle(self: Permit, usage: object, *, credits: float | None = None) -> Any:
+    def spy_settle(
+        self: Permit, usage: object, *, credits: float | None = None, headers: object = None
+    ) -> Any:
         if self.active:
             seen.settled.append(Settlement(self, Usage.from_any(usage), credits))
-        return settle(self, usage, credits=credits)
+        return settle(self, usage, credits=credits, headers=headers)
 
     def spy_release(self: Permit) -> None:
         if self.active:

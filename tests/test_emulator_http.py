@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 
 import anthropic
@@ -23,8 +25,9 @@ MODEL = "claude-haiku-4-5"
 HELLO: list[MessageParam] = [{"role": "user", "content": "Hello there"}]
 
 
-def test_sdk_against_the_http_server() -> None:
-    server = EmulatedServer(EmulatorConfig(latency=FAST))
+@pytest.mark.parametrize("moment", ["admission", "response"])
+def test_sdk_against_the_http_server(moment: str) -> None:
+    server = EmulatedServer(EmulatorConfig(latency=FAST, report_moment=moment))  # type: ignore[arg-type]
     with serve(server, port=0) as http:
         assert http.url.startswith("http://127.0.0.1:")
         client = anthropic.Anthropic(api_key="test", base_url=http.url, max_retries=0)
@@ -129,3 +132,23 @@ def test_http_server_refuses_a_body_over_the_cap_unread(length: bytes) -> None:
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b'"type": "request_too_large"' in answer
     assert server.log == []
+
+
+def test_http_server_takes_a_response_moment_report_when_it_sends() -> None:
+    slow = LatencyModel(ttft=0.3, tokens_per_second=1000.0, jitter=0.0, error_delay=0.001)
+    server = EmulatedServer(EmulatorConfig(latency=slow, report_moment="response"))
+    seen: list[str] = []
+    with serve(server, port=0) as http:
+        client = anthropic.Anthropic(api_key="test", base_url=http.url, max_retries=0)
+
+        def first() -> None:
+            raw = client.messages.with_raw_response.create(model=MODEL, max_tokens=5, messages=HELLO)
+            seen.append(raw.headers["anthropic-ratelimit-requests-remaining"])
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        while not server.log:  # the first is admitted
+            time.sleep(0.005)
+        client.messages.create(model=MODEL, max_tokens=5, messages=HELLO)
+        thread.join()
+    assert seen == ["48"]  # the second, admitted while the first was under way, is counted

@@ -669,3 +669,60 @@ def test_transport_without_httpx2_says_how_to_install_it(monkeypatch: pytest.Mon
         match=r"^httpx2 is not installed; install it with: pip install 'ratekeeper\[anthropic\]'$",
     ):
         emulator.__getattr__("EmulatorTransport")
+
+
+# ---------------------------------------------------------------- the moment a report describes
+
+
+def test_report_moment_admission_holds_the_report_taken_when_admitted() -> None:
+    s = server(report_moment="admission")
+    first = s.handle(msg(max_tokens=2000, out=100), 0.0)  # answered at 0.5 + 1.0
+    s.handle(msg(max_tokens=2000, out=100), 0.2)  # admitted while the first is under way
+    sent = s.deliver(first, first.delay)
+    assert sent is first
+    assert remaining(sent, "requests") == 59  # taken at 0.0, before the second
+    assert remaining(sent, "output-tokens") == 4000
+
+
+def test_report_moment_response_counts_its_settlement_and_what_came_meanwhile() -> None:
+    s = server(report_moment="response")
+    first = s.handle(msg(max_tokens=2000, out=100), 0.0)
+    assert remaining(first, "output-tokens") == 4000  # as admitted, until delivered
+    s.handle(msg(max_tokens=3000, out=100), 1.2)  # admitted meanwhile: 3000 reserved
+    sent = s.deliver(first, first.delay)
+    # at 1.5: 6000 - 2000 (first) + 1900 (its settlement) - 3000 (second) + refill 150 = 3050
+    assert remaining(sent, "output-tokens") == 3000
+    level = s.level(POOL, "output_tokens", 1.5)
+    assert level == pytest.approx(6000 - 2000 + 1900 - 3000 + 100 * 1.5)
+    assert hdr(sent, "date") == hdr(first, "date")  # the date was always the response's
+    assert s.log[0].settled_at == pytest.approx(1.5)
+
+
+def test_report_moment_response_leaves_streams_at_their_first_byte() -> None:
+    s = server(report_moment="response")
+    r = s.handle(msg(max_tokens=2000, out=100, stream=True), 0.0)
+    assert r.late_headers is None
+    assert s.deliver(r, 5.0) is r
+
+
+def test_report_moment_mixed_takes_both_seeded_and_leaves_other_draws_alone() -> None:
+    def outcomes(moment: str) -> tuple[list[bool], list[int]]:
+        s = server(
+            report_moment=moment, seed=7, default_limits=PoolLimits(rpm=6000, itpm=6_000_000, otpm=600_000)
+        )
+        replies = [s.handle(msg(max_tokens=100), t * 0.01) for t in range(200)]
+        return [r.late_headers is not None for r in replies], [
+            body(r)["usage"]["output_tokens"] for r in replies
+        ]
+
+    late, produced = outcomes("mixed")
+    assert 60 < sum(late) < 140
+    assert outcomes("mixed") == (late, produced)
+    assert outcomes("admission")[1] == produced  # the output draws do not move
+    assert not any(outcomes("admission")[0])
+    assert all(outcomes("response")[0])
+
+
+def test_report_moment_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="report_moment must be one of admission, response, mixed"):
+        EmulatorConfig(report_moment="later")  # type: ignore[arg-type]

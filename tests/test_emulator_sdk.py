@@ -133,3 +133,23 @@ async def test_unified_headers_reach_the_sdk() -> None:
     assert raw.headers["anthropic-ratelimit-unified-status"] == "allowed"
     assert raw.headers["anthropic-ratelimit-unified-representative-claim"] == "five_hour"
     assert "anthropic-ratelimit-requests-limit" not in raw.headers
+
+
+@pytest.mark.parametrize("moment", ["admission", "response"])
+async def test_report_moment_reaches_the_sdk_through_the_transport(moment: str) -> None:
+    """Two overlapping requests: the first one's headers see the second only at the response."""
+    slow = LatencyModel(ttft=0.6, tokens_per_second=1000.0, jitter=0.0, error_delay=0.001)
+    server = EmulatedServer(EmulatorConfig(latency=slow, report_moment=moment))  # type: ignore[arg-type]
+    client = make(server)
+    seen: list[str] = []
+
+    async def first() -> None:
+        raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=5, messages=HELLO)
+        seen.append(raw.headers["anthropic-ratelimit-requests-remaining"])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        while not server.log:  # the first is admitted (its answer comes 0.6 s later)
+            await anyio.sleep(0.001)
+        await client.messages.create(model=MODEL, max_tokens=5, messages=HELLO)
+    assert seen == (["48"] if moment == "response" else ["49"])

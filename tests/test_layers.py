@@ -24,6 +24,7 @@ CORE = {
     "_cache_predict",
     "_errors",
     "_estimate",
+    "_feedback",
     "_headers",
     "_meta",
     "_pool",

@@ -51,12 +51,18 @@ def test_foreign_traffic_seen_only_through_headers_is_respected() -> None:
     assert limiter.statistics()[POOL].resyncs == 3
 
 
-def test_resync_never_raises_the_level() -> None:
+def test_resync_raises_to_what_the_server_provably_holds() -> None:
+    """The server counts less than the model did (an over-estimate, a refund missed): rise to it.
+
+    Taken at admission or at the response, the report says the same here (nothing else was
+    granted or refilled since), so the level rises to its lowest reading.
+    """
     limiter = Limiter("tier-1", clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=1_000)
     permit.observe(headers(requests=(50, 50), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)))
-    assert levels(limiter) == {"requests": 49, "input_tokens": 20_000, "output_tokens": 7_000}
-    assert limiter.statistics()[POOL].resyncs == 0
+    assert levels(limiter) == {"requests": 50, "input_tokens": 29_500, "output_tokens": 7_500}
+    stats = limiter.statistics()[POOL]
+    assert (stats.resyncs, stats.raised) == (0, 3)
 
 
 def test_resync_counts_own_requests_admitted_later_as_unseen() -> None:
@@ -122,8 +128,9 @@ def test_resync_orders_by_admission_not_by_arrival_in_the_queue() -> None:
     async def main() -> None:
         clock = FakeClock()
         limiter = Limiter("tier-1", clock=clock)
-        # sent before everything else: the report below has seen it
+        # sent well before everything else: the report below has seen it
         limiter.acquire_nowait(SONNET, input_tokens=25_000, max_tokens=10).mark_sent()
+        clock.advance(1)
         granted: list[Permit] = []
 
         async def want(**cost: int) -> None:
@@ -142,13 +149,15 @@ def test_resync_orders_by_admission_not_by_arrival_in_the_queue() -> None:
             limiter.set_limits(POOL)  # wake the queue at the new instant
             await settle_soon(lambda: len(granted) == 2)
             assert len(granted) == 2
-            assert levels(limiter)["input_tokens"] == 0
-            # cached's response is a report of t = 0, before the head's grant: 5,000 left, as our
-            # levels said just after cached's grant. The head's 20,000 and the 30 s of refill since
-            # are in our levels as in the server's: only the rounding comes off (lowering to the
-            # report less the head's 20,000, -15,500, would forget the refill)
+            assert levels(limiter)["input_tokens"] == 500
+            clock.advance(1)  # the head has reached the server
+            # cached's response: 5,000 left. Taken at t = 1 (cached's admission, before the head's
+            # grant), it means 4,500 at the least then, 30 s of refill (19,500), the head's 20,000
+            # at t = 31 and a second of refill: 0 now. Taken now, 4,500. The lower is the one safe
+            # under both: only the rounding comes off our 1,000 (lowering to the report less the
+            # head's 20,000, -15,500, would forget the refill)
             cached.observe(headers(input_tokens=(30_000, 5_000)))
-            assert levels(limiter)["input_tokens"] == -500
+            assert levels(limiter)["input_tokens"] == 0
             tg.cancel_scope.cancel()
 
     anyio.run(main)
@@ -449,3 +458,63 @@ def test_warmup_ramps_admission_up() -> None:
     assert plain_counts[:6] == [58, 8, 8, 9, 8, 8]  # a whole bucket at once, then 50 per minute
     assert sum(counts[6:]) == sum(plain_counts[6:]) == 50  # warm: 50 per minute, as without a warm-up
     assert limiter.statistics()[POOL].capacity == plain.statistics()[POOL].capacity
+
+
+# ---------------------------------------------------------------- the moment a report describes
+
+
+def test_a_reset_before_the_date_shows_a_report_taken_before_the_answer() -> None:
+    """The bucket was full again before the answer left: its numbers are older than the answer."""
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock)
+    for _ in range(2):
+        permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+        permit.mark_sent()
+        clock.advance(10)
+        permit.observe(
+            headers(
+                requests=(50, 49),
+                date="Mon, 05 Jan 2026 00:00:10 GMT",
+                anthropic_ratelimit_requests_reset="2026-01-05T00:00:02Z",
+            )
+        )
+        permit.settle({"input_tokens": 100, "output_tokens": 10})
+    assert limiter.statistics()[POOL].report_moment == "admission"
+
+
+def test_opening_spends_a_little_of_the_limit_until_the_first_report() -> None:
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock, opening=5.0)  # 5 s of 30,000 ITPM: 2,500
+    first = limiter.acquire_nowait(SONNET, input_tokens=2_000, max_tokens=10)
+    with pytest.raises(WouldBlock):
+        limiter.acquire_nowait(SONNET, input_tokens=2_000, max_tokens=10)
+    first.mark_sent()
+    # the server's bucket holds the full minute: the first report lifts the level to it
+    first.settle(
+        {"input_tokens": 2_000, "output_tokens": 10},
+        headers=headers(requests=(50, 49), input_tokens=(30_000, 28_000), output_tokens=(8_000, 8_000)),
+    )
+    assert levels(limiter)["input_tokens"] == 27_500
+    limiter.acquire_nowait(SONNET, input_tokens=20_000, max_tokens=10)
+
+
+def test_opening_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"opening must be a number of seconds in \(0, 60\]"):
+        Limiter("tier-1", opening=0)
+
+
+def test_settling_with_the_headers_reads_them_after_the_refund() -> None:
+    """A complete answer's headers may count its own settlement: read with it applied, nothing
+    is counted twice, and whoever the refund lets in is woken only after the report is read."""
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=4_000)
+    permit.mark_sent()
+    clock.advance(2)
+    # taken as the answer left, after its settlement: 8,000 - 4,000 + 3,900 given back, + refill
+    permit.settle(
+        {"input_tokens": 1_000, "output_tokens": 100},
+        headers=headers(requests=(50, 49), input_tokens=(30_000, 29_000), output_tokens=(8_000, 8_000)),
+    )
+    assert levels(limiter)["output_tokens"] == pytest.approx(7_500)
+    assert not limiter.statistics()[POOL].in_flight

@@ -14,9 +14,10 @@ calls them, so the machine stays synchronous and exact at the instants of a
 Invariants, after every step:
 
 * the limiter's levels equal a plain model's: one token bucket per dimension
-  taking every grant, refund, extra charge and resync the rules produce, so
-  no capacity is leaked or counted twice; once everything is settled and a
-  minute has passed, every bucket is full;
+  taking every grant, refund and extra charge, so no capacity is leaked or
+  counted twice (a report moves the model as it moved the limiter: whether
+  that correction is safe is the next invariant's job); once everything is
+  settled and a minute has passed, every bucket is full;
 * every grant was admissible in that model (and not during a pause), every
   ``WouldBlock`` was not;
 * the limiter never believes it has more than the modelled server (one
@@ -26,7 +27,9 @@ Invariants, after every step:
   over any 60 s window stays within capacity + rate x 60 (checked on the
   exact request counts).
 
-The modelled server takes a request's cost when it is granted (sent at once)
+The modelled server reports its buckets as they were just after the request's
+admission, or as they are when the answer is sent (``moment``), or either.
+It takes a request's cost when it is granted (sent at once)
 and gives back what the client gives back, when the client does: a settled
 request's difference, an unsent one's everything, a failed one's tokens at
 ``release()``. A request it has no room for (the other client's use, not yet
@@ -145,6 +148,9 @@ demands = st.builds(
 class LimiterMachine(RuleBasedStateMachine):
     permits = Bundle("permits")
     waiters = Bundle("waiters")
+    #: The moment the modelled server's reports describe: its buckets just after the request's
+    #: admission, when the answer is sent, or either (``mixed``, drawn per response).
+    moment = "admission"
 
     def __init__(self) -> None:
         super().__init__()
@@ -267,8 +273,10 @@ class LimiterMachine(RuleBasedStateMachine):
         self.held[id(permit)] = held
         return permit
 
-    def _respond(self, held: Held, status: int, retry: int) -> None:
-        snap = held.snapshot
+    def _respond(self, held: Held, status: int, retry: int, late: bool = False) -> None:
+        # a refusal is answered at once: its report is of its admission either way
+        at_response = status != 429 and (self.moment == "response" or (self.moment == "mixed" and late))
+        snap = {d: b.at(self.now()) for d, b in self.server.items()} if at_response else held.snapshot
         hdrs = headers(
             requests=(50, max(0, math.floor(snap["requests"] + EPS))),
             input_tokens=(30_000, max(0, round_thousand(snap["input_tokens"]))),
@@ -277,8 +285,8 @@ class LimiterMachine(RuleBasedStateMachine):
         )
         held.status = status
         held.permit.observe(hdrs, status=status, body=RATE_LIMIT_BODY if status == 429 else None)
-        self.reported_step = max(self.reported_step, held.step)
-        self._resync(held, held.snapshot)
+        self.reported_step = max(self.reported_step, self.step if at_response else held.step)
+        self._adopt()
         if status == 429:
             self.paused_until = max(self.paused_until, self.now() + retry)
 
@@ -392,15 +400,37 @@ class LimiterMachine(RuleBasedStateMachine):
         self.waiting.remove(w)
         self._after()
 
-    @rule(permit=permits, status=st.sampled_from([200, 200, 200, 500, 429]), retry=st.integers(1, 30))
-    def respond(self, permit: Permit, status: int, retry: int) -> None:
-        """The response to an earlier request, with headers as the server had it then."""
+    @rule(
+        permit=permits,
+        status=st.sampled_from([200, 200, 200, 500, 429]),
+        retry=st.integers(1, 30),
+        late=st.booleans(),
+    )
+    def respond(self, permit: Permit, status: int, retry: int, late: bool) -> None:
+        """The response to an earlier request, with headers as the server had it at the moment
+        this machine's server reports (``moment``; for ``mixed``, at the response if ``late``)."""
         held = self.held.get(id(permit))
         if held is None or held.status is not None or not permit.active:
             return
         self.step += 1
-        self._respond(held, status, retry)
+        self._respond(held, status, retry, late)
         self._after()
+
+    def _adopt(self) -> None:
+        """A report with a permit: the model takes the limiter's correction as it is.
+
+        Which correction is right depends on the moment the report describes
+        and on what the limiter has inferred of it (``ratekeeper._feedback``);
+        that it is safe is what ``never_more_than_the_server_has`` checks,
+        under the reading this machine's server uses.
+        """
+        now = self.now()
+        levels = self.limiter.statistics()[POOL].levels
+        for dim in DIMS:
+            bucket = self.model[dim]
+            before = bucket.at(now)
+            bucket.level, bucket.t = levels[dim], max(bucket.t, now)
+            self.lowered[dim] += before - levels[dim]
 
     def _resync(self, held: Held | None, snap: Mapping[str, float]) -> None:
         now = self.now()
@@ -511,7 +541,7 @@ class LimiterMachine(RuleBasedStateMachine):
             model=SONNET,
         )
         self.reported_step = self.step
-        self._resync(None, snap)
+        self._adopt()
         self._after()
 
     @rule(seconds=st.sampled_from([0.05, 0.5, 1.2, 3.0, 7.5, 20.0, 61.0]))
@@ -581,4 +611,14 @@ def round_thousand(x: float) -> int:
     return math.floor(x / 1000.0 + 0.5) * 1000
 
 
+class ResponseMomentMachine(LimiterMachine):
+    moment = "response"
+
+
+class MixedMomentMachine(LimiterMachine):
+    moment = "mixed"
+
+
 TestLimiterMachine = LimiterMachine.TestCase
+TestResponseMomentMachine = ResponseMomentMachine.TestCase
+TestMixedMomentMachine = MixedMomentMachine.TestCase

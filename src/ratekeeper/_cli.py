@@ -58,6 +58,13 @@ def _emulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--otpm-rule", choices=["max_tokens", "actual"], default="max_tokens", help="OTPM accounting"
     )
+    p.add_argument(
+        "--report-moment",
+        choices=["admission", "response", "mixed"],
+        default="admission",
+        help="when non-streamed headers describe the buckets: at admission (default), at the response "
+        "(after its settlement and all admitted meanwhile), or either at random",
+    )
     p.add_argument("--rpm", type=int, help="explicit RPM for every pool (with --itpm and --otpm)")
     p.add_argument("--itpm", type=int, help="explicit ITPM for every pool")
     p.add_argument("--otpm", type=int, help="explicit OTPM for every pool")
@@ -127,6 +134,7 @@ def _emulate(args: argparse.Namespace) -> int:
             enforcement_interval=args.enforcement_interval,
             token_enforcement_interval=args.token_enforcement_interval,
             otpm_rule=args.otpm_rule,
+            report_moment=args.report_moment,
             seed=args.seed,
             epoch=epoch,
             latency=LatencyModel(ttft=args.ttft, tokens_per_second=args.tokens_per_second),

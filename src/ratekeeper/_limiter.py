@@ -52,6 +52,14 @@ from ratekeeper._errors import (
     WouldBlock,
 )
 from ratekeeper._events import EventLog, HookLock
+from ratekeeper._feedback import (
+    NO_READINGS,
+    MomentEvidence,
+    Readings,
+    admission_estimate,
+    correction,
+    response_estimate,
+)
 from ratekeeper._headers import RateLimitSnapshot, parse_headers
 from ratekeeper._pool import Pool
 from ratekeeper._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
@@ -95,6 +103,17 @@ MIN_SHARE: Final = 0.25
 #: warned resets) holds before it is emptied, so hostile input cannot grow it without bound.
 MAX_REMEMBERED: Final = 1024
 
+#: The longest a request is taken to travel to the server (in case no answer came quickly):
+#: one the server may not have received yet is not counted in a report taken at its response.
+MAX_TRANSIT: Final = 0.25
+#: How many recent sends a pool remembers for that (more than MAX_TRANSIT's worth at any rate
+#: a client reaches: 256 in a quarter second is over 60,000 requests a minute).
+_SENDS_KEPT: Final = 256
+#: How long after its grant a request is taken to be sent, at the most, when looking back.
+_GRANT_TO_SEND: Final = 5.0
+#: ``date`` and ``-reset`` are given to the second: a reset this far before the date is real.
+_RESET_ROUNDING: Final = 1.5
+
 #: Header dimension names that map onto pool buckets.
 _RESYNC_DIMS: Final = (
     "requests",
@@ -108,6 +127,11 @@ _ONE_REQUEST: Final = {"requests": 1.0}
 #: The dimensions whose levels a permit notes at its grant, in ``Pool.take_plain``'s order.
 _LEVEL_DIMS: Final = ("requests", "input_tokens", "output_tokens", "tokens")
 _LEVEL_INDEX: Final = {dim: i for i, dim in enumerate(_LEVEL_DIMS)}
+#: The dimensions whose reports show which moment they describe: the client's own traffic is
+#: known exactly there (a request is one request; a max_tokens reservation is what the server
+#: reserves too), so only the reports' rounding blurs them. Input is estimated: it would not.
+_EVIDENCE_DIMS: Final = frozenset({"requests", "output_tokens"})
+_EVIDENCE_TOLERANCE: Final = {"requests": 1.01, "output_tokens": 2 * ROUNDING_MARGIN + 1.0}
 _DEFAULT_PRESET: Final = "tier-1"
 _FALLBACK_PRESET: Final = "start"
 
@@ -195,21 +219,27 @@ class _PoolRuntime:
     __slots__ = (
         "admitted",
         "cache_reads_count",
+        "changes",
         "events",
+        "fastest",
         "granted",
         "in_flight",
         "lowered",
+        "moment",
         "next_wake",
         "overload_backoff",
         "overloaded",
         "pool",
         "queue",
         "queued",
+        "raised",
         "rate_limited",
         "rate_limited_predicted",
+        "readings",
         "reserves_max_tokens",
         "resyncs",
         "rules",
+        "sends",
         "share",
         "share_seq",
         "share_since",
@@ -218,7 +248,7 @@ class _PoolRuntime:
         "waits",
     )
 
-    def __init__(self, pool: Pool, rules: AccountingRules) -> None:
+    def __init__(self, pool: Pool, rules: AccountingRules, created: float = math.nan) -> None:
         self.pool = pool
         self.rules = rules
         self.cache_reads_count = rules.cache_reads_count
@@ -234,6 +264,22 @@ class _PoolRuntime:
         self.overloaded = 0
         self.overload_backoff = 0.0
         self.resyncs = 0
+        self.raised = 0
+        # the quickest answer seen from sending to its headers: no request travels longer
+        self.fastest = math.inf
+        # [sent at, seq, charges, granted at] of the latest requests granted (sent at = granted
+        # at until marked sent): what reached the server after a report's moment, and what may
+        # not have reached it yet; bounded
+        self.sends: deque[list[Any]] = deque(maxlen=_SENDS_KEPT)
+        # (time, {dim: change}) of what settlements (and output charged as it is produced) did
+        # to the server's buckets lately, for replaying them after a report (see _feedback)
+        self.changes: deque[tuple[float, Mapping[str, float]]] = deque(maxlen=_SENDS_KEPT)
+        # what the reports have shown of the moment they describe (see _feedback)
+        self.moment = MomentEvidence()
+        # per dimension: what each reading of the reports says, relative to the model
+        self.readings: dict[str, Readings] = {}
+        if created == created:
+            self.moment.start(created)
         self.waits = WaitSamples()
         # What this client has spent on the pool so far (see ``spent_since``) is the admitted
         # window's running total plus what was given back of requests the server never
@@ -266,6 +312,55 @@ class _PoolRuntime:
             for dim, amount in draws.items():
                 uncounted[dim] = uncounted.get(dim, 0.0) - sign * amount
             self.uncounted = uncounted
+
+    def note_grant(self, permit: Permit, now: float) -> None:
+        """Remember a grant in ``sends`` (its send time is its grant's until ``mark_sent``)."""
+        entry = [now, permit.seq, dict(permit._charged), now]
+        permit._send = entry
+        self.sends.append(entry)
+
+    def changes_since(self, t0: float, seq: int) -> list[tuple[float, Mapping[str, float]]] | None:
+        """This client's own changes to the server's buckets after ``t0``: requests reaching it
+        (drawing) and settlements; ``None`` if the remembered ones do not reach back that far.
+        ``seq`` is the reported request, sent at ``t0``: its send and those before it are in
+        the report. Requests not sent yet are left out (the caller counts them at the end)."""
+        out: list[tuple[float, Mapping[str, float]]] = []
+        sends, changes = self.sends, self.changes
+        in_flight = self.in_flight
+        oldest = t0 - _GRANT_TO_SEND
+        reached = len(sends) < _SENDS_KEPT
+        for t, other, charged, granted in reversed(sends):
+            if granted < oldest:
+                reached = True
+                break
+            # sent at the same instant: in the order granted (the order they left in)
+            if t < t0 or (t == t0 and other <= seq):
+                continue
+            held = in_flight.get(other)
+            if held is not None and not held.sent:
+                continue
+            out.append((t, {d: -a for d, a in charged.items()}))
+        if not reached:
+            return None
+        reached = len(changes) < _SENDS_KEPT
+        for t, change in reversed(changes):
+            if t <= t0:
+                reached = True
+                break
+            out.append((t, change))
+        return out if reached else None
+
+    def counted_total(self, dim: str) -> float:
+        """Everything charged on ``dim`` so far, net of settlements and of what was given back
+        without the server counting it (refusals, requests never sent)."""
+        w = self.admitted
+        if dim == "requests":
+            return w.requests
+        if dim == "input_tokens":
+            return w.input_tokens
+        if dim == "output_tokens":
+            return w.output_tokens
+        return w.other.get(dim, 0.0)
 
     def mark(self) -> tuple[Mark, Mapping[str, float], tuple[float, ...]]:
         """What ``spent`` is now, for a permit to note at its grant."""
@@ -317,6 +412,7 @@ class Permit:
         "_mark",
         "_plain",
         "_runtime",
+        "_send",
         "_state",
         "_version",
         "credits",
@@ -325,6 +421,7 @@ class Permit:
         "reserved",
         "response_status",
         "sent",
+        "sent_at",
         "seq",
         "started_at",
     )
@@ -357,6 +454,10 @@ class Permit:
         self.started_at = now
         self._state = _ACTIVE
         self.sent = False
+        self.sent_at = math.nan
+        # [sent at (its grant until marked sent), seq, what it draws, granted at]: its pool's
+        # ``sends`` entry, for replaying what reached the server after a report
+        self._send: list[Any] | None = None
         self.response_status: int | None = None
 
     @property
@@ -367,6 +468,9 @@ class Permit:
     def mark_sent(self) -> None:
         """Record that the request is leaving for the server (its RPM token is spent)."""
         self.sent = True
+        self.sent_at = now = self._limiter._now()
+        if self._send is not None:
+            self._send[0] = now
 
     def record_output(self, output_tokens: int) -> None:
         """Charge output produced so far (cumulative), as a stream runs.
@@ -399,13 +503,24 @@ class Permit:
         self.response_status = status
         return self._limiter._observe(headers, status=status, body=body, permit=self, runtime=self._runtime)
 
-    def settle(self, usage: object, *, credits: float | None = None) -> Cost:
+    def settle(self, usage: object, *, credits: float | None = None, headers: object = None) -> Cost:
         """Apply the actual usage: refund what was over-reserved, charge what was under.
 
         ``usage`` is an SDK ``Usage`` object, a mapping with the usage fields, or a
         ``Usage``. ``credits`` is the wallet's actual charge, when known. Returns the
         settled cost. Settling twice is an error; settling after release does nothing.
+
+        ``headers``: a complete (non-streamed) answer's headers, fed back in the
+        same step. They may already count this settlement (the moment they
+        describe is undocumented), so the limiter reads them with it applied,
+        and lets nobody in on the refund before it has read them.
         """
+        limiter = self._limiter
+        if headers is not None and self._state == _ACTIVE:
+            return limiter._settle_observing(self, usage, credits, headers)
+        return self._settle(usage, credits, wake=True)
+
+    def _settle(self, usage: object, credits: float | None, *, wake: bool) -> Cost:
         limiter = self._limiter
         if self._state == _ACTIVE and self._plain and credits is None and limiter._backend is None:
             if type(usage) is Usage:
@@ -415,15 +530,16 @@ class Permit:
                     usage.output_tokens,
                     usage.cache_read_input_tokens,
                     usage.cache_creation_input_tokens,
+                    wake=wake,
                 )
             counts = _usage_counts(usage)
             if counts is not None:
-                return limiter._settle_plain(self, *counts)
+                return limiter._settle_plain(self, *counts, wake=wake)
         if self._state == _SETTLED:
             raise ConfigurationError("this permit is already settled")
         if self._state == _RELEASED:
             return Cost()
-        return limiter._settle(self, Usage.from_any(usage), credits)
+        return limiter._settle(self, Usage.from_any(usage), credits, wake=wake)
 
     def release(self) -> None:
         """Give back what the request did not use, without a usage report.
@@ -535,7 +651,12 @@ class Limiter:
     minute a bucket holds; ``adaptive_burst`` shrinks it after a 429 the model
     did not predict and grows it back after ``burst_recovery`` clean seconds),
     ``warmup`` (seconds of slow start from ``warmup_floor`` of the rate),
-    ``wallet_balance`` (credits of a prepaid wallet), ``clock`` (a
+    ``wallet_balance`` (credits of a prepaid wallet), ``opening`` (seconds
+    of the limit a new pool spends before its first response's headers show
+    how much the server holds: a server may enforce a minute's limit over
+    a few seconds, so a minute's burst at once can meet 429s; the first
+    report lifts the level to what the server holds; default: a full
+    bucket), ``clock`` (a
     zero-argument function returning seconds; default: the event loop's clock
     in async code, ``time.monotonic`` in threads), ``on_event`` (called with a
     ``LimiterEvent`` for grants, pauses, resyncs, 429s..., once the limiter's
@@ -560,6 +681,7 @@ class Limiter:
         wallet_balance: float | None = None,
         learn_limits: bool = True,
         backfill_window: int = 16,
+        opening: float | None = None,
         clock: Callable[[], float] | None = None,
         on_event: Callable[[LimiterEvent], None] | None = None,
         backend: object = None,
@@ -589,6 +711,9 @@ class Limiter:
             raise ConfigurationError(f"warmup_floor must be in (0, 1], got {warmup_floor!r}")
         if backfill_window < 0:
             raise ConfigurationError(f"backfill_window must be >= 0, got {backfill_window!r}")
+        if opening is not None and not 0 < opening <= 60:
+            raise ConfigurationError(f"opening must be a number of seconds in (0, 60], got {opening!r}")
+        self._opening = opening
         Pool("check", {}, now=0.0, burst=burst)  # validates burst with the pool's own message
         for pool_name, dims in (limits or {}).items():
             for dim, value in dict(dims).items():  # under the names the user wrote; not at first acquire
@@ -697,7 +822,13 @@ class Limiter:
         if scale < 1.0:
             for bucket in pool.buckets.values():
                 bucket.set_level(bucket.capacity * scale, now)
-        rt = _PoolRuntime(pool, rules)
+        if self._opening is not None:
+            # how much the server's bucket holds is not known before its first report: the
+            # first wave spends only ``opening`` seconds of the limit, whatever the interval it
+            # is enforced over; that report then lifts the level to what the server holds
+            for dim, bucket in pool.buckets.items():
+                bucket.set_level(min(bucket.level_at(now), pool.limits[dim] * self._opening / 60.0), now)
+        rt = _PoolRuntime(pool, rules, now)
         self._pools[name] = rt
         for claim, until in self._unified_holds.items():
             if until > now and _unified_targets(claim, {name: rt}, None):
@@ -951,6 +1082,7 @@ class Limiter:
         rt.granted += 1
         if self._on_event is not None:
             self._emit("grant", rt, now, {"waited": 0.0})
+        rt.note_grant(permit, now)
         return permit
 
     def _admit_at_once(
@@ -1005,6 +1137,7 @@ class Limiter:
             rt.granted += 1
             if self._on_event is not None:
                 self._emit("grant", rt, now, {"waited": 0.0})
+            rt.note_grant(permit, now)
             return permit
         finally:
             lock.release()
@@ -1092,6 +1225,7 @@ class Limiter:
                 permit._mark = placeholder._mark
                 permit._levels = placeholder._levels
                 permit._version = placeholder._version
+                permit._send = placeholder._send
             rt.in_flight[waiter.seq] = permit
             waiter.permit = permit
             return permit
@@ -1286,7 +1420,23 @@ class Limiter:
 
     # ------------------------------------------------------------------ settlement
 
-    def _settle(self, permit: Permit, usage: Usage, credits: float | None) -> Cost:
+    def _settle_observing(
+        self, permit: Permit, usage: object, credits: float | None, headers: object
+    ) -> Cost:
+        """``settle`` with a complete answer's headers: settle, read the headers, then wake."""
+        if self._backend is not None:  # the Redis engine reads a report before the settlement
+            permit.observe(headers)
+            return permit._settle(usage, credits, wake=True)
+        cost = permit._settle(usage, credits, wake=False)
+        permit.sent = True
+        permit.response_status = 200
+        self._observe(headers, status=200, body=None, permit=permit, runtime=permit._runtime)
+        rt = permit._runtime
+        with self._lock:
+            self._dispatch(rt, self._now())  # whoever the refund lets in, now that it is read
+        return cost
+
+    def _settle(self, permit: Permit, usage: Usage, credits: float | None, *, wake: bool = True) -> Cost:
         if self._backend is not None:
             return self._backend.settle(permit, usage, credits)
         with self._lock:
@@ -1302,6 +1452,8 @@ class Limiter:
             rt.pool.give_back(diff, now)
             if diff:
                 rt.record(now, diff, -1.0)
+                if permit.sent:
+                    rt.changes.append((now, diff))
             if self._wallet is not None and permit.credits and credits is not None:
                 self._wallet.give_back(permit.credits - credits, now) if permit.credits >= credits else (
                     self._wallet.charge(credits - permit.credits, now)
@@ -1310,10 +1462,13 @@ class Limiter:
             permit._state = _SETTLED
             rt.in_flight.pop(permit.seq, None)
             self._grow_burst(rt, now)
-            self._dispatch(rt, now)
+            if wake:
+                self._dispatch(rt, now)
             return actual
 
-    def _settle_plain(self, permit: Permit, uncached: int, output: int, read: int, write: int) -> Cost:
+    def _settle_plain(
+        self, permit: Permit, uncached: int, output: int, read: int, write: int, *, wake: bool = True
+    ) -> Cost:
         """``_settle`` for a permit of requests and tokens only, without intermediate objects."""
         lock = self._lock
         lock.acquire()  # not ``with``: see _admit_plain
@@ -1346,6 +1501,18 @@ class Limiter:
             if give_in or give_out:
                 pool.give_back_plain(give_in, give_out, now)
                 rt.admitted.add_request(now, 0.0, -give_in, -give_out)  # rt.record(now, diff, -1.0)
+                if permit.sent:  # for replaying after a report (see _resync): when it happened
+                    at = now if now > -math.inf else self._now()
+                    rt.changes.append(
+                        (
+                            at,
+                            {
+                                "input_tokens": give_in,
+                                "output_tokens": give_out,
+                                "tokens": give_in + give_out,
+                            },
+                        )
+                    )
             if inp or out:
                 permit._charged = {
                     "requests": 1.0,
@@ -1360,9 +1527,9 @@ class Limiter:
             if now > -math.inf:
                 if pool.burst < 1.0 or rt.share < 1.0:
                     self._grow_burst(rt, now)
-                if rt.queued or rt.queue or self._warmup is not None:
+                if wake and (rt.queued or rt.queue or self._warmup is not None):
                     self._dispatch(rt, now)
-            elif rt.queue:
+            elif wake and rt.queue:
                 rt.queue.clear()  # what _dispatch does when nobody waits: drop the cancelled
             return request_cost(inp, out)
         finally:
@@ -1397,6 +1564,7 @@ class Limiter:
                 more["priority_output_tokens"] = extra
             rt.pool.take(more, now)
             rt.record(now, more)
+            rt.changes.append((now, {d: -a for d, a in more.items()}))
             for dim, amount in more.items():
                 permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
 
@@ -1419,6 +1587,10 @@ class Limiter:
         if refund:
             rt.pool.give_back(refund, now)
             rt.record(now, refund, -1.0, counted=False)
+            if permit._send is not None:  # refused (or never sent): it drew nothing but the request
+                drew = permit._send[2]
+                for dim in refund:
+                    drew.pop(dim, None)
         if self._wallet is not None and permit.credits and (not permit.sent or refund):
             self._wallet.give_back(permit.credits, now)
         permit._state = _RELEASED
@@ -1495,44 +1667,72 @@ class Limiter:
         upper = math.inf
         burst_floor = 0.0
         unseen: dict[str, float] = {}
-        # what the server could not have counted at its report though we had: see below
-        uncounted: dict[str, float] = {}
-        levels = None  # the permit's note of the levels at its grant, and the pool's version then
-        version = -1
-        lowered_then: tuple[float, ...] = rt.lowered
-        given_back: dict[str, float] = {}
+        # What the model had drawn and the server had not counted when the request reached it
+        # (``early``), and now (``unsent``). A request sent within ``transit`` of a moment may
+        # or may not have reached the server by then: what was granted before this request
+        # (``early_maybe``) or after it (``late_maybe``), and what may be on its way now
+        # (``unsent_maybe``). Corrections count each the safe way, the evidence of the moment
+        # as a blur either way.
+        early: dict[str, float] = {}
+        early_maybe: dict[str, float] = {}
+        late_maybe: dict[str, float] = {}
+        unsent: dict[str, float] = {}
+        unsent_maybe: dict[str, float] = {}
+        replay: list[tuple[float, Mapping[str, float]]] | None = None
+        refused = False
+        counted_since: dict[str, float] = {}
         if permit is not None:
-            if permit.response_status is not None and permit.response_status >= 400:
+            refused = permit.response_status is not None and permit.response_status >= 400
+            if refused:
                 # refused: the server never took its tokens, and release() will give them back
                 for dim, amount in permit._charged.items():
                     if dim != "requests":
-                        uncounted[dim] = uncounted.get(dim, 0.0) + amount
+                        early[dim] = early.get(dim, 0.0) + amount
+                        unsent[dim] = unsent.get(dim, 0.0) + amount
+            # a report taken as its answer left counts every request sent a round trip before
+            # now, and a round trip is no longer than the quickest answer took
+            sent_at = permit.sent_at
+            if sent_at == sent_at:
+                rt.fastest = min(rt.fastest, now - sent_at)
+            else:
+                sent_at = permit.started_at
+            transit = min(rt.fastest, MAX_TRANSIT)
+            admitted, seq = sent_at, permit.seq
             for other in rt.in_flight.values():
-                if other.seq < permit.seq and not other.sent:
-                    # admitted earlier but not sent (yet): the server cannot have counted it
-                    for dim, amount in other._charged.items():
-                        uncounted[dim] = uncounted.get(dim, 0.0) + amount
-            levels, version = permit._levels, permit._version
-            # everything we charged (or refunded) since this request was admitted, in flight or done
+                if not other.sent:
+                    _add(unsent, other._charged)
+                    if other.seq < seq:  # drawn in the model before this request, never sent
+                        _add(early, other._charged)
+            oldest = min(admitted, now) - transit
+            for t, other_seq, charged, granted in reversed(rt.sends):
+                if granted < oldest - _GRANT_TO_SEND:
+                    break
+                held = rt.in_flight.get(other_seq)
+                if t < oldest or other_seq == seq or (held is not None and not held.sent):
+                    continue
+                if t > now - transit:
+                    _add(unsent_maybe, charged)
+                if abs(t - admitted) <= transit:
+                    _add(early_maybe if other_seq < seq else late_maybe, charged)
+                elif t > admitted and other_seq < seq:  # reached the server after this request
+                    _add(early, charged)
+            replay = rt.changes_since(admitted, seq)
+            # everything we charged (or refunded) since this request was granted, in flight or
+            # done; what was given back since without the server ever counting it stays in
+            # (if admitted before this request, the server never had it; if after, counting it
+            # lowers more than needed: safe)
             unseen = rt.spent_since(permit._mark)
-            # given back since without the server ever counting it (never sent, or refused): if
-            # admitted before this request, it was in our levels at its grant, never in the server's
-            # (if after, counting it lowers more than needed: safe)
-            _, uncounted_then, lowered_then = permit._mark
-            if rt.uncounted is not uncounted_then:
-                for dim, amount in rt.uncounted.items():
-                    given = amount - uncounted_then.get(dim, 0.0)
-                    if given > 0.0 and dim != "tokens":
-                        given_back[dim] = given_back.get(dim, 0.0) + given
-                given_back["tokens"] = given_back.get("input_tokens", 0.0) + given_back.get(
-                    "output_tokens", 0.0
-                )
-            for dim, amount in uncounted.items():
-                unseen[dim] = unseen.get(dim, 0.0) + amount
+            counted_since = rt.admitted.since(permit._mark[0])
+            if refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
+                rt.moment.restart(now)
         else:
             for other in rt.in_flight.values():  # a response of unknown age: all in flight is unseen
-                for dim, amount in other._charged.items():
-                    unseen[dim] = unseen.get(dim, 0.0) + amount
+                _add(unseen, other._charged)
+        stale = False  # a bucket full again before the answer was sent: not a report of then
+        # First the bucket's shape: the limits the headers give, and its size from "-reset is
+        # when the bucket is full again" (capacity = remaining + rate * (reset - date)); the
+        # smallest upper bound over the dimensions tells a shorter enforcement interval
+        # before any 429 does. The levels below are then read against that shape.
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
@@ -1548,52 +1748,20 @@ class Limiter:
                     changed = True
                     self._fail_impossible(rt)
                     self._emit("limit_change", rt, now, {dim: info.limit})
-            if info.remaining is not None and dim in pool.limits:
-                margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
-                # the report's lowest reading, always: keeping a level anywhere in the rounding
-                # band could admit up to twice the rounding more than the server has left
-                lowest = info.remaining - margin
-                target = lowest - unseen.get(dim, 0.0)
-                i = _LEVEL_INDEX.get(dim, -1)
-                # (unless a limit or the burst changed since: levels then are not comparable)
-                at_grant = (
-                    levels[i] if levels is not None and i >= 0 and version == pool.version else math.nan
-                )
-                if at_grant == at_grant:  # not nan
-                    # The report is of the buckets when the request arrived, just after its
-                    # grant: by how much our model was ahead of the server then, lower it now,
-                    # less what resyncs since took off (other reports showed the same). Lowering
-                    # to the report itself (less what we drew since) would also throw away the
-                    # refill since, which our model has counted like the server, clamp for
-                    # clamp: seconds of it for a long request and a short bucket.
-                    ahead = (
-                        at_grant
-                        + uncounted.get(dim, 0.0)
-                        + given_back.get(dim, 0.0)
-                        - lowest
-                        - (rt.lowered[i] - lowered_then[i])
-                    )
-                    target = pool.buckets[dim].level_at(now) - ahead if ahead > 0.0 else math.inf
-                delta = pool.resync(dim, target, now)
-                if delta < 0.0:
-                    if i >= 0:
-                        lowered = list(rt.lowered)
-                        lowered[i] -= delta
-                        rt.lowered = tuple(lowered)
-                    changed = True
-                    rt.resyncs += 1
-                    self._emit("resync", rt, now, {"dimension": dim, "delta": delta})
-                if pool.buckets[dim].rate > 0.0:
-                    # the server's bucket holds at least what it reports left
-                    burst_floor = max(burst_floor, lowest / pool.limits[dim])
-                if (
-                    permit is not None  # a response of unknown age bounds nothing
-                    and info.reset is not None
-                    and date is not None
-                    and pool.buckets[dim].rate > 0.0
-                ):
+            if info.remaining is not None and dim in pool.limits and pool.buckets[dim].rate > 0.0:
+                lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
+                # the server's bucket holds at least what it reports left
+                burst_floor = max(burst_floor, lowest / pool.limits[dim])
+                if permit is not None and info.reset is not None and date is not None:
+                    # (a response of unknown age bounds nothing)
                     age = max(0.0, now - permit.started_at)
                     upper = min(upper, burst_bound(info.remaining, info.reset, date, dim, pool, age))
+                    if not stale and (date - info.reset).total_seconds() > _RESET_ROUNDING:
+                        stale = True
+        if stale and not (
+            permit is not None and permit.response_status is not None and permit.response_status >= 400
+        ):
+            rt.moment.reset_before_date()
         fitted = False
         upper = fitted_burst(upper, burst_floor)
         if self._adaptive and upper < 1.0 and pool.fit_burst(upper, now):
@@ -1603,6 +1771,100 @@ class Limiter:
         elif self._adaptive and pool.widen_burst(burst_floor, now):
             changed = True
             self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        for dim in _RESYNC_DIMS:
+            info = limits.get(dim)
+            if info is None:
+                continue
+            if info.remaining is not None and dim in pool.limits:
+                margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
+                # the report's lowest reading, always: keeping a level anywhere in the rounding
+                # band could admit up to twice the rounding more than the server has left
+                lowest = info.remaining - margin
+                bucket = pool.buckets[dim]
+                level = bucket.level_at(now)
+                if permit is not None:  # the report's age is known: see _feedback
+                    since = unseen.get(dim, 0.0)
+                    then = early.get(dim, 0.0)
+                    then_maybe = early_maybe.get(dim, 0.0)
+                    # (what was sent within a round trip before this request may reach the server
+                    # after it: requests sent together arrive in any order)
+                    if replay is not None:
+                        admission = admission_estimate(
+                            lowest - then_maybe,
+                            admitted,
+                            now,
+                            sorted((t, c.get(dim, 0.0)) for t, c in replay),
+                            rate=bucket.rate,
+                            capacity=bucket.capacity,
+                            pending=unsent.get(dim, 0.0),
+                        )
+                    else:  # the rings do not reach back to the admission: all refill first, the safe side
+                        admission = (
+                            min(lowest + bucket.rate * max(0.0, now - admitted), bucket.capacity)
+                            - since
+                            - then
+                            - then_maybe
+                        )
+                    now_maybe = unsent_maybe.get(dim, 0.0)
+                    response = response_estimate(lowest, unsent.get(dim, 0.0) + now_maybe)
+                    if (
+                        dim in _EVIDENCE_DIMS
+                        and (dim == "requests" or rt.reserves_max_tokens)
+                        and not refused  # taken as it arrived: either reading fits it
+                    ):
+                        limit = pool.limits[dim]
+                        after_maybe = late_maybe.get(dim, 0.0)
+                        rt.moment.note(
+                            dim,
+                            lowest - then + (after_maybe - then_maybe) / 2,
+                            response + now_maybe / 2,
+                            admission_blur=(then_maybe + after_maybe) / 2,
+                            response_blur=now_maybe / 2,
+                            admitted_at=admitted,
+                            now=now,
+                            # what the server counted of ours: refusals and unsent given back
+                            spent=rt.counted_total(dim),
+                            spent_since=counted_since.get(dim, 0.0),
+                            rate=limit / 60.0,
+                            tolerance=_EVIDENCE_TOLERANCE[dim],
+                            ceiling=limit,
+                        )
+                    # a refusal is answered as it arrives: its report is of then, either way
+                    order = float(seq)
+                    moments = ((admitted, order), (admitted, order) if refused else (now, order))
+                else:
+                    # a response of unknown age: the report less everything that could be
+                    # missing from it, under either reading; it lifts nothing
+                    admission = response = lowest - unseen.get(dim, 0.0)
+                    moments = NO_READINGS.moments
+                readings = rt.readings.get(dim, NO_READINGS)
+                target, readings = correction(
+                    level,
+                    bucket.capacity,
+                    (admission, response),
+                    moments,
+                    rt.moment.belief,
+                    readings,
+                    latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
+                )
+                if target > level:  # a reading refuted: what it took off comes back
+                    delta = bucket.resync(target, now, allow_increase=True)
+                else:
+                    delta = pool.resync(dim, target, now)
+                after = level + delta
+                if after != target:  # clamped (debt, capacity): the readings stay where they were
+                    shift = target - after
+                    readings = Readings(
+                        (readings.offsets[0] + shift, readings.offsets[1] + shift), readings.moments
+                    )
+                rt.readings[dim] = readings
+                if delta != 0.0:
+                    changed = True
+                    if delta < 0.0:
+                        rt.resyncs += 1
+                    else:
+                        rt.raised += 1
+                    self._emit("resync", rt, now, {"dimension": dim, "delta": delta})
         if changed:
             self._dispatch(rt, now)
         return fitted
@@ -1838,6 +2100,8 @@ class Limiter:
                         kind: EventSummary(kind, count, now - t, _wall(taken_at, t - now), detail)
                         for kind, (t, count, detail) in rt.events.items()
                     },
+                    raised=rt.raised,
+                    report_moment=rt.moment.belief,
                 )
             wallet = self._wallet.level_at(now) if self._wallet is not None else None
             return LimiterStatistics(
@@ -1983,6 +2247,11 @@ def _for_model(model: str, exc: CapacityExceeded) -> CapacityExceeded:
     return error
 
 
+def _add(totals: dict[str, float], amounts: Mapping[str, float]) -> None:
+    for dim, amount in amounts.items():
+        totals[dim] = totals.get(dim, 0.0) + amount
+
+
 def _levels_after(pool: Pool, now: float) -> tuple[float, ...]:
     """The pool's levels of _LEVEL_DIMS at ``now`` (``nan`` where it has no such bucket)."""
     buckets = pool.buckets
@@ -1990,7 +2259,9 @@ def _levels_after(pool: Pool, now: float) -> tuple[float, ...]:
 
 
 def _placeholder(limiter: Limiter, rt: _PoolRuntime, w: _Waiter, now: float) -> Permit:
-    return Permit(limiter, rt, "", w.draws, w.credit, w.seq, now)
+    permit = Permit(limiter, rt, "", w.draws, w.credit, w.seq, now)
+    rt.note_grant(permit, now)
+    return permit
 
 
 def _rules_with(rules: AccountingRules, cache_reads_count: bool) -> AccountingRules:

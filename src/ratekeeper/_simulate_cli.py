@@ -68,6 +68,21 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="how OTPM counts: max_tokens reserved at the start (2025 docs, default) or actual output",
     )
     s.add_argument(
+        "--report-moment",
+        choices=["admission", "response", "mixed"],
+        default="admission",
+        help="when non-streamed headers describe the buckets: at admission (default), at the response, "
+        "or either at random",
+    )
+    s.add_argument(
+        "--opening",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help="ratekeeper spends only this many seconds of the limit before the first response "
+        "shows the server's bucket (Limiter(opening=...); default: a full bucket)",
+    )
+    s.add_argument(
         "--foreign-traffic",
         type=_fraction(),
         default=0.0,
@@ -210,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
             enforcement_interval=args.enforcement_interval,
             output_rule=args.output_rule,
             foreign_traffic=args.foreign_traffic,
+            report_moment=args.report_moment,
+            opening=args.opening,
             strategies=args.strategies,
             max_retries=args.max_retries,
         )

@@ -49,6 +49,11 @@ class PoolStatistics:
     the same limit. Times are seconds from the snapshot (``paused_for``) or aware
     UTC datetimes (``paused_until``); ``events`` is what the pool learned or went
     through, by kind (see ``EventSummary``).
+    ``resyncs`` counts corrections down from response headers, ``raised``
+    corrections up (a reading of the reports' moment refuted gave back what it
+    took). ``report_moment`` is what the headers have shown of the moment they
+    describe: ``admission``, ``response``, ``mixed`` (each, in turn), or
+    ``unknown`` so far (corrections then take the lower of the two readings).
     """
 
     name: str
@@ -72,6 +77,8 @@ class PoolStatistics:
     used: Mapping[str, float] = attrs.field(factory=dict)
     paused_until: datetime.datetime | None = None
     events: Mapping[str, EventSummary] = attrs.field(factory=dict)
+    raised: int = 0
+    report_moment: str = "unknown"
 
     def format(self) -> str:
         """The pool in a few lines: traffic, each bucket, what it learned."""
@@ -90,8 +97,8 @@ class PoolStatistics:
             )
         lines.append(
             f"  429s {self.rate_limited} ({self.rate_limited_predicted} predicted), 529s {self.overloaded},"
-            f" resyncs {self.resyncs}; burst {_num(self.burst)} ({_num(self.burst * 60.0)} s of refill),"
-            f" share {self.share:.0%}"
+            f" resyncs {self.resyncs} down, {self.raised} up; reports read at: {self.report_moment};"
+            f" burst {_num(self.burst)} ({_num(self.burst * 60.0)} s of refill), share {self.share:.0%}"
         )
         if self.paused_until is not None:
             lines.append(

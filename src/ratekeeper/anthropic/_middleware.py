@@ -251,38 +251,47 @@ class _Exchange:
     def _settle_message(
         self, body: object, *, complete: bool, observed: bool, output: int = 0
     ) -> RateLimitSnapshot:
-        """Observe the headers (unless ``observed`` already), settle from ``body``'s usage, learn.
+        """Settle from ``body``'s usage, observe the headers (unless ``observed`` already), learn.
 
-        The rate-limit headers describe the server at the request's admission,
-        before its own settlement, so they are observed before settling (the
-        limiter's documented order). A wallet's balance is the exception: the
-        proxy reports it after the charge, so it is fed after settling, or the
-        limiter would give this request's reservation back a second time.
+        A complete answer's rate-limit headers may describe the server after this
+        request's own settlement (the moment is undocumented): the limiter reads
+        them best with the settlement already applied, so it settles first (when
+        the usage cannot be read, it observes, then releases). A stream was observed at its
+        first byte, before any settlement could be in its headers. A wallet's
+        balance is fed last: the proxy reports it after the charge, so fed
+        before settling the limiter would give this request's reservation back
+        a second time.
         """
         permit, snapshot = self.permit, self._snapshot
         assert snapshot is not None
-        if not observed:
-            permit.observe(attrs.evolve(snapshot, quota=None))  # the balance is fed after settling
         usage = body.get("usage") if isinstance(body, dict) else None
         quota = body.get("quota") if isinstance(body, dict) else None
         quota = quota if isinstance(quota, dict) else {}
-        if not isinstance(usage, dict):
-            permit.release()
+        settled = False
+        if isinstance(usage, dict):
+            try:
+                if output > (_number(usage.get("output_tokens")) or 0.0):
+                    usage = {**usage, "output_tokens": output}  # a cut stream: what its deltas showed
+                credits = _number(quota.get("credits_used"))
+                if credits is None and snapshot.quota is not None:
+                    credits = snapshot.quota.credits_used
+                if permit.active:
+                    if observed:
+                        permit.settle(usage, credits=credits)
+                    else:  # the balance is fed below
+                        permit.settle(usage, credits=credits, headers=attrs.evolve(snapshot, quota=None))
+                        observed = True
+                settled = True
+            except (TypeError, ValueError, OverflowError) as exc:
+                # a malformed report must not lose the response nor leak the permit: keep the
+                # reservation as charged (the safe side), and say what was wrong
+                log.warning("cannot settle on this response's usage (%s); keeping its reservation", exc)
+        if not observed:
+            permit.observe(attrs.evolve(snapshot, quota=None))  # the balance is fed below
+        if not settled:
+            permit.release()  # after the observation: a successful answer's reservation stands
             return snapshot
-        try:
-            if output > (_number(usage.get("output_tokens")) or 0.0):
-                usage = {**usage, "output_tokens": output}  # a cut stream: what its deltas showed
-            credits = _number(quota.get("credits_used"))
-            if credits is None and snapshot.quota is not None:
-                credits = snapshot.quota.credits_used
-            if permit.active:
-                permit.settle(usage, credits=credits)
-        except (TypeError, ValueError, OverflowError) as exc:
-            # a malformed report must not lose the response nor leak the permit: keep the
-            # reservation as charged (the safe side), and say what was wrong
-            log.warning("cannot settle on this response's usage (%s); keeping its reservation", exc)
-            permit.release()
-            return snapshot
+        assert isinstance(usage, dict)
         balance = _number(quota.get("balance_after"))
         if balance is None and snapshot.quota is not None:
             balance = snapshot.quota.balance

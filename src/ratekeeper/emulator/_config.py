@@ -22,6 +22,8 @@ __all__ = [
     "OutputTokensFn",
     "OtpmRule",
     "PoolLimits",
+    "REPORT_MOMENTS",
+    "ReportMoment",
     "UnifiedConfig",
     "WalletConfig",
 ]
@@ -31,6 +33,8 @@ DEFAULT_EPOCH: Final = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
 
 Mode = Literal["api", "unified", "wallet"]
 OtpmRule = Literal["max_tokens", "actual"]
+ReportMoment = Literal["admission", "response", "mixed"]
+REPORT_MOMENTS: Final = ("admission", "response", "mixed")
 #: ``fn(body, rng) -> output tokens`` decides how much a request produces (capped at max_tokens).
 OutputTokensFn = Callable[[Mapping[str, Any], random.Random], int]
 
@@ -174,6 +178,12 @@ class EmulatorConfig:
     token_enforcement_interval: float | None = None
     #: ``max_tokens``: reserve max_tokens at start, settle at the end (2025); ``actual``: charge as produced.
     otpm_rule: OtpmRule = "max_tokens"
+    #: The moment a non-streamed response's rate-limit headers describe (undocumented for the
+    #: real server): ``admission`` (taken when the request was admitted, held until the answer
+    #: is sent), ``response`` (taken when it is sent: after the request's own settlement and
+    #: everything admitted meanwhile) or ``mixed`` (either, at random per response, seeded).
+    #: A stream's headers go out at its first byte, so they always describe its admission.
+    report_moment: ReportMoment = "admission"
     #: ``None``: from the preset's scheme (the † classes).
     cache_reads_count: bool | None = None
     #: Cache threshold overrides, by model id (display form, e.g. ``claude-sonnet-4-5``).
@@ -209,6 +219,10 @@ class EmulatorConfig:
     def __attrs_post_init__(self) -> None:
         if self.mode not in ("api", "unified", "wallet"):
             raise ConfigurationError(f"mode must be 'api', 'unified' or 'wallet', got {self.mode!r}")
+        if self.report_moment not in REPORT_MOMENTS:
+            raise ConfigurationError(
+                f"report_moment must be one of {', '.join(REPORT_MOMENTS)}, got {self.report_moment!r}"
+            )
         if self.otpm_rule not in ("max_tokens", "actual"):
             raise ConfigurationError(f"otpm_rule must be 'max_tokens' or 'actual', got {self.otpm_rule!r}")
         lo, hi = self.output_fraction

@@ -62,6 +62,9 @@ class _Handler(BaseHTTPRequestHandler):
         with owner.lock:
             reply = owner.server.handle(req, arrival)
         owner.sleep_until(arrival + reply.delay)
+        if reply.late_headers is not None:
+            with owner.lock:
+                reply = owner.server.deliver(reply, owner.now())
         self.send_response_only(reply.status)
         for name, value in reply.headers:
             if name.lower() not in _SKIP:

@@ -120,12 +120,19 @@ class _Admission:
         self.rec.settled_at = self.now
         return reply
 
-    def _rate_headers(self) -> list[tuple[str, str]]:
+    def _rate_headers(self, at: float | None = None) -> list[tuple[str, str]]:
+        at = self.now if at is None else at
         if self.cfg.mode == "api":
-            return self.info.pool.headers(self.cfg.epoch, self.now, combined=True)
+            return self.info.pool.headers(self.cfg.epoch, at, combined=True)
         if self.cfg.mode == "unified":
-            return self.st.unified.headers(self.cfg.epoch, self.now)
+            return self.st.unified.headers(self.cfg.epoch, at)
         return []
+
+    def _reports_at_response(self) -> bool:
+        moment = self.cfg.report_moment
+        if moment == "mixed":
+            return self.st.moment_rng.random() < 0.5
+        return moment == "response"
 
     def _check_api(self) -> Reply | None:
         st, now, pool = self.st, self.now, self.info.pool
@@ -347,12 +354,28 @@ class _Admission:
     ) -> Reply:
         out = tl.output_tokens
         body = self._message(output_words(0, out), out, self._stop_reason(out))
-        hdrs = self.st.base_headers(self.rid, self.now + tl.end) + headers
+        base = self.st.base_headers(self.rid, self.now + tl.end)
+        quota: list[tuple[str, str]] = []
         if wallet is not None:
             body["quota"] = dict(wallet["quota"])
-            hdrs += self._quota_headers(wallet)
+            quota = self._quota_headers(wallet)
+        late = None
+        if self._reports_at_response():
+            settled_at = self.now + tl.end
+
+            def late(t: float) -> list[tuple[str, str]]:
+                # never before this request's own settlement, whatever the caller's clock rounding
+                at = self.st.advance(max(t, settled_at))
+                return base + self._rate_headers(at) + quota
+
         return Reply(
-            status=200, headers=tuple(hdrs), request_id=self.rid, delay=tl.end, body=body, ends_at=tl.end
+            status=200,
+            headers=tuple(base + headers + quota),
+            request_id=self.rid,
+            delay=tl.end,
+            body=body,
+            ends_at=tl.end,
+            late_headers=late,
         )
 
     def _quota_headers(self, wallet: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, final
 
+import attrs
+
 from ratekeeper._errors import ConfigurationError
 from ratekeeper.emulator._config import EmulatorConfig
 from ratekeeper.emulator._endpoints import BatchBook, handle_count_tokens
@@ -69,6 +71,17 @@ class EmulatedServer:
                 return self._not_found(t)
             return self._batches.handle(request, t)
         return self._not_found(t)
+
+    def deliver(self, reply: Reply, now: float) -> Reply:
+        """``reply`` as sent at server time ``now``, when its headers are taken then.
+
+        Under ``report_moment="response"`` (or ``"mixed"``) a non-streamed answer's
+        rate-limit headers describe the buckets when it is sent; transports call
+        this once the reply's ``delay`` has passed. Other replies come back as they are.
+        """
+        if reply.late_headers is None:
+            return reply
+        return attrs.evolve(reply, headers=tuple(reply.late_headers(now)), late_headers=None)
 
     def _not_found(self, now: float) -> Reply:
         rid = self._st.ids.request_id()

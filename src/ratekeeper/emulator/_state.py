@@ -57,6 +57,8 @@ class ServerState:
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
         self.rng = random.Random(config.seed)
+        # its own stream, so a mixed report moment leaves every other draw as it was
+        self.moment_rng = random.Random(f"moment-{config.seed}")
         self.ids = IdSource(config.seed)
         self.org_id = str(uuid.UUID(int=random.Random(f"org-{config.seed}").getrandbits(128), version=4))
         self.ledger = Ledger()

@@ -79,6 +79,12 @@ class EmulatorTransport(httpx2.AsyncBaseTransport, httpx2.BaseTransport):
         with self._lock:
             return self.server.handle(_convert(request, body), now), now
 
+    def _deliver(self, reply: Reply, t: float) -> Reply:
+        if reply.late_headers is None:
+            return reply
+        with self._lock:
+            return self.server.deliver(reply, self._server_time(t))
+
     def _abandon(self, request_id: str, t: float) -> None:
         with self._lock:
             self.server.abandon(request_id, self._server_time(t))
@@ -94,6 +100,7 @@ class EmulatorTransport(httpx2.AsyncBaseTransport, httpx2.BaseTransport):
         except BaseException:
             self._abandon(reply.request_id, anyio.current_time())
             raise
+        reply = self._deliver(reply, anyio.current_time())
         if not reply.is_stream:
             return _response(reply)
         return _response(reply, _AsyncEvents(self, reply, arrival))
@@ -112,6 +119,7 @@ class EmulatorTransport(httpx2.AsyncBaseTransport, httpx2.BaseTransport):
         except BaseException:
             self._abandon(reply.request_id, self.clock.now())
             raise
+        reply = self._deliver(reply, self.clock.now())
         if not reply.is_stream:
             return _response(reply)
         return _response(reply, _SyncEvents(self, reply, arrival))

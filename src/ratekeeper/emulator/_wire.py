@@ -8,7 +8,7 @@ import json
 import math
 import random
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, final
 
 import attrs
@@ -162,6 +162,9 @@ class Reply:
     content: bytes | None = None
     events: tuple[SseEvent, ...] = ()
     ends_at: float = 0.0
+    #: For a report taken when the answer is sent (``report_moment``): the rate-limit headers
+    #: at server time ``t``; ``EmulatedServer.deliver`` swaps them in at delivery.
+    late_headers: Callable[[float], list[tuple[str, str]]] | None = attrs.field(default=None, eq=False)
 
     @property
     def is_stream(self) -> bool:

@@ -17,7 +17,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Final, final
+from typing import Any, Final, cast, final
 
 import anthropic
 import anyio
@@ -29,6 +29,7 @@ from ratekeeper._accounting import OutputRule
 from ratekeeper._errors import ConfigurationError
 from ratekeeper._presets import limits_for
 from ratekeeper.emulator import EmulatedServer, EmulatorConfig, EmulatorTransport, ForeignTraffic
+from ratekeeper.emulator._config import REPORT_MOMENTS, ReportMoment
 from ratekeeper.simulate._metrics import DIMENSIONS, Attempt, Outcome, StrategyResult, bind, summarize
 from ratekeeper.simulate._strategies import STRATEGIES, Sender, StrategyContext, make_sender
 from ratekeeper.simulate._workload import SIM_ID_HEADER, Workload, WorkloadGenerator
@@ -58,7 +59,11 @@ class Scenario:
     OTPM (``max_tokens`` reserved at the start, or ``actual`` tokens as
     produced); the ratekeeper strategy is told the same rule.
     ``foreign_traffic`` is the fraction of every limit other clients of the
-    organization use, steadily. After ``minutes`` no new request starts;
+    organization use, steadily. ``report_moment`` is the moment the server's
+    non-streamed headers describe (``admission``, ``response`` or ``mixed``:
+    see :class:`~ratekeeper.emulator.EmulatorConfig`). ``opening`` is given to
+    ratekeeper's limiter (``Limiter(opening=...)``: seconds of the limit its
+    first wave spends before the first report). After ``minutes`` no new request starts;
     requests under way get up to ``drain_seconds`` to finish.
     """
 
@@ -68,6 +73,8 @@ class Scenario:
     enforcement_interval: float = 60.0
     output_rule: str = "max_tokens"
     foreign_traffic: float = 0.0
+    report_moment: str = "admission"
+    opening: float | None = None
     strategies: tuple[str, ...] = attrs.field(default=DEFAULT_STRATEGIES, converter=_strategies)
     max_retries: int = 2
     drain_seconds: float = 120.0
@@ -83,6 +90,12 @@ class Scenario:
         if self.output_rule not in ("max_tokens", "actual"):
             raise ConfigurationError(
                 f"output_rule must be 'max_tokens' or 'actual', got {self.output_rule!r}"
+            )
+        if self.opening is not None and not 0 < self.opening <= 60:
+            raise ConfigurationError(f"opening must be in (0, 60] seconds, got {self.opening!r}")
+        if self.report_moment not in REPORT_MOMENTS:
+            raise ConfigurationError(
+                f"report_moment must be one of {', '.join(REPORT_MOMENTS)}, got {self.report_moment!r}"
             )
         if not 0 <= self.foreign_traffic < 1:
             raise ConfigurationError(f"foreign_traffic must be in [0, 1), got {self.foreign_traffic!r}")
@@ -113,6 +126,7 @@ class Scenario:
             preset=self.preset,
             enforcement_interval=self.enforcement_interval,
             otpm_rule="max_tokens" if self.output_rule == "max_tokens" else "actual",
+            report_moment=cast(ReportMoment, self.report_moment),
             seed=self.workload.seed,
             foreign=foreign,
             monthly_spend_cap_usd=math.inf,  # the spend cap is not what a throughput run measures
@@ -198,6 +212,7 @@ class _Run:
                 output_rule=OutputRule(sc.output_rule),
                 http_client=http,
                 max_retries=sc.max_retries,
+                opening=sc.opening,
             )
             send = make_sender(self.strategy, ctx)
             async with anyio.create_task_group() as outer:

@@ -51,6 +51,8 @@ class StrategyContext:
     output_rule: OutputRule
     http_client: httpx2.AsyncClient
     max_retries: int = 2
+    #: ratekeeper's ``Limiter(opening=...)``
+    opening: float | None = None
 
 
 def _client(ctx: StrategyContext) -> anthropic.AsyncAnthropic:
@@ -104,7 +106,8 @@ def _sdk(ctx: StrategyContext) -> Sender:
 def _ratekeeper(ctx: StrategyContext) -> Sender:
     from ratekeeper.anthropic import wrap
 
-    client = _on_loop(wrap(_client(ctx), Limiter(ctx.preset, output_rule=ctx.output_rule)))
+    limiter = Limiter(ctx.preset, output_rule=ctx.output_rule, opening=ctx.opening)
+    client = _on_loop(wrap(_client(ctx), limiter))
 
     async def send(plan: RequestPlan) -> None:
         await _call(client, plan)

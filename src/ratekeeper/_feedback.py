@@ -1,0 +1,335 @@
+"""What a response's rate-limit report says about the server, whatever moment it describes.
+
+Pure: numbers in, numbers out; time is passed in. The limiter (and the Redis
+engine) gather what they know of their own traffic, call these functions, and
+apply the result; no rule about reports is written anywhere else.
+
+Which moment a non-streamed response's headers describe is undocumented: the
+buckets when the request was admitted (the numbers held until the answer is
+sent), or when the answer is sent (after the request's own settlement and
+after everything admitted meanwhile, this client's own requests included).
+Each reading gives its own estimate of what the server holds *now*:
+
+- at admission: the report, plus how this client's own traffic moved the
+  bucket since that admission (refill, less what reached the server, plus its
+  refunds), replayed with the server's clamp at full;
+- at the response: the report itself, less what this client has granted but
+  not yet sent (the server cannot have counted that).
+
+The two differ by how much the client's own level moved during the request:
+nothing in a steady state, a whole burst at the start. Until the traffic shows
+which reading the server uses, a correction goes to the lower estimate (safe
+under both); once one reading is refuted, to the other's.
+
+How a reading is refuted: take a reading's estimate of the server's level,
+less the client's own traffic since a fixed instant ``t0`` (refill at the
+server's rate, less everything granted, plus refunds). Under the right reading
+that is the server's level at ``t0`` less what others drew and what the
+server's clamp at full threw away since: it never goes up, and it never
+exceeds the bucket's largest size. A reading whose series goes up (beyond the
+reports' rounding) is not the one the server uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from typing import Final, Literal, final
+
+import attrs
+
+__all__ = [
+    "BELIEFS",
+    "NO_READINGS",
+    "Belief",
+    "Moment",
+    "MomentEvidence",
+    "Readings",
+    "admission_estimate",
+    "correction",
+    "response_estimate",
+]
+
+Belief = Literal["unknown", "admission", "response", "mixed"]
+#: An instant a report describes, and the grant order of its request (for one instant's reports).
+Moment = tuple[float, float]
+BELIEFS: Final = ("unknown", "admission", "response", "mixed")
+
+#: Refutations one reading needs, with none of the other's, before the limiter relies on the other.
+REFUTATIONS_TO_DECIDE: Final = 2
+
+
+def admission_estimate(
+    lowest: float,
+    admitted_at: float,
+    now: float,
+    events: Iterable[tuple[float, float]],
+    *,
+    rate: float,
+    capacity: float,
+    pending: float,
+) -> float:
+    """The server's level now, if ``lowest`` was its level when the request was admitted.
+
+    Replays this client's own traffic since ``admitted_at`` on a bucket that
+    starts at the report: ``events`` are ``(time, change)`` in time order (a
+    request reaching the server draws, a settlement gives back), the refill is
+    ``rate`` and clamps at ``capacity`` as the server's does; ``pending`` is what
+    the client has drawn for requests not sent yet (in its model, not the
+    server's), taken off at the end. Without the clamp a long request on a short
+    bucket would count seconds of refill the server threw away; with the refill
+    added before the draws instead (clamping once), it would count none.
+
+    >>> admission_estimate(4_000, 0.0, 10.0, [(1.0, -3_000), (9.0, 2_000)],
+    ...                    rate=1_000.0, capacity=5_000.0, pending=500.0)
+    4500.0
+    """
+    level, t = float(lowest), admitted_at
+    for at, change in events:
+        if at > t:
+            level = min(capacity, level + rate * (at - t))
+            t = at
+        level = min(capacity, level + change)
+    if now > t:
+        level = min(capacity, level + rate * (now - t))
+    return level - pending
+
+
+def response_estimate(lowest: float, unsent: float) -> float:
+    """The server's level now, if ``lowest`` was its level when the answer was sent.
+
+    ``unsent``: what this client has drawn for requests not sent yet (and for a
+    refused one it will give back): in its model, not in the server's report.
+
+    >>> response_estimate(lowest=4_000, unsent=1_024)
+    2976.0
+    """
+    return float(lowest - unsent)
+
+
+@final
+@attrs.frozen
+class Readings:
+    """What each reading of the reports so far says a bucket holds, relative to the model.
+
+    ``offsets``: each reading's value less the model's level (the two move
+    together with the client's own traffic; a bucket full at its capacity holds
+    no more under either). ``moments``: the instant the report that last set
+    each value describes under that reading (the request's admission, or the
+    answer's sending), with the request's grant order to tell apart reports of
+    one instant, so an older report never lifts a value a newer one set.
+    """
+
+    offsets: tuple[float, float] = (0.0, 0.0)
+    moments: tuple[Moment, Moment] = ((-math.inf, -math.inf), (-math.inf, -math.inf))
+
+
+NO_READINGS: Final = Readings()
+
+
+def correction(
+    level: float,
+    capacity: float,
+    estimates: tuple[float, float],
+    moments: tuple[Moment, Moment],
+    belief: Belief,
+    readings: Readings = NO_READINGS,
+    *,
+    latest: tuple[Moment, Moment] | None = None,
+) -> tuple[float, Readings]:
+    """Where the model's level goes after a report, and the readings then.
+
+    ``estimates`` are the report's value of the server's level now under the
+    admission and the response reading, ``moments`` the instants it describes
+    under each. Under a reading, a report more recent than any before it gives
+    the value (down or up: it has seen all they saw, and more of others'
+    traffic); an older one can only lower it (both are bounds). The model goes to the
+    value of the reading believed, or the lower of the two while the moment is
+    not known (safe under both). So learning the moment gives back what the
+    refuted reading took off, and a stale report never lifts the model.
+    ``latest``: for a report whose moment is not known, the latest it can be
+    (``moments`` are then the earliest): what it lowered, no report older than
+    that lifts.
+
+    >>> r = Readings()
+    >>> target, r = correction(10.0, 100.0, (4.0, 12.0), ((1.0, 1), (5.0, 1)), "unknown", r)
+    >>> target, r.offsets
+    (4.0, (0.0, 8.0))
+    >>> target, r = correction(4.0, 100.0, (3.0, 9.0), ((0.5, 2), (6.0, 2)), "response", r)
+    >>> target, r.offsets
+    (9.0, (-6.0, 0.0))
+    """
+    values = []
+    for i in (0, 1):
+        estimate, at, held = estimates[i], moments[i], min(capacity, level + readings.offsets[i])
+        values.append(min(capacity, estimate) if at > readings.moments[i] else min(held, estimate))
+    adm, resp = values
+    if belief == "admission":
+        target = adm
+    elif belief == "response":
+        target = resp
+    else:
+        target = min(adm, resp)
+    if target != target:  # nan: no estimate
+        return level, readings
+    seen = moments if latest is None else latest
+    return target, Readings(
+        (adm - target, resp - target),
+        (max(seen[0], readings.moments[0]), max(seen[1], readings.moments[1])),
+    )
+
+
+@final
+class MomentEvidence:
+    """What a pool's reports have shown about the moment they describe.
+
+    ``note`` takes each report's estimate of the server's level under each
+    reading, each with the instant it describes (``admitted_at``, ``now``), the
+    client's own running total on that dimension at ``now`` (``spent``:
+    everything charged, net of settlements) and what of it came after the
+    admission (``spent_since``), and the server's refill ``rate``. A series
+    runs from ``t0`` (``start``: the pool's creation; else the first note),
+    and starts again when a dimension's rate changes (refutations so far are
+    kept: they are facts). ``belief`` is ``admission`` or ``response`` once the
+    other reading has been refuted ``REFUTATIONS_TO_DECIDE`` times and it never,
+    ``mixed`` when both have been, else ``unknown``.
+
+    Ten requests admitted at once into a full bucket of 100 (no refill), three
+    answers whose reports all say 90 left: taken at admission, the 1st, 5th and
+    9th would have said 99, 95 and 91.
+
+    >>> ev = MomentEvidence()
+    >>> ev.start(0.0)
+    >>> for k, t in [(1, 1.0), (5, 2.0), (9, 3.0)]:
+    ...     ev.note("requests", 90.0, 90.0, admitted_at=0.0, now=t, spent=10.0,
+    ...             spent_since=10.0 - k, rate=0.0, tolerance=1.5, ceiling=100.0)
+    >>> ev.belief, ev.refuted_admission, ev.refuted_response
+    ('response', 2, 0)
+    """
+
+    __slots__ = ("_series", "_since", "_t0", "refuted_admission", "refuted_response", "reports")
+
+    def __init__(self) -> None:
+        self._t0 = math.nan
+        self._since = -math.inf
+        # dimension -> (t0, spent at t0, rate, ceiling, admission points, lowest response value)
+        self._series: dict[str, _Series] = {}
+        self.refuted_admission = 0
+        self.refuted_response = 0
+        self.reports = 0
+
+    def start(self, t0: float) -> None:
+        """Series begin at ``t0``, when the client had spent nothing (its pool's creation)."""
+        self._t0 = t0
+
+    def restart(self, now: float) -> None:
+        """Forget the series (not the refutations): the client's own traffic since is uncertain.
+
+        After a refusal, say: whether the server counted the refused request's
+        RPM token is not known, so values on either side of it do not compare.
+        """
+        self._series.clear()
+        self._t0 = math.nan
+        self._since = now
+
+    def note(
+        self,
+        dim: str,
+        admission: float,
+        response: float,
+        *,
+        admitted_at: float,
+        now: float,
+        spent: float,
+        spent_since: float,
+        rate: float,
+        tolerance: float,
+        ceiling: float,
+        admission_blur: float = 0.0,
+        response_blur: float = 0.0,
+    ) -> None:
+        """One report (see the module's docstring).
+
+        ``admission``: the report as the level at ``admitted_at`` (less what
+        the server had not counted then); ``response``: as the level at
+        ``now`` (less what it has not counted now); each may be off by its
+        ``*_blur`` either way (requests that may or may not have reached the
+        server by then). ``ceiling`` is the largest the server's bucket can be
+        (its per-minute limit), so its level at ``t0`` was at most that.
+        ``tolerance`` covers the report's rounding.
+        """
+        series = self._series.get(dim)
+        if series is None or series.rate != rate:
+            if self._t0 == self._t0 and series is None:
+                series = _Series(self._t0, 0.0, rate, ceiling)
+            else:  # from this report on: the server held at most ``ceiling`` now too
+                series = _Series(now, spent, rate, ceiling)
+            self._series[dim] = series
+        self.reports += 1
+        # a reading's value, less the client's own traffic from t0 to the instant it describes
+        # (refill at the server's rate, before its clamp): the server's level at t0, less what
+        # others took and its clamp threw away since, under the reading the server uses
+        at_adm = admission - (rate * (admitted_at - series.t0) - (spent - spent_since - series.spent0))
+        at_resp = response - (rate * (now - series.t0) - (spent - series.spent0))
+        if admitted_at >= self._since and series.admission_breaks(
+            admitted_at, at_adm, admission_blur, tolerance
+        ):
+            self.refuted_admission += 1
+        if at_resp - response_blur > min(series.lowest_response, series.ceiling) + tolerance:
+            self.refuted_response += 1
+        series.lowest_response = min(series.lowest_response, at_resp + response_blur)
+
+    def reset_before_date(self) -> None:
+        """A report whose ``-reset`` is before its ``date`` (beyond their second's rounding).
+
+        ``date`` is when the answer was sent; a bucket reported at that moment
+        cannot have been full again before it. The report was taken earlier
+        (at the request's admission, say): not at the response.
+        """
+        self.reports += 1
+        self.refuted_response += 1
+
+    @property
+    def belief(self) -> Belief:
+        """The reading the reports are consistent with (see the class docstring)."""
+        adm, resp = self.refuted_admission, self.refuted_response
+        if adm >= REFUTATIONS_TO_DECIDE and resp == 0:
+            return "response"
+        if resp >= REFUTATIONS_TO_DECIDE and adm == 0:
+            return "admission"
+        if adm and resp:
+            return "mixed"
+        return "unknown"
+
+
+#: How many admission-reading points a series keeps: answers arrive out of admission order
+#: only within about one request's life, so the recent ones are the ones to compare.
+_POINTS: Final = 32
+
+
+@final
+class _Series:
+    __slots__ = ("ceiling", "lowest_response", "points", "rate", "spent0", "t0")
+
+    def __init__(self, t0: float, spent0: float, rate: float, ceiling: float) -> None:
+        self.t0 = t0
+        self.spent0 = spent0
+        self.rate = rate
+        self.ceiling = ceiling
+        # the highest each reading's value can be, at the lowest point so far
+        self.lowest_response = math.inf
+        # (instant, lowest, highest) of the latest admission-reading values
+        self.points: deque[tuple[float, float, float]] = deque(maxlen=_POINTS)
+
+    def admission_breaks(self, at: float, value: float, blur: float, tolerance: float) -> bool:
+        """Add a point; True if it and an earlier one rise with time (the series cannot)."""
+        low, high = value - blur, value + blur
+        # (before t0 the level can have been above the ceiling less the traffic since)
+        broken = at >= self.t0 and low > self.ceiling + tolerance
+        for t, lo, hi in self.points:
+            if (t <= at and low > hi + tolerance) or (t >= at and lo > high + tolerance):
+                broken = True
+                break
+        self.points.append((at, low, high))
+        return broken
