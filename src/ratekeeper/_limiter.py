@@ -109,6 +109,7 @@ MAX_TRANSIT: Final = 0.25
 #: How many recent sends a pool remembers for that (more than MAX_TRANSIT's worth at any rate
 #: a client reaches: 256 in a quarter second is over 60,000 requests a minute).
 _SENDS_KEPT: Final = 256
+_SHORTFALLS_KEPT: Final = 64
 #: How long after its grant a request is taken to be sent, at the most, when looking back.
 _GRANT_TO_SEND: Final = 5.0
 #: ``date`` and ``-reset`` are given to the second: a reset this far before the date is real.
@@ -243,6 +244,7 @@ class _PoolRuntime:
         "share",
         "share_seq",
         "share_since",
+        "shortfalls",
         "shrink_seq",
         "uncounted",
         "waits",
@@ -273,7 +275,10 @@ class _PoolRuntime:
         self.sends: deque[list[Any]] = deque(maxlen=_SENDS_KEPT)
         # (time, {dim: change}) of what settlements (and output charged as it is produced) did
         # to the server's buckets lately, for replaying them after a report (see _feedback)
-        self.changes: deque[tuple[float, Mapping[str, float]]] = deque(maxlen=_SENDS_KEPT)
+        # (and when, in which order, the request settled had drawn, as ``sends`` has it)
+        self.changes: deque[tuple[float, Mapping[str, float], float, float]] = deque(maxlen=_SENDS_KEPT)
+        # by how much (a fraction) the input estimates settled lately fell short of the usage
+        self.shortfalls: deque[float] = deque(maxlen=_SHORTFALLS_KEPT)
         # what the reports have shown of the moment they describe (see _feedback)
         self.moment = MomentEvidence()
         # per dimension: what each reading of the reports says, relative to the model
@@ -327,6 +332,7 @@ class _PoolRuntime:
         out: list[tuple[float, Mapping[str, float]]] = []
         sends, changes = self.sends, self.changes
         in_flight = self.in_flight
+        under = max(self.shortfalls, default=0.0)
         oldest = t0 - _GRANT_TO_SEND
         reached = len(sends) < _SENDS_KEPT
         for t, other, charged, granted in reversed(sends):
@@ -339,14 +345,25 @@ class _PoolRuntime:
             held = in_flight.get(other)
             if held is not None and not held.sent:
                 continue
-            out.append((t, {d: -a for d, a in charged.items()}))
+            draws = {d: -a for d, a in charged.items()}
+            if held is not None and under > 0.0 and (estimated := charged.get("input_tokens", 0.0)):
+                # still unsettled: the server counted its actual input, which may be more than
+                # this estimate; by as much as the estimates settled lately fell short
+                draws["input_tokens"] = -estimated * (1.0 + under)
+                if "tokens" in draws:
+                    draws["tokens"] -= estimated * under
+            out.append((t, draws))
         if not reached:
             return None
         reached = len(changes) < _SENDS_KEPT
-        for t, change in reversed(changes):
+        for t, change, drawn_at, drawn_seq in reversed(changes):
             if t <= t0:
                 reached = True
                 break
+            if drawn_at < t0 or (drawn_at == t0 and drawn_seq <= seq):
+                # settled after the report, drawn before it: the report has the server's own count
+                # of it, and what the settlement changes of our estimates is not the server's
+                change = _server_side(change, self.reserves_max_tokens)
             out.append((t, change))
         return out if reached else None
 
@@ -1449,11 +1466,14 @@ class Limiter:
                 if dim not in _RESYNC_DIMS:  # not usage (a batch's queue slots): stays as charged
                     new[dim] = amount
             diff = _diff(permit._charged, new)
+            estimated = permit._charged.get("input_tokens", 0.0)
+            if estimated > 0.0:
+                rt.shortfalls.append(max(0.0, (new.get("input_tokens", 0.0) - estimated) / estimated))
             rt.pool.give_back(diff, now)
             if diff:
                 rt.record(now, diff, -1.0)
                 if permit.sent:
-                    rt.changes.append((now, diff))
+                    rt.changes.append((now, diff, *_drawn(permit)))
             if self._wallet is not None and permit.credits and credits is not None:
                 self._wallet.give_back(permit.credits - credits, now) if permit.credits >= credits else (
                     self._wallet.charge(credits - permit.credits, now)
@@ -1482,8 +1502,11 @@ class Limiter:
             pool = rt.pool
             inp = float(uncached + write + read) if rt.cache_reads_count else float(uncached + write)
             out = float(output)
-            give_in = charged.get("input_tokens", 0.0) - inp
+            estimated = charged.get("input_tokens", 0.0)
+            give_in = estimated - inp
             give_out = charged.get("output_tokens", 0.0) - out
+            if estimated > 0.0:
+                rt.shortfalls.append(max(0.0, -give_in / estimated))
             if give_in >= 0.0 and give_out >= 0.0 and pool.burst == 1.0 and rt.share == 1.0 and not rt.queued:
                 # Only refunds, and nobody to wake: no clock is read. A refund leaves the
                 # same level whether it is added before or after the refill since the
@@ -1503,16 +1526,12 @@ class Limiter:
                 rt.admitted.add_request(now, 0.0, -give_in, -give_out)  # rt.record(now, diff, -1.0)
                 if permit.sent:  # for replaying after a report (see _resync): when it happened
                     at = now if now > -math.inf else self._now()
-                    rt.changes.append(
-                        (
-                            at,
-                            {
-                                "input_tokens": give_in,
-                                "output_tokens": give_out,
-                                "tokens": give_in + give_out,
-                            },
-                        )
-                    )
+                    change = {
+                        "input_tokens": give_in,
+                        "output_tokens": give_out,
+                        "tokens": give_in + give_out,
+                    }
+                    rt.changes.append((at, change, *_drawn(permit)))
             if inp or out:
                 permit._charged = {
                     "requests": 1.0,
@@ -1564,7 +1583,7 @@ class Limiter:
                 more["priority_output_tokens"] = extra
             rt.pool.take(more, now)
             rt.record(now, more)
-            rt.changes.append((now, {d: -a for d, a in more.items()}))
+            rt.changes.append((now, {d: -a for d, a in more.items()}, math.inf, math.inf))
             for dim, amount in more.items():
                 permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
 
@@ -2245,6 +2264,26 @@ def _for_model(model: str, exc: CapacityExceeded) -> CapacityExceeded:
     error = CapacityExceeded(f"{model} ({exc.pool} pool)", exc.dimension, exc.cost, exc.capacity)
     error.pool = exc.pool
     return error
+
+
+def _drawn(permit: Permit) -> tuple[float, float]:
+    """When and in which order ``permit`` drew on the server, as its ``sends`` entry says."""
+    send = permit._send
+    return (send[0], float(permit.seq)) if send is not None else (permit.started_at, float(permit.seq))
+
+
+def _server_side(change: Mapping[str, float], reserves_max_tokens: bool) -> Mapping[str, float]:
+    """What of a settlement the server itself makes, for a request it counted on its own.
+
+    Output reserved as ``max_tokens`` the server gives back too; input it counted itself
+    (our estimate's error is ours), and so output estimated under the real-time rule.
+    """
+    out = {d: a for d, a in change.items() if d not in ("input_tokens", "tokens")}
+    if not reserves_max_tokens:
+        out.pop("output_tokens", None)
+    elif "tokens" in change:
+        out["tokens"] = change.get("output_tokens", 0.0)
+    return out
 
 
 def _add(totals: dict[str, float], amounts: Mapping[str, float]) -> None:
