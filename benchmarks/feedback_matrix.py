@@ -108,13 +108,22 @@ class Row:
         return " ".join(parts)
 
 
-#: The regimes of issue 12's table, all on Tier 2's Sonnet limits with max_tokens 1024.
-#: At 32 concurrent the closed loop draws only a little over Tier 2's output refill, so in one
-#: minute the starting bucket is never used up (the SDK alone meets no 429 and the row measures
-#: nothing): those rows run 5 minutes.
+#: The regimes of issue 12's table, on Tier 2's Sonnet limits with max_tokens 1024 (8 concurrent
+#: requests draw far under Tier 2's limits, so that row is on Tier 1's). At 32 concurrent the
+#: closed loop draws only a little over Tier 2's output refill, so in one minute the starting
+#: bucket is never used up (the SDK alone meets no 429 and the row measures nothing): those rows
+#: run 5 minutes.
 ROWS: Final = (
     Row("full-minute, 64 concurrent", FULL_MINUTE, quick=True, concurrency=64),
     Row("full-minute, 32 concurrent", FULL_MINUTE, quick=False, minutes=5.0),
+    Row(
+        "tier-1 full-minute, 8 concurrent",
+        FULL_MINUTE,
+        quick=True,
+        preset="tier-1",
+        concurrency=8,
+        minutes=3.0,
+    ),
     Row(
         "5 s buckets, streamed, 32 concurrent",
         FIVE_SECONDS,
@@ -238,8 +247,8 @@ def run_cell(row: Row, moment: str, minutes: float | None = None) -> Cell:
 
 HEADER: Final = (
     "| regime | moment | goodput rk / sdk | rk/sdk | 429s rk / sdk | rk 429s / requests "
-    "| failed rk / sdk | rk wait p50 / p99 | rk inferred | target |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "| failed rk / sdk | rk wait p50 / p99 | binding | rk inferred | target |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -261,6 +270,7 @@ def markdown_row(cell: Cell) -> str:
         f"{rk.rate_limited} of {rk.requests_ok + rk.requests_failed} ({_pct(cell.share_429)})",
         f"{rk.requests_failed} / {sdk.requests_failed}",
         f"{rk.wait_p50_s:.1f} / {rk.wait_p99_s:.1f} s",
+        cell.result.binding_dimension.split("_")[0],
         cell.inferred_moment,
         f"{cell.row.target.regime}: {verdict}",
     ]
