@@ -79,9 +79,10 @@ class Row:
     #: Simulated minutes: long enough that the SDK alone reaches the limit (``--minutes`` overrides).
     minutes: float = 1.0
 
-    def scenario(self, moment: str, minutes: float) -> Scenario:
+    def scenario(self, moment: str, minutes: float, opening: float | None = None) -> Scenario:
         """The scenario of this row under ``moment``, SDK alone and ratekeeper."""
         return Scenario(
+            opening=opening,
             preset=self.preset,
             minutes=minutes,
             enforcement_interval=self.enforcement_interval,
@@ -92,9 +93,11 @@ class Row:
             workload=Workload(concurrency=self.concurrency, max_tokens=self.max_tokens, stream=self.stream),
         )
 
-    def flags(self, moment: str, minutes: float) -> str:
+    def flags(self, moment: str, minutes: float, opening: float | None = None) -> str:
         """The ``ratekeeper simulate`` flags that run this row under ``moment``."""
         parts = [f"--preset {self.preset}", f"--minutes {minutes:g}", f"--concurrency {self.concurrency}"]
+        if opening is not None:
+            parts.append(f"--opening {opening:g}")
         parts.append(f"--max-tokens {self.max_tokens}")
         if self.enforcement_interval != 60.0:
             parts.append(f"--enforcement-interval {self.enforcement_interval:g}")
@@ -220,15 +223,15 @@ def watched_limiters() -> Iterator[list[Limiter]]:
         setattr(_strategies, "Limiter", original)  # noqa: B010
 
 
-def run_cell(row: Row, moment: str, minutes: float | None = None) -> Cell:
+def run_cell(row: Row, moment: str, minutes: float | None = None, opening: float | None = None) -> Cell:
     """Run ``row`` under ``moment`` (SDK alone, then ratekeeper) and read ratekeeper's limiter after.
 
-    ``minutes`` overrides the row's own.
+    ``minutes`` overrides the row's own; ``opening`` is ratekeeper's ``Limiter(opening=...)``.
     """
     minutes = row.minutes if minutes is None else minutes
     started = time.perf_counter()
     with watched_limiters() as made:
-        result = simulate(row.scenario(moment, minutes))
+        result = simulate(row.scenario(moment, minutes, opening))
     if len(made) != 1:
         raise RuntimeError(f"expected the ratekeeper strategy to build one Limiter, it built {len(made)}")
     stats = made[0].statistics()
@@ -283,6 +286,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="only the rows marked quick")
     parser.add_argument("--json", action="store_true", help="one JSON line per row and moment")
     parser.add_argument("--minutes", type=float, help="simulated minutes of every run (default: the row's)")
+    parser.add_argument("--opening", type=float, help="ratekeeper's Limiter(opening=SECONDS) (default: off)")
     parser.add_argument("names", nargs="*", help="only rows whose name contains one of these")
     args = parser.parse_args(argv)
     rows = [
@@ -295,12 +299,13 @@ def main(argv: list[str]) -> int:
         print(HEADER, flush=True)
     for row in rows:
         for moment in MOMENTS:
-            cell = run_cell(row, moment, args.minutes)
+            cell = run_cell(row, moment, args.minutes, args.opening)
             print(json.dumps(cell.as_dict()) if args.json else markdown_row(cell), flush=True)
     if not args.json:
         print()
         for row in rows:
-            print(f"- {row.name}: `ratekeeper simulate {row.flags('<moment>', args.minutes or row.minutes)}`")
+            flags = row.flags("<moment>", args.minutes or row.minutes, args.opening)
+            print(f"- {row.name}: `ratekeeper simulate {flags}`")
         print(f"\nwall time: {time.perf_counter() - started:.0f} s")
     return 0
 

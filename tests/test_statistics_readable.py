@@ -80,7 +80,8 @@ def test_str_says_the_snapshot_in_lines() -> None:
         " last 60 s used 3,000 (17% of what was on offer)",
         "  output_tokens: 4,000 of 4,000 left, limit 8,000/min;"
         " last 60 s used 800 (17% of what was on offer)",
-        "  429s 1 (0 predicted), 529s 0, resyncs 0; burst 0.5 (30 s of refill), share 100%",
+        "  429s 1 (0 predicted), 529s 0, resyncs 0 down, 0 up; reports read at: unknown;"
+        " burst 0.5 (30 s of refill), share 100%",
         "  paused 10 s more, until T (429 rate_limit_error)",
         "  burst_change x1, last 2 s ago: burst=0.5",
         "  pause x1, last 2 s ago: seconds=12, reason=429",
