@@ -518,3 +518,29 @@ def test_settling_with_the_headers_reads_them_after_the_refund() -> None:
     )
     assert levels(limiter)["output_tokens"] == pytest.approx(7_500)
     assert not limiter.statistics()[POOL].in_flight
+
+
+def test_a_bucket_smaller_than_a_reservation_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """One-second buckets of Tier 1's 8,000 OTPM hold 133 tokens: max_tokens 1,000 never fits."""
+    clock = FakeClock()
+    events = Events()
+    limiter = Limiter("tier-1", clock=clock, on_event=events)
+    for _ in range(3):
+        permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=1_000)
+        permit.mark_sent()
+        with caplog.at_level("WARNING", logger="ratekeeper"):
+            permit.observe(
+                headers(
+                    output_tokens=(8_000, 0),
+                    date="Mon, 05 Jan 2026 00:00:00 GMT",
+                    anthropic_ratelimit_output_tokens_reset="2026-01-05T00:00:01Z",
+                )
+            )
+        permit.settle({"input_tokens": 100, "output_tokens": 10})
+        clock.advance(10)
+    said = [e for e in events.seen if e.kind == "bucket_too_small"]
+    assert [e.detail["dimension"] for e in said] == ["output_tokens"]
+    assert said[0].detail["reserved"] == 1_000
+    warned = [r for r in caplog.records if "less than a request reserves" in r.getMessage()]
+    assert len(warned) == 1
+    assert "lower max_tokens" in warned[0].getMessage()

@@ -29,6 +29,8 @@ SLOW_WAIT: Final = 5.0
 _INFO_KINDS: Final = frozenset(
     {"rate_limited", "pause", "limit_change", "burst_change", "share_change", "overloaded"}
 )
+#: The kinds said at WARNING: the limit itself cannot be used as configured.
+_WARNING_KINDS: Final = frozenset({"bucket_too_small"})
 #: ``LogRecord`` attributes: an ``extra`` key among them makes ``logging`` raise.
 _RESERVED: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -57,6 +59,12 @@ def _say(kind: str, pool: str, detail: Mapping[str, Any]) -> str:
         return f"{pool}: 529 overloaded; backing off {_seconds(detail.get('backoff'))}"
     if kind == "grant":
         return f"{pool}: a request waited {_seconds(detail.get('waited'))} in the queue"
+    if kind == "bucket_too_small":
+        return (
+            f"{pool}: the server's {detail.get('dimension')} bucket holds {detail.get('capacity', 0):,.0f},"
+            f" less than a request reserves ({detail.get('reserved', 0):,.0f}): each such request waits for"
+            " a full bucket and leaves it in debt; lower max_tokens or send smaller requests"
+        )
     return f"{pool}: {kind} {dict(detail)}"
 
 
@@ -84,7 +92,7 @@ class EventLog:
     def record(self, kind: str, pool: str, now: float, detail: Mapping[str, Any]) -> None:
         """Log one event raised at ``now`` (the limiter's clock)."""
         info = kind in _INFO_KINDS or (kind == "grant" and detail.get("waited", 0.0) >= self._slow)
-        level = logging.INFO if info else logging.DEBUG
+        level = logging.WARNING if kind in _WARNING_KINDS else logging.INFO if info else logging.DEBUG
         logger = self._logger
         if not logger.isEnabledFor(level):
             return

@@ -246,6 +246,7 @@ class _PoolRuntime:
         "share_since",
         "shortfalls",
         "shrink_seq",
+        "too_small",
         "uncounted",
         "waits",
     )
@@ -269,6 +270,8 @@ class _PoolRuntime:
         self.raised = 0
         # the quickest answer seen from sending to its headers: no request travels longer
         self.fastest = math.inf
+        # the dimensions whose bucket was found smaller than a request's reservation (said once)
+        self.too_small: set[str] = set()
         # [sent at, seq, charges, granted at] of the latest requests granted (sent at = granted
         # at until marked sent): what reached the server after a report's moment, and what may
         # not have reached it yet; bounded
@@ -1787,6 +1790,8 @@ class Limiter:
             fitted = changed = True
             rt.shrink_seq = next(self._seq)
             self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        if permit is not None:
+            self._check_room(rt, permit, now)
         elif self._adaptive and pool.widen_burst(burst_floor, now):
             changed = True
             self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
@@ -1887,6 +1892,16 @@ class Limiter:
         if changed:
             self._dispatch(rt, now)
         return fitted
+
+    def _check_room(self, rt: _PoolRuntime, permit: Permit, now: float) -> None:
+        """Say once per dimension when the server's bucket is smaller than a request reserves."""
+        for dim, amount in permit.reserved.items():
+            bucket = rt.pool.buckets.get(dim)
+            if bucket is None or amount <= bucket.capacity or dim in rt.too_small:
+                continue
+            rt.too_small.add(dim)
+            detail = {"dimension": dim, "capacity": bucket.capacity, "reserved": amount}
+            self._emit("bucket_too_small", rt, now, detail)
 
     def _on_429(
         self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float, fitted: bool

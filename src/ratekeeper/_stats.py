@@ -168,7 +168,8 @@ class LimiterEvent:
     ``kind`` is one of ``grant``, ``pause``, ``resync``, ``limit_change``,
     ``rate_limited``, ``overloaded``, ``spend_limit``, ``unified_warning``,
     ``burst_change``, ``share_change`` (the share of the refill a pool counts on),
-    ``insufficient_credits``.
+    ``insufficient_credits``, ``bucket_too_small`` (the server's bucket, as its
+    headers show it, holds less than a request reserves: said once per dimension).
     """
 
     kind: str
