@@ -54,15 +54,29 @@ def test_foreign_traffic_seen_only_through_headers_is_respected() -> None:
 def test_resync_raises_to_what_the_server_provably_holds() -> None:
     """The server counts less than the model did (an over-estimate, a refund missed): rise to it.
 
-    Taken at admission or at the response, the report says the same here (nothing else was
+    Settled with its answer's headers, which say the server still holds everything: taken
+    at admission or at the response, the report says the same here (nothing else was
     granted or refilled since), so the level rises to its lowest reading.
     """
     limiter = Limiter("tier-1", clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=1_000)
-    permit.observe(headers(requests=(50, 50), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)))
+    permit.mark_sent()
+    permit.settle(
+        {"input_tokens": 10_000, "output_tokens": 1_000},
+        headers=headers(requests=(50, 50), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)),
+    )
     assert levels(limiter) == {"requests": 50, "input_tokens": 29_500, "output_tokens": 7_500}
     stats = limiter.statistics()[POOL]
     assert (stats.resyncs, stats.raised) == (0, 3)
+
+
+def test_a_report_read_before_its_request_settles_lifts_nothing() -> None:
+    """It already counts the request's real usage, which the settlement will give back again."""
+    limiter = Limiter("tier-1", clock=FakeClock())
+    permit = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=1_000)
+    permit.observe(headers(requests=(50, 50), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)))
+    assert levels(limiter) == {"requests": 49, "input_tokens": 20_000, "output_tokens": 7_000}
+    assert limiter.statistics()[POOL].raised == 0
 
 
 def test_resync_counts_own_requests_admitted_later_as_unseen() -> None:
@@ -153,11 +167,11 @@ def test_resync_orders_by_admission_not_by_arrival_in_the_queue() -> None:
             clock.advance(1)  # the head has reached the server
             # cached's response: 5,000 left. Taken at t = 1 (cached's admission, before the head's
             # grant), it means 4,500 at the least then, 30 s of refill (19,500), the head's 20,000
-            # at t = 31 and a second of refill: 0 now. Taken now, 4,500. The lower is the one safe
-            # under both: only the rounding comes off our 1,000 (lowering to the report less the
-            # head's 20,000, -15,500, would forget the refill)
+            # at t = 31 (and 5% more: unsettled, its estimate may fall short) and a second of
+            # refill: -1,000 now. Taken now, 4,500. The lower is the one safe under both (lowering
+            # to the report less the head's 20,000, -15,500, would forget the refill)
             cached.observe(headers(input_tokens=(30_000, 5_000)))
-            assert levels(limiter)["input_tokens"] == 0
+            assert levels(limiter)["input_tokens"] == -1_000
             tg.cancel_scope.cancel()
 
     anyio.run(main)

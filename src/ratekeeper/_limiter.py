@@ -110,6 +110,10 @@ MAX_TRANSIT: Final = 0.25
 #: a client reaches: 256 in a quarter second is over 60,000 requests a minute).
 _SENDS_KEPT: Final = 256
 _SHORTFALLS_KEPT: Final = 64
+#: Over the worst shortfall seen lately, what an unsettled input estimate may still fall short by.
+_SHORTFALL_SLACK: Final = 0.05
+#: The dimensions output draws on.
+_PRODUCED: Final = frozenset({"output_tokens", "tokens", "priority_output_tokens"})
 #: How long after its grant a request is taken to be sent, at the most, when looking back.
 _GRANT_TO_SEND: Final = 5.0
 #: ``date`` and ``-reset`` are given to the second: a reset this far before the date is real.
@@ -335,7 +339,7 @@ class _PoolRuntime:
         out: list[tuple[float, Mapping[str, float]]] = []
         sends, changes = self.sends, self.changes
         in_flight = self.in_flight
-        under = max(self.shortfalls, default=0.0)
+        under = max(self.shortfalls, default=0.0) + _SHORTFALL_SLACK
         oldest = t0 - _GRANT_TO_SEND
         reached = len(sends) < _SENDS_KEPT
         for t, other, charged, granted in reversed(sends):
@@ -1817,7 +1821,9 @@ class Limiter:
                             lowest - then_maybe,
                             admitted,
                             now,
-                            sorted((t, c.get(dim, 0.0)) for t, c in replay),
+                            # at one instant, what gives back first: a bucket full then throws
+                            # it away, as the server's may have (the other order could mint)
+                            sorted(((t, c.get(dim, 0.0)) for t, c in replay), key=_gives_back_first),
                             rate=bucket.rate,
                             capacity=bucket.capacity,
                             pending=unsent.get(dim, 0.0),
@@ -1871,6 +1877,15 @@ class Limiter:
                     readings,
                     latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
                 )
+                if target > level and (
+                    (dim in _PRODUCED and not rt.reserves_max_tokens)
+                    or (permit is not None and permit._state == _ACTIVE)
+                ):
+                    # Not lifted: output charged as it is produced is still to come (requests under
+                    # way will draw it, and no report shows that yet); and a report read before
+                    # its own request settles already counts that request's real usage, which the
+                    # settlement will give back again (a stream's, at its first byte).
+                    target = level
                 if target > level:  # a reading refuted: what it took off comes back
                     delta = bucket.resync(target, now, allow_increase=True)
                 else:
@@ -2279,6 +2294,10 @@ def _for_model(model: str, exc: CapacityExceeded) -> CapacityExceeded:
     error = CapacityExceeded(f"{model} ({exc.pool} pool)", exc.dimension, exc.cost, exc.capacity)
     error.pool = exc.pool
     return error
+
+
+def _gives_back_first(event: tuple[float, float]) -> tuple[float, float]:
+    return event[0], -event[1]
 
 
 def _drawn(permit: Permit) -> tuple[float, float]:
