@@ -70,13 +70,14 @@ def test_resync_raises_to_what_the_server_provably_holds() -> None:
     assert (stats.resyncs, stats.raised) == (0, 3)
 
 
-def test_a_report_read_before_its_request_settles_lifts_nothing() -> None:
-    """It already counts the request's real usage, which the settlement will give back again."""
+def test_a_report_read_before_its_request_settles_lifts_no_input() -> None:
+    """It already counts the request's real input, which the settlement would give back again
+    as our estimate's excess; a request and a max_tokens reservation are the server's too."""
     limiter = Limiter("tier-1", clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=1_000)
     permit.observe(headers(requests=(50, 50), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)))
-    assert levels(limiter) == {"requests": 49, "input_tokens": 20_000, "output_tokens": 7_000}
-    assert limiter.statistics()[POOL].raised == 0
+    assert levels(limiter) == {"requests": 50, "input_tokens": 20_000, "output_tokens": 7_500}
+    assert limiter.statistics()[POOL].raised == 2
 
 
 def test_resync_counts_own_requests_admitted_later_as_unseen() -> None:

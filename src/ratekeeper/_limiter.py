@@ -112,6 +112,8 @@ _SENDS_KEPT: Final = 256
 _SHORTFALLS_KEPT: Final = 64
 #: Over the worst shortfall seen lately, what an unsettled input estimate may still fall short by.
 _SHORTFALL_SLACK: Final = 0.05
+#: The dimensions our own draws on are estimates until settled (the server counts the real input).
+_ESTIMATED: Final = frozenset({"input_tokens", "tokens", "priority_input_tokens"})
 #: The dimensions output draws on.
 _PRODUCED: Final = frozenset({"output_tokens", "tokens", "priority_output_tokens"})
 #: How long after its grant a request is taken to be sent, at the most, when looking back.
@@ -1879,12 +1881,13 @@ class Limiter:
                 )
                 if target > level and (
                     (dim in _PRODUCED and not rt.reserves_max_tokens)
-                    or (permit is not None and permit._state == _ACTIVE)
+                    or (dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE)
                 ):
                     # Not lifted: output charged as it is produced is still to come (requests under
                     # way will draw it, and no report shows that yet); and a report read before
-                    # its own request settles already counts that request's real usage, which the
-                    # settlement will give back again (a stream's, at its first byte).
+                    # its own request settles already counts that request's real input, which
+                    # the settlement will give back again as our estimate's excess (a stream's
+                    # report, at its first byte: its max_tokens reservation is the server's too).
                     target = level
                 if target > level:  # a reading refuted: what it took off comes back
                     delta = bucket.resync(target, now, allow_increase=True)
