@@ -1796,11 +1796,11 @@ class Limiter:
             fitted = changed = True
             rt.shrink_seq = next(self._seq)
             self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
-        if permit is not None:
-            self._check_room(rt, permit, now)
         elif self._adaptive and pool.widen_burst(burst_floor, now):
             changed = True
             self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        if permit is not None:
+            self._check_room(rt, permit, now)
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
