@@ -104,6 +104,29 @@ def test_readings_above_the_capacity_hold_the_capacity() -> None:
 # ---------------------------------------------------------------- what the reports show
 
 
+def _note(
+    ev: MomentEvidence, report: float, *, admitted_at: float, now: float, spent: float, since: float
+) -> None:
+    """One report of the requests bucket (limit 100, no refill), the same under both readings."""
+    ev.note(
+        "requests",
+        report,
+        report,
+        admitted_at=admitted_at,
+        now=now,
+        spent=spent,
+        spent_since=since,
+        rate=0.0,
+        tolerance=1.01,
+        ceiling=100.0,
+    )
+
+
+def _burst_answer(ev: MomentEvidence, k: int, report: float) -> None:
+    """The answer of the k-th of ten requests admitted at once into a full bucket, k seconds on."""
+    _note(ev, report, admitted_at=0.0, now=float(k), spent=10.0, since=10.0 - k)
+
+
 def _burst(truth: str) -> MomentEvidence:
     """Ten requests admitted at once into a full bucket of 100 (no refill); answers one a second.
 
@@ -112,19 +135,7 @@ def _burst(truth: str) -> MomentEvidence:
     ev = MomentEvidence()
     ev.start(0.0)
     for k in (1, 4, 7, 10):
-        report = 90.0 if truth == "response" else 100.0 - k
-        ev.note(
-            "requests",
-            report,
-            report,
-            admitted_at=0.0,
-            now=float(k),
-            spent=10.0,
-            spent_since=10.0 - k,
-            rate=0.0,
-            tolerance=1.01,
-            ceiling=100.0,
-        )
+        _burst_answer(ev, k, 90.0 if truth == "response" else 100.0 - k)
     return ev
 
 
@@ -142,19 +153,7 @@ def test_reports_of_both_moments_show_mixed() -> None:
     ev.start(0.0)
     # answers alternating between the two moments, for one burst of ten
     for k in (1, 2, 5, 6, 9):
-        report = 90.0 if k % 2 else 100.0 - k
-        ev.note(
-            "requests",
-            report,
-            report,
-            admitted_at=0.0,
-            now=float(k),
-            spent=10.0,
-            spent_since=10.0 - k,
-            rate=0.0,
-            tolerance=1.01,
-            ceiling=100.0,
-        )
+        _burst_answer(ev, k, 90.0 if k % 2 else 100.0 - k)
     assert ev.belief == "mixed"
 
 
@@ -162,18 +161,7 @@ def test_nothing_is_decided_from_reports_that_agree_under_both() -> None:
     ev = MomentEvidence()
     ev.start(0.0)
     for k in range(1, 6):  # one request at a time: admission and response see the same
-        ev.note(
-            "requests",
-            100.0 - k,
-            100.0 - k,
-            admitted_at=float(k),
-            now=k + 0.5,
-            spent=float(k),
-            spent_since=0.0,
-            rate=0.0,
-            tolerance=1.01,
-            ceiling=100.0,
-        )
+        _note(ev, 100.0 - k, admitted_at=float(k), now=k + 0.5, spent=float(k), since=0.0)
     assert ev.belief == "unknown"
 
 
@@ -182,16 +170,5 @@ def test_a_restart_keeps_what_was_refuted_and_drops_the_series() -> None:
     ev.restart(20.0)
     assert ev.belief == "response"
     # a report admitted before the restart cannot refute anything now
-    ev.note(
-        "requests",
-        50.0,
-        50.0,
-        admitted_at=5.0,
-        now=21.0,
-        spent=20.0,
-        spent_since=0.0,
-        rate=0.0,
-        tolerance=1.01,
-        ceiling=100.0,
-    )
+    _note(ev, 50.0, admitted_at=5.0, now=21.0, spent=20.0, since=0.0)
     assert ev.refuted_response == 0

@@ -58,7 +58,6 @@ from ratekeeper import AcquireTimeout, Demand, Limiter, Permit, WouldBlock
 
 LIMITS = {"requests": 50.0, "input_tokens": 30_000.0, "output_tokens": 8_000.0}
 DIMS = tuple(LIMITS)
-MARGIN = {"requests": 0.0, "input_tokens": 500.0, "output_tokens": 500.0}
 EPS = 1e-6
 
 
@@ -85,10 +84,6 @@ class Bucket:
         self._go(now)
         self.level = min(self.level + amount, self.cap)
 
-    def lower(self, target: float, now: float) -> None:
-        self._go(now)
-        self.level = min(self.level, min(max(target, -self.cap), self.cap))
-
 
 def cost_of(demand: Demand) -> dict[str, float]:
     """What Tier 1 Sonnet is charged at admission (the 2025 max_tokens rule; cache reads are free)."""
@@ -105,14 +100,10 @@ class Held:
 
     permit: Permit
     charged: dict[str, float]
-    mark: dict[str, float]  # our own net charges right after its grant
     snapshot: dict[str, float]  # the server's levels right after its grant
     step: int  # when it was granted
     refused: bool  # the server has no room for it (we had not heard of the other client yet): a 429
     server_held: dict[str, float]  # what the modelled server holds for it
-    levels: dict[str, float]  # our model's levels right after its grant
-    uncounted_mark: dict[str, float]  # what had been given back uncounted by then
-    lowered_mark: dict[str, float]  # how much resyncs had lowered our model by then
     status: int | None = None
 
 
@@ -160,10 +151,6 @@ class LimiterMachine(RuleBasedStateMachine):
         now = self.clock()
         self.model = {d: Bucket(v, now) for d, v in LIMITS.items()}
         self.server = {d: Bucket(v, now) for d, v in LIMITS.items()}
-        self.own: dict[str, float] = dict.fromkeys(DIMS, 0.0)
-        # given back without the server ever counting it (never sent, or refused)
-        self.uncounted: dict[str, float] = dict.fromkeys(DIMS, 0.0)
-        self.lowered: dict[str, float] = dict.fromkeys(DIMS, 0.0)  # by resyncs, so far
         self.paused_until = -math.inf
         self.step = 0
         self.held: dict[int, Held] = {}  # by id(permit)
@@ -177,10 +164,8 @@ class LimiterMachine(RuleBasedStateMachine):
     def now(self) -> float:
         return self.clock()
 
-    def _charge(
-        self, amounts: Mapping[str, float], sign: float, *, server: bool = True, counted: bool = True
-    ) -> None:
-        """Charge (or refund) our model and the server's; ``own`` keeps what the server counts."""
+    def _charge(self, amounts: Mapping[str, float], sign: float, *, server: bool = True) -> None:
+        """Charge (or refund) our model and (unless ``server=False``) the server's."""
         now = self.now()
         for dim, amount in amounts.items():
             if dim not in self.model or amount == 0:
@@ -190,10 +175,6 @@ class LimiterMachine(RuleBasedStateMachine):
                     bucket.take(amount, now)
                 else:
                     bucket.refund(amount, now)
-            if counted:
-                self.own[dim] += sign * amount
-            elif sign < 0:
-                self.uncounted[dim] += amount
 
     def _admit(self, permit: Permit, cost: dict[str, float]) -> None:
         now = self.now()
@@ -217,14 +198,10 @@ class LimiterMachine(RuleBasedStateMachine):
         self.held[id(permit)] = Held(
             permit,
             dict(cost),
-            mark=dict(self.own),
             snapshot=snapshot,
             step=self.step,
             refused=refused,
             server_held=server_held,
-            levels={d: b.at(now) for d, b in self.model.items()},
-            uncounted_mark=dict(self.uncounted),
-            lowered_mark=dict(self.lowered),
         )
 
     def _server(self, amounts: Mapping[str, float], sign: float) -> None:
@@ -243,7 +220,7 @@ class LimiterMachine(RuleBasedStateMachine):
             self._admit(self.rt.in_flight[w.waiter.seq], w.cost)
 
     def _refund_all(self, held: Held) -> None:
-        self._charge(held.charged, -1, server=False, counted=False)
+        self._charge(held.charged, -1, server=False)
         self._server(held.server_held, -1)
 
     def _after(self) -> None:
@@ -298,7 +275,7 @@ class LimiterMachine(RuleBasedStateMachine):
         del self.held[id(permit)]
         if held.status is not None and held.status >= 400:  # the tokens come back, the request stays spent
             tokens = {d: a for d, a in held.charged.items() if d != "requests"}
-            self._charge(tokens, -1, server=False, counted=False)
+            self._charge(tokens, -1, server=False)
             self._server({d: a for d, a in held.server_held.items() if d != "requests"}, -1)
         elif held.status is None and not sent:  # never left
             self._refund_all(held)
@@ -428,44 +405,7 @@ class LimiterMachine(RuleBasedStateMachine):
         levels = self.limiter.statistics()[POOL].levels
         for dim in DIMS:
             bucket = self.model[dim]
-            before = bucket.at(now)
             bucket.level, bucket.t = levels[dim], max(bucket.t, now)
-            self.lowered[dim] += before - levels[dim]
-
-    def _resync(self, held: Held | None, snap: Mapping[str, float]) -> None:
-        now = self.now()
-        for dim in DIMS:
-            if dim == "requests":
-                remaining = float(max(0, math.floor(snap[dim] + EPS)))
-            else:
-                remaining = float(max(0, round_thousand(snap[dim])))
-            lowest = remaining - MARGIN[dim]
-            if held is not None:
-                # The report is of the server just after this request's grant: lower our model by
-                # how far it was ahead then. In it but never in the server: this request's tokens
-                # if refused, earlier requests not sent yet, and earlier requests given back unsent
-                # since (a later one given back too makes this lower more than needed: safe).
-                extra = 0.0
-                if (held.status or 0) >= 400 and dim != "requests":  # never taken, given back on release
-                    extra += held.charged[dim]
-                for other in self.held.values():  # admitted before it but not sent: not counted yet
-                    p = other.permit
-                    if p.active and not p.sent and p.seq < held.permit.seq:
-                        extra += other.charged[dim]
-                extra += max(0.0, self.uncounted[dim] - held.uncounted_mark[dim])
-                # what resyncs since took off, other reports having shown the same, not twice
-                ahead = held.levels[dim] + extra - lowest - (self.lowered[dim] - held.lowered_mark[dim])
-                if ahead > 0:
-                    self._lower(dim, self.model[dim].at(now) - ahead)
-            else:  # a response of unknown age: everything in flight is unseen
-                unseen = sum(h.charged[dim] for h in self.held.values() if h.permit.active)
-                self._lower(dim, lowest - unseen)
-
-    def _lower(self, dim: str, target: float) -> None:
-        now = self.now()
-        before = self.model[dim].at(now)
-        self.model[dim].lower(target, now)
-        self.lowered[dim] += before - self.model[dim].at(now)
 
     @rule(
         permit=consumes(permits),

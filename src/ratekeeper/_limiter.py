@@ -13,10 +13,10 @@ window behind the head so a grant costs the same however long the queue is.
 Only the head sleeps on a timer; everybody else sleeps until a grant or a
 change of plan wakes exactly them.
 
-Feedback: a response's report (read by ``_reading``) lowers the buckets by how
-far the model was ahead of the server when the request was admitted (each
-permit notes the levels at its grant), fits the burst to the bucket size the
-headers show, and a 429 pauses the pool, halves the burst when nothing
+Feedback: a response's report is read under both moments it may describe (at
+the request's admission, replayed with this client's traffic since, or when
+the answer left) and corrects the buckets as ``_feedback`` says; it fits the
+burst to the bucket size the headers show, and a 429 pauses the pool, halves the burst when nothing
 explains it, or cuts the share of the refill the pool counts on when others'
 use does. An ordinary request that fits at once takes a fast path
 (``_admit_plain``, ``_settle_plain``) that ``tests/test_fast_path.py`` holds to
@@ -131,9 +131,6 @@ _RESYNC_DIMS: Final = (
     "priority_output_tokens",
 )
 _ONE_REQUEST: Final = {"requests": 1.0}
-#: The dimensions whose levels a permit notes at its grant, in ``Pool.take_plain``'s order.
-_LEVEL_DIMS: Final = ("requests", "input_tokens", "output_tokens", "tokens")
-_LEVEL_INDEX: Final = {dim: i for i, dim in enumerate(_LEVEL_DIMS)}
 #: The dimensions whose reports show which moment they describe: the client's own traffic is
 #: known exactly there (a request is one request; a max_tokens reservation is what the server
 #: reserves too), so only the reports' rounding blurs them. Input is estimated: it would not.
@@ -231,7 +228,6 @@ class _PoolRuntime:
         "fastest",
         "granted",
         "in_flight",
-        "lowered",
         "moment",
         "next_wake",
         "overload_backoff",
@@ -301,8 +297,6 @@ class _PoolRuntime:
         # never changed in place, so a permit's mark can hold it without a copy.
         self.admitted = AdmittedWindow()
         self.uncounted: Mapping[str, float] = {}
-        # how much resyncs have lowered each of _LEVEL_DIMS so far; replaced, never changed in place
-        self.lowered: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
         # permits admitted before the last burst shrink: their 429s are old news
         self.shrink_seq = -1
         # the fraction of each refill this client counts on: others may be drawing too
@@ -388,11 +382,11 @@ class _PoolRuntime:
             return w.output_tokens
         return w.other.get(dim, 0.0)
 
-    def mark(self) -> tuple[Mark, Mapping[str, float], tuple[float, ...]]:
+    def mark(self) -> tuple[Mark, Mapping[str, float]]:
         """What ``spent`` is now, for a permit to note at its grant."""
-        return self.admitted.mark(), self.uncounted, self.lowered
+        return self.admitted.mark(), self.uncounted
 
-    def spent_since(self, mark: tuple[Mark, Mapping[str, float], tuple[float, ...]]) -> dict[str, float]:
+    def spent_since(self, mark: tuple[Mark, Mapping[str, float]]) -> dict[str, float]:
         """What this client charged (or refunded) on the pool since ``mark``.
 
         Spent is everything charged, net of the settlements the server makes
@@ -400,7 +394,7 @@ class _PoolRuntime:
         given back. A resync subtracts what was spent since a response's
         request was admitted: the server could not have seen it yet.
         """
-        admitted_then, uncounted_then, _ = mark
+        admitted_then, uncounted_then = mark
         out = self.admitted.since(admitted_then)
         uncounted = self.uncounted
         if uncounted is not uncounted_then:
@@ -433,14 +427,12 @@ class Permit:
 
     __slots__ = (
         "_charged",
-        "_levels",
         "_limiter",
         "_mark",
         "_plain",
         "_runtime",
         "_send",
         "_state",
-        "_version",
         "credits",
         "model",
         "pool",
@@ -461,7 +453,6 @@ class Permit:
         credits: float,
         seq: int,
         now: float,
-        levels: tuple[float, ...] | None = None,
     ) -> None:
         self._limiter = limiter
         self._runtime = runtime
@@ -470,9 +461,6 @@ class Permit:
         self.reserved: Mapping[str, float] = draws
         self._charged = dict(draws)
         self._mark = runtime.mark()
-        # the pool's levels right after this grant (_LEVEL_DIMS) and its shape then, for resync
-        self._levels = levels
-        self._version = runtime.pool.version
         # nothing but requests and (combined) input/output tokens: settle's fast path applies
         self._plain = not credits and "priority_output_tokens" not in draws and "queued_requests" not in draws
         self.credits = credits
@@ -1103,7 +1091,7 @@ class Limiter:
             self._wallet.charge(credit, now)
         seq = next(self._seq)
         rt.record(now, draws)
-        permit = Permit(self, rt, model, draws, credit, seq, now, _levels_after(rt.pool, now))
+        permit = Permit(self, rt, model, draws, credit, seq, now)
         rt.in_flight[seq] = permit
         rt.granted += 1
         if self._on_event is not None:
@@ -1148,8 +1136,7 @@ class Limiter:
                 input_tokens += cache_read
             inp = float(input_tokens + cache_write)
             out = float(max_tokens) if rt.reserves_max_tokens else float(min(expected or 0, max_tokens))
-            levels = rt.pool.take_plain(inp, out, now)
-            if levels is None:
+            if rt.pool.take_plain(inp, out, now) is None:
                 return None
             if inp or out:
                 draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out, "tokens": inp + out}
@@ -1158,7 +1145,7 @@ class Limiter:
             rt.waits.add(0.0)
             seq = next(self._seq)
             rt.admitted.add_request(now, 1.0, inp, out)  # rt.record(now, draws), unrolled
-            permit = Permit(self, rt, model, draws, 0.0, seq, now, levels)
+            permit = Permit(self, rt, model, draws, 0.0, seq, now)
             rt.in_flight[seq] = permit
             rt.granted += 1
             if self._on_event is not None:
@@ -1249,8 +1236,6 @@ class Limiter:
             if placeholder is not None:  # from the grant: its time and its place among our charges
                 permit.started_at = placeholder.started_at
                 permit._mark = placeholder._mark
-                permit._levels = placeholder._levels
-                permit._version = placeholder._version
                 permit._send = placeholder._send
             rt.in_flight[waiter.seq] = permit
             waiter.permit = permit
@@ -1414,8 +1399,7 @@ class Limiter:
         rt.record(now, w.draws)
         w.seq = next(self._seq)  # permits are numbered in the order they are admitted
         # a placeholder so observe() of earlier permits counts this one as in flight
-        rt.in_flight[w.seq] = placeholder = _placeholder(self, rt, w, now)
-        placeholder._levels = _levels_after(rt.pool, now)
+        rt.in_flight[w.seq] = _placeholder(self, rt, w, now)
         self._emit("grant", rt, now, {"waited": now - w.enqueued_at})  # a long wait is said at INFO
         w.wake()
 
@@ -2326,12 +2310,6 @@ def _server_side(change: Mapping[str, float], reserves_max_tokens: bool) -> Mapp
 def _add(totals: dict[str, float], amounts: Mapping[str, float]) -> None:
     for dim, amount in amounts.items():
         totals[dim] = totals.get(dim, 0.0) + amount
-
-
-def _levels_after(pool: Pool, now: float) -> tuple[float, ...]:
-    """The pool's levels of _LEVEL_DIMS at ``now`` (``nan`` where it has no such bucket)."""
-    buckets = pool.buckets
-    return tuple(b.level_at(now) if (b := buckets.get(d)) is not None else math.nan for d in _LEVEL_DIMS)
 
 
 def _placeholder(limiter: Limiter, rt: _PoolRuntime, w: _Waiter, now: float) -> Permit:
