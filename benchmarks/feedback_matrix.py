@@ -35,7 +35,7 @@ from typing import Any, Final
 import attrs
 
 import ratekeeper.simulate._strategies as _strategies
-from ratekeeper._limiter import Limiter
+from ratekeeper.gate._limiter import Limiter
 from ratekeeper.simulate import Scenario, SimulationResult, Workload, simulate
 
 #: Every moment a non-streamed response's headers may describe (streams: the first byte).

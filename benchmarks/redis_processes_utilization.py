@@ -34,7 +34,7 @@ def run_once(args: argparse.Namespace, prefetch: int) -> dict[str, int]:
     with tempfile.TemporaryDirectory(prefix="ratekeeper-utilization-") as directory:
         redis = RedisServer(Path(directory))
         redis.start()
-        code = "from ratekeeper._cli import main; raise SystemExit(main())"
+        code = "from ratekeeper.cli._main import main; raise SystemExit(main())"
         emulate = [
             *(sys.executable, "-c", code, "emulate", "--port", "0", "--ttft", str(args.ttft)),
             *("--tokens-per-second", "10000", "--rpm", str(args.rpm), "--itpm", "10000000"),

@@ -12,7 +12,7 @@ import attrs
 import pytest
 
 from ratekeeper import AccountingRules, Cost, Demand, OutputRule, Usage
-from ratekeeper._accounting import DIMENSIONS
+from ratekeeper.core._accounting import DIMENSIONS
 
 STANDARD = AccountingRules()
 DAGGER = AccountingRules(cache_reads_count=True)  # the models marked † in the tables

@@ -332,19 +332,19 @@ def _refuse_then_answer(failures: list[str]) -> Any:
 
 def _count_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """The bodies the middleware scans, in order (the real scan still runs)."""
-    import ratekeeper._body_scan
-    import ratekeeper._estimate
     import ratekeeper.anthropic._middleware
+    import ratekeeper.estimate._body_scan
+    import ratekeeper.estimate._estimator
 
     scanned: list[object] = []
-    real = ratekeeper._body_scan.scan_body
+    real = ratekeeper.estimate._body_scan.scan_body
 
     def scan(body: object) -> Any:
         scanned.append(body)
         return real(body)
 
     # wherever a scan can start from
-    for module in (ratekeeper._estimate, ratekeeper.anthropic._middleware):
+    for module in (ratekeeper.estimate._estimator, ratekeeper.anthropic._middleware):
         monkeypatch.setattr(module, "scan_body", scan, raising=False)
     return scanned
 

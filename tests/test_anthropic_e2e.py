@@ -24,7 +24,7 @@ def emulate_url() -> Iterator[str]:
     command = (
         [script]
         if script
-        else [sys.executable, "-c", "from ratekeeper._cli import main; raise SystemExit(main())"]
+        else [sys.executable, "-c", "from ratekeeper.cli._main import main; raise SystemExit(main())"]
     )
     args = [*command, "emulate", "--port", "0", "--ttft", "0.01", "--tokens-per-second", "4000"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

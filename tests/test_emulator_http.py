@@ -16,9 +16,9 @@ import httpx2
 import pytest
 from anthropic.types import MessageParam
 
-from ratekeeper._cli import main
-from ratekeeper._errors import ConfigurationError
+from ratekeeper.cli._main import main
 from ratekeeper.emulator import EmulatedServer, EmulatorConfig, LatencyModel, PoolLimits, serve
+from ratekeeper.errors import ConfigurationError
 
 FAST = LatencyModel(ttft=0.01, tokens_per_second=5_000.0, error_delay=0.0)
 MODEL = "claude-haiku-4-5"
@@ -87,7 +87,7 @@ def test_cli_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_cli_emulate_serves_until_interrupted() -> None:
-    code = "from ratekeeper._cli import main; raise SystemExit(main())"
+    code = "from ratekeeper.cli._main import main; raise SystemExit(main())"
     args = [sys.executable, "-c", code, "emulate", "--port", "0", "--ttft", "0.01", "--preset", "tier-2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from ratekeeper._errors import ConfigurationError
 from ratekeeper.emulator import (
     DEFAULT_EPOCH,
     AccelerationLimit,
@@ -26,6 +25,7 @@ from ratekeeper.emulator import (
     WalletConfig,
     count_text,
 )
+from ratekeeper.errors import ConfigurationError
 
 SONNET = "claude-sonnet-4-5"
 POOL = "sonnet-4.x"
@@ -660,7 +660,7 @@ def test_transport_without_httpx2_says_how_to_install_it(monkeypatch: pytest.Mon
     import sys
 
     import ratekeeper.emulator as emulator
-    from ratekeeper._errors import MissingDependency
+    from ratekeeper.errors import MissingDependency
 
     monkeypatch.setitem(sys.modules, "httpx2", None)
     monkeypatch.delitem(sys.modules, "ratekeeper.emulator._transport", raising=False)

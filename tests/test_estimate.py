@@ -38,7 +38,7 @@ from ratekeeper import (
     TokenEstimator,
     UnknownModelError,
 )
-from ratekeeper._body_scan import image_size, json_len
+from ratekeeper.estimate._body_scan import image_size, json_len
 
 SONNET = "claude-sonnet-4-5"
 Body = dict[str, Any]

@@ -38,7 +38,7 @@ def test_the_reservation_made_with_the_estimate_is_the_margin_applied(body: dict
 
 
 def test_a_body_without_breakpoints_gets_the_predictors_empty_prediction() -> None:
-    from ratekeeper._body_scan import Layout, scan_body, token_counter
+    from ratekeeper.estimate._body_scan import Layout, scan_body, token_counter
 
     body = {
         "model": "claude-sonnet-4-5",
@@ -93,7 +93,7 @@ any_json = st.recursive(
 
 @given(any_json)
 def test_json_len_fast_paths_follow_the_general_rules(value: object) -> None:
-    from ratekeeper._body_scan import json_len
+    from ratekeeper.estimate._body_scan import json_len
 
     assert json_len(value, "v") == _json_len_reference(value)
 
@@ -101,7 +101,7 @@ def test_json_len_fast_paths_follow_the_general_rules(value: object) -> None:
 def test_json_len_still_refuses_deep_nesting() -> None:
     import pytest
 
-    from ratekeeper._body_scan import json_len
+    from ratekeeper.estimate._body_scan import json_len
 
     deep: Any = "x"
     for _ in range(250):

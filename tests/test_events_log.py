@@ -11,7 +11,7 @@ from limiter_support import POOL, RATE_LIMIT_BODY, SONNET, Events, FakeClock, he
 from redis_server import RedisServer
 
 from ratekeeper import Limiter, LimiterEvent, RedisBackend
-from ratekeeper._events import LOG_EVERY, SLOW_WAIT, EventLog
+from ratekeeper.gate._events import LOG_EVERY, SLOW_WAIT, EventLog
 
 
 def info_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from limiter_support import FakeClock
 
 from ratekeeper import Limiter, Usage
-from ratekeeper._pool import Pool
+from ratekeeper.core._pool import Pool
 
 LIMITS = st.fixed_dictionaries(
     {

@@ -1,4 +1,4 @@
-"""The feedback model alone (``ratekeeper._feedback``): pure functions of numbers and instants."""
+"""The feedback model alone (``ratekeeper.core._feedback``): pure functions of numbers and instants."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ratekeeper._feedback import (
+from ratekeeper.core._feedback import (
     NO_READINGS,
     MomentEvidence,
     Readings,

@@ -13,7 +13,7 @@ import pytest
 
 import ratekeeper
 from ratekeeper import ConfigurationError, Demand, Limiter
-from ratekeeper._cli import main
+from ratekeeper.cli._main import main
 
 
 @pytest.mark.parametrize("key", ["sonnet-4.x", "sonnet-4", "claude-sonnet-4-5", "claude-sonnet-4-5-20250929"])

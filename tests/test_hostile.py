@@ -13,8 +13,8 @@ import pytest
 from anthropic_support import in_flight
 
 from ratekeeper import Limiter, Usage
-from ratekeeper._reading import MAX_PAUSE
 from ratekeeper.anthropic import wrap
+from ratekeeper.core._reading import MAX_PAUSE
 
 MODEL = "claude-sonnet-4-5"
 HELLO: Any = [{"role": "user", "content": "hello"}]
@@ -238,7 +238,7 @@ def test_an_unreadable_body_is_logged_without_its_text(caplog: pytest.LogCapture
 
 
 def test_maps_keyed_by_input_are_bounded() -> None:
-    from ratekeeper._limiter import MAX_REMEMBERED
+    from ratekeeper.gate._limiter import MAX_REMEMBERED
 
     limiter = Limiter("tier-1", clock=lambda: 0.0)
     for i in range(MAX_REMEMBERED * 2):

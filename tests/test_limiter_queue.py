@@ -24,7 +24,7 @@ from limiter_support import (
     settle_soon,
 )
 
-import ratekeeper._limiter as limiter_module
+import ratekeeper.gate._limiter as limiter_module
 from ratekeeper import AcquireTimeout, CapacityExceeded, Limiter, Permit
 
 pytestmark = pytest.mark.anyio

@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 from limiter_support import POOL, RATE_LIMIT_BODY, SONNET, FakeClock, headers
 
-import ratekeeper._limiter as lim_mod
+import ratekeeper.gate._limiter as lim_mod
 from ratekeeper import AcquireTimeout, Demand, Limiter, Permit, WouldBlock
 
 LIMITS = {"requests": 50.0, "input_tokens": 30_000.0, "output_tokens": 8_000.0}
@@ -397,7 +397,7 @@ class LimiterMachine(RuleBasedStateMachine):
         """A report with a permit: the model takes the limiter's correction as it is.
 
         Which correction is right depends on the moment the report describes
-        and on what the limiter has inferred of it (``ratekeeper._feedback``);
+        and on what the limiter has inferred of it (``ratekeeper.core._feedback``);
         that it is safe is what ``never_more_than_the_server_has`` checks,
         under the reading this machine's server uses.
         """

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ratekeeper import PromptCachePredictor
-from ratekeeper._body_scan import (
+from ratekeeper.estimate._body_scan import (
     _MAX_SHORT_TOKENS,
     _SEPARATOR,
     _STRING_TOKENS,
@@ -91,7 +91,7 @@ def test_the_separator_keeps_its_token_after_the_memo_is_emptied() -> None:
 
 
 def test_remembered_long_strings_are_bounded_by_their_characters() -> None:
-    from ratekeeper._body_scan import _MAX_LONG_CHARS
+    from ratekeeper.estimate._body_scan import _MAX_LONG_CHARS
 
     piece = _MAX_LONG_CHARS // 64
     for i in range(200):  # 200 strings of 1/64 of the bound: over three times what is kept
@@ -107,7 +107,7 @@ def test_remembered_long_strings_are_bounded_by_their_characters() -> None:
 
 
 def test_markers_made_once_are_what_the_encoder_gives() -> None:
-    from ratekeeper._body_scan import _NO_THINKING, _NO_TOOL_CHOICE, _ROLE_MARKERS
+    from ratekeeper.estimate._body_scan import _NO_THINKING, _NO_TOOL_CHOICE, _ROLE_MARKERS
 
     assert _framed(("tool_choice", None), "p") == _NO_TOOL_CHOICE
     assert _framed(("thinking", None), "p") == _NO_THINKING

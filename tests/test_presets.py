@@ -23,7 +23,6 @@ from ratekeeper import (
     ModelLimits,
     SpendCap,
     UnknownModelError,
-    _presets,
     batch_limits,
     cache_reads_count,
     count_tokens_rpm,
@@ -36,6 +35,7 @@ from ratekeeper import (
     resolve_model,
     spend_cap,
 )
+from ratekeeper.core import _presets
 
 # ---------------------------------------------------------------- the spec, transcribed
 
@@ -494,7 +494,7 @@ def test_remembered_answers_follow_registrations() -> None:
 
 
 def test_remembered_answers_are_bounded() -> None:
-    from ratekeeper import _body_scan
+    from ratekeeper.estimate import _body_scan
 
     for i in range(3 * _presets.MAX_REMEMBERED_IDS):
         assert resolve_model(f"claude-sonnet-4-5-2025{i:04d}") == "sonnet-4"

@@ -81,4 +81,4 @@ def test_errors_share_one_base() -> None:
     for cls in errors:
         if inspect.isclass(cls) and issubclass(cls, Exception):
             assert issubclass(cls, ratekeeper.RateKeeperError), cls
-            assert cls.__module__ == "ratekeeper._errors", cls
+            assert cls.__module__ == "ratekeeper.errors", cls

@@ -34,7 +34,7 @@ from ratekeeper import (
     RedisBackend,
     WouldBlock,
 )
-from ratekeeper._redis import Op
+from ratekeeper.redis._backend import Op
 
 SONNET = "claude-sonnet-4-5"
 POOL = "sonnet-4.x"

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
-from ratekeeper._redis import _redact
+from ratekeeper.redis._backend import _redact
 
 SECRET = "hunter2"
 

@@ -23,8 +23,8 @@ import redis
 from redis_server import RedisServer
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
-from ratekeeper._redis import Result
-from ratekeeper._remote import _RWaiter
+from ratekeeper.redis._backend import Result
+from ratekeeper.redis._engine import _RWaiter
 
 SONNET = "claude-sonnet-4-5"
 HAIKU = "claude-haiku-4-5"

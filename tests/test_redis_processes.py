@@ -77,7 +77,7 @@ print(json.dumps({str(k): v for k, v in statuses.items()}))
 @pytest.fixture
 def emulator() -> Iterator[str]:
     """``ratekeeper emulate`` on a free loopback port with an explicit 600 RPM limit."""
-    code = "from ratekeeper._cli import main; raise SystemExit(main())"
+    code = "from ratekeeper.cli._main import main; raise SystemExit(main())"
     args = [
         # answers in 0.3 s, the order of a short real one: with 10-ms answers the shared
         # resync's relative rule uses less of the limit (docs/benchmarks.md)

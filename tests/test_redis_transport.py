@@ -22,7 +22,7 @@ from redis_server import RedisServer
 from test_redis import anyio_backend, backends, client, stored_pool  # noqa: F401
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
-from ratekeeper._redis import Op
+from ratekeeper.redis._backend import Op
 
 SONNET = "claude-sonnet-4-5"
 POOL = "sonnet-4.x"

@@ -20,9 +20,9 @@ import pytest
 from anthropic_support import FAST, POOL, in_flight
 
 from ratekeeper import ConfigurationError, Limiter, run_requests
-from ratekeeper._cli import main
-from ratekeeper._run import BadLine, BatchRequest, Previous, RequestResult, ResultsFile, read_requests
+from ratekeeper.cli._main import main
 from ratekeeper.emulator import EmulatedServer, EmulatorConfig, EmulatorTransport, LatencyModel, serve
+from ratekeeper.run import BadLine, BatchRequest, Previous, RequestResult, ResultsFile, read_requests
 
 MODEL = "claude-sonnet-4-5"
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -519,7 +519,7 @@ def test_without_the_sdk_the_command_names_the_extra(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['anthropic'] = None\n"
         "import ratekeeper\n"  # run_requests is there without the SDK; it needs it only when called
-        "from ratekeeper._cli import main\n"
+        "from ratekeeper.cli._main import main\n"
         f"raise SystemExit(main(['run', {str(src)!r}, '--out', {str(tmp_path / 'out.jsonl')!r}]))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC), "ANTHROPIC_API_KEY": "test"}

@@ -12,9 +12,9 @@ import trio
 from trio.testing import MockClock
 
 import ratekeeper.simulate as sim
-from ratekeeper._cli import main
-from ratekeeper._errors import ConfigurationError
+from ratekeeper.cli._main import main
 from ratekeeper.emulator import EmulatedServer, EmulatorConfig, EmulatorRequest
+from ratekeeper.errors import ConfigurationError
 from ratekeeper.simulate import Scenario, SimulationResult, Workload, WorkloadGenerator, simulate
 from ratekeeper.simulate._metrics import quantile
 from ratekeeper.simulate._strategies import FixedWindow, LeakyBucket

@@ -9,24 +9,9 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 from typing import TYPE_CHECKING
 
-from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
-from ratekeeper._bucket import TokenBucket
-from ratekeeper._cache_predict import CachePrediction, PromptCachePredictor
-from ratekeeper._errors import (
-    AcquireTimeout,
-    BackendUnavailable,
-    CapacityExceeded,
-    ConfigurationError,
-    InsufficientCredits,
-    MissingDependency,
-    RateKeeperError,
-    SpendLimitReached,
-    UnknownModelError,
-    UnknownPoolError,
-    WouldBlock,
-)
-from ratekeeper._estimate import Calibration, Estimate, TokenEstimator
-from ratekeeper._headers import (
+from ratekeeper.core._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
+from ratekeeper.core._bucket import TokenBucket
+from ratekeeper.core._headers import (
     LimitInfo,
     QuotaInfo,
     RateLimitSnapshot,
@@ -34,9 +19,8 @@ from ratekeeper._headers import (
     UnifiedWindow,
     parse_headers,
 )
-from ratekeeper._limiter import Limiter, Permit
-from ratekeeper._meta import meta
-from ratekeeper._presets import (
+from ratekeeper.core._meta import meta
+from ratekeeper.core._presets import (
     LONG_CONTEXT_BETA,
     LONG_CONTEXT_MIN_INPUT_TOKENS,
     BatchLimits,
@@ -54,11 +38,27 @@ from ratekeeper._presets import (
     resolve_model,
     spend_cap,
 )
-from ratekeeper._run import run_requests
-from ratekeeper._stats import EventSummary, LimiterEvent, LimiterStatistics, PoolStatistics
+from ratekeeper.core._stats import EventSummary, LimiterEvent, LimiterStatistics, PoolStatistics
+from ratekeeper.errors import (
+    AcquireTimeout,
+    BackendUnavailable,
+    CapacityExceeded,
+    ConfigurationError,
+    InsufficientCredits,
+    MissingDependency,
+    RateKeeperError,
+    SpendLimitReached,
+    UnknownModelError,
+    UnknownPoolError,
+    WouldBlock,
+)
+from ratekeeper.estimate._cache_predict import CachePrediction, PromptCachePredictor
+from ratekeeper.estimate._estimator import Calibration, Estimate, TokenEstimator
+from ratekeeper.gate._limiter import Limiter, Permit
+from ratekeeper.run import run_requests
 
 if TYPE_CHECKING:
-    from ratekeeper._redis import RedisBackend
+    from ratekeeper.redis._backend import RedisBackend
 
 try:
     # one source of truth, pyproject.toml, read from the installed metadata
@@ -127,7 +127,7 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # RedisBackend is loaded on first use, so ``import ratekeeper`` never imports redis
     if name == "RedisBackend":
-        from ratekeeper._redis import RedisBackend
+        from ratekeeper.redis._backend import RedisBackend
 
         return RedisBackend
     raise AttributeError(f"module 'ratekeeper' has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ratekeeper._cli import main
+from ratekeeper.cli._main import main
 
 if __name__ == "__main__":  # importing the module (doctest collection) runs nothing
     raise SystemExit(main())

@@ -26,7 +26,7 @@ from __future__ import annotations
 try:
     from opentelemetry import metrics as _metrics
 except ImportError as _exc:
-    from ratekeeper._errors import MissingDependency
+    from ratekeeper.errors import MissingDependency
 
     raise MissingDependency("opentelemetry", "otel") from _exc
 
@@ -34,8 +34,8 @@ import weakref
 from collections.abc import Iterable
 from typing import Any, final
 
-from ratekeeper._limiter import Limiter
-from ratekeeper._stats import LimiterEvent, LimiterStatistics
+from ratekeeper.core._stats import LimiterEvent, LimiterStatistics
+from ratekeeper.gate._limiter import Limiter
 
 __all__ = ["Metrics"]
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 try:
     import anthropic as _sdk  # noqa: F401 - fail here, with the install hint, not deep inside
 except ImportError as _exc:
-    from ratekeeper._errors import MissingDependency
+    from ratekeeper.errors import MissingDependency
 
     raise MissingDependency("anthropic", "anthropic") from _exc
 
-from ratekeeper._meta import meta
 from ratekeeper.anthropic._middleware import Counter, RateLimitMiddleware, wrap
 from ratekeeper.anthropic._wallet import CreditPrice
+from ratekeeper.core._meta import meta
 
 __all__ = ["CreditPrice", "Counter", "RateLimitMiddleware", "meta", "wrap"]

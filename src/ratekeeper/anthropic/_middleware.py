@@ -38,13 +38,6 @@ import attrs
 import httpx2
 import sniffio
 
-from ratekeeper._accounting import Demand, Usage
-from ratekeeper._body_scan import Scan, scan_body
-from ratekeeper._errors import ConfigurationError, InsufficientCredits, UnknownModelError
-from ratekeeper._estimate import Estimate, TokenEstimator
-from ratekeeper._headers import RateLimitSnapshot, parse_headers
-from ratekeeper._limiter import Limiter, Permit
-from ratekeeper._meta import attach_meta
 from ratekeeper.anthropic._stream import (
     BodyOutcome,
     JsonMeter,
@@ -55,6 +48,13 @@ from ratekeeper.anthropic._stream import (
     run_deferred,
 )
 from ratekeeper.anthropic._wallet import CreditPrice, WalletPricing
+from ratekeeper.core._accounting import Demand, Usage
+from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._meta import attach_meta
+from ratekeeper.errors import ConfigurationError, InsufficientCredits, UnknownModelError
+from ratekeeper.estimate._body_scan import Scan, scan_body
+from ratekeeper.estimate._estimator import Estimate, TokenEstimator
+from ratekeeper.gate._limiter import Limiter, Permit
 
 __all__ = ["Counter", "RateLimitMiddleware", "wrap"]
 

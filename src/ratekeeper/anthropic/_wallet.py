@@ -14,8 +14,8 @@ from typing import Any, final
 
 import attrs
 
-from ratekeeper._accounting import Demand, Usage
-from ratekeeper._errors import ConfigurationError
+from ratekeeper.core._accounting import Demand, Usage
+from ratekeeper.errors import ConfigurationError
 
 __all__ = ["CreditPrice", "WalletPricing"]
 

@@ -62,7 +62,7 @@ def __getattr__(name: str) -> object:
         try:
             from ratekeeper.emulator._transport import EmulatorTransport
         except ImportError as exc:
-            from ratekeeper._errors import MissingDependency
+            from ratekeeper.errors import MissingDependency
 
             raise MissingDependency("httpx2", "anthropic") from exc
         return EmulatorTransport

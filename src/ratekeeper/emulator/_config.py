@@ -9,8 +9,8 @@ from typing import Any, Final, Literal, final
 
 import attrs
 
-from ratekeeper._errors import ConfigurationError
 from ratekeeper.emulator._models import DEFAULT_PRICES, Price
+from ratekeeper.errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_EPOCH",

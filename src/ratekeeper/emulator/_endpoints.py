@@ -8,13 +8,13 @@ from typing import Any
 
 import attrs
 
-from ratekeeper._errors import UnknownModelError
 from ratekeeper.emulator._body import decide_output, message_body, parse_json, validate
 from ratekeeper.emulator._cache import CachePlan
 from ratekeeper.emulator._models import display_model_id, model_traits
 from ratekeeper.emulator._state import ServerState
 from ratekeeper.emulator._tokens import count_request, output_words
 from ratekeeper.emulator._wire import EmulatorRequest, Reply, iso_time
+from ratekeeper.errors import UnknownModelError
 
 __all__ = ["Batch", "BatchBook"]
 

@@ -10,10 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Self, final
 
-from ratekeeper._errors import ConfigurationError
 from ratekeeper.emulator._config import EmulatorConfig
 from ratekeeper.emulator._server import EmulatedServer
 from ratekeeper.emulator._wire import EmulatorRequest, Reply
+from ratekeeper.errors import ConfigurationError
 
 __all__ = ["EmulatorHTTPServer", "serve"]
 

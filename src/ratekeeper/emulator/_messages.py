@@ -6,7 +6,6 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from ratekeeper._errors import UnknownModelError
 from ratekeeper.emulator._accel import acceleration_wait, note_admission
 from ratekeeper.emulator._body import decide_output, message_body, parse_json, usage_fields, validate
 from ratekeeper.emulator._generation import Timeline, make_timeline
@@ -15,6 +14,7 @@ from ratekeeper.emulator._pools import Pool
 from ratekeeper.emulator._state import LiveRequest, ModelInfo, ServerState
 from ratekeeper.emulator._tokens import count_request, output_words
 from ratekeeper.emulator._wire import EmulatorRequest, Reply, SseEvent
+from ratekeeper.errors import UnknownModelError
 
 __all__ = ["abandon", "handle_messages"]
 

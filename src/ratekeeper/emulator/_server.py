@@ -7,13 +7,13 @@ from typing import Any, final
 
 import attrs
 
-from ratekeeper._errors import ConfigurationError
 from ratekeeper.emulator._config import EmulatorConfig
 from ratekeeper.emulator._endpoints import BatchBook, handle_count_tokens
 from ratekeeper.emulator._log import RequestRecord
 from ratekeeper.emulator._messages import abandon, handle_messages
 from ratekeeper.emulator._state import ServerState
 from ratekeeper.emulator._wire import EmulatorRequest, Reply, http_date
+from ratekeeper.errors import ConfigurationError
 
 __all__ = ["EmulatedServer"]
 

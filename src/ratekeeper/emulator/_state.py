@@ -10,8 +10,7 @@ from typing import Any
 
 import attrs
 
-from ratekeeper import _presets
-from ratekeeper._errors import ConfigurationError, UnknownModelError
+from ratekeeper.core import _presets
 from ratekeeper.emulator._cache import PromptCache
 from ratekeeper.emulator._config import EmulatorConfig, PoolLimits
 from ratekeeper.emulator._generation import Timeline
@@ -23,6 +22,7 @@ from ratekeeper.emulator._spend import SpendMeter
 from ratekeeper.emulator._unified import UnifiedWindows
 from ratekeeper.emulator._wallet import Wallet
 from ratekeeper.emulator._wire import IdSource, Reply, error_body, http_date
+from ratekeeper.errors import ConfigurationError, UnknownModelError
 
 __all__ = ["LiveRequest", "ModelInfo", "ServerState"]
 

@@ -16,7 +16,7 @@ try:  # fail here, with the install hint, not deep inside the emulator or a stra
     import rich as _rich  # noqa: F401
     import trio as _trio  # noqa: F401
 except ImportError as _exc:
-    from ratekeeper._errors import MissingDependency
+    from ratekeeper.errors import MissingDependency
 
     raise MissingDependency(_exc.name or "trio", "cli") from _exc
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Final
 
-from ratekeeper._errors import MissingDependency
+from ratekeeper.errors import MissingDependency
 from ratekeeper.simulate._metrics import BIN_SECONDS
 from ratekeeper.simulate._run import SimulationResult
 

@@ -25,11 +25,11 @@ import attrs
 import httpx2
 from anyio.abc import TaskGroup
 
-from ratekeeper._accounting import OutputRule
-from ratekeeper._errors import ConfigurationError
-from ratekeeper._presets import limits_for
+from ratekeeper.core._accounting import OutputRule
+from ratekeeper.core._presets import limits_for
 from ratekeeper.emulator import EmulatedServer, EmulatorConfig, EmulatorTransport, ForeignTraffic
 from ratekeeper.emulator._config import REPORT_MOMENTS, ReportMoment
+from ratekeeper.errors import ConfigurationError
 from ratekeeper.simulate._metrics import DIMENSIONS, Attempt, Outcome, StrategyResult, bind, summarize
 from ratekeeper.simulate._strategies import STRATEGIES, Sender, StrategyContext, make_sender
 from ratekeeper.simulate._workload import SIM_ID_HEADER, Workload, WorkloadGenerator

@@ -26,9 +26,9 @@ import anyio
 import attrs
 import httpx2
 
-from ratekeeper._accounting import OutputRule
-from ratekeeper._limiter import Limiter
-from ratekeeper._presets import ModelLimits
+from ratekeeper.core._accounting import OutputRule
+from ratekeeper.core._presets import ModelLimits
+from ratekeeper.gate._limiter import Limiter
 from ratekeeper.simulate._workload import RequestPlan
 
 __all__ = ["STRATEGIES", "Sender", "StrategyContext", "make_sender"]

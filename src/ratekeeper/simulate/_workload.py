@@ -22,9 +22,9 @@ from typing import Any, Final, final
 
 import attrs
 
-from ratekeeper._errors import ConfigurationError
 from ratekeeper.emulator._models import model_traits
 from ratekeeper.emulator._tokens import count_request, count_text
+from ratekeeper.errors import ConfigurationError
 
 __all__ = ["OUTPUT_TOKENS_HEADER", "SIM_ID_HEADER", "RequestPlan", "Workload", "WorkloadGenerator"]
 

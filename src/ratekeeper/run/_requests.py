@@ -15,7 +15,7 @@ from typing import Any, Final, final
 
 import attrs
 
-from ratekeeper._errors import ConfigurationError
+from ratekeeper.errors import ConfigurationError
 
 __all__ = ["BadLine", "BatchRequest", "parse_request", "read_requests"]
 

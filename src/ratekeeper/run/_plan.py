@@ -14,9 +14,9 @@ from typing import final
 
 import attrs
 
-from ratekeeper._estimate import TokenEstimator
-from ratekeeper._presets import limits_for
-from ratekeeper._run._requests import BatchRequest
+from ratekeeper.core._presets import limits_for
+from ratekeeper.estimate._estimator import TokenEstimator
+from ratekeeper.run._requests import BatchRequest
 
 __all__ = ["PoolPlan", "plan"]
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from ratekeeper._stats import LimiterEvent
+from ratekeeper.core._stats import LimiterEvent
 
 __all__ = ["LOG_EVERY", "SLOW_WAIT", "EventLog", "HookLock"]
 

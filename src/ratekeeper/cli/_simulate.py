@@ -194,7 +194,7 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ratekeeper simulate``; returns the exit code."""
-    from ratekeeper._errors import ConfigurationError, MissingDependency, RateKeeperError
+    from ratekeeper.errors import ConfigurationError, MissingDependency, RateKeeperError
 
     prog = "ratekeeper simulate"
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ratekeeper._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
 
 __all__ = ["META_ATTRIBUTE", "attach_meta", "meta"]
 

@@ -11,8 +11,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import final
 
-from ratekeeper._bucket import TokenBucket, adjust, take_request
-from ratekeeper._errors import CapacityExceeded
+from ratekeeper.core._bucket import TokenBucket, adjust, take_request
+from ratekeeper.errors import CapacityExceeded
 
 __all__ = ["Pool"]
 

@@ -10,7 +10,7 @@ from typing import Any, final
 
 import attrs
 
-from ratekeeper._errors import UnknownPoolError
+from ratekeeper.errors import UnknownPoolError
 
 __all__ = ["EventSummary", "LimiterEvent", "LimiterStatistics", "PoolStatistics"]
 

@@ -29,11 +29,11 @@ from urllib.parse import unquote
 import anyio
 import sniffio
 
-from ratekeeper._errors import BackendUnavailable, ConfigurationError, MissingDependency
+from ratekeeper.errors import BackendUnavailable, ConfigurationError, MissingDependency
 
 if TYPE_CHECKING:
-    from ratekeeper._limiter import Limiter
-    from ratekeeper._remote import RemoteEngine
+    from ratekeeper.gate._limiter import Limiter
+    from ratekeeper.redis._engine import RemoteEngine
 
 __all__ = ["RedisBackend"]
 
@@ -98,7 +98,7 @@ class Down(Exception):
 
 
 def _load_scripts() -> dict[str, tuple[str, str]]:
-    folder = importlib.resources.files("ratekeeper") / "lua"
+    folder = importlib.resources.files("ratekeeper.redis") / "lua"
     common = (folder / "_common.lua").read_text(encoding="utf-8")
     out = {}
     for name in _SCRIPTS:
@@ -283,7 +283,7 @@ class RedisBackend:
     # ------------------------------------------------------------------ binding
 
     def _bind_limiter(self, limiter: Limiter) -> RemoteEngine:
-        from ratekeeper._remote import RemoteEngine
+        from ratekeeper.redis._engine import RemoteEngine
 
         return RemoteEngine(limiter, self)
 

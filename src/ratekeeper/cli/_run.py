@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     import anthropic
     import anyio
 
-    from ratekeeper._limiter import Limiter
-    from ratekeeper._run import BatchRequest, RequestResult
+    from ratekeeper.gate._limiter import Limiter
+    from ratekeeper.run import BatchRequest, RequestResult
 
 __all__ = ["configure", "run"]
 
@@ -81,8 +81,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ratekeeper run``; returns the exit code."""
-    from ratekeeper._errors import ConfigurationError
-    from ratekeeper._run import BadLine, read_requests
+    from ratekeeper.errors import ConfigurationError
+    from ratekeeper.run import BadLine, read_requests
 
     try:
         with args.requests.open(encoding="utf-8") as f:
@@ -118,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _dry_run(args: argparse.Namespace, requests: list[BatchRequest]) -> int:
-    from ratekeeper._errors import ConfigurationError
-    from ratekeeper._run._plan import plan
+    from ratekeeper.errors import ConfigurationError
+    from ratekeeper.run._plan import plan
 
     counted: dict[str, int] | None = None
     if args.count_tokens:
@@ -329,7 +329,7 @@ class _Progress:
 
 
 def _run(args: argparse.Namespace, requests: list[BatchRequest], bad: int) -> int:
-    from ratekeeper._run import Previous, ResultsFile
+    from ratekeeper.run import Previous, ResultsFile
 
     previous = Previous.read(args.out)
     if previous.torn_bytes:
@@ -364,11 +364,11 @@ def _run(args: argparse.Namespace, requests: list[BatchRequest], bad: int) -> in
 
 def _limiter(args: argparse.Namespace) -> tuple[Limiter, Callable[[], None]]:
     """The limiter, and what closes its backend (a no-op without one)."""
-    from ratekeeper._limiter import Limiter
+    from ratekeeper.gate._limiter import Limiter
 
     if args.redis is None:
         return Limiter(args.preset), lambda: None
-    from ratekeeper._redis import RedisBackend
+    from ratekeeper.redis._backend import RedisBackend
 
     backend = RedisBackend(args.redis, org=args.org)
     return Limiter(args.preset, backend=backend), backend.close
@@ -379,7 +379,7 @@ def _client(args: argparse.Namespace) -> anthropic.AsyncAnthropic | None:
     try:
         import anthropic
     except ImportError:
-        from ratekeeper._errors import MissingDependency
+        from ratekeeper.errors import MissingDependency
 
         raise MissingDependency("anthropic", "anthropic") from None
 
@@ -400,7 +400,7 @@ async def _main(
 ) -> int:
     import anyio
 
-    from ratekeeper._run import run_requests
+    from ratekeeper.run import run_requests
 
     stop = anyio.Event()
     show = not args.no_progress and sys.stderr.isatty()

@@ -36,11 +36,20 @@ from typing import TYPE_CHECKING, Final, final
 
 import anyio
 
-from ratekeeper._accounting import Cost, Demand, Usage
-from ratekeeper._bucket import TokenBucket
-from ratekeeper._errors import AcquireTimeout, CapacityExceeded, SpendLimitReached, WouldBlock
-from ratekeeper._headers import RateLimitSnapshot, parse_headers
-from ratekeeper._limiter import (
+from ratekeeper.core._accounting import Cost, Demand, Usage
+from ratekeeper.core._bucket import TokenBucket
+from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._pool import Pool
+from ratekeeper.core._reading import (
+    ROUNDING_MARGIN,
+    burst_bound,
+    error_fields,
+    explained_by_remaining,
+    fitted_burst,
+    unified_wait,
+)
+from ratekeeper.errors import AcquireTimeout, CapacityExceeded, SpendLimitReached, WouldBlock
+from ratekeeper.gate._limiter import (
     _ACTIVE,
     _FAILED,
     _GONE,
@@ -56,19 +65,10 @@ from ratekeeper._limiter import (
     _PoolRuntime,
     _Waiter,
 )
-from ratekeeper._pool import Pool
-from ratekeeper._reading import (
-    ROUNDING_MARGIN,
-    burst_bound,
-    error_fields,
-    explained_by_remaining,
-    fitted_burst,
-    unified_wait,
-)
-from ratekeeper._redis import Down, Op, Refused, Reply, Result
+from ratekeeper.redis._backend import Down, Op, Refused, Reply, Result
 
 if TYPE_CHECKING:
-    from ratekeeper._redis import RedisBackend
+    from ratekeeper.redis._backend import RedisBackend
 
 __all__ = ["RemoteEngine"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from ratekeeper._errors import RateKeeperError
+from ratekeeper.errors import RateKeeperError
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -106,7 +106,6 @@ def _epoch(text: str) -> dt.datetime:
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from ratekeeper._errors import ConfigurationError
     from ratekeeper.emulator import (
         AccelerationLimit,
         EmulatorConfig,
@@ -116,6 +115,7 @@ def _emulate(args: argparse.Namespace) -> int:
         WalletConfig,
         serve,
     )
+    from ratekeeper.errors import ConfigurationError
 
     try:
         epoch = _epoch(args.epoch)
@@ -164,13 +164,13 @@ def _emulate(args: argparse.Namespace) -> int:
 
 
 def _simulate_arguments(p: argparse.ArgumentParser) -> None:
-    from ratekeeper._simulate_cli import configure  # argparse only: --help needs no extra
+    from ratekeeper.cli._simulate import configure  # argparse only: --help needs no extra
 
     configure(p)
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from ratekeeper._simulate_cli import run
+    from ratekeeper.cli._simulate import run
 
     return run(args)
 
@@ -179,13 +179,13 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
-    from ratekeeper._run_cli import configure  # argparse only: --help needs no extra
+    from ratekeeper.cli._run import configure  # argparse only: --help needs no extra
 
     configure(p)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ratekeeper._run_cli import run
+    from ratekeeper.cli._run import run
 
     return run(args)
 

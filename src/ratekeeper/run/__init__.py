@@ -6,9 +6,9 @@ its result format, ``_engine`` sends, ``_plan`` estimates a dry run.
 
 from __future__ import annotations
 
-from ratekeeper._run._engine import run_requests
-from ratekeeper._run._requests import BadLine, BatchRequest, parse_request, read_requests
-from ratekeeper._run._results import Previous, RequestResult, ResultsFile
+from ratekeeper.run._engine import run_requests
+from ratekeeper.run._requests import BadLine, BatchRequest, parse_request, read_requests
+from ratekeeper.run._results import Previous, RequestResult, ResultsFile
 
 __all__ = [
     "BadLine",

@@ -26,8 +26,8 @@ from typing import Any, Final, final
 
 import attrs
 
-from ratekeeper._errors import ConfigurationError
-from ratekeeper._presets import MAX_REMEMBERED_IDS, _normalize, resolve_model
+from ratekeeper.core._presets import MAX_REMEMBERED_IDS, _normalize, resolve_model
+from ratekeeper.errors import ConfigurationError
 
 __all__ = [
     "CLASSIC_CHARS_PER_TOKEN",

@@ -17,10 +17,10 @@ from typing import Any, Final, TypeAlias, final
 
 import attrs
 
-from ratekeeper._accounting import Demand, Usage
-from ratekeeper._body_scan import Layout, Scan, bad, model_profile, scan_body, token_counter
-from ratekeeper._cache_predict import CachePrediction, PromptCachePredictor
-from ratekeeper._errors import ConfigurationError
+from ratekeeper.core._accounting import Demand, Usage
+from ratekeeper.errors import ConfigurationError
+from ratekeeper.estimate._body_scan import Layout, Scan, bad, model_profile, scan_body, token_counter
+from ratekeeper.estimate._cache_predict import CachePrediction, PromptCachePredictor
 
 __all__ = ["Calibration", "Estimate", "TokenCounter", "TokenEstimator"]
 

@@ -40,19 +40,9 @@ from typing import TYPE_CHECKING, Any, Final, final
 import anyio
 import sniffio
 
-from ratekeeper._accounting import AccountingRules, Cost, Demand, OutputRule, Usage, request_cost
-from ratekeeper._bucket import TokenBucket
-from ratekeeper._errors import (
-    AcquireTimeout,
-    CapacityExceeded,
-    ConfigurationError,
-    InsufficientCredits,
-    SpendLimitReached,
-    UnknownModelError,
-    WouldBlock,
-)
-from ratekeeper._events import EventLog, HookLock
-from ratekeeper._feedback import (
+from ratekeeper.core._accounting import AccountingRules, Cost, Demand, OutputRule, Usage, request_cost
+from ratekeeper.core._bucket import TokenBucket
+from ratekeeper.core._feedback import (
     NO_READINGS,
     MomentEvidence,
     Readings,
@@ -60,10 +50,10 @@ from ratekeeper._feedback import (
     correction,
     response_estimate,
 )
-from ratekeeper._headers import RateLimitSnapshot, parse_headers
-from ratekeeper._pool import Pool
-from ratekeeper._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
-from ratekeeper._reading import (
+from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._pool import Pool
+from ratekeeper.core._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
+from ratekeeper.core._reading import (
     ROUNDING_MARGIN,
     burst_bound,
     capped_pause,
@@ -73,7 +63,7 @@ from ratekeeper._reading import (
     fitted_burst,
     unified_wait,
 )
-from ratekeeper._stats import (
+from ratekeeper.core._stats import (
     AdmittedWindow,
     EventSummary,
     LimiterEvent,
@@ -83,9 +73,19 @@ from ratekeeper._stats import (
     WaitSamples,
     with_tokens,
 )
+from ratekeeper.errors import (
+    AcquireTimeout,
+    CapacityExceeded,
+    ConfigurationError,
+    InsufficientCredits,
+    SpendLimitReached,
+    UnknownModelError,
+    WouldBlock,
+)
+from ratekeeper.gate._events import EventLog, HookLock
 
 if TYPE_CHECKING:
-    from ratekeeper._remote import RemoteEngine
+    from ratekeeper.redis._engine import RemoteEngine
 
 __all__ = ["Limiter", "Permit"]
 

@@ -22,7 +22,7 @@ from typing import Final, NoReturn, final
 
 import attrs
 
-from ratekeeper._errors import ConfigurationError, UnknownModelError
+from ratekeeper.errors import ConfigurationError, UnknownModelError
 
 __all__ = [
     "LONG_CONTEXT_BETA",
@@ -267,7 +267,7 @@ def _parse_preset(
 
 @functools.cache
 def _tables() -> _Tables:
-    text = (resources.files("ratekeeper") / "data" / _DATA_FILE).read_text(encoding="utf-8")
+    text = (resources.files("ratekeeper.core") / "data" / _DATA_FILE).read_text(encoding="utf-8")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:

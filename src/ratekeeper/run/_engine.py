@@ -23,10 +23,10 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ratekeeper._errors import CapacityExceeded, ConfigurationError, RateKeeperError, UnknownModelError
-from ratekeeper._limiter import Limiter
-from ratekeeper._run._requests import BatchRequest, parse_request
-from ratekeeper._run._results import RequestResult
+from ratekeeper.errors import CapacityExceeded, ConfigurationError, RateKeeperError, UnknownModelError
+from ratekeeper.gate._limiter import Limiter
+from ratekeeper.run._requests import BatchRequest, parse_request
+from ratekeeper.run._results import RequestResult
 
 if TYPE_CHECKING:
     import anthropic

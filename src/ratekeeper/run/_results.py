@@ -19,7 +19,7 @@ from typing import IO, Any, final
 
 import attrs
 
-from ratekeeper._errors import ConfigurationError
+from ratekeeper.errors import ConfigurationError
 
 __all__ = ["Previous", "RequestResult", "ResultsFile"]
 
