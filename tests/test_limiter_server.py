@@ -283,6 +283,37 @@ def test_a_shrunk_burst_still_charges_a_whole_request() -> None:
     assert info.value.retry_after == pytest.approx(6_100 / (8_000 / 60))
 
 
+async def test_a_429_whose_headers_show_room_lets_no_waiter_in_before_its_pause() -> None:
+    """The refusal's report shows the server holds more than the model (which lifts the level),
+    but the pause it carries comes first: a waiter let in by the lift would be sent into the
+    retry-after."""
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock, adaptive_burst=False)
+    spent = limiter.acquire_nowait(SONNET, max_tokens=8_000)  # the output bucket, all of it
+    spent.settle({"input_tokens": 0, "output_tokens": 8_000})
+    clock.advance(1.0)  # long enough for the server to have seen it
+    permit = limiter.acquire_nowait(SONNET, max_tokens=0)
+    granted: list[Permit] = []
+
+    async def waiter() -> None:
+        async with limiter.acquire(SONNET, max_tokens=4_000) as later:
+            granted.append(later)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await settle_soon(queued(limiter, 1))
+        full = headers(requests=(50, 49), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000))
+        permit.observe({**full, "retry-after": "5"}, status=429, body=RATE_LIMIT_BODY)
+        for _ in range(20):
+            await anyio.sleep(0)
+        assert granted == []
+        stats = limiter.statistics()[POOL]
+        assert stats.queue_depth == 1
+        assert stats.paused_for == pytest.approx(5.0)
+        tg.cancel_scope.cancel()
+    permit.release()
+
+
 def test_a_429_without_retry_after_pauses_a_second() -> None:
     clock = FakeClock()
     limiter = Limiter("tier-1", clock=clock, adaptive_burst=False)

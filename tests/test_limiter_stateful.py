@@ -402,7 +402,14 @@ class LimiterMachine(RuleBasedStateMachine):
         under the reading this machine's server uses.
         """
         now = self.now()
-        levels = self.limiter.statistics()[POOL].levels
+        levels = dict(self.limiter.statistics()[POOL].levels)
+        # a correction that lifted the levels let waiters in within the same call: the levels
+        # read are after their grants, which ``_collect_grants`` is still to charge and check
+        for w in self.waiting:
+            if w.waiter.state == lim_mod._GRANTED and not w.granted_seen:
+                for dim, amount in w.cost.items():
+                    if dim in levels:
+                        levels[dim] += amount
         for dim in DIMS:
             bucket = self.model[dim]
             bucket.level, bucket.t = levels[dim], max(bucket.t, now)

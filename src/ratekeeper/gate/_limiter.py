@@ -1646,8 +1646,9 @@ class Limiter:
             skew = snap.clock_skew or 0.0
             if error_code == "enforced_spend_limit_reached":
                 self._spend_limit(snap, now, message)
+            changed = False
             if runtime is not None:
-                fitted = self._resync(runtime, snap, permit, now)
+                fitted, changed = self._resync(runtime, snap, permit, now)
                 if status == 429 and error_code != "enforced_spend_limit_reached":
                     self._on_429(runtime, snap, permit, now, fitted)
                 elif status == 529 or error_type == "overloaded_error":
@@ -1663,13 +1664,22 @@ class Limiter:
                 # the proxy refused: the wallet holds less than this reservation
                 held = permit.credits if permit is not None else 0.0
                 self._wallet.resync(max(0.0, held - 1.0), now)
+            if changed and runtime is not None:
+                # only once the report's pause (a 429's retry-after, a 529's backoff) is in
+                # place: a lift read from a refusal's headers must not let a waiter in first
+                self._dispatch(runtime, now)
         return snap
 
-    def _resync(self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> bool:
-        """Correct the pool from a response's headers; True if they showed a smaller burst."""
+    def _resync(
+        self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float
+    ) -> tuple[bool, bool]:
+        """Correct the pool from a response's headers: (they showed a smaller burst, a level moved).
+
+        It wakes nobody: the caller dispatches once the rest of the report is applied.
+        """
         limits = snap.limits()
         if not limits:
-            return False
+            return False, False
         pool = rt.pool
         changed = False
         # The server's bucket size, from "-reset is when the bucket is full again":
@@ -1891,9 +1901,7 @@ class Limiter:
                     else:
                         rt.raised += 1
                     self._emit("resync", rt, now, {"dimension": dim, "delta": delta})
-        if changed:
-            self._dispatch(rt, now)
-        return fitted
+        return fitted, changed
 
     def _check_room(self, rt: _PoolRuntime, permit: Permit, now: float) -> None:
         """Say once per dimension when the server's bucket is smaller than a request reserves."""
