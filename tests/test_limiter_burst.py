@@ -203,7 +203,7 @@ def test_request_resync_is_exact() -> None:
 
 def test_429s_others_caused_cut_the_share_of_the_refill_once_per_event() -> None:
     """AIMD on the refill rate: others' traffic, seen only as 429s the headers explain."""
-    from ratekeeper.gate._limiter import MIN_SHARE, SHARE_DECREASE, SHARE_STEP, SHARE_STEP_EVERY
+    from ratekeeper.gate._resync import MIN_SHARE, SHARE_DECREASE, SHARE_STEP, SHARE_STEP_EVERY
 
     clock = Clock()
     events: list[tuple[str, dict[str, float]]] = []
@@ -255,7 +255,7 @@ def test_429s_others_caused_cut_the_share_of_the_refill_once_per_event() -> None
 
 
 def test_a_limit_set_by_hand_keeps_the_cut_share() -> None:
-    from ratekeeper.gate._limiter import SHARE_DECREASE
+    from ratekeeper.gate._resync import SHARE_DECREASE
 
     clock = Clock()
     limiter = Limiter("tier-1", clock=clock)

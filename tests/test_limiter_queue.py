@@ -24,8 +24,8 @@ from limiter_support import (
     settle_soon,
 )
 
-import ratekeeper.gate._limiter as limiter_module
 from ratekeeper import AcquireTimeout, CapacityExceeded, Limiter, Permit
+from ratekeeper.gate._state import Waiter
 
 pytestmark = pytest.mark.anyio
 
@@ -217,13 +217,13 @@ async def test_backfill_can_be_turned_off() -> None:
 
 async def test_a_grant_wakes_only_the_granted_waiter_and_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
     wakes: list[object] = []
-    original: Callable[[limiter_module._Waiter], None] = limiter_module._Waiter.wake
+    original: Callable[[Waiter], None] = Waiter.wake
 
-    def counting_wake(self: limiter_module._Waiter) -> None:
+    def counting_wake(self: Waiter) -> None:
         wakes.append(self)
         original(self)
 
-    monkeypatch.setattr(limiter_module._Waiter, "wake", counting_wake)
+    monkeypatch.setattr(Waiter, "wake", counting_wake)
     limiter = Limiter("tier-1", clock=FakeClock())
     blockers = drain_requests(limiter)
     async with anyio.create_task_group() as tg:

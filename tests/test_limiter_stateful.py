@@ -53,8 +53,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, rule
 from limiter_support import POOL, RATE_LIMIT_BODY, SONNET, FakeClock, headers
 
-import ratekeeper.gate._limiter as lim_mod
 from ratekeeper import AcquireTimeout, Demand, Limiter, Permit, WouldBlock
+from ratekeeper.gate._local import LocalEngine
+from ratekeeper.gate._state import Waiter, WaiterState
 
 LIMITS = {"requests": 50.0, "input_tokens": 30_000.0, "output_tokens": 8_000.0}
 DIMS = tuple(LIMITS)
@@ -109,7 +110,7 @@ class Held:
 
 @dataclass
 class Waiting:
-    waiter: lim_mod._Waiter
+    waiter: Waiter
     demand: Demand
     cost: dict[str, float]
     granted_seen: bool = False
@@ -147,6 +148,10 @@ class LimiterMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = FakeClock(1_000.0)
         self.limiter = Limiter("tier-1", clock=self.clock, adaptive_burst=False)
+        # the machine drives the local engine's queue directly (a waiter without a task)
+        engine = self.limiter._engine
+        assert isinstance(engine, LocalEngine)
+        self.engine = engine
         self.rt = self.limiter._pools[self.limiter.pool_of(SONNET)]
         now = self.clock()
         self.model = {d: Bucket(v, now) for d, v in LIMITS.items()}
@@ -214,7 +219,7 @@ class LimiterMachine(RuleBasedStateMachine):
 
     def _collect_grants(self) -> None:
         """Waiters the limiter granted during the last call, in the order it granted them."""
-        fresh = [w for w in self.waiting if w.waiter.state == lim_mod._GRANTED and not w.granted_seen]
+        fresh = [w for w in self.waiting if w.waiter.state == WaiterState.GRANTED and not w.granted_seen]
         for w in sorted(fresh, key=lambda w: w.waiter.seq):
             w.granted_seen = True
             self._admit(self.rt.in_flight[w.waiter.seq], w.cost)
@@ -238,9 +243,9 @@ class LimiterMachine(RuleBasedStateMachine):
             self._release(held, sent=True)
 
     def _pick_up(self, w: Waiting) -> Permit | None:
-        lim = self.limiter
-        with lim._lock:
-            permit = lim._collect(self.rt, w.waiter, SONNET, 0.0, lim._now(), math.inf, None)
+        engine = self.engine
+        with engine.lock:
+            permit = engine.collect(self.rt, w.waiter, SONNET, 0.0, engine.now(), math.inf, None)
         if permit is None:
             return None
         self.waiting.remove(w)
@@ -302,7 +307,7 @@ class LimiterMachine(RuleBasedStateMachine):
                 cache_creation_input_tokens=demand.cache_creation_input_tokens,
             )
         except WouldBlock:
-            queued = any(w.waiter.state == lim_mod._WAITING for w in self.waiting)
+            queued = any(w.waiter.state == WaiterState.WAITING for w in self.waiting)
             assert queued or not clearly_fits, "refused a request the buckets could admit"
             return multiple()  # nothing for the bundle
         self._admit(permit, cost)
@@ -312,20 +317,20 @@ class LimiterMachine(RuleBasedStateMachine):
     @rule(target=waiters, demand=demands, priority=st.integers(-1, 1))
     def queue(self, demand: Demand, priority: int) -> Waiting | object:
         self.step += 1
-        lim = self.limiter
+        engine = self.engine
         record: Waiting | None = None
-        with lim._lock:  # _acquire_thread, up to its wait
-            now = lim._now()
-            rt, draws, credit = lim._prepare(SONNET, demand, now)
+        with engine.lock:  # _acquire_thread, up to its wait
+            now = engine.now()
+            rt, draws, credit = engine.prepare(SONNET, demand, now)
             if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
-                permit = lim._grant_now(rt, SONNET, draws, credit, now)
+                permit = engine.grant_now(rt, SONNET, draws, credit, now)
                 self._admit(permit, cost_of(demand))
             else:
-                waiter = lim._enqueue(rt, draws, priority, now, credit)
+                waiter = engine.enqueue(rt, draws, priority, now, credit)
                 waiter.sync_event = threading.Event()
                 record = Waiting(waiter, demand, cost_of(demand))
                 self.waiting.append(record)
-                lim._dispatch(rt, now)
+                engine.dispatch(rt, now)
         self._after()
         return multiple() if record is None else record
 
@@ -341,10 +346,10 @@ class LimiterMachine(RuleBasedStateMachine):
     def _cancel(self, w: Waiting) -> None:
         if w not in self.waiting:  # picked up meanwhile (a refused one, to take its 429)
             return
-        lim = self.limiter
-        was_granted = w.waiter.state == lim_mod._GRANTED
-        with lim._lock:
-            lim._abandon(self.rt, w.waiter, lim._now())
+        engine = self.engine
+        was_granted = w.waiter.state == WaiterState.GRANTED
+        with engine.lock:
+            engine.abandon(self.rt, w.waiter, engine.now())
         self.waiting.remove(w)
         if was_granted:  # granted, never picked up: it never left
             seq = w.waiter.seq
@@ -366,14 +371,14 @@ class LimiterMachine(RuleBasedStateMachine):
         if w not in self.waiting:
             return
         self.step += 1
-        lim = self.limiter
-        if w.waiter.state == lim_mod._GRANTED:  # a grant beats the deadline: it goes on as a permit
+        engine = self.engine
+        if w.waiter.state == WaiterState.GRANTED:  # a grant beats the deadline: it goes on as a permit
             self._cancel(w)
             return
-        with lim._lock:
-            now = lim._now()
+        with engine.lock:
+            now = engine.now()
             with pytest.raises(AcquireTimeout):
-                lim._collect(self.rt, w.waiter, SONNET, 0.0, now, now, 0.0)
+                engine.collect(self.rt, w.waiter, SONNET, 0.0, now, now, 0.0)
         self.waiting.remove(w)
         self._after()
 
@@ -406,7 +411,7 @@ class LimiterMachine(RuleBasedStateMachine):
         # a correction that lifted the levels let waiters in within the same call: the levels
         # read are after their grants, which ``_collect_grants`` is still to charge and check
         for w in self.waiting:
-            if w.waiter.state == lim_mod._GRANTED and not w.granted_seen:
+            if w.waiter.state == WaiterState.GRANTED and not w.granted_seen:
                 for dim, amount in w.cost.items():
                     if dim in levels:
                         levels[dim] += amount
@@ -495,9 +500,9 @@ class LimiterMachine(RuleBasedStateMachine):
     def time_passes(self, seconds: float) -> None:
         self.step += 1
         self.clock.advance(seconds)
-        lim = self.limiter
-        with lim._lock:  # what the head's timer does when it fires
-            lim._dispatch(self.rt, lim._now())
+        engine = self.engine
+        with engine.lock:  # what the head's timer does when it fires
+            engine.dispatch(self.rt, engine.now())
         self._after()
 
     # ------------------------------------------------------------ invariants
@@ -508,7 +513,7 @@ class LimiterMachine(RuleBasedStateMachine):
         stats = self.limiter.statistics()[POOL]
         for dim in DIMS:
             assert stats.levels[dim] == pytest.approx(self.model[dim].at(now), abs=1e-6), dim
-        waiting = sum(w.waiter.state == lim_mod._WAITING for w in self.waiting)
+        waiting = sum(w.waiter.state == WaiterState.WAITING for w in self.waiting)
         assert stats.queue_depth == waiting
         assert stats.in_flight == sum(h.permit.active for h in self.held.values())
 
@@ -540,14 +545,13 @@ class LimiterMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         """Settle everything: waiters leave, permits give back; a minute later every bucket is full."""
-        lim = self.limiter
         while self.waiting:
             self._cancel(self.waiting[0])
         for held in list(self.held.values()):
             if held.permit.active:
                 held.permit.release()
         self.clock.advance(121)  # long enough to pay back a whole minute of debt
-        stats = lim.statistics()[POOL]
+        stats = self.limiter.statistics()[POOL]
         assert (stats.queue_depth, stats.in_flight) == (0, 0)
         assert stats.levels == pytest.approx(LIMITS)
         assert not self.rt.in_flight

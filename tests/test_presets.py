@@ -519,7 +519,7 @@ def test_register_rejects_empty_id() -> None:
 
 
 def _raw() -> dict[str, object]:
-    text = (resources.files("ratekeeper") / "data" / "presets.json").read_text(encoding="utf-8")
+    text = (resources.files("ratekeeper.core") / "data" / "presets.json").read_text(encoding="utf-8")
     data = json.loads(text)
     assert isinstance(data, dict)
     return data

@@ -263,7 +263,7 @@ def test_every_change_sent_twice_applies_once(server: RedisServer, backends: lis
     before = requests_level(server)
     permits[0].release()  # unsent: 1 request back
     permits[1].settle({"input_tokens": 1, "output_tokens": 1})
-    engine = limiter._backend
+    engine = limiter._engine
     assert engine is not None
     engine.give_back(engine._pools[POOL].rt, {"requests": 1.0})  # batch_finished's path
     ops = backend.take_outbox()
@@ -304,7 +304,7 @@ def test_a_cancel_that_arrives_first_makes_the_reserve_a_no_op(
     limiter, backend = make(server, backends)
     limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1).release()
     assert backend.flush()
-    engine = limiter._backend
+    engine = limiter._engine
     assert engine is not None
     rp = engine._pools[POOL]
     reserve = engine._reserve_op(rp, [_RWaiter({"requests": 1.0}, 0, 0, 0.0)])

@@ -1,6 +1,6 @@
 """Published rate-limit presets and the mapping from model ids to model classes.
 
-The numbers live in ``ratekeeper/data/presets.json`` (both published schemes:
+The numbers live in ``ratekeeper/core/data/presets.json`` (both published schemes:
 Tier 1-4 from the 2025 docs, Start / Build / Scale from the late-2026 docs).
 The file is read once, validated, and cached. Presets are a starting point:
 the limits a response's headers announce always beat them.
@@ -49,7 +49,7 @@ LONG_CONTEXT_BETA: Final = "context-1m-2025-08-07"
 LONG_CONTEXT_MIN_INPUT_TOKENS: Final = 200_000
 
 _DATA_FILE: Final = "presets.json"
-_SOURCE: Final = "ratekeeper/data/presets.json"
+_SOURCE: Final = "ratekeeper/core/data/presets.json"
 _DEFAULT_SCHEME: Final = "tiers-2025"
 
 

@@ -1,26 +1,11 @@
-"""The gate: requests wait in ``acquire()`` until every bucket they need can admit them.
+"""``Limiter``: the facade a program holds; requests wait in ``acquire()`` until they fit.
 
-Layout: ``Limiter`` owns one ``_PoolRuntime`` per shared limit (model class,
-batches, count_tokens). A runtime pairs the pure ``Pool`` (buckets) with a
-priority queue of waiters. All state is guarded by one ``threading.Lock`` so
-async tasks and worker threads can share a limiter; nothing awaits while
-holding it.
-
-Scheduling: the oldest waiter of the highest priority is the *head*. It is
-granted as soon as its cost fits. While it waits, a later waiter may go first
-only if that does not delay the head (EASY backfilling), looking at a bounded
-window behind the head so a grant costs the same however long the queue is.
-Only the head sleeps on a timer; everybody else sleeps until a grant or a
-change of plan wakes exactly them.
-
-Feedback: a response's report is read under both moments it may describe (at
-the request's admission, replayed with this client's traffic since, or when
-the answer left) and corrects the buckets as ``_feedback`` says; it fits the
-burst to the bucket size the headers show, and a 429 pauses the pool, halves the burst when nothing
-explains it, or cuts the share of the refill the pool counts on when others'
-use does. An ordinary request that fits at once takes a fast path
-(``_admit_plain``, ``_settle_plain``) that ``tests/test_fast_path.py`` holds to
-the general one.
+The limiter holds the configuration, one ``PoolRuntime`` per shared limit (model
+class, batches, count_tokens), the account-wide limits (spend, wallet,
+subscription), the statistics and one engine (``gate._engine.Engine``) that admits,
+settles and reads reports: the ``LocalEngine`` by default, or the one a backend
+hands it. All state is guarded by one ``threading.Lock`` so async tasks and worker
+threads can share a limiter; nothing awaits while holding it.
 """
 
 from __future__ import annotations
@@ -30,614 +15,52 @@ import itertools
 import logging
 import math
 import threading
-import time
-from asyncio import _get_running_loop as _running_loop
-from collections import deque
 from collections.abc import Callable, Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import Any, Final, final
 
 import anyio
 import sniffio
 
-from ratekeeper.core._accounting import AccountingRules, Cost, Demand, OutputRule, Usage, request_cost
+from ratekeeper.core._accounting import AccountingRules, Demand, OutputRule
 from ratekeeper.core._bucket import TokenBucket
-from ratekeeper.core._feedback import (
-    NO_READINGS,
-    MomentEvidence,
-    Readings,
-    admission_estimate,
-    correction,
-    response_estimate,
-)
-from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
-from ratekeeper.core._reading import (
-    ROUNDING_MARGIN,
-    burst_bound,
-    capped_pause,
-    error_fields,
-    explained_by_remaining,
-    first_of_next_month,
-    fitted_burst,
-    unified_wait,
-)
-from ratekeeper.core._stats import (
-    AdmittedWindow,
-    EventSummary,
-    LimiterEvent,
-    LimiterStatistics,
-    Mark,
-    PoolStatistics,
-    WaitSamples,
-    with_tokens,
-)
+from ratekeeper.core._reading import first_of_next_month, unified_wait
+from ratekeeper.core._stats import EventSummary, LimiterEvent, LimiterStatistics, PoolStatistics
 from ratekeeper.errors import (
-    AcquireTimeout,
     CapacityExceeded,
     ConfigurationError,
     InsufficientCredits,
     SpendLimitReached,
     UnknownModelError,
-    WouldBlock,
 )
+from ratekeeper.gate._acquire import _Acquire
+from ratekeeper.gate._clock import GateClock
+from ratekeeper.gate._demand import (
+    _BatchDemand,
+    _check_args,
+    _check_status,
+    _demand,
+    _draws,
+    _for_model,
+    _plain,
+)
+from ratekeeper.gate._engine import Engine
 from ratekeeper.gate._events import EventLog, HookLock
-
-if TYPE_CHECKING:
-    from ratekeeper.redis._engine import RemoteEngine
+from ratekeeper.gate._local import LocalEngine
+from ratekeeper.gate._state import Permit, PoolRuntime, WaiterState
 
 __all__ = ["Limiter", "Permit"]
 
 log = logging.getLogger("ratekeeper")
 
-#: The share of the refill rate a pool counts on: cut by this factor on a 429 that the server's
-#: report explains but the model did not foresee, raised by SHARE_STEP every SHARE_STEP_EVERY
-#: clean seconds, never below MIN_SHARE (additive increase, multiplicative decrease).
-SHARE_DECREASE: Final = 0.7
-SHARE_STEP: Final = 0.02
-SHARE_STEP_EVERY: Final = 5.0
-MIN_SHARE: Final = 0.25
-
 #: How many entries a map keyed by caller or server input (model ids, subscription claims,
 #: warned resets) holds before it is emptied, so hostile input cannot grow it without bound.
 MAX_REMEMBERED: Final = 1024
-
-#: The longest a request is taken to travel to the server (in case no answer came quickly):
-#: one the server may not have received yet is not counted in a report taken at its response.
-MAX_TRANSIT: Final = 0.25
-#: How many recent sends a pool remembers for that (more than MAX_TRANSIT's worth at any rate
-#: a client reaches: 256 in a quarter second is over 60,000 requests a minute).
-_SENDS_KEPT: Final = 256
-_SHORTFALLS_KEPT: Final = 64
-#: Over the worst shortfall seen lately, what an unsettled input estimate may still fall short by.
-_SHORTFALL_SLACK: Final = 0.05
-#: The dimensions our own draws on are estimates until settled (the server counts the real input).
-_ESTIMATED: Final = frozenset({"input_tokens", "tokens", "priority_input_tokens"})
-#: The dimensions output draws on.
-_PRODUCED: Final = frozenset({"output_tokens", "tokens", "priority_output_tokens"})
-#: How long after its grant a request is taken to be sent, at the most, when looking back.
-_GRANT_TO_SEND: Final = 5.0
-#: ``date`` and ``-reset`` are given to the second: a reset this far before the date is real.
-_RESET_ROUNDING: Final = 1.5
-
-#: Header dimension names that map onto pool buckets.
-_RESYNC_DIMS: Final = (
-    "requests",
-    "input_tokens",
-    "output_tokens",
-    "tokens",
-    "priority_input_tokens",
-    "priority_output_tokens",
-)
-_ONE_REQUEST: Final = {"requests": 1.0}
-#: The dimensions whose reports show which moment they describe: the client's own traffic is
-#: known exactly there (a request is one request; a max_tokens reservation is what the server
-#: reserves too), so only the reports' rounding blurs them. Input is estimated: it would not.
-_EVIDENCE_DIMS: Final = frozenset({"requests", "output_tokens"})
-_EVIDENCE_TOLERANCE: Final = {"requests": 1.01, "output_tokens": 2 * ROUNDING_MARGIN + 1.0}
 _DEFAULT_PRESET: Final = "tier-1"
 _FALLBACK_PRESET: Final = "start"
-
-_ACTIVE, _SETTLED, _RELEASED = 0, 1, 2
-#: The largest token count ``record_output`` takes: one a float holds exactly.
-_MAX_COUNT: Final = 2**53
-
-#: An ordinary request's demand, checked: input, max_tokens, cache reads, cache writes,
-#: expected output (no priority tier, no credits). ``Limiter._admit_plain`` takes it.
-_Plain = tuple[int, int, int, int, "int | None"]
-_WAITING, _GRANTED, _FAILED, _GONE = 0, 1, 2, 3
-
-
-def _draws(cost: Cost) -> dict[str, float]:
-    out = {"requests": cost.requests, "input_tokens": cost.input_tokens, "output_tokens": cost.output_tokens}
-    tokens = cost.input_tokens + cost.output_tokens
-    if tokens:
-        out["tokens"] = tokens
-    if cost.priority_input_tokens or cost.priority_output_tokens:
-        out["priority_input_tokens"] = cost.priority_input_tokens
-        out["priority_output_tokens"] = cost.priority_output_tokens
-    return out
-
-
-def _diff(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
-    """``a - b`` dimension by dimension (a missing one counts as 0), without the zeros."""
-    out = {}
-    for k, v in a.items():
-        d = v - b.get(k, 0.0)
-        if d:
-            out[k] = d
-    for k, v in b.items():
-        if v and k not in a:
-            out[k] = -v
-    return out
-
-
-class _Waiter:
-    __slots__ = (
-        "credit",
-        "draws",
-        "enqueued_at",
-        "error",
-        "event",
-        "loop_thread",
-        "permit",
-        "priority",
-        "seq",
-        "state",
-        "sync_event",
-        "threadsafe",
-    )
-
-    def __init__(self, draws: dict[str, float], priority: int, seq: int, now: float) -> None:
-        self.draws = draws
-        self.credit = 0.0
-        self.priority = priority
-        self.seq = seq
-        self.enqueued_at = now
-        self.state = _WAITING
-        self.error: BaseException | None = None
-        self.event: anyio.Event | None = None
-        self.sync_event: threading.Event | None = None
-        self.loop_thread = 0
-        self.threadsafe: Callable[[Callable[[], object]], object] | None = None
-        self.permit: Permit | None = None
-
-    def wake(self) -> None:
-        sync_event = self.sync_event
-        if sync_event is not None:
-            sync_event.set()
-            return
-        event = self.event
-        if event is None:
-            return
-        if self.threadsafe is None or threading.get_ident() == self.loop_thread:
-            event.set()
-        else:
-            self.threadsafe(event.set)
-
-
-class _PoolRuntime:
-    """A pool, its queue and its counters."""
-
-    __slots__ = (
-        "admitted",
-        "cache_reads_count",
-        "changes",
-        "events",
-        "fastest",
-        "granted",
-        "in_flight",
-        "moment",
-        "next_wake",
-        "overload_backoff",
-        "overloaded",
-        "pool",
-        "queue",
-        "queued",
-        "raised",
-        "rate_limited",
-        "rate_limited_predicted",
-        "readings",
-        "reserves_max_tokens",
-        "resyncs",
-        "rules",
-        "sends",
-        "share",
-        "share_seq",
-        "share_since",
-        "shortfalls",
-        "shrink_seq",
-        "too_small",
-        "uncounted",
-        "waits",
-    )
-
-    def __init__(self, pool: Pool, rules: AccountingRules, created: float = math.nan) -> None:
-        self.pool = pool
-        self.rules = rules
-        self.cache_reads_count = rules.cache_reads_count
-        self.reserves_max_tokens = rules.output_rule is OutputRule.MAX_TOKENS
-        # priority -> FIFO of waiters; cancelled waiters stay until they reach the front
-        self.queue: dict[int, deque[_Waiter]] = {}
-        self.queued = 0
-        self.in_flight: dict[int, Permit] = {}
-        self.next_wake = math.inf
-        self.granted = 0
-        self.rate_limited = 0
-        self.rate_limited_predicted = 0
-        self.overloaded = 0
-        self.overload_backoff = 0.0
-        self.resyncs = 0
-        self.raised = 0
-        # the quickest answer seen from sending to its headers: no request travels longer
-        self.fastest = math.inf
-        # the dimensions whose bucket was found smaller than a request's reservation (said once)
-        self.too_small: set[str] = set()
-        # [sent at, seq, charges, granted at] of the latest requests granted (sent at = granted
-        # at until marked sent): what reached the server after a report's moment, and what may
-        # not have reached it yet; bounded
-        self.sends: deque[list[Any]] = deque(maxlen=_SENDS_KEPT)
-        # (time, {dim: change}) of what settlements (and output charged as it is produced) did
-        # to the server's buckets lately, for replaying them after a report (see _feedback)
-        # (and when, in which order, the request settled had drawn, as ``sends`` has it)
-        self.changes: deque[tuple[float, Mapping[str, float], float, float]] = deque(maxlen=_SENDS_KEPT)
-        # by how much (a fraction) the input estimates settled lately fell short of the usage
-        self.shortfalls: deque[float] = deque(maxlen=_SHORTFALLS_KEPT)
-        # what the reports have shown of the moment they describe (see _feedback)
-        self.moment = MomentEvidence()
-        # per dimension: what each reading of the reports says, relative to the model
-        self.readings: dict[str, Readings] = {}
-        if created == created:
-            self.moment.start(created)
-        self.waits = WaitSamples()
-        # What this client has spent on the pool so far (see ``spent_since``) is the admitted
-        # window's running total plus what was given back of requests the server never
-        # counted (never sent, or refused): a resync then errs on the safe side. Replaced,
-        # never changed in place, so a permit's mark can hold it without a copy.
-        self.admitted = AdmittedWindow()
-        self.uncounted: Mapping[str, float] = {}
-        # permits admitted before the last burst shrink: their 429s are old news
-        self.shrink_seq = -1
-        # the fraction of each refill this client counts on: others may be drawing too
-        # (lowered by 429s the model did not foresee, raised back by clean traffic)
-        self.share = 1.0
-        self.share_seq = -1
-        self.share_since = -math.inf
-        # for statistics(): by kind of event, when the last was, how many, its detail
-        self.events: dict[str, tuple[float, int, Mapping[str, Any]]] = {}
-
-    def record(
-        self, now: float, draws: Mapping[str, float], sign: float = 1.0, *, counted: bool = True
-    ) -> None:
-        """Note a charge (or with ``sign=-1`` a refund) of this client's on the pool.
-
-        ``counted=False``: a refund of what the server never counted (see ``spent_since``).
-        """
-        self.admitted.add(now, draws, sign)
-        if not counted:
-            uncounted = dict(self.uncounted)
-            for dim, amount in draws.items():
-                uncounted[dim] = uncounted.get(dim, 0.0) - sign * amount
-            self.uncounted = uncounted
-
-    def note_grant(self, permit: Permit, now: float) -> None:
-        """Remember a grant in ``sends`` (its send time is its grant's until ``mark_sent``)."""
-        entry = [now, permit.seq, dict(permit._charged), now]
-        permit._send = entry
-        self.sends.append(entry)
-
-    def changes_since(self, t0: float, seq: int) -> list[tuple[float, Mapping[str, float]]] | None:
-        """This client's own changes to the server's buckets after ``t0``: requests reaching it
-        (drawing) and settlements; ``None`` if the remembered ones do not reach back that far.
-        ``seq`` is the reported request, sent at ``t0``: its send and those before it are in
-        the report. Requests not sent yet are left out (the caller counts them at the end)."""
-        out: list[tuple[float, Mapping[str, float]]] = []
-        sends, changes = self.sends, self.changes
-        in_flight = self.in_flight
-        under = max(self.shortfalls, default=0.0) + _SHORTFALL_SLACK
-        oldest = t0 - _GRANT_TO_SEND
-        reached = len(sends) < _SENDS_KEPT
-        for t, other, charged, granted in reversed(sends):
-            if granted < oldest:
-                reached = True
-                break
-            # sent at the same instant: in the order granted (the order they left in)
-            if t < t0 or (t == t0 and other <= seq):
-                continue
-            held = in_flight.get(other)
-            if held is not None and not held.sent:
-                continue
-            draws = {d: -a for d, a in charged.items()}
-            if held is not None and under > 0.0 and (estimated := charged.get("input_tokens", 0.0)):
-                # still unsettled: the server counted its actual input, which may be more than
-                # this estimate; by as much as the estimates settled lately fell short
-                draws["input_tokens"] = -estimated * (1.0 + under)
-                if "tokens" in draws:
-                    draws["tokens"] -= estimated * under
-            out.append((t, draws))
-        if not reached:
-            return None
-        reached = len(changes) < _SENDS_KEPT
-        for t, change, drawn_at, drawn_seq in reversed(changes):
-            if t <= t0:
-                reached = True
-                break
-            if drawn_at < t0 or (drawn_at == t0 and drawn_seq <= seq):
-                # settled after the report, drawn before it: the report has the server's own count
-                # of it, and what the settlement changes of our estimates is not the server's
-                change = _server_side(change, self.reserves_max_tokens)
-            out.append((t, change))
-        return out if reached else None
-
-    def counted_total(self, dim: str) -> float:
-        """Everything charged on ``dim`` so far, net of settlements and of what was given back
-        without the server counting it (refusals, requests never sent)."""
-        w = self.admitted
-        if dim == "requests":
-            return w.requests
-        if dim == "input_tokens":
-            return w.input_tokens
-        if dim == "output_tokens":
-            return w.output_tokens
-        return w.other.get(dim, 0.0)
-
-    def mark(self) -> tuple[Mark, Mapping[str, float]]:
-        """What ``spent`` is now, for a permit to note at its grant."""
-        return self.admitted.mark(), self.uncounted
-
-    def spent_since(self, mark: tuple[Mark, Mapping[str, float]]) -> dict[str, float]:
-        """What this client charged (or refunded) on the pool since ``mark``.
-
-        Spent is everything charged, net of the settlements the server makes
-        too; a request the server never counted keeps its charge when it is
-        given back. A resync subtracts what was spent since a response's
-        request was admitted: the server could not have seen it yet.
-        """
-        admitted_then, uncounted_then = mark
-        out = self.admitted.since(admitted_then)
-        uncounted = self.uncounted
-        if uncounted is not uncounted_then:
-            for dim, amount in uncounted.items():
-                if dim != "tokens":
-                    out[dim] = out.get(dim, 0.0) + amount - uncounted_then.get(dim, 0.0)
-            with_tokens(out)
-        return out
-
-    def ordered(self) -> list[deque[_Waiter]]:
-        return [self.queue[p] for p in sorted(self.queue, reverse=True)]
-
-    def head(self) -> _Waiter | None:
-        for dq in self.ordered():
-            while dq and dq[0].state != _WAITING:
-                dq.popleft()
-            if dq:
-                return dq[0]
-        return None
-
-
-@final
-class Permit:
-    """The right to send one request, held from admission until it is settled.
-
-    Use it inside ``async with limiter.acquire(...) as permit:``. After the
-    response, ``observe`` its headers and ``settle`` its usage; leaving the
-    block without settling releases what was reserved (see ``release``).
-    """
-
-    __slots__ = (
-        "_charged",
-        "_limiter",
-        "_mark",
-        "_plain",
-        "_runtime",
-        "_send",
-        "_state",
-        "credits",
-        "model",
-        "pool",
-        "reserved",
-        "response_status",
-        "sent",
-        "sent_at",
-        "seq",
-        "started_at",
-    )
-
-    def __init__(
-        self,
-        limiter: Limiter,
-        runtime: _PoolRuntime,
-        model: str,
-        draws: dict[str, float],
-        credits: float,
-        seq: int,
-        now: float,
-    ) -> None:
-        self._limiter = limiter
-        self._runtime = runtime
-        self.pool = runtime.pool.name
-        self.model = model
-        self.reserved: Mapping[str, float] = draws
-        self._charged = dict(draws)
-        self._mark = runtime.mark()
-        # nothing but requests and (combined) input/output tokens: settle's fast path applies
-        self._plain = not credits and "priority_output_tokens" not in draws and "queued_requests" not in draws
-        self.credits = credits
-        self.seq = seq
-        self.started_at = now
-        self._state = _ACTIVE
-        self.sent = False
-        self.sent_at = math.nan
-        # [sent at (its grant until marked sent), seq, what it draws, granted at]: its pool's
-        # ``sends`` entry, for replaying what reached the server after a report
-        self._send: list[Any] | None = None
-        self.response_status: int | None = None
-
-    @property
-    def active(self) -> bool:
-        """True until the permit is settled or released."""
-        return self._state == _ACTIVE
-
-    def mark_sent(self) -> None:
-        """Record that the request is leaving for the server (its RPM token is spent)."""
-        self.sent = True
-        self.sent_at = now = self._limiter._now()
-        if self._send is not None:
-            self._send[0] = now
-
-    def record_output(self, output_tokens: int) -> None:
-        """Charge output produced so far (cumulative), as a stream runs.
-
-        Under the real-time OTPM rule output is charged as it is produced; under
-        the ``max_tokens`` rule the reservation already covers it and this only
-        guards against going over it. A count that is not a finite non-negative
-        number raises (a NaN would otherwise drive the bucket to minus its capacity).
-        """
-        if type(output_tokens) is not int:
-            if not isinstance(output_tokens, int | float) or isinstance(output_tokens, bool):
-                raise TypeError(f"output_tokens must be a number, got {type(output_tokens).__name__}")
-            if not (output_tokens >= 0 and math.isfinite(output_tokens)):
-                raise ValueError(f"output_tokens must be a non-negative finite number, got {output_tokens!r}")
-        elif not 0 <= output_tokens <= _MAX_COUNT:
-            raise ValueError(f"output_tokens must be between 0 and {_MAX_COUNT}, got {output_tokens!r:.40}")
-        self._limiter._progress(self, float(output_tokens))
-
-    def observe(
-        self,
-        headers: object,
-        *,
-        status: int = 200,
-        body: object = None,
-    ) -> RateLimitSnapshot:
-        """Feed the response's headers (and, for errors, its JSON body) back to the limiter."""
-        if type(status) is not int:
-            _check_status(status)
-        self.sent = True
-        self.response_status = status
-        return self._limiter._observe(headers, status=status, body=body, permit=self, runtime=self._runtime)
-
-    def settle(self, usage: object, *, credits: float | None = None, headers: object = None) -> Cost:
-        """Apply the actual usage: refund what was over-reserved, charge what was under.
-
-        ``usage`` is an SDK ``Usage`` object, a mapping with the usage fields, or a
-        ``Usage``. ``credits`` is the wallet's actual charge, when known. Returns the
-        settled cost. Settling twice is an error; settling after release does nothing.
-
-        ``headers``: a complete (non-streamed) answer's headers, fed back in the
-        same step. They may already count this settlement (the moment they
-        describe is undocumented), so the limiter reads them with it applied,
-        and lets nobody in on the refund before it has read them.
-        """
-        limiter = self._limiter
-        if headers is not None and self._state == _ACTIVE:
-            return limiter._settle_observing(self, usage, credits, headers)
-        return self._settle(usage, credits, wake=True)
-
-    def _settle(self, usage: object, credits: float | None, *, wake: bool) -> Cost:
-        limiter = self._limiter
-        if self._state == _ACTIVE and self._plain and credits is None and limiter._backend is None:
-            if type(usage) is Usage:
-                return limiter._settle_plain(
-                    self,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.cache_read_input_tokens,
-                    usage.cache_creation_input_tokens,
-                    wake=wake,
-                )
-            counts = _usage_counts(usage)
-            if counts is not None:
-                return limiter._settle_plain(self, *counts, wake=wake)
-        if self._state == _SETTLED:
-            raise ConfigurationError("this permit is already settled")
-        if self._state == _RELEASED:
-            return Cost()
-        return limiter._settle(self, Usage.from_any(usage), credits, wake=wake)
-
-    def release(self) -> None:
-        """Give back what the request did not use, without a usage report.
-
-        A request that never left gives everything back. One that reached the
-        server keeps its RPM token; after an error response its tokens are given
-        back (the server refused it); after a successful response with no usage
-        settled, the reservation stands (the server charged it).
-        """
-        if self._state == _ACTIVE:
-            self._limiter._release(self)
-
-    def __repr__(self) -> str:
-        state = ("active", "settled", "released")[self._state]
-        return f"<Permit {self.pool} #{self.seq} {state} reserved={dict(self.reserved)}>"
-
-
-@final
-class _Acquire:
-    """``async with limiter.acquire(...)``; also usable as ``await`` for the bare permit."""
-
-    __slots__ = ("_args", "_limiter", "_permit", "_plain")
-
-    def __init__(self, limiter: Limiter, args: tuple[Any, ...], plain: _Plain | None = None) -> None:
-        # checked here, before anything is enqueued: a bad priority met in the queue's
-        # ordering would raise there and leave its waiter behind, wedging the pool
-        if type(args[0]) is not str or type(args[2]) is not int or args[3] is not None:
-            _check_args(*args)
-        self._limiter = limiter
-        self._args = args
-        self._plain = plain
-        self._permit: Permit | None = None
-
-    async def __aenter__(self) -> Permit:
-        limiter = self._limiter
-        # uncontended: admitted at once, without a coroutine for the waiting path
-        permit = None
-        if limiter._backend is None:
-            if self._plain is not None:  # (no local: a waiter must not keep the tuple alive)
-                permit = limiter._admit_plain(self._args[0], self._plain)
-            else:
-                permit = limiter._admit_at_once(*self._args)
-        if permit is None:
-            permit = await limiter._acquire(*self._full_args())
-        self._permit = permit
-        return permit
-
-    def _full_args(self) -> tuple[Any, ...]:
-        args = self._args
-        plain = self._plain
-        if args[1] is None and plain is not None:
-            demand = Demand(
-                input_tokens=plain[0],
-                max_tokens=plain[1],
-                cache_read_input_tokens=plain[2],
-                cache_creation_input_tokens=plain[3],
-                expected_output_tokens=plain[4],
-            )
-            args = self._args = (args[0], demand, *args[2:])
-            self._plain = None  # a waiter holds one form of its demand, not two
-        return args
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        permit = self._permit
-        if permit is not None and permit._state == _ACTIVE:
-            self._limiter._release(permit)
-
-    def __await__(self) -> Any:
-        return self._limiter._acquire(*self._full_args()).__await__()
-
-    # The blocking form too, so the special endpoints (count_tokens, batches) can be
-    # gated from threads: ``with limiter.acquire_count_tokens() as permit:``.
-    def __enter__(self) -> Permit:
-        self._permit = self._limiter._acquire_blocking(*self._full_args())
-        return self._permit
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        permit = self._permit
-        if permit is not None and permit._state == _ACTIVE:
-            self._limiter._release(permit)
+_WAITING, _FAILED = WaiterState.WAITING, WaiterState.FAILED
 
 
 @final
@@ -746,15 +169,17 @@ class Limiter:
         self._learn = learn_limits
         self._window = backfill_window
         self._clock = clock
+        self._time = GateClock(clock)
+        self._now: Callable[[], float] = self._time.now
         self._on_event = on_event
         self._events_log = EventLog(log)
         # with a hook, a lock that runs it once let go (a hook may call back in; see HookLock)
         self._hook_lock = HookLock(self._call_hook) if on_event is not None else None
         self._lock: threading.Lock | HookLock = self._hook_lock or threading.Lock()
-        self._pools: dict[str, _PoolRuntime] = {}
+        self._pools: dict[str, PoolRuntime] = {}
         self._model_pool: dict[str, str] = {}
         # the same, straight to the runtime, for the uncontended path (filled by _runtime_for)
-        self._model_runtime: dict[str, _PoolRuntime] = {}
+        self._model_runtime: dict[str, PoolRuntime] = {}
         self._seq = itertools.count()
         self._wallet: TokenBucket | None = None
         if wallet_balance is not None:
@@ -764,32 +189,11 @@ class Limiter:
         self._unified_warned: set[tuple[str | None, str | None]] = set()
         # subscription rejections by claim: until when, so pools made later are held too
         self._unified_holds: dict[str | None, float] = {}
-        self._async_clock_ok: bool | None = None
-        self._thread_offset = 0.0
-        # remote mode: every permit operation goes to the backend's engine (_remote.py)
-        self._backend: RemoteEngine | None = bind(self) if bind is not None else None
+        # the one engine every admission, settlement and report goes to: this process's own,
+        # or the one a backend hands over (RedisBackend's, keeping the buckets in Redis)
+        self._engine: Engine = bind(self) if bind is not None else LocalEngine(self)
 
-    # ------------------------------------------------------------------ clock
-
-    def _now(self) -> float:
-        clock = self._clock
-        if clock is not None:
-            return clock()
-        loop = _running_loop()
-        if loop is not None:  # asyncio: what anyio.current_time() returns, without its lookups
-            return loop.time()
-        try:
-            now = anyio.current_time()
-        except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
-            # a plain thread: time.monotonic, moved onto the event loop's clock as last seen
-            # (asyncio's is time.monotonic itself; trio's is offset from it)
-            return time.monotonic() + self._thread_offset
-        self._thread_offset = now - time.monotonic()
-        return now
-
-    # ------------------------------------------------------------------ pools
-
-    def _runtime_for(self, model: str, now: float) -> _PoolRuntime:
+    def _runtime_for(self, model: str, now: float) -> PoolRuntime:
         if len(self._model_runtime) >= MAX_REMEMBERED:
             # 100k distinct model ids held 15.8 MB: forget the lookups (pools stay; a model
             # is looked up again in the presets at its next request)
@@ -799,7 +203,7 @@ class Limiter:
         self._model_runtime[model] = rt
         return rt
 
-    def _runtime_for_model(self, model: str, now: float) -> _PoolRuntime:
+    def _runtime_for_model(self, model: str, now: float) -> PoolRuntime:
         name = self._model_pool.get(model)
         if name is not None:
             return self._pools[name]
@@ -830,7 +234,7 @@ class Limiter:
 
     def _new_pool(
         self, name: str, limits: Mapping[str, float], rules: AccountingRules, now: float
-    ) -> _PoolRuntime:
+    ) -> PoolRuntime:
         scale = self._warm_scale(now)
         pool = Pool(name, limits, now=now, burst=self._burst, rate_scale=scale)
         if scale < 1.0:
@@ -842,17 +246,17 @@ class Limiter:
             # is enforced over; that report then lifts the level to what the server holds
             for dim, bucket in pool.buckets.items():
                 bucket.set_level(min(bucket.level_at(now), pool.limits[dim] * self._opening / 60.0), now)
-        rt = _PoolRuntime(pool, rules, now)
+        rt = PoolRuntime(pool, rules, now)
         self._pools[name] = rt
         for claim, until in self._unified_holds.items():
             if until > now and _unified_targets(claim, {name: rt}, None):
                 pool.pause(until, f"subscription limit ({claim})")
         return rt
 
-    def _special_pool(self, name: str, limits: Mapping[str, float], now: float) -> _PoolRuntime:
+    def _special_pool(self, name: str, limits: Mapping[str, float], now: float) -> PoolRuntime:
         rt = self._pools.get(name)
         if rt is None:
-            rt = _PoolRuntime(Pool(name, limits, now=now), self._rules)
+            rt = PoolRuntime(Pool(name, limits, now=now), self._rules)
             self._pools[name] = rt
         return rt
 
@@ -893,13 +297,7 @@ class Limiter:
             for dim, value in limits.items():
                 rt.pool.set_limit(dim, float(value), now, rate_scale=scale)
             self._emit("limit_change", rt, now, dict(limits))
-            if self._backend is not None:
-                self._backend.set_limits(rt, limits)
-            else:
-                self._fail_impossible(rt)
-                self._dispatch(rt, now)
-
-    # ------------------------------------------------------------------ acquire
+            self._engine.set_limits(rt, limits)
 
     def acquire(
         self,
@@ -1021,7 +419,7 @@ class Limiter:
         """Admit the request now or raise ``WouldBlock`` (with the earliest retry time)."""
         if type(model) is not str:  # (no _Acquire here to check it; the rest are constants)
             _check_args(model, None, 0, None)
-        if self._backend is None and service_tier != "priority" and credits == 0.0:
+        if service_tier != "priority" and credits == 0.0:
             plain = _plain(
                 input_tokens,
                 max_tokens,
@@ -1029,7 +427,7 @@ class Limiter:
                 cache_creation_input_tokens,
                 expected_output_tokens,
             )
-            if plain is not None and (permit := self._admit_plain(model, plain)) is not None:
+            if plain is not None and (permit := self._engine.admit_plain(model, plain)) is not None:
                 return permit
         demand = _demand(
             input_tokens,
@@ -1040,24 +438,9 @@ class Limiter:
             service_tier,
             credits,
         )
-        if self._backend is not None:
-            return self._backend.acquire_nowait(model, demand)
-        return self._nowait_local(model, demand)
+        return self._engine.acquire_nowait(model, demand)
 
-    def _nowait_local(self, model: str, demand: Demand) -> Permit:
-        """``acquire_nowait`` on this process's own pools (also the Redis path's fallback)."""
-        with self._lock:
-            now = self._now()
-            rt, draws, credit = self._prepare(model, demand, now)
-            wait = rt.pool.wait_time(draws, now)
-            if rt.queued or wait > 0.0:
-                reason = rt.pool.pause_reason if rt.pool.paused_until > now else ""
-                raise WouldBlock(rt.pool.name, wait, reason)
-            return self._grant_now(rt, model, draws, credit, now)
-
-    def _prepare(
-        self, model: str, demand: Demand, now: float
-    ) -> tuple[_PoolRuntime, dict[str, float], float]:
+    def _prepare(self, model: str, demand: Demand, now: float) -> tuple[PoolRuntime, dict[str, float], float]:
         if type(model) is not str:  # else it fails deep in the presets, naming nothing
             raise TypeError(f"model must be a str, got {type(model).__name__}")
         if self._spend_until is not None:
@@ -1083,173 +466,6 @@ class Limiter:
             self._check_wallet(credit, now)
         return rt, draws, credit
 
-    def _grant_now(
-        self, rt: _PoolRuntime, model: str, draws: dict[str, float], credit: float, now: float
-    ) -> Permit:
-        rt.pool.take(draws, now)
-        if credit and self._wallet is not None:
-            self._wallet.charge(credit, now)
-        seq = next(self._seq)
-        rt.record(now, draws)
-        permit = Permit(self, rt, model, draws, credit, seq, now)
-        rt.in_flight[seq] = permit
-        rt.granted += 1
-        if self._on_event is not None:
-            self._emit("grant", rt, now, {"waited": 0.0})
-        rt.note_grant(permit, now)
-        return permit
-
-    def _admit_at_once(
-        self, model: str, demand: Demand, priority: int, timeout: float | None
-    ) -> Permit | None:
-        """``_acquire``'s first step: the permit if nobody waits and the buckets can take it now."""
-        with self._lock:
-            now = self._now()
-            rt, draws, credit = self._prepare(model, demand, now)
-            if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
-                rt.waits.add(0.0)
-                return self._grant_now(rt, model, draws, credit, now)
-        return None
-
-    def _admit_plain(self, model: str, plain: _Plain) -> Permit | None:
-        """``_admit_at_once`` for an ordinary request, with no intermediate objects.
-
-        None sends the caller down the general path, which admits, waits or says
-        what is wrong: a model not seen yet, a queue, a pause, a short bucket, a
-        draw over a limit, a spend limit or warm-up in force, a strange clock.
-        """
-        lock = self._lock
-        lock.acquire()  # not ``with``: this path is measured in nanoseconds, and ``with`` costs ~100
-        try:
-            rt = self._model_runtime.get(model)
-            if rt is None or rt.queued or self._spend_until is not None or self._warmup is not None:
-                return None
-            clock = self._clock
-            if clock is None and (loop := _running_loop()) is not None:
-                now = loop.time()
-            else:
-                now = self._now()
-                if not -math.inf < now < math.inf:
-                    return None
-            input_tokens, max_tokens, cache_read, cache_write, expected = plain
-            if rt.cache_reads_count:
-                input_tokens += cache_read
-            inp = float(input_tokens + cache_write)
-            out = float(max_tokens) if rt.reserves_max_tokens else float(min(expected or 0, max_tokens))
-            if rt.pool.take_plain(inp, out, now) is None:
-                return None
-            if inp or out:
-                draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out, "tokens": inp + out}
-            else:
-                draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
-            rt.waits.add(0.0)
-            seq = next(self._seq)
-            rt.admitted.add_request(now, 1.0, inp, out)  # rt.record(now, draws), unrolled
-            permit = Permit(self, rt, model, draws, 0.0, seq, now)
-            rt.in_flight[seq] = permit
-            rt.granted += 1
-            if self._on_event is not None:
-                self._emit("grant", rt, now, {"waited": 0.0})
-            rt.note_grant(permit, now)
-            return permit
-        finally:
-            lock.release()
-
-    async def _acquire(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
-        if self._backend is not None:
-            return await self._backend.acquire(model, demand, priority, timeout)
-        with self._lock:
-            now = self._now()
-            rt, draws, credit = self._prepare(model, demand, now)
-            if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
-                rt.waits.add(0.0)
-                return self._grant_now(rt, model, draws, credit, now)
-            if timeout is not None and timeout <= 0:
-                raise AcquireTimeout(rt.pool.name, timeout)
-            waiter = self._enqueue(rt, draws, priority, now, credit)
-            waiter.permit = None
-            self._bind_async(waiter)
-            self._dispatch(rt, now)
-        deadline = math.inf if timeout is None else now + timeout
-        try:
-            return await self._wait_async(rt, waiter, model, credit, deadline, timeout)
-        except BaseException:
-            with self._lock:
-                self._abandon(rt, waiter, self._now())
-            raise
-
-    def _bind_async(self, waiter: _Waiter) -> None:
-        waiter.loop_thread = threading.get_ident()
-        if sniffio.current_async_library() == "trio":
-            import trio
-
-            waiter.threadsafe = trio.lowlevel.current_trio_token().run_sync_soon
-        else:
-            import asyncio
-
-            waiter.threadsafe = asyncio.get_running_loop().call_soon_threadsafe
-
-    async def _wait_async(
-        self,
-        rt: _PoolRuntime,
-        waiter: _Waiter,
-        model: str,
-        credit: float,
-        deadline: float,
-        timeout: float | None,
-    ) -> Permit:
-        while True:
-            with self._lock:
-                now = self._now()
-                permit = self._collect(rt, waiter, model, credit, now, deadline, timeout)
-                if permit is not None:
-                    return permit
-                event = anyio.Event()
-                waiter.event = event
-                until = deadline
-                if rt.head() is waiter and rt.next_wake < until:
-                    until = rt.next_wake
-            if until == math.inf:
-                await event.wait()
-            else:
-                with anyio.move_on_after(max(0.0, until - now)):
-                    await event.wait()
-            if not event.is_set():
-                with self._lock:
-                    if waiter.state == _WAITING:
-                        self._dispatch(rt, self._now())
-
-    def _collect(
-        self,
-        rt: _PoolRuntime,
-        waiter: _Waiter,
-        model: str,
-        credit: float,
-        now: float,
-        deadline: float,
-        timeout: float | None,
-    ) -> Permit | None:
-        """Under the lock: the waiter's permit if granted, an error if failed, None to keep waiting."""
-        if waiter.state == _GRANTED:
-            permit = Permit(self, rt, model, waiter.draws, credit, waiter.seq, now)
-            placeholder = rt.in_flight.pop(waiter.seq, None)
-            if placeholder is not None:  # from the grant: its time and its place among our charges
-                permit.started_at = placeholder.started_at
-                permit._mark = placeholder._mark
-                permit._send = placeholder._send
-            rt.in_flight[waiter.seq] = permit
-            waiter.permit = permit
-            return permit
-        if waiter.state == _FAILED:
-            assert waiter.error is not None
-            if isinstance(waiter.error, CapacityExceeded):
-                raise _for_model(model, waiter.error)
-            raise waiter.error
-        if now >= deadline:
-            self._abandon(rt, waiter, now)
-            raise AcquireTimeout(rt.pool.name, timeout if timeout is not None else 0.0)
-        return None
-
     def _acquire_blocking(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
         try:
             sniffio.current_async_library()
@@ -1260,161 +476,11 @@ class Limiter:
                 "acquire_sync blocks; in async code use `async with limiter.acquire(...)`"
             )
         try:
-            return anyio.from_thread.run(self._acquire, model, demand, priority, timeout)
+            return anyio.from_thread.run(self._engine.acquire, model, demand, priority, timeout)
         except RuntimeError as exc:
             if "not running in a worker thread" not in str(exc).lower() and "event loop" not in str(exc):
                 raise
-        return self._acquire_thread(model, demand, priority, timeout)
-
-    def _acquire_thread(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
-        if self._backend is not None:
-            return self._backend.acquire_thread(model, demand, priority, timeout)
-        with self._lock:
-            now = self._now()
-            rt, draws, credit = self._prepare(model, demand, now)
-            if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
-                rt.waits.add(0.0)
-                return self._grant_now(rt, model, draws, credit, now)
-            waiter = self._enqueue(rt, draws, priority, now, credit)
-            waiter.sync_event = threading.Event()
-            self._dispatch(rt, now)
-        deadline = math.inf if timeout is None else now + timeout
-        try:
-            while True:
-                with self._lock:
-                    now = self._now()
-                    permit = self._collect(rt, waiter, model, credit, now, deadline, timeout)
-                    if permit is not None:
-                        return permit
-                    waiter.sync_event.clear()
-                    until = deadline
-                    if rt.head() is waiter and rt.next_wake < until:
-                        until = rt.next_wake
-                woke = waiter.sync_event.wait(None if until == math.inf else max(0.0, until - now))
-                if not woke:
-                    with self._lock:
-                        if waiter.state == _WAITING:
-                            self._dispatch(rt, self._now())
-        except BaseException:
-            with self._lock:
-                self._abandon(rt, waiter, self._now())
-            raise
-
-    def _enqueue(
-        self, rt: _PoolRuntime, draws: dict[str, float], priority: int, now: float, credit: float = 0.0
-    ) -> _Waiter:
-        waiter = _Waiter(draws, priority, next(self._seq), now)
-        waiter.credit = credit
-        dq = rt.queue.get(priority)
-        if dq is None:
-            dq = rt.queue[priority] = deque()
-        dq.append(waiter)
-        rt.queued += 1
-        return waiter
-
-    def _abandon(self, rt: _PoolRuntime, waiter: _Waiter, now: float) -> None:
-        """A waiter leaves (cancelled, timed out, failed): nothing it held stays reserved."""
-        if waiter.state == _WAITING:
-            waiter.state = _GONE
-            rt.queued -= 1
-            self._dispatch(rt, now)
-        elif waiter.state == _GRANTED:
-            permit = waiter.permit
-            if permit is None:
-                # granted but the task never picked it up: it never left, give it all back
-                rt.in_flight.pop(waiter.seq, None)
-                rt.pool.give_back(waiter.draws, now)
-                rt.granted -= 1
-                rt.record(now, waiter.draws, -1.0, counted=False)
-                if waiter.credit and self._wallet is not None:
-                    self._wallet.give_back(waiter.credit, now)
-                waiter.state = _GONE
-                self._dispatch(rt, now)
-            elif permit._state == _ACTIVE and not permit.sent:
-                self._release_locked(permit, now)
-
-    # ------------------------------------------------------------------ scheduling
-
-    def _dispatch(self, rt: _PoolRuntime, now: float) -> None:
-        """Grant every waiter that can go now; wake exactly those, plus a new head."""
-        if self._warmup is not None:
-            self._apply_warmup(now)
-        if not rt.queued:  # nobody waits: drop what is left of the cancelled and the granted
-            if rt.queue:
-                rt.queue.clear()
-            rt.next_wake = math.inf
-            return
-        pool = rt.pool
-        old_head = rt.head()
-        while True:
-            head = rt.head()
-            if head is None:
-                rt.next_wake = math.inf
-                return
-            wait = pool.wait_time(head.draws, now)
-            if wait > 0.0:
-                break
-            self._grant_waiter(rt, head, now)
-        rt.next_wake = now + wait
-        # Every request draws one request token: when even that would delay the head, none can pass.
-        if self._window and pool.fits_without_delaying(_ONE_REQUEST, head.draws, wait, now):
-            # Look at up to ``window`` live waiters behind the head. The ones granted or gone
-            # met on the way are dropped from the queue, so they never use up the window.
-            budget = self._window
-            for dq in rt.ordered():
-                kept: list[_Waiter] = []
-                while dq and budget:
-                    w = dq.popleft()
-                    if w.state != _WAITING:
-                        continue
-                    if w is not head:
-                        budget -= 1
-                        if pool.fits_without_delaying(w.draws, head.draws, wait, now):
-                            self._grant_waiter(rt, w, now)
-                            continue
-                    kept.append(w)
-                dq.extendleft(reversed(kept))
-                if not budget:
-                    break
-        if head is not old_head or head.event is None or not head.event.is_set():
-            head.wake()  # the head re-plans its timer
-
-    def _grant_waiter(self, rt: _PoolRuntime, w: _Waiter, now: float) -> None:
-        wallet = self._wallet
-        if w.credit and wallet is not None:
-            # checked again now: other requests may have drawn on the wallet while this one waited
-            balance = wallet.level_at(now)
-            if balance < w.credit:
-                w.state = _FAILED
-                w.error = InsufficientCredits(w.credit, max(balance, 0.0))
-                rt.queued -= 1
-                w.wake()
-                return
-            wallet.charge(w.credit, now)
-        rt.pool.take(w.draws, now)
-        w.state = _GRANTED
-        rt.queued -= 1
-        rt.granted += 1
-        rt.waits.add(now - w.enqueued_at)
-        rt.record(now, w.draws)
-        w.seq = next(self._seq)  # permits are numbered in the order they are admitted
-        # a placeholder so observe() of earlier permits counts this one as in flight
-        rt.in_flight[w.seq] = _placeholder(self, rt, w, now)
-        self._emit("grant", rt, now, {"waited": now - w.enqueued_at})  # a long wait is said at INFO
-        w.wake()
-
-    def _fail_impossible(self, rt: _PoolRuntime) -> None:
-        """After a limit went down, the waiters whose cost can no longer ever fit fail at once."""
-        for dq in rt.queue.values():
-            for w in dq:
-                if w.state == _WAITING:
-                    try:
-                        rt.pool.check(w.draws)
-                    except CapacityExceeded as exc:
-                        w.state = _FAILED
-                        w.error = exc
-                        rt.queued -= 1
-                        w.wake()
+        return self._engine.acquire_thread(model, demand, priority, timeout)
 
     def _fail_all(self, error_for: Callable[[], BaseException]) -> None:
         for rt in self._pools.values():
@@ -1427,189 +493,6 @@ class Limiter:
                         w.wake()
                 dq.clear()
             rt.next_wake = math.inf
-
-    # ------------------------------------------------------------------ settlement
-
-    def _settle_observing(
-        self, permit: Permit, usage: object, credits: float | None, headers: object
-    ) -> Cost:
-        """``settle`` with a complete answer's headers: settle, read the headers, then wake."""
-        if self._backend is not None:  # the Redis engine reads a report before the settlement
-            permit.observe(headers)
-            return permit._settle(usage, credits, wake=True)
-        cost = permit._settle(usage, credits, wake=False)
-        permit.sent = True
-        permit.response_status = 200
-        self._observe(headers, status=200, body=None, permit=permit, runtime=permit._runtime)
-        rt = permit._runtime
-        with self._lock:
-            self._dispatch(rt, self._now())  # whoever the refund lets in, now that it is read
-        return cost
-
-    def _settle(self, permit: Permit, usage: Usage, credits: float | None, *, wake: bool = True) -> Cost:
-        if self._backend is not None:
-            return self._backend.settle(permit, usage, credits)
-        with self._lock:
-            now = self._now()
-            rt = permit._runtime
-            priority = "priority_output_tokens" in permit.reserved  # _draws sets both or neither
-            actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
-            new = _draws(actual)
-            for dim, amount in permit._charged.items():
-                if dim not in _RESYNC_DIMS:  # not usage (a batch's queue slots): stays as charged
-                    new[dim] = amount
-            diff = _diff(permit._charged, new)
-            estimated = permit._charged.get("input_tokens", 0.0)
-            if estimated > 0.0:
-                rt.shortfalls.append(max(0.0, (new.get("input_tokens", 0.0) - estimated) / estimated))
-            rt.pool.give_back(diff, now)
-            if diff:
-                rt.record(now, diff, -1.0)
-                if permit.sent:
-                    rt.changes.append((now, diff, *_drawn(permit)))
-            if self._wallet is not None and permit.credits and credits is not None:
-                self._wallet.give_back(permit.credits - credits, now) if permit.credits >= credits else (
-                    self._wallet.charge(credits - permit.credits, now)
-                )
-            permit._charged = new
-            permit._state = _SETTLED
-            rt.in_flight.pop(permit.seq, None)
-            self._grow_burst(rt, now)
-            if wake:
-                self._dispatch(rt, now)
-            return actual
-
-    def _settle_plain(
-        self, permit: Permit, uncached: int, output: int, read: int, write: int, *, wake: bool = True
-    ) -> Cost:
-        """``_settle`` for a permit of requests and tokens only, without intermediate objects."""
-        lock = self._lock
-        lock.acquire()  # not ``with``: see _admit_plain
-        try:
-            if permit._state != _ACTIVE:  # settled or released by another thread meanwhile
-                if permit._state == _SETTLED:
-                    raise ConfigurationError("this permit is already settled")
-                return Cost()
-            charged = permit._charged
-            rt = permit._runtime
-            pool = rt.pool
-            inp = float(uncached + write + read) if rt.cache_reads_count else float(uncached + write)
-            out = float(output)
-            estimated = charged.get("input_tokens", 0.0)
-            give_in = estimated - inp
-            give_out = charged.get("output_tokens", 0.0) - out
-            if estimated > 0.0:
-                rt.shortfalls.append(max(0.0, -give_in / estimated))
-            if give_in >= 0.0 and give_out >= 0.0 and pool.burst == 1.0 and rt.share == 1.0 and not rt.queued:
-                # Only refunds, and nobody to wake: no clock is read. A refund leaves the
-                # same level whether it is added before or after the refill since the
-                # bucket's last update (both clamp at capacity), so each bucket takes it
-                # at its own last time; a charge could not (it must follow the refill).
-                now = -math.inf
-            else:
-                clock = self._clock
-                if clock is None and (loop := _running_loop()) is not None:
-                    now = loop.time()
-                else:
-                    now = self._now()
-                    if not -math.inf < now < math.inf:
-                        now = -math.inf  # a broken clock: no time passes, nothing is lost
-            if give_in or give_out:
-                pool.give_back_plain(give_in, give_out, now)
-                rt.admitted.add_request(now, 0.0, -give_in, -give_out)  # rt.record(now, diff, -1.0)
-                if permit.sent:  # for replaying after a report (see _resync): when it happened
-                    at = now if now > -math.inf else self._now()
-                    change = {
-                        "input_tokens": give_in,
-                        "output_tokens": give_out,
-                        "tokens": give_in + give_out,
-                    }
-                    rt.changes.append((at, change, *_drawn(permit)))
-            if inp or out:
-                permit._charged = {
-                    "requests": 1.0,
-                    "input_tokens": inp,
-                    "output_tokens": out,
-                    "tokens": inp + out,
-                }
-            else:
-                permit._charged = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
-            permit._state = _SETTLED
-            del rt.in_flight[permit.seq]
-            if now > -math.inf:
-                if pool.burst < 1.0 or rt.share < 1.0:
-                    self._grow_burst(rt, now)
-                if wake and (rt.queued or rt.queue or self._warmup is not None):
-                    self._dispatch(rt, now)
-            elif wake and rt.queue:
-                rt.queue.clear()  # what _dispatch does when nobody waits: drop the cancelled
-            return request_cost(inp, out)
-        finally:
-            lock.release()
-
-    def _grow_burst(self, rt: _PoolRuntime, now: float) -> None:
-        """Traffic flows cleanly: after ``burst_recovery`` seconds without a 429 the burst grows back."""
-        if rt.share < 1.0 and now - rt.share_since >= SHARE_STEP_EVERY:
-            rt.share = min(1.0, rt.share + SHARE_STEP)
-            rt.share_since = now
-            rt.pool.scale_rates(self._warm_scale(now) * rt.share, now)
-            self._emit("share_change", rt, now, {"share": rt.share})
-        if self._adaptive and rt.pool.burst < 1.0:
-            old = rt.pool.burst
-            if rt.pool.grow_burst(now, clean_for=self._burst_recovery) != old:
-                self._emit("burst_change", rt, now, {"burst": rt.pool.burst})
-
-    def _progress(self, permit: Permit, output: float) -> None:
-        if permit._state != _ACTIVE:
-            return
-        if self._backend is not None:
-            return self._backend.progress(permit, output)
-        with self._lock:
-            charged = permit._charged.get("output_tokens", 0.0)
-            extra = output - charged
-            if extra <= 0.0:
-                return
-            now = self._now()
-            rt = permit._runtime
-            more = {"output_tokens": extra, "tokens": extra}
-            if "priority_output_tokens" in permit._charged:
-                more["priority_output_tokens"] = extra
-            rt.pool.take(more, now)
-            rt.record(now, more)
-            rt.changes.append((now, {d: -a for d, a in more.items()}, math.inf, math.inf))
-            for dim, amount in more.items():
-                permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
-
-    def _release(self, permit: Permit) -> None:
-        if self._backend is not None:
-            return self._backend.release(permit)
-        with self._lock:
-            if permit._state == _ACTIVE:
-                self._release_locked(permit, self._now())
-
-    def _release_locked(self, permit: Permit, now: float) -> None:
-        rt = permit._runtime
-        charged = permit._charged
-        if not permit.sent:
-            refund = dict(charged)
-        elif permit.response_status is not None and permit.response_status >= 400:
-            refund = {k: v for k, v in charged.items() if k != "requests"}
-        else:
-            refund = {}
-        if refund:
-            rt.pool.give_back(refund, now)
-            rt.record(now, refund, -1.0, counted=False)
-            if permit._send is not None:  # refused (or never sent): it drew nothing but the request
-                drew = permit._send[2]
-                for dim in refund:
-                    drew.pop(dim, None)
-        if self._wallet is not None and permit.credits and (not permit.sent or refund):
-            self._wallet.give_back(permit.credits, now)
-        permit._state = _RELEASED
-        rt.in_flight.pop(permit.seq, None)
-        self._dispatch(rt, now)
-
-    # ------------------------------------------------------------------ feedback
 
     def observe(
         self, headers: object, *, model: str | None = None, status: int = 200, body: object = None
@@ -1626,337 +509,7 @@ class Limiter:
         if model is not None:
             with self._lock:
                 runtime = self._runtime_for(model, self._now())
-        return self._observe(headers, status=status, body=body, permit=None, runtime=runtime)
-
-    def _observe(
-        self,
-        headers: object,
-        *,
-        status: int,
-        body: object,
-        permit: Permit | None,
-        runtime: _PoolRuntime | None,
-    ) -> RateLimitSnapshot:
-        if self._backend is not None:
-            return self._backend.observe(headers, status=status, body=body, permit=permit, runtime=runtime)
-        snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
-        error_type, error_code, message = error_fields(body)
-        with self._lock:
-            now = self._now()
-            skew = snap.clock_skew or 0.0
-            if error_code == "enforced_spend_limit_reached":
-                self._spend_limit(snap, now, message)
-            changed = False
-            if runtime is not None:
-                fitted, changed = self._resync(runtime, snap, permit, now)
-                if status == 429 and error_code != "enforced_spend_limit_reached":
-                    self._on_429(runtime, snap, permit, now, fitted)
-                elif status == 529 or error_type == "overloaded_error":
-                    self._on_529(runtime, snap, now)
-                elif status < 400:
-                    runtime.overload_backoff = 0.0
-                    self._grow_burst(runtime, now)
-            if snap.unified is not None:
-                self._on_unified(snap, now, skew, status, runtime)
-            if snap.quota is not None:
-                self._on_quota(snap, permit, now)
-            if status == 402 and self._wallet is not None:
-                # the proxy refused: the wallet holds less than this reservation
-                held = permit.credits if permit is not None else 0.0
-                self._wallet.resync(max(0.0, held - 1.0), now)
-            if changed and runtime is not None:
-                # only once the report's pause (a 429's retry-after, a 529's backoff) is in
-                # place: a lift read from a refusal's headers must not let a waiter in first
-                self._dispatch(runtime, now)
-        return snap
-
-    def _resync(
-        self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float
-    ) -> tuple[bool, bool]:
-        """Correct the pool from a response's headers: (they showed a smaller burst, a level moved).
-
-        It wakes nobody: the caller dispatches once the rest of the report is applied.
-        """
-        limits = snap.limits()
-        if not limits:
-            return False, False
-        pool = rt.pool
-        changed = False
-        # The server's bucket size, from "-reset is when the bucket is full again":
-        # capacity = remaining + rate * (reset - date). The smallest upper bound over
-        # the dimensions tells a shorter enforcement interval before any 429 does.
-        date = snap.server_date
-        upper = math.inf
-        burst_floor = 0.0
-        unseen: dict[str, float] = {}
-        # What the model had drawn and the server had not counted when the request reached it
-        # (``early``), and now (``unsent``). A request sent within ``transit`` of a moment may
-        # or may not have reached the server by then: what was granted before this request
-        # (``early_maybe``) or after it (``late_maybe``), and what may be on its way now
-        # (``unsent_maybe``). Corrections count each the safe way, the evidence of the moment
-        # as a blur either way.
-        early: dict[str, float] = {}
-        early_maybe: dict[str, float] = {}
-        late_maybe: dict[str, float] = {}
-        unsent: dict[str, float] = {}
-        unsent_maybe: dict[str, float] = {}
-        replay: list[tuple[float, Mapping[str, float]]] | None = None
-        refused = False
-        counted_since: dict[str, float] = {}
-        if permit is not None:
-            refused = permit.response_status is not None and permit.response_status >= 400
-            if refused:
-                # refused: the server never took its tokens, and release() will give them back
-                for dim, amount in permit._charged.items():
-                    if dim != "requests":
-                        early[dim] = early.get(dim, 0.0) + amount
-                        unsent[dim] = unsent.get(dim, 0.0) + amount
-            # a report taken as its answer left counts every request sent a round trip before
-            # now, and a round trip is no longer than the quickest answer took
-            sent_at = permit.sent_at
-            if sent_at == sent_at:
-                rt.fastest = min(rt.fastest, now - sent_at)
-            else:
-                sent_at = permit.started_at
-            transit = min(rt.fastest, MAX_TRANSIT)
-            admitted, seq = sent_at, permit.seq
-            for other in rt.in_flight.values():
-                if not other.sent:
-                    _add(unsent, other._charged)
-                    if other.seq < seq:  # drawn in the model before this request, never sent
-                        _add(early, other._charged)
-            oldest = min(admitted, now) - transit
-            for t, other_seq, charged, granted in reversed(rt.sends):
-                if granted < oldest - _GRANT_TO_SEND:
-                    break
-                held = rt.in_flight.get(other_seq)
-                if t < oldest or other_seq == seq or (held is not None and not held.sent):
-                    continue
-                if t > now - transit:
-                    _add(unsent_maybe, charged)
-                if abs(t - admitted) <= transit:
-                    _add(early_maybe if other_seq < seq else late_maybe, charged)
-                elif t > admitted and other_seq < seq:  # reached the server after this request
-                    _add(early, charged)
-            replay = rt.changes_since(admitted, seq)
-            # everything we charged (or refunded) since this request was granted, in flight or
-            # done; what was given back since without the server ever counting it stays in
-            # (if admitted before this request, the server never had it; if after, counting it
-            # lowers more than needed: safe)
-            unseen = rt.spent_since(permit._mark)
-            counted_since = rt.admitted.since(permit._mark[0])
-            if refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
-                rt.moment.restart(now)
-        else:
-            for other in rt.in_flight.values():  # a response of unknown age: all in flight is unseen
-                _add(unseen, other._charged)
-        stale = False  # a bucket full again before the answer was sent: not a report of then
-        # First the bucket's shape: the limits the headers give, and its size from "-reset is
-        # when the bucket is full again" (capacity = remaining + rate * (reset - date)); the
-        # smallest upper bound over the dimensions tells a shorter enforcement interval
-        # before any 429 does. The levels below are then read against that shape.
-        for dim in _RESYNC_DIMS:
-            info = limits.get(dim)
-            if info is None:
-                continue
-            if info.limit is not None and info.limit > 0 and self._learn:
-                if dim == "tokens":
-                    combined = pool.limits.get("input_tokens", 0.0) + pool.limits.get("output_tokens", 0.0)
-                    learn = dim in pool.limits or info.limit < combined
-                else:
-                    learn = dim in pool.limits or dim.startswith("priority")
-                scale = self._warm_scale(now) * rt.share
-                if learn and pool.set_limit(dim, float(info.limit), now, rate_scale=scale):
-                    changed = True
-                    self._fail_impossible(rt)
-                    self._emit("limit_change", rt, now, {dim: info.limit})
-            if info.remaining is not None and dim in pool.limits and pool.buckets[dim].rate > 0.0:
-                lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
-                # the server's bucket holds at least what it reports left
-                burst_floor = max(burst_floor, lowest / pool.limits[dim])
-                if permit is not None and info.reset is not None and date is not None:
-                    # (a response of unknown age bounds nothing)
-                    age = max(0.0, now - permit.started_at)
-                    upper = min(upper, burst_bound(info.remaining, info.reset, date, dim, pool, age))
-                    if not stale and (date - info.reset).total_seconds() > _RESET_ROUNDING:
-                        stale = True
-        if stale and not (
-            permit is not None and permit.response_status is not None and permit.response_status >= 400
-        ):
-            rt.moment.reset_before_date()
-        fitted = False
-        upper = fitted_burst(upper, burst_floor)
-        if self._adaptive and upper < 1.0 and pool.fit_burst(upper, now):
-            fitted = changed = True
-            rt.shrink_seq = next(self._seq)
-            self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
-        elif self._adaptive and pool.widen_burst(burst_floor, now):
-            changed = True
-            self._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
-        if permit is not None:
-            self._check_room(rt, permit, now)
-        for dim in _RESYNC_DIMS:
-            info = limits.get(dim)
-            if info is None:
-                continue
-            if info.remaining is not None and dim in pool.limits:
-                margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
-                # the report's lowest reading, always: keeping a level anywhere in the rounding
-                # band could admit up to twice the rounding more than the server has left
-                lowest = info.remaining - margin
-                bucket = pool.buckets[dim]
-                level = bucket.level_at(now)
-                if permit is not None:  # the report's age is known: see _feedback
-                    since = unseen.get(dim, 0.0)
-                    then = early.get(dim, 0.0)
-                    then_maybe = early_maybe.get(dim, 0.0)
-                    # (what was sent within a round trip before this request may reach the server
-                    # after it: requests sent together arrive in any order)
-                    if replay is not None:
-                        admission = admission_estimate(
-                            lowest - then_maybe,
-                            admitted,
-                            now,
-                            # at one instant, what gives back first: a bucket full then throws
-                            # it away, as the server's may have (the other order could mint)
-                            sorted(((t, c.get(dim, 0.0)) for t, c in replay), key=_gives_back_first),
-                            rate=bucket.rate,
-                            capacity=bucket.capacity,
-                            pending=unsent.get(dim, 0.0),
-                        )
-                    else:  # the rings do not reach back to the admission: all refill first, the safe side
-                        admission = (
-                            min(lowest + bucket.rate * max(0.0, now - admitted), bucket.capacity)
-                            - since
-                            - then
-                            - then_maybe
-                        )
-                    now_maybe = unsent_maybe.get(dim, 0.0)
-                    response = response_estimate(lowest, unsent.get(dim, 0.0) + now_maybe)
-                    if (
-                        dim in _EVIDENCE_DIMS
-                        and (dim == "requests" or rt.reserves_max_tokens)
-                        and not refused  # taken as it arrived: either reading fits it
-                    ):
-                        limit = pool.limits[dim]
-                        after_maybe = late_maybe.get(dim, 0.0)
-                        rt.moment.note(
-                            dim,
-                            lowest - then + (after_maybe - then_maybe) / 2,
-                            response + now_maybe / 2,
-                            admission_blur=(then_maybe + after_maybe) / 2,
-                            response_blur=now_maybe / 2,
-                            admitted_at=admitted,
-                            now=now,
-                            # what the server counted of ours: refusals and unsent given back
-                            spent=rt.counted_total(dim),
-                            spent_since=counted_since.get(dim, 0.0),
-                            rate=limit / 60.0,
-                            tolerance=_EVIDENCE_TOLERANCE[dim],
-                            ceiling=limit,
-                        )
-                    # a refusal is answered as it arrives: its report is of then, either way
-                    order = float(seq)
-                    moments = ((admitted, order), (admitted, order) if refused else (now, order))
-                else:
-                    # a response of unknown age: the report less everything that could be
-                    # missing from it, under either reading; it lifts nothing
-                    admission = response = lowest - unseen.get(dim, 0.0)
-                    moments = NO_READINGS.moments
-                readings = rt.readings.get(dim, NO_READINGS)
-                target, readings = correction(
-                    level,
-                    bucket.capacity,
-                    (admission, response),
-                    moments,
-                    rt.moment.belief,
-                    readings,
-                    latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
-                )
-                if target > level and (
-                    (dim in _PRODUCED and not rt.reserves_max_tokens)
-                    or (dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE)
-                ):
-                    # Not lifted: output charged as it is produced is still to come (requests under
-                    # way will draw it, and no report shows that yet); and a report read before
-                    # its own request settles already counts that request's real input, which
-                    # the settlement will give back again as our estimate's excess (a stream's
-                    # report, at its first byte: its max_tokens reservation is the server's too).
-                    target = level
-                if target > level:  # a reading refuted: what it took off comes back
-                    delta = bucket.resync(target, now, allow_increase=True)
-                else:
-                    delta = pool.resync(dim, target, now)
-                after = level + delta
-                if after != target:  # clamped (debt, capacity): the readings stay where they were
-                    shift = target - after
-                    readings = Readings(
-                        (readings.offsets[0] + shift, readings.offsets[1] + shift), readings.moments
-                    )
-                rt.readings[dim] = readings
-                if delta != 0.0:
-                    changed = True
-                    if delta < 0.0:
-                        rt.resyncs += 1
-                    else:
-                        rt.raised += 1
-                    self._emit("resync", rt, now, {"dimension": dim, "delta": delta})
-        return fitted, changed
-
-    def _check_room(self, rt: _PoolRuntime, permit: Permit, now: float) -> None:
-        """Say once per dimension when the server's bucket is smaller than a request reserves."""
-        for dim, amount in permit.reserved.items():
-            bucket = rt.pool.buckets.get(dim)
-            if bucket is None or amount <= bucket.capacity or dim in rt.too_small:
-                continue
-            rt.too_small.add(dim)
-            detail = {"dimension": dim, "capacity": bucket.capacity, "reserved": amount}
-            self._emit("bucket_too_small", rt, now, detail)
-
-    def _on_429(
-        self, rt: _PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float, fitted: bool
-    ) -> None:
-        rt.rate_limited += 1
-        pool = rt.pool
-        # Predicted: the server's bucket is as large as ours (else ``fitted``: the headers
-        # showed a shorter enforcement interval and the burst was just resized to it) and
-        # its remaining shows a dimension this request doesn't fit in, so the refusal is
-        # explained by usage we now know about. Otherwise the server enforces a shorter
-        # interval than our burst assumes, in a way the headers did not show: halve it.
-        predicted = permit is not None and not fitted and explained_by_remaining(snap, permit.reserved)
-        if predicted:
-            rt.rate_limited_predicted += 1
-            if self._adaptive and (permit is None or permit.seq > rt.share_seq):
-                # others draw on the pool too: count on less of each refill (once per event:
-                # the 429s of requests admitted before the last cut are old news)
-                rt.share_seq = next(self._seq)
-                rt.share = max(MIN_SHARE, rt.share * SHARE_DECREASE)
-                rt.share_since = now
-                pool.scale_rates(self._warm_scale(now) * rt.share, now)
-                self._emit("share_change", rt, now, {"share": rt.share})
-        elif self._adaptive and not fitted and (permit is None or permit.seq > rt.shrink_seq):
-            # once per event: the 429s of requests admitted before the last shrink are old news
-            burst = pool.shrink_burst(now)
-            rt.shrink_seq = next(self._seq)
-            self._emit("burst_change", rt, now, {"burst": burst})
-        retry = snap.retry_after
-        retry = 1.0 if retry is None else capped_pause(retry, "a 429's retry-after")
-        if pool.pause(now + retry, "429 rate_limit_error"):
-            self._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
-        self._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
-        self._dispatch(rt, now)
-
-    def _on_529(self, rt: _PoolRuntime, snap: RateLimitSnapshot, now: float) -> None:
-        rt.overloaded += 1
-        backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
-        rt.overload_backoff = backoff
-        wait = (
-            capped_pause(snap.retry_after, "a 529's retry-after") if snap.retry_after is not None else backoff
-        )
-        if rt.pool.pause(now + wait, "529 overloaded"):
-            self._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
-        self._emit("overloaded", rt, now, {"backoff": wait})
-        self._dispatch(rt, now)
+        return self._engine.observe(headers, status=status, body=body, permit=None, runtime=runtime)
 
     def _on_unified(
         self,
@@ -1964,7 +517,7 @@ class Limiter:
         now: float,
         skew: float,
         status: int,
-        runtime: _PoolRuntime | None,
+        runtime: PoolRuntime | None,
     ) -> None:
         unified = snap.unified
         assert unified is not None
@@ -1980,7 +533,7 @@ class Limiter:
             for rt in targets:
                 if rt.pool.pause(now + wait, f"subscription limit ({unified.representative_claim})"):
                     self._emit("pause", rt, now, {"seconds": wait, "reason": "unified rejected"})
-                self._dispatch(rt, now)
+                self._engine.wake(rt, now)
         elif unified.status == "allowed_warning":
             key = (unified.representative_claim, unified.reset.isoformat() if unified.reset else None)
             if key not in self._unified_warned:
@@ -2045,7 +598,7 @@ class Limiter:
                 raise SpendLimitReached(self._spend_resets_at)
             self._spend_until = None
 
-    def _emit(self, kind: str, rt: _PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
+    def _emit(self, kind: str, rt: PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
         """Every event of both engines passes here: to the log (``_events.EventLog``) and the hook."""
         self._events_log.record(kind, rt.pool.name, now, detail)
         if kind != "grant" and kind != "resync":  # those two are counted already
@@ -2064,8 +617,6 @@ class Limiter:
                 self._on_event(event)
             except Exception:  # a broken hook must not break admission
                 log.exception("on_event hook raised")
-
-    # ------------------------------------------------------------------ special endpoints
 
     def acquire_count_tokens(self, rpm: float | None = None, *, timeout: float | None = None) -> _Acquire:
         """Gate a ``count_tokens`` call by its own RPM (the preset's, or ``rpm``)."""
@@ -2100,12 +651,7 @@ class Limiter:
                 return
             now = self._now()
             rt.pool.give_back({"queued_requests": float(requests)}, now)
-            if self._backend is not None:
-                self._backend.give_back(rt, {"queued_requests": float(requests)})
-            else:
-                self._dispatch(rt, now)
-
-    # ------------------------------------------------------------------ introspection
+            self._engine.give_back(rt, {"queued_requests": float(requests)})
 
     def statistics(self) -> LimiterStatistics:
         """A frozen snapshot of every pool: limits, levels, queue, waits, 429s, utilization."""
@@ -2182,150 +728,6 @@ def _wall(at: _dt.datetime, seconds: float) -> _dt.datetime:
         return (_dt.datetime.max if seconds > 0 else _dt.datetime.min).replace(tzinfo=_dt.UTC)
 
 
-def _check_status(status: object) -> None:
-    """Raise unless ``status`` is an HTTP status code (an int: "429" would fail deep, naming nothing)."""
-    if not isinstance(status, int) or isinstance(status, bool):
-        raise TypeError(f"status must be an int HTTP status code, got {type(status).__name__} {status!r:.20}")
-
-
-def _check_args(model: object, demand: object, priority: object, timeout: object) -> None:
-    """Raise for an ``acquire`` argument of the wrong type (or a NaN timeout), naming it."""
-    if not isinstance(model, str):
-        raise TypeError(f"model must be a str, got {type(model).__name__}")
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise TypeError(f"priority must be an int, got {type(priority).__name__}")
-    if timeout is not None:
-        if not isinstance(timeout, int | float) or isinstance(timeout, bool):
-            raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
-        if timeout != timeout:  # NaN: no deadline ever passes, the wait would spin
-            raise ValueError("timeout must be a number of seconds or None, got nan")
-
-
-def _demand(
-    input_tokens: int,
-    max_tokens: int,
-    cache_read_input_tokens: int,
-    cache_creation_input_tokens: int,
-    expected_output_tokens: int | None,
-    service_tier: str | None,
-    credits: float,
-) -> Demand:
-    """The ``Demand`` behind ``acquire``'s and ``acquire_nowait``'s keyword arguments."""
-    return Demand(
-        input_tokens=input_tokens,
-        max_tokens=max_tokens,
-        cache_read_input_tokens=cache_read_input_tokens,
-        cache_creation_input_tokens=cache_creation_input_tokens,
-        expected_output_tokens=expected_output_tokens,
-        priority=service_tier == "priority",
-        credits=credits,
-    )
-
-
-class _BatchDemand:
-    """Marker demand for batch creation: 1 request and ``requests`` queue slots."""
-
-    __slots__ = ("requests",)
-
-    def __init__(self, requests: int) -> None:
-        # 0: the other batch endpoints (retrieve, list, results, cancel), gated by the RPM only
-        if requests < 0 or requests > 100_000:
-            raise ConfigurationError(f"a batch holds 1 to 100,000 requests, got {requests!r}")
-        self.requests = requests
-
-
-def _plain(
-    input_tokens: object, max_tokens: object, cache_read: object, cache_write: object, expected: object
-) -> _Plain | None:
-    """The fast path's demand if the counts are plain non-negative ints (else ``Demand`` checks them)."""
-    if (
-        type(input_tokens) is int
-        and type(max_tokens) is int
-        and type(cache_read) is int
-        and type(cache_write) is int
-        # 0 iff all are non-negative and below 2**53 (a float holds them; 10**400 would not)
-        and (input_tokens | max_tokens | cache_read | cache_write) >> 53 == 0
-        and (expected is None or (type(expected) is int and 0 <= expected <= _MAX_COUNT))
-    ):
-        return (input_tokens, max_tokens, cache_read, cache_write, expected)
-    return None
-
-
-def _usage_counts(usage: object) -> tuple[int, int, int, int] | None:
-    """Uncached input, output, cache reads, cache writes: for ``Usage``, the SDK's or a mapping.
-
-    None for anything ``Usage.from_any`` should look at (it says what is wrong).
-    """
-    if type(usage) is Usage:
-        return (
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cache_read_input_tokens,
-            usage.cache_creation_input_tokens,
-        )
-    if isinstance(usage, Mapping):
-        get = usage.get
-        counts = (
-            get("input_tokens"),
-            get("output_tokens"),
-            get("cache_read_input_tokens") or 0,
-            get("cache_creation_input_tokens") or 0,
-        )
-    else:
-        counts = (
-            getattr(usage, "input_tokens", None),
-            getattr(usage, "output_tokens", None),
-            getattr(usage, "cache_read_input_tokens", None) or 0,
-            getattr(usage, "cache_creation_input_tokens", None) or 0,
-        )
-    for n in counts:
-        if type(n) is not int or not 0 <= n <= _MAX_COUNT:  # 10**400 would overflow a float
-            return None
-    return counts  # type: ignore[return-value]
-
-
-def _for_model(model: str, exc: CapacityExceeded) -> CapacityExceeded:
-    """The same error, naming the model the caller asked for as well as its pool."""
-    error = CapacityExceeded(f"{model} ({exc.pool} pool)", exc.dimension, exc.cost, exc.capacity)
-    error.pool = exc.pool
-    return error
-
-
-def _gives_back_first(event: tuple[float, float]) -> tuple[float, float]:
-    return event[0], -event[1]
-
-
-def _drawn(permit: Permit) -> tuple[float, float]:
-    """When and in which order ``permit`` drew on the server, as its ``sends`` entry says."""
-    send = permit._send
-    return (send[0], float(permit.seq)) if send is not None else (permit.started_at, float(permit.seq))
-
-
-def _server_side(change: Mapping[str, float], reserves_max_tokens: bool) -> Mapping[str, float]:
-    """What of a settlement the server itself makes, for a request it counted on its own.
-
-    Output reserved as ``max_tokens`` the server gives back too; input it counted itself
-    (our estimate's error is ours), and so output estimated under the real-time rule.
-    """
-    out = {d: a for d, a in change.items() if d not in ("input_tokens", "tokens")}
-    if not reserves_max_tokens:
-        out.pop("output_tokens", None)
-    elif "tokens" in change:
-        out["tokens"] = change.get("output_tokens", 0.0)
-    return out
-
-
-def _add(totals: dict[str, float], amounts: Mapping[str, float]) -> None:
-    for dim, amount in amounts.items():
-        totals[dim] = totals.get(dim, 0.0) + amount
-
-
-def _placeholder(limiter: Limiter, rt: _PoolRuntime, w: _Waiter, now: float) -> Permit:
-    permit = Permit(limiter, rt, "", w.draws, w.credit, w.seq, now)
-    rt.note_grant(permit, now)
-    return permit
-
-
 def _rules_with(rules: AccountingRules, cache_reads_count: bool) -> AccountingRules:
     if rules.cache_reads_count == cache_reads_count:
         return rules
@@ -2342,8 +744,8 @@ def _wallet_bucket(balance: float) -> TokenBucket:
 
 
 def _unified_targets(
-    claim: str | None, pools: Mapping[str, _PoolRuntime], runtime: _PoolRuntime | None
-) -> list[_PoolRuntime]:
+    claim: str | None, pools: Mapping[str, PoolRuntime], runtime: PoolRuntime | None
+) -> list[PoolRuntime]:
     """The pools a subscription rejection holds: model-specific claims hold only that family."""
     if claim in ("seven_day_opus", "seven_day_sonnet"):
         family = claim.rsplit("_", 1)[1]

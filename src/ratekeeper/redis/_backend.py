@@ -3,7 +3,7 @@
 This module imports ``redis`` only when a backend is constructed, so
 ``import ratekeeper`` works without the extra. The scheduling logic that uses
 the backend is in ``_remote.py``; this module is the transport: keys, the Lua
-scripts (package data in ``ratekeeper/lua``), EVALSHA with a reload on
+scripts (package data in ``ratekeeper/redis/lua``), EVALSHA with a reload on
 NOSCRIPT, timeouts, error replies (one op's is its own), op ids (a change sent
 twice applies once), the unavailability state and the outbox of changes that
 synchronous permit methods leave for later.

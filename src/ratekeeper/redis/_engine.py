@@ -49,22 +49,12 @@ from ratekeeper.core._reading import (
     unified_wait,
 )
 from ratekeeper.errors import AcquireTimeout, CapacityExceeded, SpendLimitReached, WouldBlock
-from ratekeeper.gate._limiter import (
-    _ACTIVE,
-    _FAILED,
-    _GONE,
-    _GRANTED,
-    _RELEASED,
-    _RESYNC_DIMS,
-    _SETTLED,
-    _WAITING,
-    Limiter,
-    Permit,
-    _diff,
-    _draws,
-    _PoolRuntime,
-    _Waiter,
-)
+from ratekeeper.gate._demand import Plain, _diff, _draws
+from ratekeeper.gate._limiter import Limiter
+from ratekeeper.gate._resync import _RESYNC_DIMS
+from ratekeeper.gate._state import Permit, PermitState, WaiterState, bind_async
+from ratekeeper.gate._state import PoolRuntime as _PoolRuntime
+from ratekeeper.gate._state import Waiter as _Waiter
 from ratekeeper.redis._backend import Down, Op, Refused, Reply, Result
 
 if TYPE_CHECKING:
@@ -73,7 +63,14 @@ if TYPE_CHECKING:
 __all__ = ["RemoteEngine"]
 
 #: A waiter moved to the local fallback limiter (Redis went away while it waited).
-_FALLBACK: Final = 4
+_FALLBACK: Final = WaiterState.FALLBACK
+_ACTIVE, _SETTLED, _RELEASED = PermitState.ACTIVE, PermitState.SETTLED, PermitState.RELEASED
+_WAITING, _GRANTED, _FAILED, _GONE = (
+    WaiterState.WAITING,
+    WaiterState.GRANTED,
+    WaiterState.FAILED,
+    WaiterState.GONE,
+)
 #: Pools that no subscription hold covers (the local limiter exempts them too).
 _SPECIAL: Final = ("count_tokens", "batches")
 #: Added to every computed wait, so the retry lands just after the refill, not just before.
@@ -283,7 +280,7 @@ class RemoteEngine:
                     if state == _WAITING and cands is None:
                         # bound to its event loop only when it waits: an admitted head never does
                         if w.threadsafe is None:
-                            limiter._bind_async(w)
+                            bind_async(w)
                         event = anyio.Event()
                         w.event = event
                 if state == _GRANTED:
@@ -341,7 +338,7 @@ class RemoteEngine:
             fallback = self._fallback_for(model)
             if fallback is None:
                 raise self._backend.unavailable_error()
-            return fallback._nowait_local(model, demand)
+            return fallback._engine.acquire_nowait(model, demand)
         with limiter._lock:
             now = limiter._now()
             rt, draws, credit = limiter._prepare(model, demand, now)
@@ -380,7 +377,7 @@ class RemoteEngine:
             fallback = self._fallback_for(model)
             if fallback is None:
                 raise self._backend.unavailable_error() from None
-            return fallback._nowait_local(model, demand)
+            return fallback._engine.acquire_nowait(model, demand)
         assert not isinstance(reply, Refused)
         self._learn_time(reply[1], sent)
         status, wait, why, seqs = reply[0], float(reply[2]), reply[3], reply[5:]
@@ -418,7 +415,7 @@ class RemoteEngine:
 
     def _step(
         self, rp: _RPool, w: _RWaiter, now: float, deadline: float, timeout: float | None
-    ) -> tuple[int, list[_RWaiter] | None, float]:
+    ) -> tuple[WaiterState, list[_RWaiter] | None, float]:
         """Under the lock: what ``w`` does next: (state, candidates to drive, or wait until)."""
         if w.state == _GRANTED or w.state == _FALLBACK:
             return w.state, None, 0.0
@@ -829,13 +826,13 @@ class RemoteEngine:
         fallback = self._fallback_for(model)
         if fallback is None:
             raise self._backend.unavailable_error()
-        return await fallback._acquire(model, demand, priority, timeout)
+        return await fallback._engine.acquire(model, demand, priority, timeout)
 
     def _unavailable_thread(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
         fallback = self._fallback_for(model)
         if fallback is None:
             raise self._backend.unavailable_error()
-        return fallback._acquire_thread(model, demand, priority, timeout)
+        return fallback._engine.acquire_thread(model, demand, priority, timeout)
 
     # ------------------------------------------------------------------ settlement
 
@@ -859,7 +856,40 @@ class RemoteEngine:
             if head is not None:
                 head.wake()
 
-    def settle(self, permit: Permit, usage: Usage, credits: float | None) -> Cost:
+    # ------------------------------------------------------------------ the Engine protocol's rest
+
+    def admit_plain(self, model: str, plain: Plain) -> Permit | None:
+        """No fast path: every admission is a round trip to Redis (``acquire`` and the rest)."""
+        return None
+
+    def admit_at_once(
+        self, model: str, demand: Demand, priority: int, timeout: float | None
+    ) -> Permit | None:
+        """No fast path (see ``admit_plain``)."""
+        return None
+
+    def settle_plain(
+        self, permit: Permit, uncached: int, output: int, read: int, write: int, *, wake: bool = True
+    ) -> Cost:
+        """``settle`` from the four counts."""
+        usage = Usage(
+            input_tokens=uncached,
+            output_tokens=output,
+            cache_read_input_tokens=read,
+            cache_creation_input_tokens=write,
+        )
+        return self.settle(permit, usage, None, wake=wake)
+
+    def settle_observing(self, permit: Permit, usage: object, credits: float | None, headers: object) -> Cost:
+        """The report first, then the settlement: the Redis scripts read a report before it."""
+        permit.observe(headers)
+        return permit._settle(usage, credits, wake=True)
+
+    def wake(self, rt: _PoolRuntime, now: float) -> None:
+        """Under the lock: re-plan the pool's line (the next round trip carries it)."""
+        self._poke(rt)
+
+    def settle(self, permit: Permit, usage: Usage, credits: float | None, *, wake: bool = True) -> Cost:
         """``Limiter._settle`` in remote mode: the difference goes to Redis with the next round trip."""
         limiter = self._limiter
         with limiter._lock:

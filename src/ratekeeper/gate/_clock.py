@@ -1,0 +1,62 @@
+"""The gate's one clock: the event loop's time in async code, a thread's view of it elsewhere.
+
+Every time the gate reads (grants, deadlines, refills) comes from ``GateClock.now``.
+Under asyncio that is the loop's clock, under trio trio's (which may be virtual, as
+trio's ``MockClock`` is); in a plain thread it is ``time.monotonic`` moved onto the
+event loop's clock as last seen, so times taken in threads and in tasks agree.
+A user's ``clock=`` replaces all of that.
+
+``offset`` shifts every reading by a constant, which changes nothing the gate
+does (it only ever compares and subtracts its own readings): tests set a random
+one (``RATEKEEPER_CLOCK_OFFSET`` is read at construction) so that a stray
+``time.monotonic()`` mixed with the gate's times fails loudly, as trio's
+``SystemClock`` does with its random offset.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from asyncio import _get_running_loop as _running_loop
+from collections.abc import Callable
+from typing import final
+
+import anyio
+import sniffio
+
+__all__ = ["GateClock"]
+
+
+@final
+class GateClock:
+    """Seconds, from ``user`` if given, else the running event loop, else a thread's estimate of it."""
+
+    __slots__ = ("_thread_offset", "offset", "user")
+
+    def __init__(self, user: Callable[[], float] | None = None, *, offset: float | None = None) -> None:
+        self.user = user
+        if offset is None:
+            offset = float(os.environ.get("RATEKEEPER_CLOCK_OFFSET", "0") or 0)
+        self.offset = offset if user is None else 0.0
+        self._thread_offset = 0.0
+
+    def now(self) -> float:
+        """The current time on the gate's clock."""
+        user = self.user
+        if user is not None:
+            return user()
+        loop = _running_loop()
+        if loop is not None:  # asyncio: what anyio.current_time() returns, without its lookups
+            return loop.time() + self.offset
+        try:
+            now = anyio.current_time()
+        except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
+            # a plain thread: time.monotonic, moved onto the event loop's clock as last seen
+            # (asyncio's is time.monotonic itself; trio's is offset from it)
+            return time.monotonic() + self._thread_offset + self.offset
+        self._thread_offset = now - time.monotonic()
+        return now + self.offset
+
+    def __repr__(self) -> str:
+        source = "user clock" if self.user is not None else "event loop"
+        return f"<GateClock {source} offset={self.offset:g}>"

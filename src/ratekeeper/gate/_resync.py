@@ -1,0 +1,441 @@
+"""Reading a response's report into the local pools: resync, 429s, 529s, the burst.
+
+``PoolFeedback.observe`` reads a report under both moments it may describe (at the
+request's admission, replayed with this client's traffic since, or when the answer
+left) and corrects the buckets as ``core._feedback`` says; it fits the burst to the
+bucket size the headers show, and a 429 pauses the pool, halves the burst when
+nothing explains it, or cuts the share of the refill the pool counts on when
+others' use does.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final, final
+
+from ratekeeper.core._feedback import (
+    NO_READINGS,
+    Readings,
+    admission_estimate,
+    correction,
+    response_estimate,
+)
+from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._reading import (
+    ROUNDING_MARGIN,
+    burst_bound,
+    capped_pause,
+    error_fields,
+    explained_by_remaining,
+    fitted_burst,
+)
+from ratekeeper.gate._state import _ACTIVE, Permit, PoolRuntime
+
+if TYPE_CHECKING:
+    from ratekeeper.gate._host import GateHost
+
+__all__ = ["PoolFeedback"]
+
+#: The share of the refill rate a pool counts on: cut by this factor on a 429 that the server's
+#: report explains but the model did not foresee, raised by SHARE_STEP every SHARE_STEP_EVERY
+#: clean seconds, never below MIN_SHARE (additive increase, multiplicative decrease).
+SHARE_DECREASE: Final = 0.7
+SHARE_STEP: Final = 0.02
+SHARE_STEP_EVERY: Final = 5.0
+MIN_SHARE: Final = 0.25
+#: The longest a request is taken to travel to the server (in case no answer came quickly):
+#: one the server may not have received yet is not counted in a report taken at its response.
+MAX_TRANSIT: Final = 0.25
+#: The dimensions our own draws on are estimates until settled (the server counts the real input).
+_ESTIMATED: Final = frozenset({"input_tokens", "tokens", "priority_input_tokens"})
+#: The dimensions output draws on.
+_PRODUCED: Final = frozenset({"output_tokens", "tokens", "priority_output_tokens"})
+#: How long after its grant a request is taken to be sent, at the most, when looking back.
+_GRANT_TO_SEND: Final = 5.0
+#: ``date`` and ``-reset`` are given to the second: a reset this far before the date is real.
+_RESET_ROUNDING: Final = 1.5
+#: Header dimension names that map onto pool buckets.
+_RESYNC_DIMS: Final = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "tokens",
+    "priority_input_tokens",
+    "priority_output_tokens",
+)
+#: The dimensions whose reports show which moment they describe: the client's own traffic is
+#: known exactly there (a request is one request; a max_tokens reservation is what the server
+#: reserves too), so only the reports' rounding blurs them. Input is estimated: it would not.
+_EVIDENCE_DIMS: Final = frozenset({"requests", "output_tokens"})
+_EVIDENCE_TOLERANCE: Final = {"requests": 1.01, "output_tokens": 2 * ROUNDING_MARGIN + 1.0}
+
+
+@final
+class PoolFeedback:
+    """The local engine's reading of reports: every correction a response makes to a pool."""
+
+    def __init__(
+        self,
+        limiter: GateHost,
+        *,
+        dispatch: Callable[[PoolRuntime, float], None],
+        fail_impossible: Callable[[PoolRuntime], None],
+    ) -> None:
+        self._lim = limiter
+        # the engine's: grant whoever fits now; fail whoever never can (after a limit went down)
+        self._dispatch = dispatch
+        self._fail_impossible = fail_impossible
+        self._lock = limiter._lock
+        self._now = limiter._now
+        self._seq = limiter._seq
+
+    def observe(
+        self,
+        headers: object,
+        *,
+        status: int,
+        body: object,
+        permit: Permit | None,
+        runtime: PoolRuntime | None,
+    ) -> RateLimitSnapshot:
+        snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
+        error_type, error_code, message = error_fields(body)
+        with self._lock:
+            now = self._now()
+            skew = snap.clock_skew or 0.0
+            if error_code == "enforced_spend_limit_reached":
+                self._lim._spend_limit(snap, now, message)
+            changed = False
+            if runtime is not None:
+                fitted, changed = self._resync(runtime, snap, permit, now)
+                if status == 429 and error_code != "enforced_spend_limit_reached":
+                    self._on_429(runtime, snap, permit, now, fitted)
+                elif status == 529 or error_type == "overloaded_error":
+                    self._on_529(runtime, snap, now)
+                elif status < 400:
+                    runtime.overload_backoff = 0.0
+                    self.grow_burst(runtime, now)
+            if snap.unified is not None:
+                self._lim._on_unified(snap, now, skew, status, runtime)
+            if snap.quota is not None:
+                self._lim._on_quota(snap, permit, now)
+            if status == 402 and self._lim._wallet is not None:
+                # the proxy refused: the wallet holds less than this reservation
+                held = permit.credits if permit is not None else 0.0
+                self._lim._wallet.resync(max(0.0, held - 1.0), now)
+            if changed and runtime is not None:
+                # only once the report's pause (a 429's retry-after, a 529's backoff) is in
+                # place: a lift read from a refusal's headers must not let a waiter in first
+                self._dispatch(runtime, now)
+        return snap
+
+    def _resync(
+        self, rt: PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float
+    ) -> tuple[bool, bool]:
+        """Correct the pool from a response's headers: (they showed a smaller burst, a level moved).
+
+        It wakes nobody: the caller dispatches once the rest of the report is applied.
+        """
+        limits = snap.limits()
+        if not limits:
+            return False, False
+        pool = rt.pool
+        changed = False
+        # The server's bucket size, from "-reset is when the bucket is full again":
+        # capacity = remaining + rate * (reset - date). The smallest upper bound over
+        # the dimensions tells a shorter enforcement interval before any 429 does.
+        date = snap.server_date
+        upper = math.inf
+        burst_floor = 0.0
+        unseen: dict[str, float] = {}
+        # What the model had drawn and the server had not counted when the request reached it
+        # (``early``), and now (``unsent``). A request sent within ``transit`` of a moment may
+        # or may not have reached the server by then: what was granted before this request
+        # (``early_maybe``) or after it (``late_maybe``), and what may be on its way now
+        # (``unsent_maybe``). Corrections count each the safe way, the evidence of the moment
+        # as a blur either way.
+        early: dict[str, float] = {}
+        early_maybe: dict[str, float] = {}
+        late_maybe: dict[str, float] = {}
+        unsent: dict[str, float] = {}
+        unsent_maybe: dict[str, float] = {}
+        replay: list[tuple[float, Mapping[str, float]]] | None = None
+        refused = False
+        counted_since: dict[str, float] = {}
+        if permit is not None:
+            refused = permit.response_status is not None and permit.response_status >= 400
+            if refused:
+                # refused: the server never took its tokens, and release() will give them back
+                for dim, amount in permit._charged.items():
+                    if dim != "requests":
+                        early[dim] = early.get(dim, 0.0) + amount
+                        unsent[dim] = unsent.get(dim, 0.0) + amount
+            # a report taken as its answer left counts every request sent a round trip before
+            # now, and a round trip is no longer than the quickest answer took
+            sent_at = permit.sent_at
+            if sent_at == sent_at:
+                rt.fastest = min(rt.fastest, now - sent_at)
+            else:
+                sent_at = permit.started_at
+            transit = min(rt.fastest, MAX_TRANSIT)
+            admitted, seq = sent_at, permit.seq
+            for other in rt.in_flight.values():
+                if not other.sent:
+                    _add(unsent, other._charged)
+                    if other.seq < seq:  # drawn in the model before this request, never sent
+                        _add(early, other._charged)
+            oldest = min(admitted, now) - transit
+            for t, other_seq, charged, granted in reversed(rt.sends):
+                if granted < oldest - _GRANT_TO_SEND:
+                    break
+                held = rt.in_flight.get(other_seq)
+                if t < oldest or other_seq == seq or (held is not None and not held.sent):
+                    continue
+                if t > now - transit:
+                    _add(unsent_maybe, charged)
+                if abs(t - admitted) <= transit:
+                    _add(early_maybe if other_seq < seq else late_maybe, charged)
+                elif t > admitted and other_seq < seq:  # reached the server after this request
+                    _add(early, charged)
+            replay = rt.changes_since(admitted, seq)
+            # everything we charged (or refunded) since this request was granted, in flight or
+            # done; what was given back since without the server ever counting it stays in
+            # (if admitted before this request, the server never had it; if after, counting it
+            # lowers more than needed: safe)
+            unseen = rt.spent_since(permit._mark)
+            counted_since = rt.admitted.since(permit._mark[0])
+            if refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
+                rt.moment.restart(now)
+        else:
+            for other in rt.in_flight.values():  # a response of unknown age: all in flight is unseen
+                _add(unseen, other._charged)
+        stale = False  # a bucket full again before the answer was sent: not a report of then
+        # First the bucket's shape: the limits the headers give, and its size from "-reset is
+        # when the bucket is full again" (capacity = remaining + rate * (reset - date)); the
+        # smallest upper bound over the dimensions tells a shorter enforcement interval
+        # before any 429 does. The levels below are then read against that shape.
+        for dim in _RESYNC_DIMS:
+            info = limits.get(dim)
+            if info is None:
+                continue
+            if info.limit is not None and info.limit > 0 and self._lim._learn:
+                if dim == "tokens":
+                    combined = pool.limits.get("input_tokens", 0.0) + pool.limits.get("output_tokens", 0.0)
+                    learn = dim in pool.limits or info.limit < combined
+                else:
+                    learn = dim in pool.limits or dim.startswith("priority")
+                scale = self._lim._warm_scale(now) * rt.share
+                if learn and pool.set_limit(dim, float(info.limit), now, rate_scale=scale):
+                    changed = True
+                    self._fail_impossible(rt)
+                    self._lim._emit("limit_change", rt, now, {dim: info.limit})
+            if info.remaining is not None and dim in pool.limits and pool.buckets[dim].rate > 0.0:
+                lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
+                # the server's bucket holds at least what it reports left
+                burst_floor = max(burst_floor, lowest / pool.limits[dim])
+                if permit is not None and info.reset is not None and date is not None:
+                    # (a response of unknown age bounds nothing)
+                    age = max(0.0, now - permit.started_at)
+                    upper = min(upper, burst_bound(info.remaining, info.reset, date, dim, pool, age))
+                    if not stale and (date - info.reset).total_seconds() > _RESET_ROUNDING:
+                        stale = True
+        if stale and not (
+            permit is not None and permit.response_status is not None and permit.response_status >= 400
+        ):
+            rt.moment.reset_before_date()
+        fitted = False
+        upper = fitted_burst(upper, burst_floor)
+        if self._lim._adaptive and upper < 1.0 and pool.fit_burst(upper, now):
+            fitted = changed = True
+            rt.shrink_seq = next(self._seq)
+            self._lim._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        elif self._lim._adaptive and pool.widen_burst(burst_floor, now):
+            changed = True
+            self._lim._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        if permit is not None:
+            self._check_room(rt, permit, now)
+        for dim in _RESYNC_DIMS:
+            info = limits.get(dim)
+            if info is None:
+                continue
+            if info.remaining is not None and dim in pool.limits:
+                margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
+                # the report's lowest reading, always: keeping a level anywhere in the rounding
+                # band could admit up to twice the rounding more than the server has left
+                lowest = info.remaining - margin
+                bucket = pool.buckets[dim]
+                level = bucket.level_at(now)
+                if permit is not None:  # the report's age is known: see _feedback
+                    since = unseen.get(dim, 0.0)
+                    then = early.get(dim, 0.0)
+                    then_maybe = early_maybe.get(dim, 0.0)
+                    # (what was sent within a round trip before this request may reach the server
+                    # after it: requests sent together arrive in any order)
+                    if replay is not None:
+                        admission = admission_estimate(
+                            lowest - then_maybe,
+                            admitted,
+                            now,
+                            # at one instant, what gives back first: a bucket full then throws
+                            # it away, as the server's may have (the other order could mint)
+                            sorted(((t, c.get(dim, 0.0)) for t, c in replay), key=_gives_back_first),
+                            rate=bucket.rate,
+                            capacity=bucket.capacity,
+                            pending=unsent.get(dim, 0.0),
+                        )
+                    else:  # the rings do not reach back to the admission: all refill first, the safe side
+                        admission = (
+                            min(lowest + bucket.rate * max(0.0, now - admitted), bucket.capacity)
+                            - since
+                            - then
+                            - then_maybe
+                        )
+                    now_maybe = unsent_maybe.get(dim, 0.0)
+                    response = response_estimate(lowest, unsent.get(dim, 0.0) + now_maybe)
+                    if (
+                        dim in _EVIDENCE_DIMS
+                        and (dim == "requests" or rt.reserves_max_tokens)
+                        and not refused  # taken as it arrived: either reading fits it
+                    ):
+                        limit = pool.limits[dim]
+                        after_maybe = late_maybe.get(dim, 0.0)
+                        rt.moment.note(
+                            dim,
+                            lowest - then + (after_maybe - then_maybe) / 2,
+                            response + now_maybe / 2,
+                            admission_blur=(then_maybe + after_maybe) / 2,
+                            response_blur=now_maybe / 2,
+                            admitted_at=admitted,
+                            now=now,
+                            # what the server counted of ours: refusals and unsent given back
+                            spent=rt.counted_total(dim),
+                            spent_since=counted_since.get(dim, 0.0),
+                            rate=limit / 60.0,
+                            tolerance=_EVIDENCE_TOLERANCE[dim],
+                            ceiling=limit,
+                        )
+                    # a refusal is answered as it arrives: its report is of then, either way
+                    order = float(seq)
+                    moments = ((admitted, order), (admitted, order) if refused else (now, order))
+                else:
+                    # a response of unknown age: the report less everything that could be
+                    # missing from it, under either reading; it lifts nothing
+                    admission = response = lowest - unseen.get(dim, 0.0)
+                    moments = NO_READINGS.moments
+                readings = rt.readings.get(dim, NO_READINGS)
+                target, readings = correction(
+                    level,
+                    bucket.capacity,
+                    (admission, response),
+                    moments,
+                    rt.moment.belief,
+                    readings,
+                    latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
+                )
+                if target > level and (
+                    (dim in _PRODUCED and not rt.reserves_max_tokens)
+                    or (dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE)
+                ):
+                    # Not lifted: output charged as it is produced is still to come (requests under
+                    # way will draw it, and no report shows that yet); and a report read before
+                    # its own request settles already counts that request's real input, which
+                    # the settlement will give back again as our estimate's excess (a stream's
+                    # report, at its first byte: its max_tokens reservation is the server's too).
+                    target = level
+                if target > level:  # a reading refuted: what it took off comes back
+                    delta = bucket.resync(target, now, allow_increase=True)
+                else:
+                    delta = pool.resync(dim, target, now)
+                after = level + delta
+                if after != target:  # clamped (debt, capacity): the readings stay where they were
+                    shift = target - after
+                    readings = Readings(
+                        (readings.offsets[0] + shift, readings.offsets[1] + shift), readings.moments
+                    )
+                rt.readings[dim] = readings
+                if delta != 0.0:
+                    changed = True
+                    if delta < 0.0:
+                        rt.resyncs += 1
+                    else:
+                        rt.raised += 1
+                    self._lim._emit("resync", rt, now, {"dimension": dim, "delta": delta})
+        return fitted, changed
+
+    def _check_room(self, rt: PoolRuntime, permit: Permit, now: float) -> None:
+        """Say once per dimension when the server's bucket is smaller than a request reserves."""
+        for dim, amount in permit.reserved.items():
+            bucket = rt.pool.buckets.get(dim)
+            if bucket is None or amount <= bucket.capacity or dim in rt.too_small:
+                continue
+            rt.too_small.add(dim)
+            detail = {"dimension": dim, "capacity": bucket.capacity, "reserved": amount}
+            self._lim._emit("bucket_too_small", rt, now, detail)
+
+    def _on_429(
+        self, rt: PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float, fitted: bool
+    ) -> None:
+        rt.rate_limited += 1
+        pool = rt.pool
+        # Predicted: the server's bucket is as large as ours (else ``fitted``: the headers
+        # showed a shorter enforcement interval and the burst was just resized to it) and
+        # its remaining shows a dimension this request doesn't fit in, so the refusal is
+        # explained by usage we now know about. Otherwise the server enforces a shorter
+        # interval than our burst assumes, in a way the headers did not show: halve it.
+        predicted = permit is not None and not fitted and explained_by_remaining(snap, permit.reserved)
+        if predicted:
+            rt.rate_limited_predicted += 1
+            if self._lim._adaptive and (permit is None or permit.seq > rt.share_seq):
+                # others draw on the pool too: count on less of each refill (once per event:
+                # the 429s of requests admitted before the last cut are old news)
+                rt.share_seq = next(self._seq)
+                rt.share = max(MIN_SHARE, rt.share * SHARE_DECREASE)
+                rt.share_since = now
+                pool.scale_rates(self._lim._warm_scale(now) * rt.share, now)
+                self._lim._emit("share_change", rt, now, {"share": rt.share})
+        elif self._lim._adaptive and not fitted and (permit is None or permit.seq > rt.shrink_seq):
+            # once per event: the 429s of requests admitted before the last shrink are old news
+            burst = pool.shrink_burst(now)
+            rt.shrink_seq = next(self._seq)
+            self._lim._emit("burst_change", rt, now, {"burst": burst})
+        retry = snap.retry_after
+        retry = 1.0 if retry is None else capped_pause(retry, "a 429's retry-after")
+        if pool.pause(now + retry, "429 rate_limit_error"):
+            self._lim._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
+        self._lim._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
+        self._dispatch(rt, now)
+
+    def _on_529(self, rt: PoolRuntime, snap: RateLimitSnapshot, now: float) -> None:
+        rt.overloaded += 1
+        backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
+        rt.overload_backoff = backoff
+        wait = (
+            capped_pause(snap.retry_after, "a 529's retry-after") if snap.retry_after is not None else backoff
+        )
+        if rt.pool.pause(now + wait, "529 overloaded"):
+            self._lim._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
+        self._lim._emit("overloaded", rt, now, {"backoff": wait})
+        self._dispatch(rt, now)
+
+    def grow_burst(self, rt: PoolRuntime, now: float) -> None:
+        """Traffic flows cleanly: after ``burst_recovery`` seconds without a 429 the burst grows back."""
+        if rt.share < 1.0 and now - rt.share_since >= SHARE_STEP_EVERY:
+            rt.share = min(1.0, rt.share + SHARE_STEP)
+            rt.share_since = now
+            rt.pool.scale_rates(self._lim._warm_scale(now) * rt.share, now)
+            self._lim._emit("share_change", rt, now, {"share": rt.share})
+        if self._lim._adaptive and rt.pool.burst < 1.0:
+            old = rt.pool.burst
+            if rt.pool.grow_burst(now, clean_for=self._lim._burst_recovery) != old:
+                self._lim._emit("burst_change", rt, now, {"burst": rt.pool.burst})
+
+
+def _gives_back_first(event: tuple[float, float]) -> tuple[float, float]:
+    return event[0], -event[1]
+
+
+def _add(totals: dict[str, float], amounts: Mapping[str, float]) -> None:
+    for dim, amount in amounts.items():
+        totals[dim] = totals.get(dim, 0.0) + amount

@@ -1,0 +1,69 @@
+"""The gate's one clock: the event loop's time, a thread's view of it, an offset that changes nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+from ratekeeper import Limiter
+from ratekeeper.gate._clock import GateClock
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_in_a_task_it_is_the_loops_clock_moved_by_the_offset() -> None:
+    clock = GateClock(offset=1234.5)
+    assert clock.now() - anyio.current_time() == pytest.approx(1234.5, abs=1e-3)
+
+
+async def test_a_thread_reads_the_same_clock_as_the_loop() -> None:
+    clock = GateClock(offset=-77.0)
+    in_task = clock.now()  # a task's reading teaches the thread where the loop's clock is
+    seen: list[float] = []
+    thread = threading.Thread(target=lambda: seen.append(clock.now()))
+    thread.start()
+    thread.join()
+    # trio's MockClock stands still while a thread runs; asyncio's moves with time.monotonic
+    assert seen[0] - in_task == pytest.approx(0.0, abs=0.5)
+
+
+def test_a_users_clock_is_taken_as_it_is() -> None:
+    clock = GateClock(lambda: 42.0, offset=1000.0)
+    assert clock.now() == 42.0
+    assert clock.offset == 0.0
+
+
+def test_the_offset_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RATEKEEPER_CLOCK_OFFSET", "5e5")
+    assert GateClock().offset == 5e5
+    monkeypatch.delenv("RATEKEEPER_CLOCK_OFFSET")
+    assert GateClock().offset == 0.0
+
+
+def test_the_test_suite_runs_with_an_offset() -> None:
+    # conftest sets one, so a stray time.monotonic() mixed with the gate's times shows up
+    assert abs(GateClock().offset) >= 1_000.0
+    assert abs(GateClock().now() - time.monotonic()) >= 1_000.0
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"], indirect=True)  # a second's wait, on a mock clock
+async def test_a_limiter_waits_the_same_under_any_offset(
+    anyio_backend: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waited = []
+    for offset in ("0", "-3e6", "7.25e8"):
+        monkeypatch.setenv("RATEKEEPER_CLOCK_OFFSET", offset)
+        limiter = Limiter("tier-1", limits={"sonnet-4.x": {"requests": 60}})
+        for _ in range(60):
+            limiter.acquire_nowait("claude-sonnet-4-5").release()  # never sent: all given back
+        for _ in range(60):
+            limiter.acquire_nowait("claude-sonnet-4-5").mark_sent()
+        start = anyio.current_time()
+        async with limiter.acquire("claude-sonnet-4-5") as permit:
+            permit.release()
+        waited.append(anyio.current_time() - start)
+    assert waited == [pytest.approx(waited[0], abs=0.05)] * 3
+    assert waited[0] == pytest.approx(1.0, abs=0.05)
