@@ -28,45 +28,30 @@ read by ``_replies.py``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Final, final
+from typing import final
 
 import anyio
 
 from ratekeeper.core._accounting import Cost, Demand, Usage
 from ratekeeper.core._headers import RateLimitSnapshot
-from ratekeeper.errors import AcquireTimeout, CapacityExceeded, SpendLimitReached, WouldBlock
-from ratekeeper.gate._limiter import (
-    _ACTIVE,
-    _FAILED,
-    _GONE,
-    _GRANTED,
-    _RELEASED,
-    _SETTLED,
-    _WAITING,
-    Limiter,
-    Permit,
-    _diff,
-    _draws,
-    _PoolRuntime,
-)
+from ratekeeper.errors import AcquireTimeout, WouldBlock
+from ratekeeper.gate._limiter import _FAILED, _GONE, _GRANTED, _WAITING, Limiter, Permit, _PoolRuntime
+from ratekeeper.redis._answers import RedisClock, ReserveAnswers
 from ratekeeper.redis._calls import PREFETCH_FLOOR, PREFETCH_SHARE, ScriptCalls
 from ratekeeper.redis._fallback import LocalFallback
 from ratekeeper.redis._feedback import Feedback
-from ratekeeper.redis._ops import Backend, RawReply, RedisDown, Refused, Result, ScriptCall, encode_draws
+from ratekeeper.redis._ops import Backend, RawReply, RedisDown, Result, ScriptCall, encode_draws
 from ratekeeper.redis._pools import FALLBACK, _RemotePool, _RemoteWaiter
 from ratekeeper.redis._prefetch import Prefetches
 from ratekeeper.redis._replies import ReserveReply
+from ratekeeper.redis._settlement import Settlement
 
 __all__ = ["PREFETCH_FLOOR", "PREFETCH_SHARE", "RemoteEngine"]
-
-#: Added to every computed wait, so the retry lands just after the refill, not just before.
-_SLACK: Final = 0.0005
 
 #: What a waiter does next: (its state, the candidates it must drive to Redis or None, wait until).
 _Move = tuple[int, list[_RemoteWaiter] | None, float]
@@ -81,15 +66,15 @@ class RemoteEngine:
         self._backend = backend
         self._pools: dict[str, _RemotePool] = {}
         self._window = max(1, limiter._window)
-        self._offset: float | None = None  # Redis time minus time.monotonic()
-        self._best_rtt = math.inf
-        self._heartbeat = backend.ticket_ttl / 3.0
-        self._calls = ScriptCalls(backend, repr(limiter._burst_recovery) if limiter._adaptive else "")
+        self._clock = RedisClock()
+        calls = self._calls = ScriptCalls(backend, repr(limiter._burst_recovery) if limiter._adaptive else "")
         self._fallback = LocalFallback(limiter, backend)
-        self._prefetches = Prefetches(limiter, backend, self._calls, self._wake_head)
+        prefetches = self._prefetches = Prefetches(limiter, backend, calls, self._wake_head)
+        self._answers = ReserveAnswers(limiter, backend, calls, prefetches, self._pools, self._clock)
         self._feedback = Feedback(
-            limiter, backend, self._calls, self._prefetches, self._pools, self._remote, self._wake_head
+            limiter, backend, calls, prefetches, self._pools, self._remote, self._wake_head
         )
+        self._settlement = Settlement(limiter, backend, calls, prefetches, self._remote, self._wake_head)
         backend.on_close(self.close_prefetches)
 
     @property
@@ -114,14 +99,10 @@ class RemoteEngine:
 
         return self._calls.init(remote.keys, remote.runtime.pool, done)
 
-    def _arrival(self, w: _RemoteWaiter) -> str:
-        offset = self._offset
-        return "" if offset is None else repr(w.mono + offset)
-
     def _reserve_call(
         self, remote: _RemotePool, cands: list[_RemoteWaiter], queue: bool = True, prefetch: int = 0
     ) -> ScriptCall:
-        candidates = [(self._arrival(w), w.draws) for w in cands]
+        candidates = [(self._clock.arrival(w), w.draws) for w in cands]
         return self._calls.reserve(remote.keys, remote.scopes, candidates, queue=queue, prefetch=prefetch)
 
     def _cancel(self, remote: _RemotePool, reserve: ScriptCall) -> None:
@@ -134,17 +115,6 @@ class RemoteEngine:
         if reserve.ident is None:
             return
         self._backend.send(self._calls.cancel(remote.keys, reserve.ident))
-
-    def _learn_time(self, redis_now: float, sent: float) -> None:
-        # NTP's rule: trust the fastest round trips, whose midpoint is closest to when
-        # Redis read its clock (a first call that also connects would skew it by ms).
-        # The bar rises slowly so the estimate keeps following the two clocks' drift.
-        received = time.monotonic()
-        rtt = received - sent
-        self._best_rtt *= 1.01
-        if rtt <= self._best_rtt:
-            self._best_rtt = rtt
-            self._offset = redis_now - (sent + received) / 2.0
 
     # ------------------------------------------------------------------ acquire
 
@@ -246,7 +216,7 @@ class RemoteEngine:
         if reply.status == "NOPOOL":
             remote.inited = False
             return self.acquire_nowait(model, demand)
-        self._raise_for(rt, reply)
+        self._answers.raise_for(rt, reply)
         if not reply.seqs:
             raise WouldBlock(rt.pool.name, reply.wait, reply.reason)
         w.rseq = reply.seqs[0]
@@ -270,16 +240,7 @@ class RemoteEngine:
             self._backend.put_back(calls[:-1])
             self._cancel(remote, calls[-1])
             raise
-        self._backend.deliver(calls[:-1], results[:-1])
-        refused = _refused(calls, results)
-        if refused is not None:
-            self._backend.mark_down(refused.error)  # an error reply: as if Redis did not answer
-            return None
-        raw = results[-1]
-        assert not isinstance(raw, Refused)
-        reply = ReserveReply.parse(raw)
-        self._learn_time(reply.now, sent)
-        return reply
+        return self._answers.read(calls, results, sent)
 
     def _enter_line(
         self, model: str, demand: Demand, priority: int, timeout: float | None
@@ -402,114 +363,18 @@ class RemoteEngine:
         changes go back to the outbox (their ids make a second run a no-op) and the
         reserve is cancelled. An error reply to the reserve counts as Redis unavailable.
         """
-        limiter = self._limiter
+        reply = None
         if results is None:
             self._backend.put_back(calls[:-1])
             self._cancel(remote, calls[-1])
-            with limiter._lock:
-                remote.driving = False
-                self._went_down()
-            return
-        self._backend.deliver(calls[:-1], results[:-1])
-        refused = _refused(calls, results)
-        if refused is not None:
-            self._backend.mark_down(refused.error)
-            with limiter._lock:
-                remote.driving = False
-                self._went_down()
-            return
-        raw = results[-1]
-        assert not isinstance(raw, Refused)
-        reply = ReserveReply.parse(raw)
-        self._learn_time(reply.now, sent)
-        with limiter._lock:
-            now = limiter._now()
-            remote.driving = False
-            if reply.prefetch is not None:
-                self._prefetches.granted(remote, reply.prefetch, now)
-            self._grant(remote, cands, reply.seqs)
-            self._plan_next(remote, cands, reply, now)
-            head = remote.runtime.head()
-            if head is not None:
-                head.wake()
-
-    def _grant(self, remote: _RemotePool, cands: list[_RemoteWaiter], seqs: tuple[int, ...]) -> None:
-        """Under the lock: the candidates a reserve granted (a prefix) leave the line, or give it back."""
-        rt = remote.runtime
-        for w, seq in zip(cands, seqs, strict=False):
-            w.rseq = seq
-            if w.state == _WAITING:
-                w.state = _GRANTED
-                rt.queued -= 1
-                w.wake()
-            else:  # left while the call was out: it never sent anything
-                self._backend.send(self._calls.release(remote.keys, w.rseq, "unsent", w.draws))
-        remote.ticket = len(seqs) < len(cands)
-
-    def _plan_next(
-        self, remote: _RemotePool, cands: list[_RemoteWaiter], reply: ReserveReply, now: float
-    ) -> None:
-        """Under the lock: when the head asks again, after a reserve's ``reply``; what it refused fails."""
-        rt = remote.runtime
-        granted = len(reply.seqs)
-        if reply.status == "NOPOOL":
-            remote.inited = False
-            remote.next_try = -math.inf
-        elif reply.status == "OK":
-            if granted < len(cands):
-                pause = min(reply.wait, self._backend.poll_interval, self._heartbeat)
-                remote.next_try = now + pause + _SLACK
-            else:
-                remote.next_try = -math.inf
         else:
-            remote.next_try = -math.inf
-            try:
-                self._raise_for(rt, reply)
-            except SpendLimitReached as exc:
-                self._fail_all(exc.resets_at)
-            except CapacityExceeded as exc:
-                w = cands[granted]
-                if w.state == _WAITING:
-                    w.state = _FAILED
-                    w.error = exc
-                    rt.queued -= 1
-                    w.wake()
-
-    def _raise_for(self, rt: _PoolRuntime, reply: ReserveReply) -> None:
-        """The error a reserve's SPEND or TOOBIG means (a spend cap is noted in the limiter first)."""
-        status, why = reply.status, reply.reason
-        if status == "SPEND":
-            resets = _dt.datetime.fromisoformat(why) if why else _dt.datetime.now(_dt.UTC)
-            with self._limiter._lock:
-                if self._limiter._spend_until is None:
-                    self._limiter._spend_until = self._limiter._now() + reply.wait
-                    self._limiter._spend_resets_at = resets
-            raise SpendLimitReached(resets)
-        if status == "TOOBIG":
-            dim, amount, limit = why.split()
-            raise CapacityExceeded(rt.pool.name, dim, float(amount), float(limit))
-
-    def _fail_all(self, resets_at: _dt.datetime) -> None:
-        self._limiter._fail_all(lambda: SpendLimitReached(resets_at))
-
-    def _went_down(self) -> None:
-        """Under the lock: Redis failed; every waiter fails or moves to the fallback."""
-        fallback = self._backend.on_unavailable == "local"
-        for remote in self._pools.values():
-            rt = remote.runtime
-            for dq in rt.queue.values():
-                for w in dq:
-                    if w.state == _WAITING:
-                        if fallback:
-                            w.state = FALLBACK
-                        else:
-                            w.state = _FAILED
-                            w.error = self._backend.unavailable_error()
-                        rt.queued -= 1
-                        w.wake()
-                dq.clear()
-            remote.next_try = -math.inf
-            remote.inited = False  # Redis may come back empty
+            reply = self._answers.read(calls, results, sent)
+        with self._limiter._lock:
+            remote.driving = False
+            if reply is None:
+                self._answers.went_down()
+            else:
+                self._answers.apply(remote, cands, reply)
 
     def _abandon(self, remote: _RemotePool, w: _RemoteWaiter) -> None:
         """Under the lock: a waiter leaves; what it held goes back, its place in line too."""
@@ -566,99 +431,15 @@ class RemoteEngine:
 
     def settle(self, permit: Permit, usage: Usage, credits: float | None) -> Cost:
         """``Limiter._settle`` in remote mode: the difference goes to Redis with the next round trip."""
-        limiter = self._limiter
-        with limiter._lock:
-            now = limiter._now()
-            rt = permit._runtime
-            remote = self._remote(rt)
-            priority = permit.reserved.get("priority_input_tokens", 0.0) > 0.0
-            actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
-            new = _draws(actual)
-            diff = _diff(permit._charged, new)
-            if diff:
-                rt.admitted.add(now, diff, -1.0)
-            wallet = limiter._wallet
-            if wallet is not None and permit.credits and credits is not None:
-                if permit.credits >= credits:
-                    wallet.give_back(permit.credits - credits, now)
-                else:
-                    wallet.charge(credits - permit.credits, now)
-            permit._charged = new
-            permit._state = _SETTLED
-            rt.in_flight.pop(permit.seq, None)
-            entry = self._prefetches.admitted.pop(permit.seq, None)
-            if entry is not None:
-                self._prefetches.refund(remote, entry[0], diff, done=True)
-            else:
-                call = self._calls.settle(
-                    remote.keys,
-                    permit.seq,
-                    "settle",
-                    diff,
-                    recovery=self._calls.recovery,
-                    uncounted={},
-                    on_reply=remote.on_burst,
-                )
-                self._backend.send(call)
-            self._wake_head(rt)
-        return actual
+        return self._settlement.settle(permit, usage, credits)
 
     def progress(self, permit: Permit, output: float) -> None:
         """``Limiter._progress`` in remote mode: output beyond the reservation is charged in Redis."""
-        limiter = self._limiter
-        with limiter._lock:
-            if permit._state != _ACTIVE:
-                return
-            extra = output - permit._charged.get("output_tokens", 0.0)
-            if extra <= 0.0:
-                return
-            rt = permit._runtime
-            more = {"output_tokens": extra, "tokens": extra}
-            if "priority_output_tokens" in permit._charged:
-                more["priority_output_tokens"] = extra
-            rt.admitted.add(limiter._now(), more)
-            for dim, amount in more.items():
-                permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
-            diff = {dim: -amount for dim, amount in more.items()}
-            remote = self._remote(rt)
-            entry = self._prefetches.admitted.get(permit.seq)
-            if entry is not None:
-                self._prefetches.refund(remote, entry[0], diff, done=False)
-            else:
-                call = self._calls.settle(
-                    remote.keys, permit.seq, "progress", diff, recovery="", uncounted={}, on_reply=None
-                )
-                self._backend.send(call)
+        self._settlement.progress(permit, output)
 
     def release(self, permit: Permit) -> None:
         """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
-        limiter = self._limiter
-        with limiter._lock:
-            if permit._state != _ACTIVE:
-                return
-            now = limiter._now()
-            rt = permit._runtime
-            charged = permit._charged
-            if not permit.sent:
-                mode, refund = "unsent", dict(charged)
-            elif permit.response_status is not None and permit.response_status >= 400:
-                mode, refund = "error", {k: v for k, v in charged.items() if k != "requests"}
-            else:
-                mode, refund = "kept", {}
-            if refund:
-                rt.admitted.add(now, refund, -1.0)
-            if limiter._wallet is not None and permit.credits and (not permit.sent or refund):
-                limiter._wallet.give_back(permit.credits, now)
-            permit._state = _RELEASED
-            rt.in_flight.pop(permit.seq, None)
-            remote = self._remote(rt)
-            entry = self._prefetches.admitted.pop(permit.seq, None)
-            if entry is not None:
-                self._prefetches.refund(remote, entry[0], refund, done=True, uncounted=True)
-            else:
-                self._backend.send(self._calls.release(remote.keys, permit.seq, mode, charged))
-            if refund:
-                self._wake_head(rt)
+        self._settlement.release(permit)
 
     # ------------------------------------------------------------------ feedback
 
@@ -692,19 +473,3 @@ class RemoteEngine:
         ident = self._backend.new_ident()
         self._backend.send(self._calls.control(remote.keys.control, *args, ident=ident))
         self._wake_head(rt)
-
-
-def _refused(calls: list[ScriptCall], results: list[Result]) -> Refused | None:
-    """Why a reserve round trip must count as Redis unavailable, or None.
-
-    Its reserve got an error reply; or the pool's init did and the reserve found no
-    pool: trying again would only repeat both (a user without a permission init needs).
-    """
-    reply = results[-1]
-    if isinstance(reply, Refused):
-        return reply
-    if reply[0] == "NOPOOL" and len(calls) >= 2 and calls[-2].script == "init":
-        init = results[-2]
-        if isinstance(init, Refused):
-            return init
-    return None
