@@ -10,14 +10,12 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import time
-from collections.abc import Mapping
 from typing import Final, final
 
 from ratekeeper.errors import CapacityExceeded, SpendLimitReached
-from ratekeeper.gate._limiter import _FAILED, _GRANTED, _WAITING, Limiter, _PoolRuntime
-from ratekeeper.redis._calls import ScriptCalls
-from ratekeeper.redis._ops import Backend, Refused, Result, ScriptCall
-from ratekeeper.redis._pools import FALLBACK, _RemotePool, _RemoteWaiter
+from ratekeeper.gate._limiter import _FAILED, _GRANTED, _WAITING, _PoolRuntime
+from ratekeeper.redis._ops import Refused, Result, ScriptCall
+from ratekeeper.redis._pools import FALLBACK, EngineParts, _RemotePool, _RemoteWaiter
 from ratekeeper.redis._prefetch import Prefetches
 from ratekeeper.redis._replies import ReserveReply
 
@@ -57,24 +55,13 @@ class RedisClock:
 
 @final
 class ReserveAnswers:
-    """Reads a reserve round trip's results and applies them to the engine's lines (``remotes``)."""
+    """Reads a reserve round trip's results and applies them to the engine's local lines."""
 
-    def __init__(
-        self,
-        limiter: Limiter,
-        backend: Backend,
-        calls: ScriptCalls,
-        prefetches: Prefetches,
-        remotes: Mapping[str, _RemotePool],
-        clock: RedisClock,
-    ) -> None:
-        self._limiter = limiter
-        self._backend = backend
-        self._calls = calls
+    def __init__(self, parts: EngineParts, prefetches: Prefetches, clock: RedisClock) -> None:
+        self._parts = parts
         self._prefetches = prefetches
-        self._remotes = remotes
         self._clock = clock
-        self._heartbeat = backend.ticket_ttl / 3.0
+        self._heartbeat = parts.backend.ticket_ttl / 3.0
 
     def read(self, calls: list[ScriptCall], results: list[Result], sent: float) -> ReserveReply | None:
         """The reserve's reply, the changes before it delivered; None if Redis must count as down.
@@ -83,10 +70,10 @@ class ReserveAnswers:
         to the reserve (or to the pool's init, the reserve then finding no pool) marks
         Redis down: trying again would only repeat it.
         """
-        self._backend.deliver(calls[:-1], results[:-1])
+        self._parts.backend.deliver(calls[:-1], results[:-1])
         refused = _refused(calls, results)
         if refused is not None:
-            self._backend.mark_down(refused.error)  # an error reply: as if Redis did not answer
+            self._parts.backend.mark_down(refused.error)  # an error reply: as if Redis did not answer
             return None
         raw = results[-1]
         assert not isinstance(raw, Refused)
@@ -96,7 +83,7 @@ class ReserveAnswers:
 
     def apply(self, remote: _RemotePool, cands: list[_RemoteWaiter], reply: ReserveReply) -> None:
         """Under the lock: grant, fail, or plan the next attempt; wake whoever must act."""
-        now = self._limiter._now()
+        now = self._parts.limiter._now()
         if reply.prefetch is not None:
             self._prefetches.granted(remote, reply.prefetch, now)
         self._grant(remote, cands, reply.seqs)
@@ -115,7 +102,7 @@ class ReserveAnswers:
                 rt.queued -= 1
                 w.wake()
             else:  # left while the call was out: it never sent anything
-                self._backend.send(self._calls.release(remote.keys, w.rseq, "unsent", w.draws))
+                self._parts.backend.send(self._parts.calls.release(remote.keys, w.rseq, "unsent", w.draws))
         remote.ticket = len(seqs) < len(cands)
 
     def _plan_next(
@@ -129,7 +116,7 @@ class ReserveAnswers:
             remote.next_try = -math.inf
         elif reply.status == "OK":
             if granted < len(cands):
-                pause = min(reply.wait, self._backend.poll_interval, self._heartbeat)
+                pause = min(reply.wait, self._parts.backend.poll_interval, self._heartbeat)
                 remote.next_try = now + pause + _SLACK
             else:
                 remote.next_try = -math.inf
@@ -139,7 +126,7 @@ class ReserveAnswers:
                 self.raise_for(rt, reply)
             except SpendLimitReached as exc:
                 resets_at = exc.resets_at
-                self._limiter._fail_all(lambda: SpendLimitReached(resets_at))
+                self._parts.limiter._fail_all(lambda: SpendLimitReached(resets_at))
             except CapacityExceeded as exc:
                 w = cands[granted]
                 if w.state == _WAITING:
@@ -153,10 +140,10 @@ class ReserveAnswers:
         status, why = reply.status, reply.reason
         if status == "SPEND":
             resets = _dt.datetime.fromisoformat(why) if why else _dt.datetime.now(_dt.UTC)
-            with self._limiter._lock:
-                if self._limiter._spend_until is None:
-                    self._limiter._spend_until = self._limiter._now() + reply.wait
-                    self._limiter._spend_resets_at = resets
+            with self._parts.limiter._lock:
+                if self._parts.limiter._spend_until is None:
+                    self._parts.limiter._spend_until = self._parts.limiter._now() + reply.wait
+                    self._parts.limiter._spend_resets_at = resets
             raise SpendLimitReached(resets)
         if status == "TOOBIG":
             dim, amount, limit = why.split()
@@ -164,8 +151,8 @@ class ReserveAnswers:
 
     def went_down(self) -> None:
         """Under the lock: Redis failed; every waiter fails or moves to the fallback."""
-        fallback = self._backend.on_unavailable == "local"
-        for remote in self._remotes.values():
+        fallback = self._parts.backend.on_unavailable == "local"
+        for remote in self._parts.remotes.values():
             rt = remote.runtime
             for dq in rt.queue.values():
                 for w in dq:
@@ -174,7 +161,7 @@ class ReserveAnswers:
                             w.state = FALLBACK
                         else:
                             w.state = _FAILED
-                            w.error = self._backend.unavailable_error()
+                            w.error = self._parts.backend.unavailable_error()
                         rt.queued -= 1
                         w.wake()
                 dq.clear()

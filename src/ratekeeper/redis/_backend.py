@@ -121,6 +121,17 @@ class RedisBackend:
         #: This process's name in the line of waiters (one ticket per pool).
         self.participant = uuid.uuid4().hex[:16]
         self._idents = itertools.count()  # next() on a count is atomic: threads may share it
+        self._transport = self._connect(redis, url_or_client, async_client)
+        self._outbox = Outbox(
+            self._transport,
+            where=self.where,
+            lease=self.lease,
+            timeout=self.timeout,
+            flush_delay=self.flush_delay,
+        )
+
+    def _connect(self, redis: Any, url_or_client: Any, async_client: Any) -> Transport:
+        """The wire to ``url_or_client`` (a client is made from a URL); sets ``where``."""
         url = url_or_client if isinstance(url_or_client, str) else None
         if url is not None:
             sync = redis.Redis.from_url(url, **client_options(self.timeout))
@@ -128,7 +139,7 @@ class RedisBackend:
         else:
             sync = url_or_client
             self.where = describe(url_or_client)
-        self._transport = Transport(
+        return Transport(
             redis,
             sync,
             url=url,
@@ -137,14 +148,7 @@ class RedisBackend:
             where=self.where,
             timeout=self.timeout,
             retry_interval=self.retry_interval,
-            on_unavailable=on_unavailable,
-        )
-        self._outbox = Outbox(
-            self._transport,
-            where=self.where,
-            lease=self.lease,
-            timeout=self.timeout,
-            flush_delay=self.flush_delay,
+            on_unavailable=self.on_unavailable,
         )
 
     # ------------------------------------------------------------------ keys

@@ -46,7 +46,7 @@ from ratekeeper.redis._calls import PREFETCH_FLOOR, PREFETCH_SHARE, ScriptCalls
 from ratekeeper.redis._fallback import LocalFallback
 from ratekeeper.redis._feedback import Feedback
 from ratekeeper.redis._ops import Backend, RawReply, RedisDown, Result, ScriptCall, encode_draws
-from ratekeeper.redis._pools import FALLBACK, _RemotePool, _RemoteWaiter
+from ratekeeper.redis._pools import FALLBACK, EngineParts, _RemotePool, _RemoteWaiter
 from ratekeeper.redis._prefetch import Prefetches
 from ratekeeper.redis._replies import ReserveReply
 from ratekeeper.redis._settlement import Settlement
@@ -67,14 +67,13 @@ class RemoteEngine:
         self._pools: dict[str, _RemotePool] = {}
         self._window = max(1, limiter._window)
         self._clock = RedisClock()
-        calls = self._calls = ScriptCalls(backend, repr(limiter._burst_recovery) if limiter._adaptive else "")
+        self._calls = ScriptCalls(backend, repr(limiter._burst_recovery) if limiter._adaptive else "")
         self._fallback = LocalFallback(limiter, backend)
-        prefetches = self._prefetches = Prefetches(limiter, backend, calls, self._wake_head)
-        self._answers = ReserveAnswers(limiter, backend, calls, prefetches, self._pools, self._clock)
-        self._feedback = Feedback(
-            limiter, backend, calls, prefetches, self._pools, self._remote, self._wake_head
-        )
-        self._settlement = Settlement(limiter, backend, calls, prefetches, self._remote, self._wake_head)
+        parts = EngineParts(limiter, backend, self._calls, self._pools, self._remote, self._wake_head)
+        self._prefetches = Prefetches(parts)
+        self._answers = ReserveAnswers(parts, self._prefetches, self._clock)
+        self._feedback = Feedback(parts, self._prefetches)
+        self._settlement = Settlement(parts, self._prefetches)
         backend.on_close(self.close_prefetches)
 
     @property

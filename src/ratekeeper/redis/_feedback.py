@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import final
 
 from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
@@ -23,10 +23,9 @@ from ratekeeper.core._reading import (
     fitted_burst,
     unified_wait,
 )
-from ratekeeper.gate._limiter import _RESYNC_DIMS, Limiter, Permit, _PoolRuntime
-from ratekeeper.redis._calls import ScriptCalls
-from ratekeeper.redis._ops import Backend, RawReply, ScriptCall
-from ratekeeper.redis._pools import SPECIAL, _RemotePool
+from ratekeeper.gate._limiter import _RESYNC_DIMS, Permit, _PoolRuntime
+from ratekeeper.redis._ops import RawReply, ScriptCall
+from ratekeeper.redis._pools import SPECIAL, EngineParts, _RemotePool
 from ratekeeper.redis._prefetch import Prefetches
 from ratekeeper.redis._replies import BurstReply, PauseReply, ResyncReply
 
@@ -35,25 +34,11 @@ __all__ = ["Feedback"]
 
 @final
 class Feedback:
-    """One engine's feedback: ``remote_for`` and ``wake_head`` are the engine's own."""
+    """One engine's feedback: what a response says, to the shared state and the local mirror."""
 
-    def __init__(
-        self,
-        limiter: Limiter,
-        backend: Backend,
-        calls: ScriptCalls,
-        prefetches: Prefetches,
-        remotes: Mapping[str, _RemotePool],
-        remote_for: Callable[[_PoolRuntime], _RemotePool],
-        wake_head: Callable[[_PoolRuntime], None],
-    ) -> None:
-        self._limiter = limiter
-        self._backend = backend
-        self._calls = calls
+    def __init__(self, parts: EngineParts, prefetches: Prefetches) -> None:
+        self._parts = parts
         self._prefetches = prefetches
-        self._remotes = remotes
-        self._remote_for = remote_for
-        self._wake_head = wake_head
 
     def observe(
         self,
@@ -65,7 +50,7 @@ class Feedback:
         runtime: _PoolRuntime | None,
     ) -> RateLimitSnapshot:
         """``Limiter._observe`` in remote mode: resyncs, pauses and holds go to the shared state."""
-        limiter = self._limiter
+        limiter = self._parts.limiter
         snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
         error_type, error_code, message = error_fields(body)
         spend = error_code == "enforced_spend_limit_reached"
@@ -79,9 +64,11 @@ class Feedback:
                 assert limiter._spend_resets_at is not None
                 seconds = limiter._spend_until - now
                 iso = limiter._spend_resets_at.isoformat()
-                calls.append(self._calls.control((self._backend.org_key(),), "spend", repr(seconds), iso))
+                calls.append(
+                    self._parts.calls.control((self._parts.backend.org_key(),), "spend", repr(seconds), iso)
+                )
             if runtime is not None:
-                remote = self._remote_for(runtime)
+                remote = self._parts.remote_for(runtime)
                 fitted = self._resync(remote, snap, permit, now, calls)
                 if status == 429 and not spend:
                     calls.append(self._on_429(remote, snap, permit, now, fitted))
@@ -101,7 +88,7 @@ class Feedback:
                 held = permit.credits if permit is not None else 0.0
                 limiter._wallet.resync(max(0.0, held - 1.0), now)
         for call in calls:
-            self._backend.send(call)
+            self._parts.backend.send(call)
         return snap
 
     # ------------------------------------------------------------------ resync
@@ -127,7 +114,7 @@ class Feedback:
         limits = snap.limits()
         if not limits:
             return False
-        limiter = self._limiter
+        limiter = self._parts.limiter
         rt = remote.runtime
         pool = rt.pool
         date = snap.server_date
@@ -144,7 +131,7 @@ class Feedback:
             new_limit = float(info.limit) if info.limit is not None and limiter._learn else 0.0
             if new_limit > 0 and _learns(pool, dim, new_limit) and pool.set_limit(dim, new_limit, now):
                 limiter._emit("limit_change", rt, now, {dim: info.limit})
-                self._wake_head(rt)
+                self._parts.wake_head(rt)
             margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
             limit = repr(float(info.limit)) if info.limit is not None else ""
             target = repr(info.remaining - margin) if info.remaining is not None else ""
@@ -156,12 +143,14 @@ class Feedback:
                     age = max(0.0, now - permit.started_at)
                     bound = min(bound, burst_bound(info.remaining, info.reset, date, dim, pool, age))
         bound = fitted_burst(bound, floor)
-        calls.append(self._calls.resync(remote.keys, args, self._resync_handler(rt)))
+        calls.append(self._parts.calls.resync(remote.keys, args, self._resync_handler(rt)))
         if not (limiter._adaptive and bound < 1.0 and pool.fit_burst(bound, now)):
             return False
         limiter._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
         calls.append(
-            self._calls.control(remote.keys.control, "fit", repr(bound), on_reply=self.burst_handler(rt))
+            self._parts.calls.control(
+                remote.keys.control, "fit", repr(bound), on_reply=self.burst_handler(rt)
+            )
         )
         return True
 
@@ -188,7 +177,7 @@ class Feedback:
         return c.seq, extra
 
     def _resync_handler(self, rt: _PoolRuntime) -> Callable[[RawReply], None]:
-        limiter = self._limiter
+        limiter = self._parts.limiter
 
         def done(raw: RawReply) -> None:
             reply = ResyncReply.parse(raw)
@@ -199,7 +188,7 @@ class Feedback:
                     if change.kind == "limit":
                         if rt.pool.set_limit(dim, value, now):  # not known here yet
                             limiter._emit("limit_change", rt, now, {dim: value})
-                            self._wake_head(rt)
+                            self._parts.wake_head(rt)
                     else:
                         rt.resyncs += 1
                         limiter._emit("resync", rt, now, {"dimension": dim, "delta": value})
@@ -239,7 +228,7 @@ class Feedback:
     def _follow_burst(self, rt: _PoolRuntime, burst: float | None) -> None:
         if burst is None:
             return
-        limiter = self._limiter
+        limiter = self._parts.limiter
         with limiter._lock:
             if abs(burst - rt.pool.burst) > 1e-12:
                 now = limiter._now()
@@ -272,7 +261,7 @@ class Feedback:
         burst halves, once per event: ``control.lua`` skips the 429s of requests admitted
         (by any process) before the pool's last shrink or fit.
         """
-        limiter = self._limiter
+        limiter = self._parts.limiter
         rt = remote.runtime
         rt.rate_limited += 1
         predicted = permit is not None and not fitted and explained_by_remaining(snap, permit.reserved)
@@ -287,7 +276,7 @@ class Feedback:
         limiter._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
         limiter._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
         seq = self._prefetches.redis_seq(permit) if permit is not None else -1
-        return self._calls.control(
+        return self._parts.calls.control(
             remote.keys.control,
             "pause",
             repr(retry),
@@ -305,9 +294,9 @@ class Feedback:
         wait = snap.retry_after if snap.retry_after is not None else backoff
         self._hold(remote, now + wait)
         rt.pool.pause(now + wait, "529 overloaded")
-        self._limiter._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
-        self._limiter._emit("overloaded", rt, now, {"backoff": wait})
-        return self._calls.control(remote.keys.control, "pause", repr(wait), "529 overloaded", "0")
+        self._parts.limiter._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
+        self._parts.limiter._emit("overloaded", rt, now, {"backoff": wait})
+        return self._parts.calls.control(remote.keys.control, "pause", repr(wait), "529 overloaded", "0")
 
     def _on_rejected(
         self, snap: RateLimitSnapshot, now: float, skew: float, runtime: _PoolRuntime | None
@@ -318,16 +307,18 @@ class Feedback:
         claim = unified.representative_claim
         scope = claim.rsplit("_", 1)[1] if claim in ("seven_day_opus", "seven_day_sonnet") else "all"
         reason = f"subscription limit ({claim})"
-        for remote in self._remotes.values():
+        for remote in self._parts.remotes.values():
             if scope in remote.scopes.split(",") or remote.runtime is runtime:
                 self._hold(remote, now + wait)
                 remote.runtime.pool.pause(now + wait, reason)
                 detail = {"seconds": wait, "reason": "unified rejected"}
-                self._limiter._emit("pause", remote.runtime, now, detail)
-        calls = [self._calls.control((self._backend.org_key(),), "hold", repr(wait), reason, scope)]
+                self._parts.limiter._emit("pause", remote.runtime, now, detail)
+        calls = [
+            self._parts.calls.control((self._parts.backend.org_key(),), "hold", repr(wait), reason, scope)
+        ]
         if runtime is not None and runtime.pool.name in SPECIAL:
-            remote = self._remote_for(runtime)
-            calls.append(self._calls.control(remote.keys.control, "pause", repr(wait), reason, "0"))
+            remote = self._parts.remote_for(runtime)
+            calls.append(self._parts.calls.control(remote.keys.control, "pause", repr(wait), reason, "0"))
         return calls
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Final, final
 
-from ratekeeper.gate._limiter import _PoolRuntime, _Waiter
-from ratekeeper.redis._ops import PoolKeys, RawReply
+import attrs
 
-__all__ = ["FALLBACK", "SPECIAL", "Prefetch", "_RemotePool", "_RemoteWaiter"]
+from ratekeeper.gate._limiter import Limiter, _PoolRuntime, _Waiter
+from ratekeeper.redis._calls import ScriptCalls
+from ratekeeper.redis._ops import Backend, PoolKeys, RawReply
+
+__all__ = ["FALLBACK", "SPECIAL", "EngineParts", "Prefetch", "_RemotePool", "_RemoteWaiter"]
 
 #: A waiter moved to the local fallback limiter (Redis went away while it waited).
 FALLBACK: Final = 4
@@ -92,3 +95,19 @@ class Prefetch:
         self.holders = 0
         self.open = True
         self.returned = False
+
+
+@attrs.frozen(eq=False)
+class EngineParts:
+    """What one engine's helpers (prefetch, answers, settlement, feedback) share.
+
+    ``remotes``: the engine's shared pools by name; ``remote_for`` makes one on first
+    use; ``wake_head``: under the lock, capacity came back, the pool's head may try again.
+    """
+
+    limiter: Limiter
+    backend: Backend
+    calls: ScriptCalls
+    remotes: Mapping[str, _RemotePool]
+    remote_for: Callable[[_PoolRuntime], _RemotePool]
+    wake_head: Callable[[_PoolRuntime], None]

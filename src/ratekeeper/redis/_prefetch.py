@@ -8,13 +8,11 @@ waits) and returns what it did not use with one settle once they are all done.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import final
 
-from ratekeeper.gate._limiter import Limiter, Permit, _PoolRuntime
-from ratekeeper.redis._calls import ScriptCalls
-from ratekeeper.redis._ops import Backend
-from ratekeeper.redis._pools import Prefetch, _RemotePool
+from ratekeeper.gate._limiter import Permit
+from ratekeeper.redis._pools import EngineParts, Prefetch, _RemotePool
 from ratekeeper.redis._replies import PrefetchGrant
 
 __all__ = ["Prefetches"]
@@ -22,22 +20,10 @@ __all__ = ["Prefetches"]
 
 @final
 class Prefetches:
-    """One engine's prefetches, and the permits admitted from them until they are done.
+    """One engine's prefetches, and the permits admitted from them until they are done."""
 
-    ``wake_head`` is the engine's: capacity came back, the pool's head may try again.
-    """
-
-    def __init__(
-        self,
-        limiter: Limiter,
-        backend: Backend,
-        calls: ScriptCalls,
-        wake_head: Callable[[_PoolRuntime], None],
-    ) -> None:
-        self._limiter = limiter
-        self._backend = backend
-        self._calls = calls
-        self._wake_head = wake_head
+    def __init__(self, parts: EngineParts) -> None:
+        self._parts = parts
         # permits admitted from a prefetch (by their local seq, negative), until they are
         # done: the prefetch, and what of it the server had never counted right after
         self.admitted: dict[int, tuple[Prefetch, dict[str, float]]] = {}
@@ -71,7 +57,7 @@ class Prefetches:
             if dim in left:
                 left[dim] -= amount
                 fresh[dim] -= min(fresh[dim], amount)
-        limiter = self._limiter
+        limiter = self._parts.limiter
         # local, negative, decreasing: Redis knows only the prefetch's seq
         seq = -1 - next(limiter._seq)
         permit = Permit(limiter, rt, model, draws, 0.0, seq, now)
@@ -89,15 +75,15 @@ class Prefetches:
         """Under the lock: a reserve's reply carried a prefetch; it replaces the open one."""
         if remote.prefetch is not None:
             self.close(remote, remote.prefetch)
-        ttl = self._backend.prefetch_ttl
+        ttl = self._parts.backend.prefetch_ttl
         c = remote.prefetch = Prefetch(grant.seq, dict(grant.amounts), now + ttl)
 
         def expire() -> None:
-            with self._limiter._lock:
+            with self._parts.limiter._lock:
                 if c.open:
                     self.close(remote, c)
 
-        self._backend.call_later(ttl, expire)
+        self._parts.backend.call_later(ttl, expire)
 
     def close(self, remote: _RemotePool, c: Prefetch) -> None:
         """Under the lock: admit nothing more from ``c`` and give back what it has not handed out."""
@@ -142,18 +128,18 @@ class Prefetches:
             return
         if last:
             c.returned = True
-        call = self._calls.settle(
+        call = self._parts.calls.settle(
             remote.keys,
             c.seq,
             "settle" if last else "progress",
             diff,
-            recovery=self._calls.recovery if last else "",
+            recovery=self._parts.calls.recovery if last else "",
             uncounted=uncounted or {},
             on_reply=remote.on_burst if last else None,
         )
-        self._backend.send(call)
+        self._parts.backend.send(call)
         if any(amount > 0.0 for amount in diff.values()):
-            self._wake_head(remote.runtime)
+            self._parts.wake_head(remote.runtime)
 
     def refund(
         self,

@@ -110,12 +110,8 @@ class BurstReply:
     @classmethod
     def parse(cls, raw: RawReply, script: str = "settle") -> BurstReply:
         """Read ``raw``, or raise ``MalformedReply``."""
-
-        def read() -> BurstReply:
-            burst = float(raw[2]) if raw[0] == "OK" and len(raw) >= 3 else None
-            return cls(raw[0], float(raw[1]), burst)
-
-        return _read(script, raw, 2, read)
+        ok = raw[:1] == ["OK"] and len(raw) >= 3
+        return _read(script, raw, 2, lambda: cls(raw[0], float(raw[1]), float(raw[2]) if ok else None))
 
 
 @attrs.frozen
@@ -129,11 +125,7 @@ class PauseReply:
     @classmethod
     def parse(cls, raw: RawReply) -> PauseReply:
         """Read ``raw``, or raise ``MalformedReply``."""
-
-        def read() -> PauseReply:
-            return cls(raw[0], float(raw[1]), tuple(float(burst) for burst in raw[2:]))
-
-        return _read("control", raw, 2, read)
+        return _read("control", raw, 2, lambda: cls(raw[0], float(raw[1]), tuple(map(float, raw[2:]))))
 
 
 @attrs.frozen
@@ -164,9 +156,6 @@ class ResyncReply:
     @classmethod
     def parse(cls, raw: RawReply) -> ResyncReply:
         """Read ``raw``, or raise ``MalformedReply``."""
-
-        def read() -> ResyncReply:
-            changes = tuple(ResyncChange.parse(text) for text in raw[2:])
-            return cls(raw[0], float(raw[1]), changes)
-
-        return _read("resync", raw, 2, read)
+        return _read(
+            "resync", raw, 2, lambda: cls(raw[0], float(raw[1]), tuple(map(ResyncChange.parse, raw[2:])))
+        )

@@ -8,7 +8,6 @@ settles with its prefetch instead, which goes back to Redis once it is closed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import final
 
 from ratekeeper.core._accounting import Cost, Usage
@@ -16,15 +15,11 @@ from ratekeeper.gate._limiter import (
     _ACTIVE,
     _RELEASED,
     _SETTLED,
-    Limiter,
     Permit,
     _diff,
     _draws,
-    _PoolRuntime,
 )
-from ratekeeper.redis._calls import ScriptCalls
-from ratekeeper.redis._ops import Backend
-from ratekeeper.redis._pools import _RemotePool
+from ratekeeper.redis._pools import EngineParts
 from ratekeeper.redis._prefetch import Prefetches
 
 __all__ = ["Settlement"]
@@ -32,31 +27,19 @@ __all__ = ["Settlement"]
 
 @final
 class Settlement:
-    """One engine's settlements: ``remote_for`` and ``wake_head`` are the engine's own."""
+    """One engine's settlements, and the changes they send to Redis."""
 
-    def __init__(
-        self,
-        limiter: Limiter,
-        backend: Backend,
-        calls: ScriptCalls,
-        prefetches: Prefetches,
-        remote_for: Callable[[_PoolRuntime], _RemotePool],
-        wake_head: Callable[[_PoolRuntime], None],
-    ) -> None:
-        self._limiter = limiter
-        self._backend = backend
-        self._calls = calls
+    def __init__(self, parts: EngineParts, prefetches: Prefetches) -> None:
+        self._parts = parts
         self._prefetches = prefetches
-        self._remote_for = remote_for
-        self._wake_head = wake_head
 
     def settle(self, permit: Permit, usage: Usage, credits: float | None) -> Cost:
         """``Limiter._settle`` in remote mode: the difference goes to Redis with the next round trip."""
-        limiter = self._limiter
+        limiter = self._parts.limiter
         with limiter._lock:
             now = limiter._now()
             rt = permit._runtime
-            remote = self._remote_for(rt)
+            remote = self._parts.remote_for(rt)
             priority = permit.reserved.get("priority_input_tokens", 0.0) > 0.0
             actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
             new = _draws(actual)
@@ -76,22 +59,22 @@ class Settlement:
             if entry is not None:
                 self._prefetches.refund(remote, entry[0], diff, done=True)
             else:
-                call = self._calls.settle(
+                call = self._parts.calls.settle(
                     remote.keys,
                     permit.seq,
                     "settle",
                     diff,
-                    recovery=self._calls.recovery,
+                    recovery=self._parts.calls.recovery,
                     uncounted={},
                     on_reply=remote.on_burst,
                 )
-                self._backend.send(call)
-            self._wake_head(rt)
+                self._parts.backend.send(call)
+            self._parts.wake_head(rt)
         return actual
 
     def progress(self, permit: Permit, output: float) -> None:
         """``Limiter._progress`` in remote mode: output beyond the reservation is charged in Redis."""
-        limiter = self._limiter
+        limiter = self._parts.limiter
         with limiter._lock:
             if permit._state != _ACTIVE:
                 return
@@ -106,19 +89,19 @@ class Settlement:
             for dim, amount in more.items():
                 permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
             diff = {dim: -amount for dim, amount in more.items()}
-            remote = self._remote_for(rt)
+            remote = self._parts.remote_for(rt)
             entry = self._prefetches.admitted.get(permit.seq)
             if entry is not None:
                 self._prefetches.refund(remote, entry[0], diff, done=False)
             else:
-                call = self._calls.settle(
+                call = self._parts.calls.settle(
                     remote.keys, permit.seq, "progress", diff, recovery="", uncounted={}, on_reply=None
                 )
-                self._backend.send(call)
+                self._parts.backend.send(call)
 
     def release(self, permit: Permit) -> None:
         """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
-        limiter = self._limiter
+        limiter = self._parts.limiter
         with limiter._lock:
             if permit._state != _ACTIVE:
                 return
@@ -137,11 +120,11 @@ class Settlement:
                 limiter._wallet.give_back(permit.credits, now)
             permit._state = _RELEASED
             rt.in_flight.pop(permit.seq, None)
-            remote = self._remote_for(rt)
+            remote = self._parts.remote_for(rt)
             entry = self._prefetches.admitted.pop(permit.seq, None)
             if entry is not None:
                 self._prefetches.refund(remote, entry[0], refund, done=True, uncounted=True)
             else:
-                self._backend.send(self._calls.release(remote.keys, permit.seq, mode, charged))
+                self._parts.backend.send(self._parts.calls.release(remote.keys, permit.seq, mode, charged))
             if refund:
-                self._wake_head(rt)
+                self._parts.wake_head(rt)
