@@ -189,10 +189,7 @@ class RemoteEngine:
         """``Limiter.acquire_nowait`` in remote mode: one round trip, no place in line kept."""
         limiter = self._limiter
         if not self._backend.available():
-            fallback = self._fallback.for_model(model)
-            if fallback is None:
-                raise self._backend.unavailable_error()
-            return fallback._nowait_local(model, demand)
+            return self._fallback.acquire_nowait(model, demand)
         with limiter._lock:
             now = limiter._now()
             rt, draws, credit = limiter._prepare(model, demand, now)
@@ -208,10 +205,7 @@ class RemoteEngine:
             w = _RemoteWaiter(draws, 0, next(limiter._seq), now)
         reply = self._reserve_now(remote, w)
         if reply is None:
-            fallback = self._fallback.for_model(model)
-            if fallback is None:
-                raise self._backend.unavailable_error() from None
-            return fallback._nowait_local(model, demand)
+            return self._fallback.acquire_nowait(model, demand)
         if reply.status == "NOPOOL":
             remote.inited = False
             return self.acquire_nowait(model, demand)

@@ -59,6 +59,13 @@ class LocalFallback:
                 fallback._model_pool[model] = rt.pool.name
         return fallback
 
+    def acquire_nowait(self, model: str, demand: Demand) -> Permit:
+        """``acquire_nowait`` from the fallback, or ``BackendUnavailable`` if there is none."""
+        fallback = self.for_model(model)
+        if fallback is None:
+            raise self._backend.unavailable_error()
+        return fallback._nowait_local(model, demand)
+
     async def acquire(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
         """``acquire`` from the fallback, or ``BackendUnavailable`` if there is none."""
         fallback = self.for_model(model)
