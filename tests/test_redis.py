@@ -34,7 +34,7 @@ from ratekeeper import (
     RedisBackend,
     WouldBlock,
 )
-from ratekeeper.redis._backend import Op
+from ratekeeper.redis._ops import ScriptCall
 
 SONNET = "claude-sonnet-4-5"
 POOL = "sonnet-4.x"
@@ -140,7 +140,7 @@ async def test_every_key_carries_the_organization_hash_tag(
     redis_server: RedisServer, backends: list[RedisBackend]
 ) -> None:
     limiter, backend = make(redis_server, backends, prefix="rk", org="acme")
-    assert all(k.startswith("{rk:acme}:") for k in backend.pool_keys(POOL))
+    assert all(k.startswith("{rk:acme}:") for k in backend.pool_keys(POOL).every)
     async with limiter.acquire(SONNET, input_tokens=100, max_tokens=100) as permit:
         permit.observe(rpm_headers(59), status=200)
         permit.settle({"input_tokens": 100, "output_tokens": 10})
@@ -251,7 +251,7 @@ def test_a_backend_is_a_context_manager_that_closes_it(redis_server: RedisServer
         assert backend.flush()
         assert client(redis_server).hlen(RES) == 1  # the prefetch it took with that round trip
     assert client(redis_server).hlen(RES) == 0  # given back at the block's end
-    assert backend._flusher is None or not backend._flusher.is_alive()
+    assert backend._outbox._flusher is None or not backend._outbox._flusher.is_alive()
 
 
 @pytest.mark.anyio
@@ -263,8 +263,8 @@ async def test_a_backend_is_an_async_context_manager_that_closes_it(redis_server
         assert await backend.aflush()
         assert client(redis_server).hlen(RES) == 1  # the prefetch it took with that round trip
     assert client(redis_server).hlen(RES) == 0
-    assert backend._flusher is None or not backend._flusher.is_alive()
-    assert not backend._async_clients  # the asyncio client it made for the loop is closed
+    assert backend._outbox._flusher is None or not backend._outbox._flusher.is_alive()
+    assert not backend._transport._async_clients  # the asyncio client it made for the loop is closed
 
 
 @pytest.mark.anyio
@@ -349,11 +349,11 @@ def test_no_prefetch_while_others_wait_or_the_pool_is_under_half(
 ) -> None:
     limiter, backend = make(redis_server, backends)
     held = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=5_000)  # creates the pool
-    keys = backend.pool_keys(POOL)[:7]  # reserve.lua takes an op id key as KEYS[8]
+    keys = backend.pool_keys(POOL).reserve  # reserve.lua takes an op id key as KEYS[8]
 
     def reserve(who: str, arrival: str, draws: str, prefetch: int) -> list[str]:
         args: list[str | int] = [who, "600", "10", 60_000, "all,sonnet", "1", 1, arrival, draws]
-        reply = backend.run_sync([Op("reserve", keys, [*args, prefetch, "0.05", "0.5"])])[0]
+        reply = backend.run_sync([ScriptCall("reserve", keys, [*args, prefetch, "0.05", "0.5"])])[0]
         assert isinstance(reply, list), reply
         return reply
 
@@ -594,7 +594,7 @@ async def test_a_dead_processes_place_in_line_expires(
 ) -> None:
     limiter, backend = make(redis_server, backends)
     # a process that queued a request the bucket can't hold yet, then died
-    keys = backend.pool_keys(POOL)[:7]  # reserve.lua takes an op id key as KEYS[8]
+    keys = backend.pool_keys(POOL).reserve  # reserve.lua takes an op id key as KEYS[8]
     limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=19_000)
     ghost: list[str | int] = [
         "ghost",
@@ -610,7 +610,7 @@ async def test_a_dead_processes_place_in_line_expires(
         "0.05",
         "0.5",
     ]
-    reply = backend.run_sync([Op("reserve", keys, ghost)])[0]
+    reply = backend.run_sync([ScriptCall("reserve", keys, ghost)])[0]
     assert isinstance(reply, list), reply
     assert reply[0] == "OK"
     assert reply[4:] == [""]  # no prefetch, nothing granted: it holds the head of the line

@@ -43,7 +43,7 @@ def backends(redis_cluster: RedisClusterServer) -> Iterator[list[RedisBackend]]:
     yield made
     for b in made:
         b.close()
-        b._sync.close()  # the caller's client: the backend leaves it open
+        b._transport._sync.close()  # the caller's client: the backend leaves it open
 
 
 def make(
@@ -204,7 +204,7 @@ async def test_scripts_flushed_on_the_owner_are_loaded_again(
 ) -> None:
     limiter, backend = make(redis_cluster, backends, prefetch=0, flush_delay=0.5)
     owner = redis_cluster.owner(backend.tag)
-    sha = backend._scripts["reserve"][1]
+    sha = backend._transport._scripts["reserve"][1]
     held = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)
     with redis_cluster.node_client(owner) as node:
         node.script_flush()
@@ -246,7 +246,7 @@ async def test_an_asyncio_cluster_client_is_used_from_asyncio(
             async with limiter.acquire(SONNET, input_tokens=10, max_tokens=1_000) as permit:
                 permit.settle({"input_tokens": 10, "output_tokens": 100})
         assert await backend.aflush()
-        assert len(backend._wires) == 0  # no connection of its own: the cluster client routes
+        assert len(backend._transport._wires) == 0  # no connection of its own: the cluster client routes
         calls = [commands(redis_cluster, i) for i in range(len(redis_cluster.nodes))]
         assert calls[owner].get("evalsha", 0) >= 6, calls  # three reserves, three settles
         assert not any("evalsha" in c for i, c in enumerate(calls) if i != owner), calls

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
-from ratekeeper.redis._backend import _redact
+from ratekeeper.redis._config import redact
 
 SECRET = "hunter2"
 
@@ -29,7 +29,7 @@ SECRET = "hunter2"
     ],
 )
 def test_every_credential_form_is_masked(url: str, shown: str) -> None:
-    assert _redact(url) == shown
+    assert redact(url) == shown
 
 
 def _closed_port() -> int:

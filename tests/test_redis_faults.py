@@ -23,8 +23,8 @@ import redis
 from redis_server import RedisServer
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
-from ratekeeper.redis._backend import Result
-from ratekeeper.redis._engine import _RWaiter
+from ratekeeper.redis._ops import Result
+from ratekeeper.redis._pools import _RemoteWaiter
 
 SONNET = "claude-sonnet-4-5"
 HAIKU = "claude-haiku-4-5"
@@ -265,7 +265,7 @@ def test_every_change_sent_twice_applies_once(server: RedisServer, backends: lis
     permits[1].settle({"input_tokens": 1, "output_tokens": 1})
     engine = limiter._engine
     assert engine is not None
-    engine.give_back(engine._pools[POOL].rt, {"requests": 1.0})  # batch_finished's path
+    engine.give_back(engine._pools[POOL].runtime, {"requests": 1.0})  # batch_finished's path
     ops = backend.take_outbox()
     assert [op.script for op in ops] == ["release", "settle", "control"]
     assert all(op.ident for op in ops)
@@ -306,9 +306,9 @@ def test_a_cancel_that_arrives_first_makes_the_reserve_a_no_op(
     assert backend.flush()
     engine = limiter._engine
     assert engine is not None
-    rp = engine._pools[POOL]
-    reserve = engine._reserve_op(rp, [_RWaiter({"requests": 1.0}, 0, 0, 0.0)])
-    engine._cancel(rp, reserve)
+    remote = engine._pools[POOL]
+    reserve = engine._reserve_call(remote, [_RemoteWaiter({"requests": 1.0}, 0, 0, 0.0)])
+    engine._cancel(remote, reserve)
     cancel = backend.take_outbox()
     assert statuses(backend.run_sync(cancel)) == ["OK"]
     assert statuses(backend.run_sync([reserve])) == ["DUP"]

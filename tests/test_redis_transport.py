@@ -22,7 +22,7 @@ from redis_server import RedisServer
 from test_redis import anyio_backend, backends, client, stored_pool  # noqa: F401
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
-from ratekeeper.redis._backend import Op
+from ratekeeper.redis._ops import ScriptCall
 
 SONNET = "claude-sonnet-4-5"
 POOL = "sonnet-4.x"
@@ -45,8 +45,8 @@ async def test_scripts_lost_mid_run_are_loaded_again_and_every_failed_call_repea
     backends.append(backend)
     limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
     await cycle(limiter)
-    leave = Op(
-        "reserve", backend.pool_keys(POOL)[:7], [backend.participant, "600", "10", 86_400_000, "", "1", 0]
+    leave = ScriptCall(
+        "reserve", backend.pool_keys(POOL).reserve, [backend.participant, "600", "10", 86_400_000, "", "1", 0]
     )
     client(redis_server).script_flush()
     # two calls of one round trip both meet NOSCRIPT: both are answered after the reload
@@ -106,13 +106,13 @@ def test_the_flusher_thread_outlives_a_batch_redis_refuses(
     backends.append(backend)
     limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
     limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # creates the pool: 599 left
-    org, pool = backend.pool_keys(POOL)[:2]
-    backend.send(Op("control", [org, pool], ["no-such-operation"]))  # an error reply
+    org, pool = backend.pool_keys(POOL).control
+    backend.send(ScriptCall("control", [org, pool], ["no-such-operation"]))  # an error reply
     deadline = time.monotonic() + 2.0
     while "no-such-operation" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.01)
     assert "refused a control change" in caplog.text  # logged and dropped, alone
-    backend.send(Op("control", [org, pool], ["giveback", "requests=1"]))  # sent by the flusher
+    backend.send(ScriptCall("control", [org, pool], ["giveback", "requests=1"]))  # sent by the flusher
     while level_of(redis_server, "requests") < 600 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert level_of(redis_server, "requests") == pytest.approx(600, abs=0.01)

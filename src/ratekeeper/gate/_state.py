@@ -81,6 +81,15 @@ class WaiterState(enum.Enum):
     FALLBACK = "fallback"
 
 
+_WAITING, _GRANTED, _FAILED, _GONE, _FALLBACK = (
+    WaiterState.WAITING,
+    WaiterState.GRANTED,
+    WaiterState.FAILED,
+    WaiterState.GONE,
+    WaiterState.FALLBACK,
+)
+
+
 class Waiter:
     """One request waiting in a pool's queue: what it draws, its place, how to wake it.
 

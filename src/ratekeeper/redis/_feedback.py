@@ -1,0 +1,332 @@
+"""Feedback for shared pools: a response's headers and status, applied to the state in Redis.
+
+``Limiter.observe`` in remote mode: the resync of limits and levels (``resync.lua``),
+429 and 529 pauses and the burst's shrink (``control.lua``), subscription holds and the
+spend cap for the whole organization; and the replies that carry the shared burst back
+to the local mirror.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Callable
+from typing import final
+
+from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._pool import Pool
+from ratekeeper.core._reading import (
+    ROUNDING_MARGIN,
+    burst_bound,
+    error_fields,
+    explained_by_remaining,
+    fitted_burst,
+    unified_wait,
+)
+from ratekeeper.gate._resync import _RESYNC_DIMS
+from ratekeeper.gate._state import Permit, PoolRuntime
+from ratekeeper.redis._ops import RawReply, ScriptCall
+from ratekeeper.redis._pools import SPECIAL, EngineParts, _RemotePool
+from ratekeeper.redis._prefetch import Prefetches
+from ratekeeper.redis._replies import BurstReply, PauseReply, ResyncReply
+
+__all__ = ["Feedback"]
+
+
+@final
+class Feedback:
+    """One engine's feedback: what a response says, to the shared state and the local mirror."""
+
+    def __init__(self, parts: EngineParts, prefetches: Prefetches) -> None:
+        self._parts = parts
+        self._prefetches = prefetches
+
+    def observe(
+        self,
+        headers: object,
+        *,
+        status: int,
+        body: object,
+        permit: Permit | None,
+        runtime: PoolRuntime | None,
+    ) -> RateLimitSnapshot:
+        """``Limiter._observe`` in remote mode: resyncs, pauses and holds go to the shared state."""
+        limiter = self._parts.limiter
+        snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
+        error_type, error_code, message = error_fields(body)
+        spend = error_code == "enforced_spend_limit_reached"
+        calls: list[ScriptCall] = []
+        with limiter._lock:
+            now = limiter._now()
+            skew = snap.clock_skew or 0.0
+            if spend:
+                limiter._spend_limit(snap, now, message)
+                assert limiter._spend_until is not None
+                assert limiter._spend_resets_at is not None
+                seconds = limiter._spend_until - now
+                iso = limiter._spend_resets_at.isoformat()
+                calls.append(
+                    self._parts.calls.control((self._parts.backend.org_key(),), "spend", repr(seconds), iso)
+                )
+            if runtime is not None:
+                remote = self._parts.remote_for(runtime)
+                fitted = self._resync(remote, snap, permit, now, calls)
+                if status == 429 and not spend:
+                    calls.append(self._on_429(remote, snap, permit, now, fitted))
+                elif status == 529 or error_type == "overloaded_error":
+                    calls.append(self._on_529(remote, snap, now))
+                elif status < 400:
+                    runtime.overload_backoff = 0.0
+            unified = snap.unified
+            if unified is not None:
+                if unified.status == "rejected" or (status == 429 and unified.status is not None):
+                    calls += self._on_rejected(snap, now, skew, runtime)
+                else:
+                    limiter._on_unified(snap, now, skew, status, runtime)
+            if snap.quota is not None:
+                limiter._on_quota(snap, permit, now)
+            if status == 402 and limiter._wallet is not None:
+                held = permit.credits if permit is not None else 0.0
+                limiter._wallet.resync(max(0.0, held - 1.0), now)
+        for call in calls:
+            self._parts.backend.send(call)
+        return snap
+
+    # ------------------------------------------------------------------ resync
+
+    def _resync(
+        self,
+        remote: _RemotePool,
+        snap: RateLimitSnapshot,
+        permit: Permit | None,
+        now: float,
+        calls: list[ScriptCall],
+    ) -> bool:
+        """Under the lock: ``Limiter._resync`` for a shared pool; True if the headers fitted the burst.
+
+        The resync goes to Redis (``resync.lua``: limits, and levels by the local
+        limiter's rule, from the note reserve.lua kept of the pool at the request's grant;
+        what only this process can know goes with it: its refused request's tokens and
+        its earlier requests not sent yet). The burst bound is computed here with the
+        local limiter's helper; a clearly smaller one shrinks the local mirror at once (so
+        a 429 in the same response is classified as the local limiter would) and the
+        shared burst with ``control.lua fit``.
+        """
+        limits = snap.limits()
+        if not limits:
+            return False
+        limiter = self._parts.limiter
+        rt = remote.runtime
+        pool = rt.pool
+        date = snap.server_date
+        bound = math.inf
+        floor = 0.0
+        since, extra = self._since(rt, permit)
+        args: list[str | int] = [since, "1" if limiter._learn else "0"]
+        for dim in _RESYNC_DIMS:
+            info = limits.get(dim)
+            if info is None:
+                continue
+            # the local mirror learns at once (resync.lua applies the same rule to the shared
+            # state), so the burst bound below divides by the limit in force
+            new_limit = float(info.limit) if info.limit is not None and limiter._learn else 0.0
+            if new_limit > 0 and _learns(pool, dim, new_limit) and pool.set_limit(dim, new_limit, now):
+                limiter._emit("limit_change", rt, now, {dim: info.limit})
+                self._parts.wake_head(rt)
+            margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
+            limit = repr(float(info.limit)) if info.limit is not None else ""
+            target = repr(info.remaining - margin) if info.remaining is not None else ""
+            args += [dim, limit, target, repr(extra.get(dim, 0.0))]
+            bucket = pool.buckets.get(dim)
+            if info.remaining is not None and bucket is not None and bucket.rate > 0.0:
+                floor = max(floor, (info.remaining - margin) / pool.limits[dim])
+                if permit is not None and info.reset is not None and date is not None:
+                    age = max(0.0, now - permit.started_at)
+                    bound = min(bound, burst_bound(info.remaining, info.reset, date, dim, pool, age))
+        bound = fitted_burst(bound, floor)
+        calls.append(self._parts.calls.resync(remote.keys, args, self._resync_handler(rt)))
+        if not (limiter._adaptive and bound < 1.0 and pool.fit_burst(bound, now)):
+            return False
+        limiter._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        calls.append(
+            self._parts.calls.control(
+                remote.keys.control, "fit", repr(bound), on_reply=self.burst_handler(rt)
+            )
+        )
+        return True
+
+    def _since(self, rt: PoolRuntime, permit: Permit | None) -> tuple[int, dict[str, float]]:
+        """The observed request's reservation (-1: none) and what the server had not counted of it.
+
+        A prefetched request's is its prefetch's, with what of the prefetch the server
+        had not counted as extra.
+        """
+        if permit is None:
+            return -1, {}
+        entry = self._prefetches.admitted.get(permit.seq)
+        if permit.seq >= 0:
+            return permit.seq, self._uncounted(rt, permit)
+        if entry is None:
+            return -1, {}
+        c, fresh = entry
+        extra = self._uncounted(rt, permit)
+        # fresh then, less what of it went back since (resync counts that as given back)
+        for dim, amount in fresh.items():
+            unseen = amount - c.given.get(dim, 0.0)
+            if unseen > 0.0:
+                extra[dim] = extra.get(dim, 0.0) + unseen
+        return c.seq, extra
+
+    def _resync_handler(self, rt: PoolRuntime) -> Callable[[RawReply], None]:
+        limiter = self._parts.limiter
+
+        def done(raw: RawReply) -> None:
+            reply = ResyncReply.parse(raw)
+            with limiter._lock:
+                now = limiter._now()
+                for change in reply.changes:
+                    dim, value = change.dimension, change.value
+                    if change.kind == "limit":
+                        if rt.pool.set_limit(dim, value, now):  # not known here yet
+                            limiter._emit("limit_change", rt, now, {dim: value})
+                            self._parts.wake_head(rt)
+                    else:
+                        rt.resyncs += 1
+                        limiter._emit("resync", rt, now, {"dimension": dim, "delta": value})
+
+        return done
+
+    def _uncounted(self, rt: PoolRuntime, permit: Permit) -> dict[str, float]:
+        """What the pool had charged at ``permit``'s grant that the server had not counted.
+
+        Its own tokens if the server refused it, and this process's requests admitted
+        before it and not sent yet (another process's, Redis cannot know: if any, the
+        level stays that much high until their own responses correct it).
+        """
+        extra: dict[str, float] = {}
+        if permit.response_status is not None and permit.response_status >= 400:
+            for dim, amount in permit._charged.items():
+                if dim != "requests":
+                    extra[dim] = extra.get(dim, 0.0) + amount
+        order = self._prefetches.order
+        mine = order(permit)
+        for other in rt.in_flight.values():
+            if not other.sent and other is not permit and order(other) < mine:
+                for dim, amount in other._charged.items():
+                    extra[dim] = extra.get(dim, 0.0) + amount
+        return extra
+
+    # ------------------------------------------------------------------ the shared burst
+
+    def burst_handler(self, rt: PoolRuntime) -> Callable[[RawReply], None]:
+        """A callback for a reply that carries the shared burst (settle, control fit): the mirror follows."""
+
+        def done(raw: RawReply) -> None:
+            self._follow_burst(rt, BurstReply.parse(raw).burst)
+
+        return done
+
+    def _follow_burst(self, rt: PoolRuntime, burst: float | None) -> None:
+        if burst is None:
+            return
+        limiter = self._parts.limiter
+        with limiter._lock:
+            if abs(burst - rt.pool.burst) > 1e-12:
+                now = limiter._now()
+                rt.pool.set_burst(min(1.0, max(burst, 1.0 / 60.0)), now)
+                limiter._emit("burst_change", rt, now, {"burst": burst})
+
+    def _pause_handler(self, rt: PoolRuntime) -> Callable[[RawReply], None]:
+        def done(raw: RawReply) -> None:
+            bursts = PauseReply.parse(raw).bursts
+            if bursts:
+                self._follow_burst(rt, bursts[0])
+
+        return done
+
+    # ------------------------------------------------------------------ pauses and holds
+
+    @staticmethod
+    def _hold(remote: _RemotePool, until: float) -> None:
+        # until Redis has the pause, this process's own head must not reserve past it
+        if until > remote.hold_until:
+            remote.hold_until = until
+
+    def _on_429(
+        self, remote: _RemotePool, snap: RateLimitSnapshot, permit: Permit | None, now: float, fitted: bool
+    ) -> ScriptCall:
+        """``Limiter._on_429`` for a shared pool: the same classification, the pause and shrink in Redis.
+
+        Predicted: the burst was not just fitted to the headers and the server's remaining
+        shows a dimension this request doesn't fit in. Otherwise, unless ``fitted``, the
+        burst halves, once per event: ``control.lua`` skips the 429s of requests admitted
+        (by any process) before the pool's last shrink or fit.
+        """
+        limiter = self._parts.limiter
+        rt = remote.runtime
+        rt.rate_limited += 1
+        predicted = permit is not None and not fitted and explained_by_remaining(snap, permit.reserved)
+        if predicted:
+            rt.rate_limited_predicted += 1
+        retry = snap.retry_after if snap.retry_after is not None else 1.0
+        shrink = not predicted and not fitted and limiter._adaptive
+        self._hold(remote, now + retry)
+        if remote.prefetch is not None:
+            self._prefetches.close(remote, remote.prefetch)
+        rt.pool.pause(now + retry, "429 rate_limit_error")
+        limiter._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
+        limiter._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
+        seq = self._prefetches.redis_seq(permit) if permit is not None else -1
+        return self._parts.calls.control(
+            remote.keys.control,
+            "pause",
+            repr(retry),
+            "429 rate_limit_error",
+            "1" if shrink else "0",
+            seq,
+            on_reply=self._pause_handler(rt),
+        )
+
+    def _on_529(self, remote: _RemotePool, snap: RateLimitSnapshot, now: float) -> ScriptCall:
+        rt = remote.runtime
+        rt.overloaded += 1
+        backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
+        rt.overload_backoff = backoff
+        wait = snap.retry_after if snap.retry_after is not None else backoff
+        self._hold(remote, now + wait)
+        rt.pool.pause(now + wait, "529 overloaded")
+        self._parts.limiter._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
+        self._parts.limiter._emit("overloaded", rt, now, {"backoff": wait})
+        return self._parts.calls.control(remote.keys.control, "pause", repr(wait), "529 overloaded", "0")
+
+    def _on_rejected(
+        self, snap: RateLimitSnapshot, now: float, skew: float, runtime: PoolRuntime | None
+    ) -> list[ScriptCall]:
+        unified = snap.unified
+        assert unified is not None
+        wait = unified_wait(snap, skew)
+        claim = unified.representative_claim
+        scope = claim.rsplit("_", 1)[1] if claim in ("seven_day_opus", "seven_day_sonnet") else "all"
+        reason = f"subscription limit ({claim})"
+        for remote in self._parts.remotes.values():
+            if scope in remote.scopes.split(",") or remote.runtime is runtime:
+                self._hold(remote, now + wait)
+                remote.runtime.pool.pause(now + wait, reason)
+                detail = {"seconds": wait, "reason": "unified rejected"}
+                self._parts.limiter._emit("pause", remote.runtime, now, detail)
+        calls = [
+            self._parts.calls.control((self._parts.backend.org_key(),), "hold", repr(wait), reason, scope)
+        ]
+        if runtime is not None and runtime.pool.name in SPECIAL:
+            remote = self._parts.remote_for(runtime)
+            calls.append(self._parts.calls.control(remote.keys.control, "pause", repr(wait), reason, "0"))
+        return calls
+
+
+def _learns(pool: Pool, dim: str, limit: float) -> bool:
+    """``Limiter._resync``'s rule (and ``resync.lua``'s): which ``-limit`` headers a pool adopts."""
+    if dim == "tokens":
+        return dim in pool.limits or limit < pool.limits.get("input_tokens", 0.0) + pool.limits.get(
+            "output_tokens", 0.0
+        )
+    return dim in pool.limits or dim.startswith("priority")

@@ -1,0 +1,124 @@
+"""A shared pool's permits, settled: the local bookkeeping at once, the change to Redis via the outbox.
+
+``settle`` (the actual cost), ``progress`` (output beyond the reservation, as a stream
+produces it) and ``release`` (the permit ends without a settlement: ``release.lua``
+applies the same rules as the local limiter). A permit admitted from a prefetch
+settles with its prefetch instead, which goes back to Redis once it is closed.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+from ratekeeper.core._accounting import Cost, Usage
+from ratekeeper.gate._demand import _diff, _draws
+from ratekeeper.gate._state import _ACTIVE, _RELEASED, _SETTLED, Permit
+from ratekeeper.redis._pools import EngineParts
+from ratekeeper.redis._prefetch import Prefetches
+
+__all__ = ["Settlement"]
+
+
+@final
+class Settlement:
+    """One engine's settlements, and the changes they send to Redis."""
+
+    def __init__(self, parts: EngineParts, prefetches: Prefetches) -> None:
+        self._parts = parts
+        self._prefetches = prefetches
+
+    def settle(self, permit: Permit, usage: Usage, credits: float | None) -> Cost:
+        """``Limiter._settle`` in remote mode: the difference goes to Redis with the next round trip."""
+        limiter = self._parts.limiter
+        with limiter._lock:
+            now = limiter._now()
+            rt = permit._runtime
+            remote = self._parts.remote_for(rt)
+            priority = permit.reserved.get("priority_input_tokens", 0.0) > 0.0
+            actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
+            new = _draws(actual)
+            diff = _diff(permit._charged, new)
+            if diff:
+                rt.admitted.add(now, diff, -1.0)
+            wallet = limiter._wallet
+            if wallet is not None and permit.credits and credits is not None:
+                if permit.credits >= credits:
+                    wallet.give_back(permit.credits - credits, now)
+                else:
+                    wallet.charge(credits - permit.credits, now)
+            permit._charged = new
+            permit._state = _SETTLED
+            rt.in_flight.pop(permit.seq, None)
+            entry = self._prefetches.admitted.pop(permit.seq, None)
+            if entry is not None:
+                self._prefetches.refund(remote, entry[0], diff, done=True)
+            else:
+                call = self._parts.calls.settle(
+                    remote.keys,
+                    permit.seq,
+                    "settle",
+                    diff,
+                    recovery=self._parts.calls.recovery,
+                    uncounted={},
+                    on_reply=remote.on_burst,
+                )
+                self._parts.backend.send(call)
+            self._parts.wake_head(rt)
+        return actual
+
+    def progress(self, permit: Permit, output: float) -> None:
+        """``Limiter._progress`` in remote mode: output beyond the reservation is charged in Redis."""
+        limiter = self._parts.limiter
+        with limiter._lock:
+            if permit._state != _ACTIVE:
+                return
+            extra = output - permit._charged.get("output_tokens", 0.0)
+            if extra <= 0.0:
+                return
+            rt = permit._runtime
+            more = {"output_tokens": extra, "tokens": extra}
+            if "priority_output_tokens" in permit._charged:
+                more["priority_output_tokens"] = extra
+            rt.admitted.add(limiter._now(), more)
+            for dim, amount in more.items():
+                permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
+            diff = {dim: -amount for dim, amount in more.items()}
+            remote = self._parts.remote_for(rt)
+            entry = self._prefetches.admitted.get(permit.seq)
+            if entry is not None:
+                self._prefetches.refund(remote, entry[0], diff, done=False)
+            else:
+                call = self._parts.calls.settle(
+                    remote.keys, permit.seq, "progress", diff, recovery="", uncounted={}, on_reply=None
+                )
+                self._parts.backend.send(call)
+
+    def release(self, permit: Permit) -> None:
+        """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
+        limiter = self._parts.limiter
+        with limiter._lock:
+            if permit._state != _ACTIVE:
+                return
+            now = limiter._now()
+            rt = permit._runtime
+            charged = permit._charged
+            if not permit.sent:
+                mode, refund = "unsent", dict(charged)
+            elif permit.response_status is not None and permit.response_status >= 400:
+                mode, refund = "error", {k: v for k, v in charged.items() if k != "requests"}
+            else:
+                mode, refund = "kept", {}
+            if refund:
+                rt.admitted.add(now, refund, -1.0)
+            if limiter._wallet is not None and permit.credits and (not permit.sent or refund):
+                limiter._wallet.give_back(permit.credits, now)
+            permit._state = _RELEASED
+            rt.in_flight.pop(permit.seq, None)
+            remote = self._parts.remote_for(rt)
+            entry = self._prefetches.admitted.pop(permit.seq, None)
+            if entry is not None:
+                self._prefetches.refund(remote, entry[0], refund, done=True, uncounted=True)
+            else:
+                self._parts.backend.send(self._parts.calls.release(remote.keys, permit.seq, mode, charged))
+            if refund:
+                self._parts.wake_head(rt)
