@@ -49,7 +49,7 @@ from ratekeeper.gate._demand import (
 from ratekeeper.gate._engine import Engine
 from ratekeeper.gate._events import EventLog, HookLock
 from ratekeeper.gate._local import LocalEngine
-from ratekeeper.gate._state import Permit, PoolRuntime, WaiterState
+from ratekeeper.gate._state import _FAILED, _WAITING, Permit, PoolRuntime
 
 __all__ = ["Limiter", "Permit"]
 
@@ -60,7 +60,6 @@ log = logging.getLogger("ratekeeper")
 MAX_REMEMBERED: Final = 1024
 _DEFAULT_PRESET: Final = "tier-1"
 _FALLBACK_PRESET: Final = "start"
-_WAITING, _FAILED = WaiterState.WAITING, WaiterState.FAILED
 
 
 @final

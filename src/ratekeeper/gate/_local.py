@@ -38,12 +38,15 @@ from ratekeeper.gate._demand import _ONE_REQUEST, Plain, _diff, _draws, _for_mod
 from ratekeeper.gate._resync import _RESYNC_DIMS, PoolFeedback
 from ratekeeper.gate._state import (
     _ACTIVE,
+    _FAILED,
+    _GONE,
+    _GRANTED,
     _RELEASED,
     _SETTLED,
+    _WAITING,
     Permit,
     PoolRuntime,
     Waiter,
-    WaiterState,
     _drawn,
     _placeholder,
     bind_async,
@@ -53,13 +56,6 @@ if TYPE_CHECKING:
     from ratekeeper.gate._host import GateHost
 
 __all__ = ["LocalEngine"]
-
-_WAITING, _GRANTED, _FAILED, _GONE = (
-    WaiterState.WAITING,
-    WaiterState.GRANTED,
-    WaiterState.FAILED,
-    WaiterState.GONE,
-)
 
 
 @final
@@ -110,7 +106,7 @@ class LocalEngine:
         """``acquire_nowait`` on this process's own pools (also the Redis path's fallback)."""
         with self._lock:
             now = self._now()
-            rt, draws, credit = self._lim._prepare(model, demand, now)
+            rt, draws, credit = self.prepare(model, demand, now)
             wait = rt.pool.wait_time(draws, now)
             if rt.queued or wait > 0.0:
                 reason = rt.pool.pause_reason if rt.pool.paused_until > now else ""
@@ -138,12 +134,19 @@ class LocalEngine:
     ) -> Permit | None:
         """``_acquire``'s first step: the permit if nobody waits and the buckets can take it now."""
         with self._lock:
-            now = self._now()
-            rt, draws, credit = self._lim._prepare(model, demand, now)
-            if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
-                rt.waits.add(0.0)
-                return self.grant_now(rt, model, draws, credit, now)
-        return None
+            return self._admit_free(model, demand, self._now())[3]
+
+    def _admit_free(
+        self, model: str, demand: Demand, now: float
+    ) -> tuple[PoolRuntime, dict[str, float], float, Permit | None]:
+        """Under the lock: the first step of every admission that may wait (a task's, a thread's,
+        ``admit_at_once``): the demand checked and its pool found, and a permit if nobody waits
+        and the buckets take it now (else None: the caller joins the line)."""
+        rt, draws, credit = self.prepare(model, demand, now)
+        if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
+            rt.waits.add(0.0)
+            return rt, draws, credit, self.grant_now(rt, model, draws, credit, now)
+        return rt, draws, credit, None
 
     def admit_plain(self, model: str, plain: Plain) -> Permit | None:
         """``_admit_at_once`` for an ordinary request, with no intermediate objects.
@@ -192,10 +195,9 @@ class LocalEngine:
     async def acquire(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
         with self._lock:
             now = self._now()
-            rt, draws, credit = self._lim._prepare(model, demand, now)
-            if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
-                rt.waits.add(0.0)
-                return self.grant_now(rt, model, draws, credit, now)
+            rt, draws, credit, permit = self._admit_free(model, demand, now)
+            if permit is not None:
+                return permit
             if timeout is not None and timeout <= 0:
                 raise AcquireTimeout(rt.pool.name, timeout)
             waiter = self.enqueue(rt, draws, priority, now, credit)
@@ -274,10 +276,9 @@ class LocalEngine:
     def acquire_thread(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
         with self._lock:
             now = self._now()
-            rt, draws, credit = self._lim._prepare(model, demand, now)
-            if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
-                rt.waits.add(0.0)
-                return self.grant_now(rt, model, draws, credit, now)
+            rt, draws, credit, permit = self._admit_free(model, demand, now)
+            if permit is not None:
+                return permit
             waiter = self.enqueue(rt, draws, priority, now, credit)
             waiter.sync_event = threading.Event()
             self.dispatch(rt, now)

@@ -31,7 +31,7 @@ from ratekeeper.core._reading import (
     explained_by_remaining,
     fitted_burst,
 )
-from ratekeeper.gate._state import _ACTIVE, Permit, PoolRuntime
+from ratekeeper.gate._state import _ACTIVE, _GRANT_TO_SEND, Permit, PoolRuntime
 
 if TYPE_CHECKING:
     from ratekeeper.gate._host import GateHost
@@ -52,8 +52,6 @@ MAX_TRANSIT: Final = 0.25
 _ESTIMATED: Final = frozenset({"input_tokens", "tokens", "priority_input_tokens"})
 #: The dimensions output draws on.
 _PRODUCED: Final = frozenset({"output_tokens", "tokens", "priority_output_tokens"})
-#: How long after its grant a request is taken to be sent, at the most, when looking back.
-_GRANT_TO_SEND: Final = 5.0
 #: ``date`` and ``-reset`` are given to the second: a reset this far before the date is real.
 _RESET_ROUNDING: Final = 1.5
 #: Header dimension names that map onto pool buckets.
