@@ -23,6 +23,7 @@ import redis
 from redis_server import RedisServer
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
+from ratekeeper.redis._engine import RemoteEngine
 from ratekeeper.redis._ops import Result
 from ratekeeper.redis._pools import _RemoteWaiter
 
@@ -264,7 +265,7 @@ def test_every_change_sent_twice_applies_once(server: RedisServer, backends: lis
     permits[0].release()  # unsent: 1 request back
     permits[1].settle({"input_tokens": 1, "output_tokens": 1})
     engine = limiter._engine
-    assert engine is not None
+    assert isinstance(engine, RemoteEngine)
     engine.give_back(engine._pools[POOL].runtime, {"requests": 1.0})  # batch_finished's path
     ops = backend.take_outbox()
     assert [op.script for op in ops] == ["release", "settle", "control"]
@@ -305,7 +306,7 @@ def test_a_cancel_that_arrives_first_makes_the_reserve_a_no_op(
     limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1).release()
     assert backend.flush()
     engine = limiter._engine
-    assert engine is not None
+    assert isinstance(engine, RemoteEngine)
     remote = engine._pools[POOL]
     reserve = engine._reserve_call(remote, [_RemoteWaiter({"requests": 1.0}, 0, 0, 0.0)])
     engine._cancel(remote, reserve)
