@@ -8,14 +8,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 BLOCK = re.compile(r"^```(python[-\w]*)[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+TOP_LEVEL = re.compile(r"^(\w+ = )?await |^async (with|for) ")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def test_an_example_with_top_level_await_says_so() -> None:
     for match in BLOCK.finditer(README):
-        top_level = [
-            line for line in match.group(2).splitlines() if re.match(r"^(\w+ = )?await |^async ", line)
-        ]
+        top_level = [line for line in match.group(2).splitlines() if TOP_LEVEL.match(line)]
         if not top_level:
             continue
         before = README[: match.start()].rstrip().rsplit("\n\n", 1)[-1]
