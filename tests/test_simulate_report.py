@@ -181,7 +181,7 @@ def test_plot_every_series_visible_legends_headline_and_sane_axes(minute: Simula
         assert lines["sdk"].get_linewidth() > lines["rpm-only"].get_linewidth()
     # no line of zeros hidden under another: strategies without 429s are named instead
     assert "ratekeeper" not in {line.get_label().split(":")[0] for line in refused.get_lines()}
-    assert any(t.get_text() == "no 429s: ratekeeper" for t in refused.texts)
+    assert any(t.get_text() == "no 429s:\nratekeeper" for t in refused.texts)
     assert any("full at the start" in t.get_text() for t in level.texts)
     assert any("the full bucket" in t.get_text() for t in rate.texts)
     assert level.get_ylim()[0] >= LEVEL_FLOOR - 5.0

@@ -99,13 +99,13 @@ def figure(result: SimulationResult, *, dimension: str | None = None) -> Any:
     )
     calm = [r.strategy for r in result.results if not r.rate_limited]
     if calm:
-        ax_429.text(
-            0.01,
-            0.92,
-            f"no 429s: {', '.join(calm)}",
+        ax_429.text(  # beside the panel, under its legend: over the lines it could hide a spike
+            1.01,
+            0.0,
+            "no 429s:\n" + "\n".join(calm),
             transform=ax_429.transAxes,
             fontsize="small",
-            va="top",
+            va="bottom",
         )
     ax_rate.annotate(
         f"first minute: the full bucket ({capacity:,.0f})\nplus a minute's refill may go in",
