@@ -160,8 +160,10 @@ def _emulate(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    print(f"listening on {http.url}", flush=True)
     try:
+        # said inside the try: an interrupt right after the line (a script that waits for it,
+        # then stops the server) is a clean stop, not a traceback and exit status -2
+        print(f"listening on {http.url}", flush=True)
         while True:
             http.sleep_until(http.now() + 3600)
     except KeyboardInterrupt:
