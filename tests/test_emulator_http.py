@@ -18,7 +18,6 @@ from anthropic.types import MessageParam
 
 from ratekeeper.cli._main import main
 from ratekeeper.emulator import EmulatedServer, EmulatorConfig, LatencyModel, PoolLimits, serve
-from ratekeeper.errors import ConfigurationError
 
 FAST = LatencyModel(ttft=0.01, tokens_per_second=5_000.0, error_delay=0.0)
 MODEL = "claude-haiku-4-5"
@@ -72,11 +71,38 @@ def test_many_clients_connecting_at_once_are_all_answered() -> None:
     assert statuses == [200] * 64
 
 
-def test_http_server_refuses_non_loopback_hosts() -> None:
-    with pytest.raises(
-        ConfigurationError, match=r"^the emulator listens on loopback addresses only, not '0\.0\.0\.0'$"
-    ):
-        serve(EmulatorConfig(), host="0.0.0.0")
+def test_http_server_listens_on_any_address_it_is_given_loopback_by_default() -> None:
+    # issue 15: `emulate --host` takes the address the user names (a container's 0.0.0.0, say)
+    with serve(EmulatorConfig(), port=0) as http:
+        assert (http.host, http.loopback) == ("127.0.0.1", True)
+    with serve(EmulatorConfig(), host="0.0.0.0", port=0) as http:
+        assert http.loopback is False
+        # every interface includes loopback: ask it there, nothing leaves the machine
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{http.port}/v1/messages/count_tokens",
+            data=b'{"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "Hi"}]}',
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+
+
+def test_cli_emulate_warns_when_not_on_loopback() -> None:
+    code = "from ratekeeper.cli._main import main; raise SystemExit(main())"
+    args = [sys.executable, "-c", code, "emulate", "--port", "0", "--host", "0.0.0.0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        assert proc.stdout.readline().startswith("listening on http://0.0.0.0:")
+        assert proc.stderr.readline().strip() == (
+            "ratekeeper emulate: 0.0.0.0 is not a loopback address: other machines can reach the "
+            "emulator, and it checks no API key"
+        )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
 
 
 def test_cli_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

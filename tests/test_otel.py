@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
+import pytest
 from limiter_support import POOL, RATE_LIMIT_BODY, SONNET, FakeClock, headers
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
 
-from ratekeeper import Limiter
+from ratekeeper import Limiter, LimiterStatistics
 from ratekeeper.otel import Metrics
 
 
@@ -49,3 +51,41 @@ def test_counters_histogram_and_gauges_of_a_limiter() -> None:
     levels = {attrs["dimension"]: value for attrs, value in got["ratekeeper.bucket.level"]}
     assert levels == limiter.statistics()[POOL].levels
     assert "ratekeeper.overloaded" not in got  # nothing counted, nothing reported
+
+
+class _Reporting:
+    """A limiter's ``statistics()`` with a report in it: what the gauge reads (weak-referenceable)."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    def statistics(self) -> LimiterStatistics:
+        stats = self.limiter.statistics()
+        pool = attrs.evolve(stats[POOL], reported={"requests": 41.0, "output_tokens": 7_200.0})
+        return attrs.evolve(stats, pools={POOL: pool})
+
+
+def test_the_last_reported_remaining_is_a_gauge_per_dimension() -> None:
+    reader = InMemoryMetricReader()
+    metrics = Metrics(meter_provider=MeterProvider(metric_readers=[reader]))
+    limiter = Limiter("tier-1", clock=FakeClock(), on_event=metrics)
+    limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+    watched = _Reporting(limiter)
+    metrics.watch(watched)  # type: ignore[arg-type]  # duck-typed: the gauges read statistics() only
+    got = collect(reader)["ratekeeper.bucket.reported"]
+    assert got == [
+        ({"pool": POOL, "dimension": "output_tokens"}, 7_200.0),
+        ({"pool": POOL, "dimension": "requests"}, 41.0),
+    ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the gate does not keep the last reported remaining yet (PoolStatistics.reported): "
+    "src/ratekeeper/gate/ is another session's to change",
+)
+def test_a_limiter_reports_the_remaining_its_last_response_gave() -> None:
+    limiter = Limiter("tier-1", clock=FakeClock())
+    permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+    permit.observe(headers(requests=(50, 41), output_tokens=(8_000, 7_200)))
+    assert dict(limiter.statistics()[POOL].reported) == {"requests": 41.0, "output_tokens": 7_200.0}

@@ -15,6 +15,8 @@ it ``watch``es a limiter, reads its ``statistics()`` whenever a reader collects
 - ``ratekeeper.overloaded`` (counter): 529s;
 - ``ratekeeper.wait`` (histogram, s): how long each granted request queued;
 - ``ratekeeper.bucket.level`` (gauge, with ``dimension``): what each bucket holds now;
+- ``ratekeeper.bucket.reported`` (gauge, with ``dimension``): the ``remaining`` the server's
+  last response reported (``PoolStatistics.reported``), to read against the level;
 - ``ratekeeper.queue.depth``, ``ratekeeper.in_flight`` (gauges): requests waiting, permits held.
 
 Needs the ``otel`` extra (``opentelemetry-api``, which the OpenTelemetry SDK
@@ -64,6 +66,12 @@ class Metrics:
             "ratekeeper.bucket.level", [self._levels], unit="{token}", description="What each bucket holds"
         )
         meter.create_observable_gauge(
+            "ratekeeper.bucket.reported",
+            [self._reported],
+            unit="{token}",
+            description="What the server's last response reported remaining",
+        )
+        meter.create_observable_gauge(
             "ratekeeper.queue.depth", [self._queue_depth], unit="{request}", description="Requests waiting"
         )
         meter.create_observable_gauge(
@@ -97,6 +105,14 @@ class Metrics:
             for stats in self._snapshots()
             for name, pool in stats.pools.items()
             for dim, level in pool.levels.items()
+        ]
+
+    def _reported(self, options: Any) -> Iterable[Any]:
+        return [
+            _metrics.Observation(remaining, {"pool": name, "dimension": dim})
+            for stats in self._snapshots()
+            for name, pool in stats.pools.items()
+            for dim, remaining in pool.reported.items()
         ]
 
     def _queue_depth(self, options: Any) -> Iterable[Any]:

@@ -44,7 +44,11 @@ def _foreign(text: str) -> tuple[str, float, float, float]:
 
 def _emulate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tier-1", help="tier-1..tier-4, start, build, scale (default: tier-1)")
-    p.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (default: 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)",
+    )
     p.add_argument("--port", type=int, default=8080, help="port; 0 picks a free one (default: 8080)")
     p.add_argument(
         "--mode", choices=["api", "unified", "wallet"], default="api", help="which server to emulate"
@@ -149,8 +153,17 @@ def _emulate(args: argparse.Namespace) -> int:
     except (ConfigurationError, OSError) as exc:
         print(f"ratekeeper emulate: {exc}", file=sys.stderr)
         return 2
-    print(f"listening on {http.url}", flush=True)
+    if not http.loopback:
+        print(
+            f"ratekeeper emulate: {args.host} is not a loopback address: other machines can reach the "
+            "emulator, and it checks no API key",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
+        # said inside the try: an interrupt right after the line (a script that waits for it,
+        # then stops the server) is a clean stop, not a traceback and exit status -2
+        print(f"listening on {http.url}", flush=True)
         while True:
             http.sleep_until(http.now() + 3600)
     except KeyboardInterrupt:
@@ -194,7 +207,10 @@ def _run(args: argparse.Namespace) -> int:
 
 COMMANDS: list[Command] = [
     Command(
-        "emulate", "run the rate-limit emulator as an HTTP server on loopback", _emulate_arguments, _emulate
+        "emulate",
+        "run the rate-limit emulator as an HTTP server (on loopback unless --host says otherwise)",
+        _emulate_arguments,
+        _emulate,
     ),
     Command(
         "simulate",

@@ -90,7 +90,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="share of every limit used by other clients of the organization (default 0)",
     )
     w = p.add_argument_group("workload")
-    w.add_argument("--concurrency", type=int, default=8, help="workers sending back to back (default 8)")
+    w.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="workers sending back to back (default: enough to ask for about twice what the preset "
+        "allows, at least 8: 8 for tier-1, 236 for tier-4)",
+    )
     w.add_argument(
         "--arrival-rate",
         type=float,
@@ -194,33 +200,45 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ratekeeper simulate``; returns the exit code."""
+    import attrs
+
     from ratekeeper.errors import ConfigurationError, MissingDependency, RateKeeperError
 
     prog = "ratekeeper simulate"
     try:
         from ratekeeper.simulate import Scenario, Workload, simulate
         from ratekeeper.simulate._report import json_lines, render_rich, render_text
+        from ratekeeper.simulate._run import concurrency_to_reach
     except ImportError as exc:
         print(
             f"{prog}: {exc.name or exc} is missing; install it with: pip install 'ratekeeper[cli]'",
             file=sys.stderr,
         )
         return 2
+    notes: list[str] = []
     try:
+        workload = Workload(
+            model=args.model,
+            concurrency=8 if args.concurrency is None else args.concurrency,
+            arrival_rate=args.arrival_rate,
+            prompt_tokens=args.prompt_tokens,
+            prompt_spread=args.prompt_spread,
+            max_tokens=args.max_tokens,
+            output_ratio=args.output_ratio,
+            cache_hit_ratio=args.cache_hit_ratio,
+            stream=args.stream,
+            seed=args.seed,
+        )
+        if args.concurrency is None:
+            chosen = concurrency_to_reach(args.preset, workload)
+            workload = attrs.evolve(workload, concurrency=chosen)
+            notes.append(
+                f"{chosen} workers: chosen for {args.preset} to ask for about twice what it allows "
+                "(--concurrency sets it)"
+            )
         scenario = Scenario(
             preset=args.preset,
-            workload=Workload(
-                model=args.model,
-                concurrency=args.concurrency,
-                arrival_rate=args.arrival_rate,
-                prompt_tokens=args.prompt_tokens,
-                prompt_spread=args.prompt_spread,
-                max_tokens=args.max_tokens,
-                output_ratio=args.output_ratio,
-                cache_hit_ratio=args.cache_hit_ratio,
-                stream=args.stream,
-                seed=args.seed,
-            ),
+            workload=workload,
             minutes=args.minutes,
             enforcement_interval=args.enforcement_interval,
             output_rule=args.output_rule,
@@ -256,9 +274,9 @@ def run(args: argparse.Namespace) -> int:
             print(line)
     else:
         try:
-            render_rich(result)
+            render_rich(result, notes=notes)
         except ImportError:
-            print(render_text(result))
+            print(render_text(result, notes=notes))
         runs = len(result.results)
         print(f"({scenario.minutes:g} simulated minutes x {runs} strategies in {wall:.1f}s wall time)")
     if args.plot:

@@ -54,6 +54,9 @@ class PoolStatistics:
     took). ``report_moment`` is what the headers have shown of the moment they
     describe: ``admission``, ``response``, ``mixed`` (each, in turn), or
     ``unknown`` so far (corrections then take the lower of the two readings).
+    ``reported`` is, per dimension, the ``remaining`` of the last response
+    headers that gave one (the server's word, next to the model's ``levels``);
+    empty until a response reports, and from an engine that does not keep it.
     """
 
     name: str
@@ -79,6 +82,7 @@ class PoolStatistics:
     events: Mapping[str, EventSummary] = attrs.field(factory=dict)
     raised: int = 0
     report_moment: str = "unknown"
+    reported: Mapping[str, float] = attrs.field(factory=dict)
 
     def format(self) -> str:
         """The pool in a few lines: traffic, each bucket, what it learned."""

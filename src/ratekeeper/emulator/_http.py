@@ -1,4 +1,4 @@
-"""The emulator as a real HTTP server on loopback, in wall-clock time."""
+"""The emulator as a real HTTP server (on loopback unless told otherwise), in wall-clock time."""
 
 from __future__ import annotations
 
@@ -13,22 +13,20 @@ from typing import Self, final
 from ratekeeper.emulator._config import EmulatorConfig
 from ratekeeper.emulator._server import EmulatedServer
 from ratekeeper.emulator._wire import EmulatorRequest, Reply
-from ratekeeper.errors import ConfigurationError
 
 __all__ = ["EmulatorHTTPServer", "serve"]
 
 _SKIP = {"content-length", "transfer-encoding", "connection"}
 
 
-def _check_loopback(host: str) -> None:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (``localhost``, ``127.x.x.x``, ``::1``)."""
     if host == "localhost":
-        return
+        return True
     try:
-        loopback = ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = False
-    if not loopback:
-        raise ConfigurationError(f"the emulator listens on loopback addresses only, not {host!r}")
+        return False
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -139,7 +137,11 @@ class _HTTPServer(ThreadingHTTPServer):
 
 @final
 class EmulatorHTTPServer:
-    """A running loopback HTTP server answering from an :class:`EmulatedServer`.
+    """A running HTTP server answering from an :class:`EmulatedServer`, on ``host`` (loopback by default).
+
+    Any address can be named (``0.0.0.0`` for every interface, to reach it from
+    a container or another machine): the emulator checks no API key, so
+    ``loopback`` says whether only this machine can reach it.
 
     Server time is wall-clock seconds since the server started. ``url`` is
     the base URL to give the SDK; ``close()`` (or leaving the ``with`` block)
@@ -147,12 +149,12 @@ class EmulatorHTTPServer:
     """
 
     def __init__(self, server: EmulatedServer, host: str = "127.0.0.1", port: int = 0) -> None:
-        _check_loopback(host)
         self.server = server
         self.lock = threading.Lock()
         self._httpd = _HTTPServer((host, port), _Handler)
         self._httpd.owner = self
         self.host = host
+        self.loopback = is_loopback(host)
         self.port = int(self._httpd.server_address[1])
         self._origin = time.monotonic()
         self._thread: threading.Thread | None = None
@@ -209,7 +211,10 @@ class EmulatorHTTPServer:
 def serve(
     config: EmulatorConfig | EmulatedServer | None = None, host: str = "127.0.0.1", port: int = 0
 ) -> EmulatorHTTPServer:
-    """Start the emulator on ``host:port`` (loopback only; port 0 picks a free one), in a background thread.
+    """Start the emulator on ``host:port`` in a background thread; port 0 picks a free one.
+
+    ``host`` is loopback by default; any address you name is taken (see
+    :class:`EmulatorHTTPServer`).
 
     >>> with serve(EmulatorConfig(preset="tier-2")) as http:  # doctest: +ELLIPSIS
     ...     http.url

@@ -16,9 +16,14 @@ server in ``[0, T)`` count, so what a strategy sends while draining does not):
 - *idle reserve* (``max_tokens`` OTPM rule only): output capacity held by
   reservations beyond what the requests produced, ``sum((max_tokens - output)
   * (settled_at - arrival)) / T``, as a fraction of the OTPM limit.
-- *wait*: per simulated request that succeeded, from when the program
-  wanted to send it to when the attempt that succeeded reached the server
-  (gate waits, refused attempts and the SDK's retry sleeps all count).
+- *ok* / *failed*: the simulated requests whose last attempt reached the server
+  in ``[0, T)`` (so ``ok`` is ``used["requests"]``), by how they ended for the
+  program; requests whose last attempt came later, while draining, are
+  ``after_end``; those still running when the drain ended, ``unfinished``.
+- *wait*: per simulated request, ok or failed, from when the program wanted
+  to send it to when its last attempt reached the server: for a success the
+  attempt that succeeded, for a failure the last refused one, after which the
+  SDK gave up (gate waits, refused attempts and the SDK's retry sleeps all count).
 """
 
 from __future__ import annotations
@@ -94,6 +99,11 @@ class Series:
 class StrategyResult:
     """One strategy's run: counts, utilization per dimension, goodput, waits, and the series.
 
+    The counts agree: ``requests_ok + requests_failed + requests_after_end +
+    requests_unfinished`` is ``requests_started``; ``requests_ok`` is
+    ``used["requests"]``; ``attempts`` is ``successes + rate_limited +
+    other_errors`` (``successes``: 200s, the drain's included).
+
     ``goodput_fraction`` and ``binding_dimension`` are filled in once every
     strategy of the run is known (the binding dimension is common to all).
     """
@@ -103,6 +113,8 @@ class StrategyResult:
     requests_ok: int
     requests_failed: int
     requests_unfinished: int
+    requests_after_end: int
+    successes: int
     rate_limited: int
     other_errors: int
     attempts: int
@@ -117,6 +129,11 @@ class StrategyResult:
     goodput_fraction: float = math.nan
 
     @property
+    def requests_started(self) -> int:
+        """Simulated requests the program began, however they ended."""
+        return self.requests_ok + self.requests_failed + self.requests_after_end + self.requests_unfinished
+
+    @property
     def utilization(self) -> dict[str, float]:
         """Used / allowed, per dimension."""
         return {d: self.used[d] / self.allowed[d] if self.allowed[d] else 0.0 for d in DIMENSIONS}
@@ -125,12 +142,15 @@ class StrategyResult:
         """The JSON line for ``--json``."""
         return {
             "strategy": self.strategy,
+            "requests_started": self.requests_started,
             "requests_ok": self.requests_ok,
-            "rate_limited": self.rate_limited,
             "requests_failed": self.requests_failed,
+            "requests_after_end": self.requests_after_end,
             "requests_unfinished": self.requests_unfinished,
-            "other_errors": self.other_errors,
             "attempts": self.attempts,
+            "successes": self.successes,
+            "rate_limited": self.rate_limited,
+            "other_errors": self.other_errors,
             "goodput_fraction": round(self.goodput_fraction, 6),
             "binding_dimension": self.binding_dimension,
             "utilization": {d: round(u, 6) for d, u in self.utilization.items()},
@@ -165,12 +185,12 @@ def _charges(rec: RequestRecord) -> dict[str, float]:
     }
 
 
-def _waits(outcomes: Iterable[Outcome], attempts: Iterable[Attempt]) -> list[float]:
-    last_ok: dict[int, float] = {}
+def _last_attempts(attempts: Iterable[Attempt]) -> dict[int, float]:
+    """Per simulated request, when its last attempt reached the server."""
+    last: dict[int, float] = {}
     for a in attempts:
-        if a.status == 200:
-            last_ok[a.index] = a.sent_at
-    return [last_ok[o.index] - o.wanted_at for o in outcomes if o.ok and o.index in last_ok]
+        last[a.index] = max(a.sent_at, last.get(a.index, -math.inf))
+    return last
 
 
 def _series(
@@ -237,13 +257,20 @@ def summarize(
         if output_rule == "max_tokens" and rec.settled_at is not None:
             idle += (rec.max_tokens - rec.output_tokens) * (rec.settled_at - rec.arrival)
     otpm = limits.get("output_tokens", 0.0)
-    waits = _waits(outcomes, attempts)
+    last = _last_attempts(attempts)
+    # a request counts in the run when its last attempt reached the server before T, as `used`
+    # counts the 200s that arrived before T: the two then agree
+    ended = [(o, last.get(o.index, o.wanted_at)) for o in outcomes]
+    in_run_outcomes = [(o, at) for o, at in ended if at < duration]
+    waits = [at - o.wanted_at for o, at in in_run_outcomes if o.index in last]
     return StrategyResult(
         strategy=strategy,
         duration_s=duration,
-        requests_ok=sum(1 for o in outcomes if o.ok),
-        requests_failed=sum(1 for o in outcomes if not o.ok),
+        requests_ok=sum(1 for o, _ in in_run_outcomes if o.ok),
+        requests_failed=sum(1 for o, _ in in_run_outcomes if not o.ok),
         requests_unfinished=unfinished,
+        requests_after_end=len(ended) - len(in_run_outcomes),
+        successes=sum(1 for a in attempts if a.status == 200),
         rate_limited=sum(1 for r in messages if r.status == 429),
         other_errors=sum(1 for r in messages if r.status not in (200, 429)),
         attempts=len(attempts),

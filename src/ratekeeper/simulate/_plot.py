@@ -7,11 +7,16 @@ from typing import Any, Final
 
 from ratekeeper.errors import MissingDependency
 from ratekeeper.simulate._metrics import BIN_SECONDS
+from ratekeeper.simulate._report import headline, twins
 from ratekeeper.simulate._run import SimulationResult
 
-__all__ = ["plot"]
+__all__ = ["LEVEL_FLOOR", "figure", "plot"]
 
 _DIM_NAMES: Final = {"requests": "RPM", "input_tokens": "ITPM", "output_tokens": "OTPM"}
+#: The level panel reads no lower than this (% of capacity); a bucket in deeper debt is drawn at the
+#: edge and the panel says how deep it went, so one spike cannot squash every other line flat.
+LEVEL_FLOOR: Final = -100.0
+_COLOURS: Final = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
 def _figure() -> Any:
@@ -19,17 +24,27 @@ def _figure() -> Any:
         from matplotlib.figure import Figure
     except ImportError:
         raise MissingDependency("matplotlib", "plot") from None
-    return Figure(figsize=(10, 8), layout="constrained")
+    return Figure(figsize=(12, 9), layout="constrained")
 
 
 def plot(result: SimulationResult, path: str | Path, *, dimension: str | None = None) -> Path:
-    """Write a PNG of ``result`` to ``path`` and return it.
+    """Write a PNG of ``result`` (see ``figure``) to ``path`` and return it."""
+    out = Path(path)
+    figure(result, dimension=dimension).savefig(out, dpi=100)
+    return out
+
+
+def figure(result: SimulationResult, *, dimension: str | None = None) -> Any:
+    """The matplotlib ``Figure`` of ``result``, for ``plot`` to save.
 
     Three panels over simulated time, one line per strategy, for ``dimension``
     (default: the binding one): the emulator's bucket level as a share of its
     capacity; what successful requests were charged over the last minute,
-    against the per-minute limit; and the 429s the server sent. Needs the ``plot`` extra (matplotlib),
-    drawn without pyplot so nothing global changes.
+    against the per-minute limit; and the 429s the server sent. The title
+    carries the headline (429s and failed requests per strategy); a strategy
+    whose run repeated another's is drawn dashed over it and labelled so, and
+    every panel has its legend. Needs the ``plot`` extra (matplotlib), drawn
+    without pyplot so nothing global changes.
     """
     fig = _figure()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,16 +53,32 @@ def plot(result: SimulationResult, path: str | Path, *, dimension: str | None = 
     dim = dimension or result.binding_dimension or "output_tokens"
     name = _DIM_NAMES[dim]
     sc = result.scenario
+    same = twins(result)
     ax_level, ax_rate, ax_429 = fig.subplots(3, 1, sharex=True, height_ratios=(3, 3, 2))
+    colour = {r.strategy: _COLOURS[i % len(_COLOURS)] for i, r in enumerate(result.results)}
+    lowest = 0.0
     for r in result.results:
         s = r.series
+        twin = same.get(r.strategy)
+        label = r.strategy if twin is None else f"{r.strategy} (= {twin}, dashed over it)"
+        # a repeat is drawn dashed on top of the thicker original, so both stay visible
+        style: dict[str, Any] = {"color": colour[r.strategy], "label": label}
+        if twin is not None:
+            style.update(linestyle=(0, (4, 3)), linewidth=1.4, zorder=3)
+        else:
+            style.update(linewidth=2.6 if r.strategy in same.values() else 1.2, zorder=2)
         minutes = [t / 60.0 for t in s.level_times]
-        ax_level.plot(minutes, [100 * v for v in s.levels.get(dim, ())], label=r.strategy, linewidth=1.2)
+        levels = [100 * v for v in s.levels.get(dim, ())]
+        lowest = min([lowest, *levels])
+        ax_level.plot(minutes, [max(LEVEL_FLOOR, v) for v in levels], **style)
         bins = [t / 60.0 for t in s.bin_times]
-        ax_rate.plot(bins, list(s.admitted[dim]), label=r.strategy, linewidth=1.2)
-        ax_429.step(bins, list(s.rate_limited), where="pre", label=r.strategy, linewidth=1.2)
+        ax_rate.plot(bins, list(s.admitted[dim]), **style)
+        if r.rate_limited:  # lines of zeros would lie on one another: those are named instead
+            style_429 = {**style, "label": f"{label}: {r.rate_limited}"}
+            ax_429.step(bins, list(s.rate_limited), where="pre", **style_429)
     limit = result.limits[dim]
-    ax_rate.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"{name} limit")
+    capacity = result.capacity[dim]
+    ax_rate.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"{name} limit (per minute)")
     if sc.foreign_traffic:
         ax_rate.axhline(
             limit * (1 - sc.foreign_traffic),
@@ -56,20 +87,61 @@ def plot(result: SimulationResult, path: str | Path, *, dimension: str | None = 
             linewidth=1,
             label="limit - foreign",
         )
-    ax_level.set_ylabel(f"{name} bucket level\n(% of capacity)")
-    ax_level.set_ylim(bottom=min(0.0, ax_level.get_ylim()[0]))
-    ax_rate.set_ylim(bottom=0.0)
+    # the bucket starts full, so the first minute may take its capacity on top of a minute's refill
+    ax_level.plot([0.0], [100.0], marker="o", color="black", linestyle="none")
+    ax_level.annotate(
+        "full at the start; the first wave\ntakes its share at once",
+        xy=(0.0, 100.0),
+        xytext=(1.0, -0.4),
+        textcoords="offset fontsize",
+        fontsize="small",
+        va="top",
+    )
+    calm = [r.strategy for r in result.results if not r.rate_limited]
+    if calm:
+        ax_429.text(  # beside the panel, under its legend: over the lines it could hide a spike
+            1.01,
+            0.0,
+            "no 429s:\n" + "\n".join(calm),
+            transform=ax_429.transAxes,
+            fontsize="small",
+            va="bottom",
+        )
+    ax_rate.annotate(
+        f"first minute: the full bucket ({capacity:,.0f})\nplus a minute's refill may go in",
+        xy=(1.0, limit + capacity),
+        xytext=(0.5, 1.0),
+        textcoords="offset fontsize",
+        fontsize="small",
+        va="bottom",
+    )
+    floor = max(LEVEL_FLOOR, lowest)
+    ax_level.set_ylim(floor - 5.0, 105.0)
+    if lowest < LEVEL_FLOOR:  # said above the panel, where it hides no line
+        ax_level.set_title(
+            f"clipped at {LEVEL_FLOOR:.0f}%: the bucket went down to {lowest:,.0f}% of its capacity "
+            "(a charge beyond what it holds leaves it in debt)",
+            loc="left",
+            fontsize="small",
+        )
+    ax_rate.set_ylim(0.0, max(limit + capacity, *ax_rate.get_ylim()) * 1.15)
+    ax_429.set_ylim(bottom=0.0)
+    ax_level.set_ylabel(f"{name} bucket level\n(% of capacity, {capacity:,.0f})")
     ax_rate.set_ylabel(f"admitted {name}\n(over the last minute)")
     ax_429.set_ylabel(f"429s per {BIN_SECONDS:g} s")
     ax_429.set_xlabel("simulated minutes")
-    ax_level.legend(loc="best", fontsize="small", ncols=len(result.results))
-    ax_rate.legend(loc="lower right", fontsize="small", ncols=3)
+    # legends beside the panels, where they hide no line
+    beside: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small"}
+    ax_level.legend(**beside)
+    ax_rate.legend(**beside)
+    if any(r.rate_limited for r in result.results):
+        ax_429.legend(**beside, title="429s in all", title_fontsize="small")
     for ax in (ax_level, ax_rate, ax_429):
         ax.grid(True, alpha=0.3)
     fig.suptitle(
-        f"{sc.preset} · {sc.workload.model} · enforcement {sc.enforcement_interval:g}s · "
-        f"OTPM rule {sc.output_rule}" + (f" · foreign {sc.foreign_traffic:.0%}" if sc.foreign_traffic else "")
+        f"{sc.preset} · {sc.workload.model} · {sc.workload.concurrency} workers · enforcement "
+        f"{sc.enforcement_interval:g}s · OTPM rule {sc.output_rule}"
+        + (f" · foreign {sc.foreign_traffic:.0%}" if sc.foreign_traffic else "")
+        + f"\n{headline(result)}"
     )
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    return out
+    return fig

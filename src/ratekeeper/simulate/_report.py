@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import IO, Final
 
-from ratekeeper.simulate._metrics import DIMENSIONS
-from ratekeeper.simulate._run import SimulationResult
+from ratekeeper.simulate._metrics import DIMENSIONS, StrategyResult
+from ratekeeper.simulate._run import SimulationResult, concurrency_to_reach
 
-__all__ = ["COLUMNS", "describe", "json_lines", "render_rich", "render_text", "table_rows"]
+__all__ = [
+    "COLUMNS",
+    "REACHED",
+    "describe",
+    "findings",
+    "headline",
+    "json_lines",
+    "render_rich",
+    "render_text",
+    "table_rows",
+    "twins",
+]
 
 _DIM_NAMES: Final = {"requests": "RPM", "input_tokens": "ITPM", "output_tokens": "OTPM"}
 _WIDTH: Final = 116
+#: Below this goodput for every strategy, the workload did not reach the limit and the report says so.
+REACHED: Final = 0.5
 #: Column headers of the table, in order.
 COLUMNS: Final = (
     "strategy",
@@ -79,6 +93,7 @@ def describe(result: SimulationResult) -> list[str]:
 def table_rows(result: SimulationResult) -> list[tuple[str, ...]]:
     """One row of cells per strategy, matching ``COLUMNS``."""
     rows: list[tuple[str, ...]] = []
+    same = twins(result)
     for r in result.results:
         u = r.utilization
         failed = str(r.requests_failed) + (
@@ -86,7 +101,7 @@ def table_rows(result: SimulationResult) -> list[tuple[str, ...]]:
         )
         rows.append(
             (
-                r.strategy,
+                r.strategy + (f" (= {same[r.strategy]})" if r.strategy in same else ""),
                 str(r.requests_ok),
                 str(r.rate_limited),
                 failed,
@@ -103,15 +118,68 @@ def table_rows(result: SimulationResult) -> list[tuple[str, ...]]:
 
 
 _FOOTER: Final = (
-    "ok/failed: simulated requests the SDK returned / raised for (after its retries); 429s: refusals the "
-    "server sent. RPM/ITPM/OTPM: used / allowed per dimension. idle reserve: output capacity held by "
-    "max_tokens beyond what was produced, as a share of OTPM. wait: from wanting to send to the attempt "
-    "that succeeded reaching the server. See docs/simulate.md."
+    "ok/failed: simulated requests the SDK returned / raised for (after its retries), whose last attempt "
+    "reached the server within the run; 429s: refusals the server sent. RPM/ITPM/OTPM: used / allowed per "
+    "dimension. idle reserve: output capacity held by max_tokens beyond what was produced, as a share of "
+    "OTPM. wait: per request, ok or failed, from wanting to send to its last attempt reaching the server "
+    "(the one that succeeded, or the last refused before the SDK gave up). See docs/simulate.md."
 )
 
 
-def render_text(result: SimulationResult) -> str:
-    """The plain-text table, with the description above it."""
+def _signature(r: StrategyResult) -> str:
+    d = r.as_dict()
+    del d["strategy"], d["wall_s"]
+    return json.dumps(d, sort_keys=True) + repr(r.series)
+
+
+def twins(result: SimulationResult) -> dict[str, str]:
+    """Strategy -> the earlier strategy whose run it repeated exactly (same counts, waits and series)."""
+    first: dict[str, str] = {}
+    out: dict[str, str] = {}
+    for r in result.results:
+        key = _signature(r)
+        if key in first:
+            out[r.strategy] = first[key]
+        else:
+            first[key] = r.strategy
+    return out
+
+
+def headline(result: SimulationResult) -> str:
+    """Per strategy, the 429s it met and the requests that failed: ``sdk 993 429s, 283 failed · ...``."""
+    parts = [f"{r.strategy} {r.rate_limited} 429s, {r.requests_failed} failed" for r in result.results]
+    return " · ".join(parts)
+
+
+def findings(result: SimulationResult) -> list[str]:
+    """What the table cannot say by itself: rows that repeat another, a limit the workload never reached."""
+    lines = []
+    by_name = {r.strategy: r for r in result.results}
+    for name, twin in twins(result).items():
+        line = f"{name} = {twin}: the same requests at the same moments; it never held one back"
+        if name == "rpm-only" or twin == "rpm-only":
+            rpm = by_name[name].utilization["requests"]
+            line += f" (RPM, the only limit it keeps, was at {rpm:.0%} of what the server allowed)"
+        lines.append(line)
+    best = max((r.goodput_fraction for r in result.results), default=math.nan)
+    if result.results and not best >= REACHED:
+        name = _DIM_NAMES.get(result.binding_dimension, result.binding_dimension)
+        w = result.scenario.workload
+        load = f"{w.concurrency} workers" + (f" + {w.arrival_rate:g}/min" if w.arrival_rate else "")
+        line = (
+            f"the workload did not reach the limit: at most {_pct(best)} of what {result.scenario.preset} "
+            f"allowed in {name}, its busiest dimension; {load} ask for too little for the strategies "
+            "to differ"
+        )
+        suggest = concurrency_to_reach(result.scenario.preset, w)
+        if suggest > w.concurrency:
+            line += f"; --concurrency {suggest} would ask for about twice the limit"
+        lines.append(line)
+    return lines
+
+
+def render_text(result: SimulationResult, *, notes: Sequence[str] = ()) -> str:
+    """The plain-text table, with the description above it and ``findings`` (then ``notes``) below."""
     rows = [COLUMNS, *table_rows(result)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     out = describe(result)
@@ -123,12 +191,13 @@ def render_text(result: SimulationResult) -> str:
         out.append("  ".join(cells).rstrip())
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
+    out.extend(f"note: {line}" for line in [*findings(result), *notes])
     out.append("")
     out.append(_FOOTER)
     return "\n".join(out)
 
 
-def render_rich(result: SimulationResult, file: IO[str] | None = None) -> None:
+def render_rich(result: SimulationResult, file: IO[str] | None = None, *, notes: Sequence[str] = ()) -> None:
     """Print the table with rich (raises ``ImportError`` without it).
 
     In a terminal too narrow for every column, the per-dimension ones (RPM,
@@ -155,12 +224,20 @@ def render_rich(result: SimulationResult, file: IO[str] | None = None) -> None:
         style = "bold" if r.strategy == "ratekeeper" else None
         table.add_row(*(row[i] for i in keep), style=style)
     console.print(table)
+    for line in [*findings(result), *notes]:
+        console.print(f"note: {line}", style="bold")
     console.print(_FOOTER, style="dim")
 
 
 def json_lines(result: SimulationResult) -> list[str]:
-    """One JSON object per strategy (see ``StrategyResult.as_dict``), with the scenario's key facts."""
+    """One JSON object per strategy (see ``StrategyResult.as_dict``), with the scenario and its workload.
+
+    ``workload`` is everything that decided what was sent (so runs can be told
+    apart); ``identical_to`` names an earlier strategy whose run this one repeated.
+    """
     sc = result.scenario
+    w = sc.workload
+    same = twins(result)
     extra = {
         "preset": sc.preset,
         "model": sc.workload.model,
@@ -169,5 +246,25 @@ def json_lines(result: SimulationResult) -> list[str]:
         "output_rule": sc.output_rule,
         "foreign_traffic": sc.foreign_traffic,
         "seed": sc.workload.seed,
+        "report_moment": sc.report_moment,
+        "opening": sc.opening,
+        "max_retries": sc.max_retries,
+        "strategies": list(sc.strategies),
+        "pool": result.pool,
+        "limits": result.limits,
+        "workload": {
+            "concurrency": w.concurrency,
+            "arrival_rate": w.arrival_rate,
+            "prompt_tokens": w.prompt_tokens,
+            "prompt_spread": w.prompt_spread,
+            "max_tokens": w.max_tokens,
+            "output_ratio": w.output_ratio,
+            "output_spread": w.output_spread,
+            "cache_hit_ratio": w.cache_hit_ratio,
+            "stream": w.stream,
+            "seed": w.seed,
+        },
     }
-    return [json.dumps({**r.as_dict(), **extra}) for r in result.results]
+    return [
+        json.dumps({**r.as_dict(), "identical_to": same.get(r.strategy), **extra}) for r in result.results
+    ]

@@ -27,19 +27,53 @@ from anyio.abc import TaskGroup
 
 from ratekeeper.core._accounting import OutputRule
 from ratekeeper.core._presets import limits_for
-from ratekeeper.emulator import EmulatedServer, EmulatorConfig, EmulatorTransport, ForeignTraffic
+from ratekeeper.emulator import (
+    EmulatedServer,
+    EmulatorConfig,
+    EmulatorTransport,
+    ForeignTraffic,
+    LatencyModel,
+)
 from ratekeeper.emulator._config import REPORT_MOMENTS, ReportMoment
 from ratekeeper.errors import ConfigurationError
 from ratekeeper.simulate._metrics import DIMENSIONS, Attempt, Outcome, StrategyResult, bind, summarize
 from ratekeeper.simulate._strategies import STRATEGIES, Sender, StrategyContext, make_sender
 from ratekeeper.simulate._workload import SIM_ID_HEADER, Workload, WorkloadGenerator
 
-__all__ = ["DEFAULT_STRATEGIES", "Progress", "Scenario", "SimulationResult", "simulate"]
+__all__ = [
+    "DEFAULT_STRATEGIES",
+    "Progress",
+    "Scenario",
+    "SimulationResult",
+    "concurrency_to_reach",
+    "simulate",
+]
 
 #: Every strategy, in the order they are shown.
 DEFAULT_STRATEGIES: Final = tuple(STRATEGIES)
 #: Called as ``progress(strategy, simulated_seconds_done, simulated_seconds_total)``.
 Progress = Callable[[str, float, float], None]
+
+
+def concurrency_to_reach(preset: str, workload: Workload, *, overload: float = 2.0, minimum: int = 8) -> int:
+    """Workers that ask for about ``overload`` times what ``preset`` allows ``workload``'s requests.
+
+    Each worker sends back to back, one request per emulated latency (time to
+    first token plus the mean output at the emulator's default speed); the
+    preset allows, per minute, the fewest requests of its three limits. At
+    least ``minimum`` (8 for Tier 1, whose limits 8 workers already exceed about
+    twice over). A limit the workload never reaches shows every strategy alike.
+
+    >>> concurrency_to_reach("tier-1", Workload()), concurrency_to_reach("tier-4", Workload())
+    (8, 236)
+    """
+    lim = limits_for(preset, workload.model)
+    latency = LatencyModel()
+    output = workload.max_tokens * workload.output_ratio
+    seconds = latency.ttft + output / latency.tokens_per_second
+    uncached = workload.prompt_tokens - (0 if lim.cache_reads_count else workload.cached_prefix_tokens)
+    per_minute = min(lim.rpm, lim.itpm / max(1.0, uncached), lim.otpm / max(1.0, output))
+    return max(minimum, math.ceil(overload * per_minute * seconds / 60.0))
 
 
 def _strategies(value: Sequence[str] | str) -> tuple[str, ...]:
