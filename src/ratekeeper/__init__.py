@@ -55,7 +55,7 @@ from ratekeeper.errors import (
 from ratekeeper.estimate._cache_predict import CachePrediction, PromptCachePredictor
 from ratekeeper.estimate._estimator import Calibration, Estimate, TokenEstimator
 from ratekeeper.gate._limiter import Limiter, Permit
-from ratekeeper.run import run_requests
+from ratekeeper.run import BatchRequest, RequestResult, run_requests
 
 if TYPE_CHECKING:
     from ratekeeper.redis._backend import RedisBackend
@@ -71,6 +71,7 @@ __all__ = [
     "AcquireTimeout",
     "BackendUnavailable",
     "BatchLimits",
+    "BatchRequest",
     "CachePrediction",
     "Calibration",
     "CapacityExceeded",
@@ -96,6 +97,7 @@ __all__ = [
     "RateKeeperError",
     "RateLimitSnapshot",
     "RedisBackend",
+    "RequestResult",
     "SpendCap",
     "SpendLimitReached",
     "TokenBucket",

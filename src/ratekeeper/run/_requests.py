@@ -25,7 +25,17 @@ _CUSTOM_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 @final
 @attrs.frozen
 class BatchRequest:
-    """One request: its ``custom_id``, the Messages ``params``, and the line it came from (if a file)."""
+    """One request: its ``custom_id``, the Messages ``params``, and the line it came from (if a file).
+
+    The Message Batches API's request (``{"custom_id": ..., "params": {...}}``)
+    as ``run_requests`` takes it; a dict in that format is turned into one by
+    ``ratekeeper.run.parse_request``, which checks it as the Batches API
+    would. Built directly, it is taken as it is.
+
+    >>> BatchRequest("q1", {"model": "claude-sonnet-4-5", "max_tokens": 100,
+    ...                     "messages": [{"role": "user", "content": "Hi"}]}).custom_id
+    'q1'
+    """
 
     custom_id: str
     params: Mapping[str, Any]
