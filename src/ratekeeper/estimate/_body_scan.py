@@ -726,6 +726,15 @@ class _Scanner:
             elif isinstance(content, _SEQUENCES):
                 for j, part in enumerate(content):
                     bpath = f"{path}.content[{j}]"
+                    if (
+                        type(part) is dict
+                        and part.get("type") == "text"
+                        and type(text := part.get("text")) is str
+                    ):
+                        # the commonest block, what block() and _cache_ttl() make of it, without the calls
+                        ttl = None if part.get("cache_control") is None else _cache_ttl(part, bpath)
+                        self.add(part, bpath, len(text) if text.isascii() else _text_len(text), 0, ttl)
+                        continue
                     block = _as_mapping(part, bpath)
                     chars, fixed = self.block(block, bpath, 0)
                     self.add(block, bpath, chars, fixed, _cache_ttl(block, bpath))
