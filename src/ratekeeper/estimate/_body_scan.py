@@ -839,7 +839,10 @@ class _Scanner:
                 framed[position] = _framed(values[n], units[position][2]) if encoded is None else encoded[n]
         for position, (markers, _, path) in enumerate(units):
             if markers:
-                key = hash((key, tuple(m if type(m) is str else _framed(m, path) for m in markers)))
+                if len(markers) != 1 or type(markers[0]) is not str:
+                    markers = tuple(m if type(m) is str else _framed(m, path) for m in markers)
+                # (else a message's role marker alone, already its encoding: the same tuple)
+                key = hash((key, markers))
             key = hash((key, framed[position]))
             if position in wanted:
                 keys[position] = key
