@@ -74,6 +74,13 @@ def test_baseline_lowercase_dict(benchmark: BenchmarkFixture) -> None:
     assert len(result) == len(HEADERS)
 
 
+def test_baseline_lowercase_httpx2(benchmark: BenchmarkFixture) -> None:
+    """The baseline for ``test_parse_headers_httpx2``: the same ``Headers``, lowercased into a dict."""
+    benchmark.group = "parse_headers: full header set"
+    result = benchmark(lambda: {name.lower(): value for name, value in HTTPX_HEADERS.items()})
+    assert len(result) == len(HEADERS)
+
+
 def test_parse_headers_dict(benchmark: BenchmarkFixture) -> None:
     benchmark.group = "parse_headers: full header set"
     snapshot: RateLimitSnapshot = benchmark(parse_headers, HEADERS, received_at=RECEIVED)

@@ -279,7 +279,7 @@ class _Exchange:
                     if observed:
                         permit.settle(usage, credits=credits)
                     else:  # the balance is fed below
-                        permit.settle(usage, credits=credits, headers=attrs.evolve(snapshot, quota=None))
+                        permit.settle(usage, credits=credits, headers=_without_quota(snapshot))
                         observed = True
                 settled = True
             except (TypeError, ValueError, OverflowError) as exc:
@@ -287,7 +287,7 @@ class _Exchange:
                 # reservation as charged (the safe side), and say what was wrong
                 log.warning("cannot settle on this response's usage (%s); keeping its reservation", exc)
         if not observed:
-            permit.observe(attrs.evolve(snapshot, quota=None))  # the balance is fed below
+            permit.observe(_without_quota(snapshot))  # the balance is fed below
         if not settled:
             permit.release()  # after the observation: a successful answer's reservation stands
             return snapshot
@@ -328,6 +328,12 @@ class _Exchange:
         else:
             # nothing seen: keep the reservation (the server charged it), give back what it didn't
             permit.release()
+
+
+def _without_quota(snapshot: RateLimitSnapshot) -> RateLimitSnapshot:
+    """``snapshot`` without its wallet balance (fed after the settlement); itself if it has none."""
+    # (attrs.evolve copies all sixteen fields, ~8 us, for the common answer without a wallet)
+    return snapshot if snapshot.quota is None else attrs.evolve(snapshot, quota=None)
 
 
 def _insufficient(permit: Permit, snapshot: RateLimitSnapshot, body: object) -> InsufficientCredits:

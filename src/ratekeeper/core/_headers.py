@@ -319,7 +319,11 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
     server_date = reader.parse("date", _http_date)
     reference = server_date if server_date is not None else received
     retry_ms = reader.parse("retry-after-ms", _non_negative)
-    retry_s = reader.parse("retry-after", lambda value: _retry_after(value, reference))
+    retry_s = (
+        reader.parse("retry-after", lambda value: _retry_after(value, reference))
+        if "retry-after" in reader.values
+        else None
+    )
     infos = {field: _limit_info(reader, prefix) for _, field, prefix in _DIMENSIONS}
 
     return RateLimitSnapshot(
@@ -398,6 +402,15 @@ def _collect(headers: _RawHeaders) -> tuple[dict[str, str], set[str]]:
         if len(lowered) == len(headers):  # no two names differing only in case
             return lowered, set()
         items: Iterable[object] = headers.items()
+    elif type(headers).__module__.partition(".")[0] in _HTTPX_MODULES:
+        # an httpx/httpx2 ``Headers`` (a response's): its pairs as decoded text, one list built
+        # in C, instead of ``items()``, which joins repeats in Python. With no name repeated
+        # (even in another case) the two say the same; otherwise ``items()`` as before.
+        pairs = headers.multi_items()  # type: ignore[union-attr]
+        lowered = {name.lower(): value for name, value in pairs}
+        if len(lowered) == len(pairs) and _str_items(lowered):
+            return lowered, set()
+        items = headers.items()  # type: ignore[union-attr]
     elif isinstance(headers, Mapping):
         items = headers.items()
     elif isinstance(headers, Iterable) and not isinstance(headers, str | bytes | bytearray):
@@ -435,9 +448,13 @@ def _collect(headers: _RawHeaders) -> tuple[dict[str, str], set[str]]:
     return values, undecodable
 
 
-def _str_items(headers: dict[object, object]) -> bool:
+def _str_items(headers: dict[str, object] | dict[object, object]) -> bool:
     """Whether every name and value is a ``str``."""
     return {*map(type, headers), *map(type, headers.values())} == {str}  # C loops, no generator
+
+
+# The packages whose ``Headers`` has ``multi_items()`` (see _collect).
+_HTTPX_MODULES: Final = frozenset({"httpx", "httpx2"})
 
 
 def _decode(raw: object) -> tuple[str, bool]:
@@ -496,10 +513,49 @@ def _limit_info(reader: _Reader, prefix: str) -> LimitInfo | None:
     return info
 
 
+# The unified headers (name, text pairs, in order) -> their UnifiedInfo, for families read
+# without a malformed value; bounded in entries and in what each holds (see _unified_info)
+_UNIFIED_MEMO: dict[tuple[tuple[str, str], ...], UnifiedInfo] = {}
+_UNIFIED_MEMO_SIZE: Final = 64
+_UNIFIED_MEMO_NAMES: Final = 32
+_UNIFIED_MEMO_NAME: Final = 128
+
+
 def _unified_info(reader: _Reader) -> UnifiedInfo | None:
-    names = [name for name in reader.values if name.startswith(_UNIFIED)]
+    """The unified family, or ``None`` if none of its names is there (API-key traffic).
+
+    A subscription's unified headers repeat from response to response (a window's
+    status, reset and utilization move slowly), so a family read whole without a
+    malformed value is remembered by its texts: one look-up and no conversion on a hit.
+    """
+    values = reader.values
+    names = [name for name in values if name.startswith(_UNIFIED)]
     if not names:
         return None
+    key = tuple([(name, values[name]) for name in names])
+    undecodable = reader.undecodable
+    clean = not undecodable or undecodable.isdisjoint(names)
+    if clean:
+        known = _UNIFIED_MEMO.get(key)
+        if known is not None:
+            for name in names:
+                del values[name]
+            return known
+    rejected = len(reader.unparsed)
+    info = _read_unified(reader, names)
+    if (
+        clean
+        and len(reader.unparsed) == rejected
+        and len(names) <= _UNIFIED_MEMO_NAMES
+        and all(len(name) <= _UNIFIED_MEMO_NAME and len(text) <= _MAX_RAW for name, text in key)
+    ):
+        if len(_UNIFIED_MEMO) >= _UNIFIED_MEMO_SIZE:
+            _UNIFIED_MEMO.clear()  # bounded: a burst of new values starts it over
+        _UNIFIED_MEMO[key] = info
+    return info
+
+
+def _read_unified(reader: _Reader, names: list[str]) -> UnifiedInfo:
     status = reader.parse(_UNIFIED + "status", _text)
     reset = reader.parse(_UNIFIED + "reset", _epoch)
     claim = reader.parse(_UNIFIED + "representative-claim", _text)
@@ -547,9 +603,16 @@ def _unified_window(reader: _Reader, window: str) -> UnifiedWindow:
 
 
 def _quota_info(reader: _Reader) -> QuotaInfo | None:
-    if not reader.has_any(_QUOTA):
-        return None
     used, balance, markup, reserved, balance_reserved = _QUOTA
+    values = reader.values
+    if not (
+        used in values
+        or balance in values
+        or markup in values
+        or reserved in values
+        or balance_reserved in values
+    ):
+        return None
     return QuotaInfo(
         credits_used=reader.parse(used, _non_negative),
         balance=reader.parse(balance, _signed),

@@ -726,6 +726,15 @@ class _Scanner:
             elif isinstance(content, _SEQUENCES):
                 for j, part in enumerate(content):
                     bpath = f"{path}.content[{j}]"
+                    if (
+                        type(part) is dict
+                        and part.get("type") == "text"
+                        and type(text := part.get("text")) is str
+                    ):
+                        # the commonest block, what block() and _cache_ttl() make of it, without the calls
+                        ttl = None if part.get("cache_control") is None else _cache_ttl(part, bpath)
+                        self.add(part, bpath, len(text) if text.isascii() else _text_len(text), 0, ttl)
+                        continue
                     block = _as_mapping(part, bpath)
                     chars, fixed = self.block(block, bpath, 0)
                     self.add(block, bpath, chars, fixed, _cache_ttl(block, bpath))
@@ -830,7 +839,10 @@ class _Scanner:
                 framed[position] = _framed(values[n], units[position][2]) if encoded is None else encoded[n]
         for position, (markers, _, path) in enumerate(units):
             if markers:
-                key = hash((key, tuple(m if type(m) is str else _framed(m, path) for m in markers)))
+                if len(markers) != 1 or type(markers[0]) is not str:
+                    markers = tuple(m if type(m) is str else _framed(m, path) for m in markers)
+                # (else a message's role marker alone, already its encoding: the same tuple)
+                key = hash((key, markers))
             key = hash((key, framed[position]))
             if position in wanted:
                 keys[position] = key

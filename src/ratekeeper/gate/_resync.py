@@ -185,11 +185,14 @@ class PoolFeedback:
                     if other.seq < seq:  # drawn in the model before this request, never sent
                         _add(early, other._charged)
             oldest = min(admitted, now) - transit
+            floor = oldest - _GRANT_TO_SEND
             for t, other_seq, charged, granted in reversed(rt.sends):
-                if granted < oldest - _GRANT_TO_SEND:
+                if granted < floor:
                     break
+                if t < oldest or other_seq == seq:  # most of them: tested before a look-up
+                    continue
                 held = rt.in_flight.get(other_seq)
-                if t < oldest or other_seq == seq or (held is not None and not held.sent):
+                if held is not None and not held.sent:
                     continue
                 if t > now - transit:
                     _add(unsent_maybe, charged)
