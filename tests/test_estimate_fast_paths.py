@@ -25,13 +25,15 @@ counts = st.one_of(
 
 @given(st.tuples(*[counts] * 6), st.booleans())
 def test_demand_shortcut_is_the_constructor(values: tuple[Any, ...], priority: bool) -> None:
+    fresh, max_tokens, read, write, write_1h, expected_output = values
+    args = (fresh, max_tokens, read, write, write_1h, expected_output, priority)
     try:
-        expected = Demand(*values, priority)
+        expected = Demand(*args)
     except (TypeError, ValueError) as exc:
         with pytest.raises(type(exc), match=f"^{re.escape(str(exc))}$"):
-            _demand(*values, priority)
+            _demand(*args)
         return
-    built = _demand(*values, priority)
+    built = _demand(*args)
     assert built == expected
     assert hash(built) == hash(expected)
     assert repr(built) == repr(expected)

@@ -58,6 +58,10 @@ async def _count_attempt(request: Any, call_next: Any) -> Any:
     # client middleware, inside RateLimitMiddleware: runs once per attempt with its permit granted
     flight = _FLIGHT.get()
     if flight is not None:
+        if flight.attempts == 0 and flight.scope.cancel_called:
+            # a stop withdrew it between its grant and here: the cancel must land now, before
+            # the transport's first checkpoint, where the server may already have it
+            await anyio.lowlevel.checkpoint()
         flight.attempts += 1
     return await call_next(request)
 
