@@ -17,6 +17,7 @@ from ratekeeper.emulator import (
     PoolLimits,
     VirtualClock,
 )
+from ratekeeper.errors import ConfigurationError
 
 pytestmark = pytest.mark.anyio
 
@@ -169,3 +170,39 @@ def test_sync_transport_with_a_virtual_clock() -> None:
     rec = server.log[1]
     assert rec.abandoned
     assert rec.output_tokens == 50
+
+
+async def test_uplink_holds_each_request_before_the_server_sees_it() -> None:
+    """Each request reaches the server a seeded 0..uplink seconds after it was sent."""
+    server = EmulatedServer(EmulatorConfig(latency=LatencyModel(ttft=0.5, jitter=0.0, uplink=2.0)))
+    client = make(server)
+    t0 = await warm(client)
+    sent: list[float] = []
+    for _ in range(5):
+        sent.append(anyio.current_time())
+        await client.messages.create(
+            model=MODEL, max_tokens=10, messages=HELLO, extra_headers={"x-emulator-output-tokens": "1"}
+        )
+    msgs = [r for r in server.log if r.endpoint == "messages"]
+    late = [r.arrival - s for r, s in zip(msgs, sent, strict=True)]
+    assert all(0.0 <= d <= 2.0 for d in late)
+    assert len(set(late)) == 5  # drawn per request, not one fixed delay
+    assert t0 <= sent[0]
+
+
+def test_sync_transport_waits_the_uplink_on_its_clock() -> None:
+    clock = VirtualClock()
+    server = EmulatedServer(EmulatorConfig(latency=LatencyModel(ttft=0.5, jitter=0.0, uplink=1.0)))
+    http = httpx2.Client(transport=EmulatorTransport(server, clock=clock, origin=0.0))
+    client = anthropic.Anthropic(api_key="test", http_client=http, base_url="http://emulator", max_retries=0)
+    client.messages.create(
+        model=MODEL, max_tokens=10, messages=HELLO, extra_headers={"x-emulator-output-tokens": "1"}
+    )
+    (rec,) = server.log
+    assert 0.0 < rec.arrival <= 1.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
+def test_uplink_must_be_finite_and_not_negative(bad: float) -> None:
+    with pytest.raises(ConfigurationError, match="uplink"):
+        LatencyModel(uplink=bad)

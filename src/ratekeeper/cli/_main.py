@@ -69,6 +69,13 @@ def _emulate_arguments(p: argparse.ArgumentParser) -> None:
         help="when non-streamed headers describe the buckets: at admission (default), at the response "
         "(after its settlement and all admitted meanwhile), or either at random",
     )
+    p.add_argument(
+        "--uplink",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="hold each request up to SECONDS (uniform, seeded) before admitting it, as a slow network",
+    )
     p.add_argument("--rpm", type=int, help="explicit RPM for every pool (with --itpm and --otpm)")
     p.add_argument("--itpm", type=int, help="explicit ITPM for every pool")
     p.add_argument("--otpm", type=int, help="explicit OTPM for every pool")
@@ -141,7 +148,9 @@ def _emulate(args: argparse.Namespace) -> int:
             report_moment=args.report_moment,
             seed=args.seed,
             epoch=epoch,
-            latency=LatencyModel(ttft=args.ttft, tokens_per_second=args.tokens_per_second),
+            latency=LatencyModel(
+                ttft=args.ttft, tokens_per_second=args.tokens_per_second, uplink=args.uplink
+            ),
             overload_probability=args.overload_probability,
             midstream_error_probability=args.midstream_error_probability,
             monthly_spend_cap_usd=args.spend_cap,

@@ -75,6 +75,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         "or either at random",
     )
     s.add_argument(
+        "--uplink",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="longest time a request takes to reach the server after it is sent (each draws its "
+        "own, 0 to SECONDS; default 0)",
+    )
+    s.add_argument(
         "--opening",
         type=_positive(float),
         default=None,
@@ -245,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
             foreign_traffic=args.foreign_traffic,
             report_moment=args.report_moment,
             opening=args.opening,
+            uplink=args.uplink,
             strategies=args.strategies,
             max_retries=args.max_retries,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import random
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, final
@@ -49,6 +50,11 @@ def _non_negative(_inst: object, attr: attrs.Attribute[Any], value: float) -> No
         raise ConfigurationError(f"{attr.name} must be non-negative, got {value!r}")
 
 
+def _seconds(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
+    if not 0 <= value < math.inf:
+        raise ConfigurationError(f"{attr.name} must be a finite number of seconds >= 0, got {value!r}")
+
+
 def _probability(_inst: object, attr: attrs.Attribute[Any], value: float) -> None:
     if not 0 <= value <= 1:
         raise ConfigurationError(f"{attr.name} must be between 0 and 1, got {value!r}")
@@ -72,7 +78,11 @@ class LatencyModel:
     ``jitter`` is the relative spread (uniform, seeded) applied to both;
     ``error_delay`` is how long a rejection (429, 529, 4xx) takes to come
     back; ``max_delta_events`` caps the content deltas of one stream (tokens
-    are grouped into that many events at most).
+    are grouped into that many events at most). ``uplink`` is the longest time a
+    request spends between the client's send and the server's admission: each
+    request draws its own, uniformly from 0 to ``uplink`` (seeded, from a stream of
+    its own), so requests may reach the server late and out of the order they were
+    sent in, as over a real network. It is 0 by default (admission at the send).
     """
 
     ttft: float = attrs.field(default=0.5, validator=_non_negative)
@@ -80,6 +90,7 @@ class LatencyModel:
     jitter: float = attrs.field(default=0.1, validator=_probability)
     error_delay: float = attrs.field(default=0.05, validator=_non_negative)
     max_delta_events: int = attrs.field(default=40, validator=_positive)
+    uplink: float = attrs.field(default=0.0, validator=_seconds)
 
 
 @final

@@ -55,6 +55,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length) if length else b""
         host = self.headers.get("host") or f"{owner.host}:{owner.port}"
+        with owner.lock:
+            uplink = owner.server.uplink_delay()
+        if uplink > 0:
+            owner.sleep_until(owner.now() + uplink)
         req = EmulatorRequest(self.command, self.path, body, dict(self.headers.items()), f"http://{host}")
         arrival = owner.now()
         with owner.lock:

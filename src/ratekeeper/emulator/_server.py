@@ -88,6 +88,20 @@ class EmulatedServer:
         self._st.record(rid, now, "unknown", 404, error_type="not_found_error", settled_at=now)
         return self._st.error(404, "not_found_error", "Not Found", rid, now)
 
+    def uplink_delay(self) -> float:
+        """How long the next request takes to reach the server (``LatencyModel.uplink``).
+
+        Transports wait this long between the client's send and :meth:`handle`.
+
+        >>> from ratekeeper.emulator import LatencyModel
+        >>> EmulatedServer(EmulatorConfig()).uplink_delay()
+        0.0
+        >>> 0.0 <= EmulatedServer(EmulatorConfig(latency=LatencyModel(uplink=2.0))).uplink_delay() <= 2.0
+        True
+        """
+        top = self._st.config.latency.uplink
+        return self._st.uplink_rng.uniform(0.0, top) if top > 0 else 0.0
+
     def abandon(self, request_id: str, now: float) -> bool:
         """The client stopped reading ``request_id`` at ``now``: settle what was produced by then.
 

@@ -59,6 +59,7 @@ class ServerState:
         self.rng = random.Random(config.seed)
         # its own stream, so a mixed report moment leaves every other draw as it was
         self.moment_rng = random.Random(f"moment-{config.seed}")
+        self.uplink_rng = random.Random(f"uplink-{config.seed}")
         self.ids = IdSource(config.seed)
         self.org_id = str(uuid.UUID(int=random.Random(f"org-{config.seed}").getrandbits(128), version=4))
         self.ledger = Ledger()

@@ -94,6 +94,10 @@ class EmulatorTransport(httpx2.AsyncBaseTransport, httpx2.BaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         """Answer ``request`` after the emulated latency, with ``anyio`` time."""
         body = await request.aread()
+        with self._lock:
+            uplink = self.server.uplink_delay()
+        if uplink > 0:
+            await anyio.sleep(uplink)
         reply, arrival = self._handle(request, body, anyio.current_time())
         try:
             await anyio.sleep_until(self._local_time(arrival + reply.delay))
@@ -113,6 +117,10 @@ class EmulatorTransport(httpx2.AsyncBaseTransport, httpx2.BaseTransport):
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         """Answer ``request`` after the emulated latency, with ``self.clock`` time."""
         body = request.read()
+        with self._lock:
+            uplink = self.server.uplink_delay()
+        if uplink > 0:
+            self.clock.sleep(uplink)
         reply, arrival = self._handle(request, body, self.clock.now())
         try:
             self._sleep_until(self._local_time(arrival + reply.delay))

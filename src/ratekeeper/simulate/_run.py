@@ -97,7 +97,9 @@ class Scenario:
     non-streamed headers describe (``admission``, ``response`` or ``mixed``:
     see :class:`~ratekeeper.emulator.EmulatorConfig`). ``opening`` is given to
     ratekeeper's limiter (``Limiter(opening=...)``: seconds of the limit its
-    first wave spends before the first report). After ``minutes`` no new request starts;
+    first wave spends before the first report). ``uplink`` is the longest time a
+    request takes to reach the server after it is sent (each draws its own, from 0
+    to ``uplink``: see :class:`~ratekeeper.emulator.LatencyModel`). After ``minutes`` no new request starts;
     requests under way get up to ``drain_seconds`` to finish.
     """
 
@@ -109,6 +111,7 @@ class Scenario:
     foreign_traffic: float = 0.0
     report_moment: str = "admission"
     opening: float | None = None
+    uplink: float = 0.0
     strategies: tuple[str, ...] = attrs.field(default=DEFAULT_STRATEGIES, converter=_strategies)
     max_retries: int = 2
     drain_seconds: float = 120.0
@@ -131,6 +134,8 @@ class Scenario:
             raise ConfigurationError(
                 f"report_moment must be one of {', '.join(REPORT_MOMENTS)}, got {self.report_moment!r}"
             )
+        if not 0 <= self.uplink <= 60:
+            raise ConfigurationError(f"uplink must be in [0, 60] seconds, got {self.uplink!r}")
         if not 0 <= self.foreign_traffic < 1:
             raise ConfigurationError(f"foreign_traffic must be in [0, 1), got {self.foreign_traffic!r}")
         if not self.strategies:
@@ -162,6 +167,7 @@ class Scenario:
             otpm_rule="max_tokens" if self.output_rule == "max_tokens" else "actual",
             report_moment=cast(ReportMoment, self.report_moment),
             seed=self.workload.seed,
+            latency=LatencyModel(uplink=self.uplink),
             foreign=foreign,
             monthly_spend_cap_usd=math.inf,  # the spend cap is not what a throughput run measures
         )
