@@ -51,6 +51,43 @@ def test_admission_estimate_never_exceeds_the_capacity_and_never_mints(
     assert got <= lowest + rate * 20.0 + sum(c for _, c in events if c > 0) + 1e-6
 
 
+@given(
+    lowest=st.floats(-5_000, 5_000),
+    events=st.lists(st.tuples(st.floats(0, 20), st.floats(-3_000, 3_000)), max_size=8),
+    rate=st.floats(0, 1_000),
+    late=st.floats(0, 5),
+    where=st.floats(0, 1),
+)
+def test_a_late_admission_is_never_read_as_more_than_the_server_holds(
+    lowest: float, events: list[tuple[float, float]], rate: float, late: float, where: float
+) -> None:
+    """Sent at 0, admitted at any moment up to ``late`` after: never above the server's level.
+
+    The server's report holds every change up to its admission and none after; the client
+    does not know which of its changes came before it, so the reading must be safe for all.
+    """
+    events.sort()
+    admitted = where * late
+    truth = admission_estimate(
+        lowest,
+        admitted,
+        20.0,
+        [e for e in events if e[0] > admitted],
+        rate=rate,
+        capacity=5_000.0,
+        pending=0.0,
+    )
+    got = admission_estimate(lowest, 0.0, 20.0, events, rate=rate, capacity=5_000.0, pending=0.0, late=late)
+    assert got <= truth + 1e-6
+
+
+def test_a_late_admission_counts_no_refill_before_it_could_have_happened() -> None:
+    """A request admitted up to 2 s after its send: the report may be 2 s younger than the send."""
+    on_time = admission_estimate(1_000, 0.0, 5.0, [], rate=100.0, capacity=5_000.0, pending=0.0)
+    late = admission_estimate(1_000, 0.0, 5.0, [], rate=100.0, capacity=5_000.0, pending=0.0, late=2.0)
+    assert (on_time, late) == (1_500, 1_300)
+
+
 def test_response_estimate_is_the_report_less_what_it_cannot_count() -> None:
     assert response_estimate(4_500, 1_024) == 3_476
 

@@ -166,13 +166,14 @@ def test_resync_orders_by_admission_not_by_arrival_in_the_queue() -> None:
             assert len(granted) == 2
             assert levels(limiter)["input_tokens"] == 500
             clock.advance(1)  # the head has reached the server
-            # cached's response: 5,000 left. Taken at t = 1 (cached's admission, before the head's
-            # grant), it means 4,500 at the least then, 30 s of refill (19,500), the head's 20,000
-            # at t = 31 (and 5% more: unsettled, its estimate may fall short) and a second of
-            # refill: -1,000 now. Taken now, 4,500. The lower is the one safe under both (lowering
-            # to the report less the head's 20,000, -15,500, would forget the refill)
+            # cached's response: 5,000 left. Taken at cached's admission (before the head's grant;
+            # up to a quarter second after its send at t = 1, so its refill counts from 1.25), it
+            # means 4,500 at the least then, 29.75 s of refill (19,375), the head's 20,000 at t = 31
+            # (and 5% more: unsettled, its estimate may fall short) and a second of refill: -1,125
+            # now. Taken now, 4,500. The lower is the one safe under both (lowering to the report
+            # less the head's 20,000, -15,500, would forget the refill)
             cached.observe(headers(input_tokens=(30_000, 5_000)))
-            assert levels(limiter)["input_tokens"] == -1_000
+            assert levels(limiter)["input_tokens"] == -1_125
             tg.cancel_scope.cancel()
 
     anyio.run(main)
@@ -215,6 +216,38 @@ async def test_a_long_retry_after_pauses_only_its_pool(anyio_backend_name: str) 
             tg.cancel_scope.cancel()
     if anyio_backend_name == "trio":
         assert granted == [pytest.approx(7999)] * 3
+
+
+def test_a_refusal_event_lengthens_the_transit_once_per_event() -> None:
+    """0.25 s assumed at first; 0.5 after the first refusal, 1.0 after a later one, never above 4.
+
+    Two permits granted before the first refusal are one event: the second 429 teaches nothing.
+    """
+    clock = FakeClock()
+    events = Events()
+    limiter = Limiter("tier-1", clock=clock, on_event=events)
+    first = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    same_wave = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    first.observe(headers(retry_after=1), status=429, body=RATE_LIMIT_BODY)
+    first.release()
+    same_wave.observe(headers(retry_after=1), status=429, body=RATE_LIMIT_BODY)
+    same_wave.release()
+    assert [e.detail["transit"] for e in events.of("transit_change")] == [0.5]
+    for _ in range(5):
+        clock.advance(120)
+        later = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+        later.observe(headers(retry_after=1), status=429, body=RATE_LIMIT_BODY)
+        later.release()
+    assert [e.detail["transit"] for e in events.of("transit_change")] == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_a_limiter_without_adaptive_burst_keeps_its_transit() -> None:
+    events = Events()
+    limiter = Limiter("tier-1", clock=FakeClock(), on_event=events, adaptive_burst=False)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    permit.observe(headers(retry_after=1), status=429, body=RATE_LIMIT_BODY)
+    permit.release()
+    assert events.of("transit_change") == []
 
 
 def test_an_unpredicted_429_shrinks_the_burst_and_clean_traffic_grows_it_back() -> None:

@@ -47,7 +47,7 @@ def test_times_are_aware_datetimes_and_seconds_from_the_snapshot() -> None:
     )
     assert dict(stats.events["limit_change"].detail) == {"requests": 60}  # learned from the headers
     assert stats.events["rate_limited"].count == 1
-    assert set(stats.events) == {"limit_change", "burst_change", "pause", "rate_limited"}
+    assert set(stats.events) == {"limit_change", "burst_change", "pause", "rate_limited", "transit_change"}
 
 
 def test_a_pool_not_made_yet_is_a_clear_error() -> None:
@@ -84,6 +84,7 @@ def test_str_says_the_snapshot_in_lines() -> None:
         " burst 0.5 (30 s of refill), share 100%",
         "  paused 10 s more, until T (429 rate_limit_error)",
         "  burst_change x1, last 2 s ago: burst=0.5",
+        "  transit_change x1, last 2 s ago: transit=0.5",
         "  pause x1, last 2 s ago: seconds=12, reason=429",
         "  rate_limited x1, last 2 s ago: predicted=False, retry_after=12",
     ]

@@ -69,6 +69,7 @@ def admission_estimate(
     rate: float,
     capacity: float,
     pending: float,
+    late: float = 0.0,
 ) -> float:
     """The server's level now, if ``lowest`` was its level when the request was admitted.
 
@@ -81,12 +82,23 @@ def admission_estimate(
     bucket would count seconds of refill the server threw away; with the refill
     added before the draws instead (clamping once), it would count none.
 
+    ``admitted_at`` is when the request was sent; the server may have admitted it
+    up to ``late`` seconds after (the network, a stalled sender). The refill is
+    counted from the latest such moment and a give-back at or before it is not counted
+    (the report may already hold both), while every draw since the send is (the
+    report may hold none of them): safe wherever in that window the admission was.
+
     >>> admission_estimate(4_000, 0.0, 10.0, [(1.0, -3_000), (9.0, 2_000)],
     ...                    rate=1_000.0, capacity=5_000.0, pending=500.0)
     4500.0
+    >>> admission_estimate(4_000, 0.0, 10.0, [(0.5, 1_000), (1.0, -3_000), (9.0, 2_000)],
+    ...                    rate=1_000.0, capacity=20_000.0, pending=500.0, late=1.0)
+    11500.0
     """
-    level, t = float(lowest), admitted_at
+    level, t = float(lowest), admitted_at + max(0.0, late)
     for at, change in events:
+        if at <= t and change > 0:
+            continue
         if at > t:
             level = min(capacity, level + rate * (at - t))
             t = at

@@ -27,7 +27,7 @@ SLOW_WAIT: Final = 5.0
 #: The kinds said at INFO. ``spend_limit`` and ``unified_warning`` have their own ERROR and
 #: WARNING lines; ``resync`` (a correction on every response) and quick grants are DEBUG.
 _INFO_KINDS: Final = frozenset(
-    {"rate_limited", "pause", "limit_change", "burst_change", "share_change", "overloaded"}
+    {"rate_limited", "pause", "limit_change", "burst_change", "share_change", "transit_change", "overloaded"}
 )
 #: The kinds said at WARNING: the limit itself cannot be used as configured.
 _WARNING_KINDS: Final = frozenset({"bucket_too_small"})
@@ -55,6 +55,11 @@ def _say(kind: str, pool: str, detail: Mapping[str, Any]) -> str:
         return f"{pool}: {how}: {burst:.3g} of a minute's limit ({burst * 60.0:.3g} s of refill)"
     if kind == "share_change":
         return f"{pool}: counting on {detail.get('share', 1.0):.0%} of the refill (others use the same limit)"
+    if kind == "transit_change":
+        return (
+            f"{pool}: requests are taken to reach the server up to {_seconds(detail.get('transit'))}"
+            " after they are sent (a refusal the reports did not foresee)"
+        )
     if kind == "overloaded":
         return f"{pool}: 529 overloaded; backing off {_seconds(detail.get('backoff'))}"
     if kind == "grant":

@@ -48,6 +48,9 @@ MIN_SHARE: Final = 0.25
 #: The longest a request is taken to travel to the server (in case no answer came quickly):
 #: one the server may not have received yet is not counted in a report taken at its response.
 MAX_TRANSIT: Final = 0.25
+#: How long a request can be taken to travel once refusals showed MAX_TRANSIT is too short (a
+#: slow network, a sender stalled between its send and the wire): doubled on each such event.
+MAX_LEARNED_TRANSIT: Final = 4.0
 #: The dimensions our own draws on are estimates until settled (the server counts the real input).
 _ESTIMATED: Final = frozenset({"input_tokens", "tokens", "priority_input_tokens"})
 #: The dimensions output draws on.
@@ -177,7 +180,7 @@ class PoolFeedback:
                 rt.fastest = min(rt.fastest, now - sent_at)
             else:
                 sent_at = permit.started_at
-            transit = min(rt.fastest, MAX_TRANSIT)
+            transit = max(min(rt.fastest, MAX_TRANSIT), rt.transit)
             admitted, seq = sent_at, permit.seq
             for other in rt.in_flight.values():
                 if not other.sent:
@@ -285,10 +288,11 @@ class PoolFeedback:
                             rate=bucket.rate,
                             capacity=bucket.capacity,
                             pending=unsent.get(dim, 0.0),
+                            late=transit,
                         )
                     else:  # the rings do not reach back to the admission: all refill first, the safe side
                         admission = (
-                            min(lowest + bucket.rate * max(0.0, now - admitted), bucket.capacity)
+                            min(lowest + bucket.rate * max(0.0, now - admitted - transit), bucket.capacity)
                             - since
                             - then
                             - then_maybe
@@ -401,6 +405,16 @@ class PoolFeedback:
             burst = pool.shrink_burst(now)
             rt.shrink_seq = next(self._seq)
             self._lim._emit("burst_change", rt, now, {"burst": burst})
+        if self._lim._adaptive and permit is not None and permit.seq > rt.transit_seq:
+            # A refusal can also mean the report this request was let in on was read as taken
+            # earlier than it was: requests reach the server later than the model assumed
+            # (it then counts refill the server had already given). Allow them longer, once per
+            # event; the cost is a little refill per report not counted on.
+            rt.transit_seq = next(self._seq)
+            longer = min(MAX_LEARNED_TRANSIT, max(2.0 * MAX_TRANSIT, 2.0 * rt.transit))
+            if longer > rt.transit:
+                rt.transit = longer
+                self._lim._emit("transit_change", rt, now, {"transit": longer})
         retry = snap.retry_after
         retry = 1.0 if retry is None else capped_pause(retry, "a 429's retry-after")
         if pool.pause(now + retry, "429 rate_limit_error"):

@@ -200,6 +200,8 @@ class PoolRuntime:
         "shortfalls",
         "shrink_seq",
         "too_small",
+        "transit",
+        "transit_seq",
         "uncounted",
         "waits",
     )
@@ -223,6 +225,10 @@ class PoolRuntime:
         self.raised = 0
         # the quickest answer seen from sending to its headers: no request travels longer
         self.fastest = math.inf
+        # the longest a request has been shown to take to reach the server (0: nothing shown;
+        # grown on refusals the reports did not foresee), and the grant order it was set at
+        self.transit = 0.0
+        self.transit_seq = -1
         # the dimensions whose bucket was found smaller than a request's reservation (said once)
         self.too_small: set[str] = set()
         # [sent at, seq, charges, granted at] of the latest requests granted (sent at = granted
