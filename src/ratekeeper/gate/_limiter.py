@@ -49,7 +49,7 @@ from ratekeeper.gate._demand import (
 from ratekeeper.gate._engine import Engine
 from ratekeeper.gate._events import EventLog, HookLock
 from ratekeeper.gate._local import LocalEngine
-from ratekeeper.gate._state import _FAILED, _WAITING, Permit, PoolRuntime
+from ratekeeper.gate._state import _FAILED, Permit, PoolRuntime
 
 __all__ = ["Limiter", "Permit"]
 
@@ -483,14 +483,12 @@ class Limiter:
 
     def _fail_all(self, error_for: Callable[[], BaseException]) -> None:
         for rt in self._pools.values():
-            for dq in rt.queue.values():
-                for w in dq:
-                    if w.state == _WAITING:
-                        w.state = _FAILED
-                        w.error = error_for()
-                        rt.queued -= 1
-                        w.wake()
-                dq.clear()
+            for w in rt.queue.waiting():
+                w.state = _FAILED
+                w.error = error_for()
+                rt.queued -= 1
+                w.wake()
+            rt.queue.clear()
             rt.next_wake = math.inf
 
     def observe(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import threading
 from asyncio import _get_running_loop as _running_loop
-from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, final
 
@@ -309,10 +308,7 @@ class LocalEngine:
     ) -> Waiter:
         waiter = Waiter(draws, priority, next(self._seq), now)
         waiter.credit = credit
-        dq = rt.queue.get(priority)
-        if dq is None:
-            dq = rt.queue[priority] = deque()
-        dq.append(waiter)
+        rt.queue.push(waiter)
         rt.queued += 1
         return waiter
 
@@ -363,21 +359,9 @@ class LocalEngine:
             # Look at up to ``window`` live waiters behind the head. The ones granted or gone
             # met on the way are dropped from the queue, so they never use up the window.
             budget = self._window
-            for dq in rt.ordered():
-                kept: list[Waiter] = []
-                while dq and budget:
-                    w = dq.popleft()
-                    if w.state != _WAITING:
-                        continue
-                    if w is not head:
-                        budget -= 1
-                        if pool.fits_without_delaying(w.draws, head.draws, wait, now):
-                            self._grant_waiter(rt, w, now)
-                            continue
-                    kept.append(w)
-                dq.extendleft(reversed(kept))
-                if not budget:
-                    break
+            for w in rt.queue.first(budget + 1):  # the head and up to ``window`` behind it
+                if w is not head and pool.fits_without_delaying(w.draws, head.draws, wait, now):
+                    self._grant_waiter(rt, w, now)
         if head is not old_head or head.event is None or not head.event.is_set():
             head.wake()  # the head re-plans its timer
 
@@ -407,16 +391,14 @@ class LocalEngine:
 
     def _fail_impossible(self, rt: PoolRuntime) -> None:
         """After a limit went down, the waiters whose cost can no longer ever fit fail at once."""
-        for dq in rt.queue.values():
-            for w in dq:
-                if w.state == _WAITING:
-                    try:
-                        rt.pool.check(w.draws)
-                    except CapacityExceeded as exc:
-                        w.state = _FAILED
-                        w.error = exc
-                        rt.queued -= 1
-                        w.wake()
+        for w in rt.queue.waiting():
+            try:
+                rt.pool.check(w.draws)
+            except CapacityExceeded as exc:
+                w.state = _FAILED
+                w.error = exc
+                rt.queued -= 1
+                w.wake()
 
     def settle_observing(self, permit: Permit, usage: object, credits: float | None, headers: object) -> Cost:
         """``settle`` with a complete answer's headers: settle, read the headers, then wake."""

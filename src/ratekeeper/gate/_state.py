@@ -25,6 +25,7 @@ from ratekeeper.core._pool import Pool
 from ratekeeper.core._stats import AdmittedWindow, Mark, WaitSamples, with_tokens
 from ratekeeper.errors import ConfigurationError
 from ratekeeper.gate._demand import _MAX_COUNT, _check_status, _usage_counts
+from ratekeeper.gate._queue import WaiterState, WaitQueue
 
 __all__ = ["Permit", "PermitEngine", "PermitOwner", "PermitState", "PoolRuntime", "Waiter", "WaiterState"]
 
@@ -65,20 +66,6 @@ class PermitOwner(Protocol):
 
     @property
     def _now(self) -> Callable[[], float]: ...
-
-
-class WaiterState(enum.Enum):
-    """Where a waiter stands. Only ``WAITING`` is in line; the others have left it."""
-
-    WAITING = "waiting"
-    #: Admitted: its permit is ready for the task (or thread) to pick up.
-    GRANTED = "granted"
-    #: Refused for good (its cost can never fit, a spend limit, no credits): ``error`` says why.
-    FAILED = "failed"
-    #: Left the line (cancelled, timed out) before a grant, or gave its grant back.
-    GONE = "gone"
-    #: Handed to the local fallback while the shared backend was unavailable.
-    FALLBACK = "fallback"
 
 
 _WAITING, _GRANTED, _FAILED, _GONE, _FALLBACK = (
@@ -212,7 +199,7 @@ class PoolRuntime:
         self.cache_reads_count = rules.cache_reads_count
         self.reserves_max_tokens = rules.output_rule is OutputRule.MAX_TOKENS
         # priority -> FIFO of waiters; cancelled waiters stay until they reach the front
-        self.queue: dict[int, deque[Waiter]] = {}
+        self.queue: WaitQueue[Waiter] = WaitQueue()
         self.queued = 0
         self.in_flight: dict[int, Permit] = {}
         self.next_wake = math.inf
@@ -361,16 +348,9 @@ class PoolRuntime:
             with_tokens(out)
         return out
 
-    def ordered(self) -> list[deque[Waiter]]:
-        return [self.queue[p] for p in sorted(self.queue, reverse=True)]
-
     def head(self) -> Waiter | None:
-        for dq in self.ordered():
-            while dq and dq[0].state is not WaiterState.WAITING:
-                dq.popleft()
-            if dq:
-                return dq[0]
-        return None
+        """The next waiter in this pool's line, or ``None``."""
+        return self.queue.head()
 
 
 def _server_side(change: Mapping[str, float], reserves_max_tokens: bool) -> Mapping[str, float]:

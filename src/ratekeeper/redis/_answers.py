@@ -154,17 +154,15 @@ class ReserveAnswers:
         fallback = self._parts.backend.on_unavailable == "local"
         for remote in self._parts.remotes.values():
             rt = remote.runtime
-            for dq in rt.queue.values():
-                for w in dq:
-                    if w.state == _WAITING:
-                        if fallback:
-                            w.state = FALLBACK
-                        else:
-                            w.state = _FAILED
-                            w.error = self._parts.backend.unavailable_error()
-                        rt.queued -= 1
-                        w.wake()
-                dq.clear()
+            for w in rt.queue.waiting():
+                if fallback:
+                    w.state = FALLBACK
+                else:
+                    w.state = _FAILED
+                    w.error = self._parts.backend.unavailable_error()
+                rt.queued -= 1
+                w.wake()
+            rt.queue.clear()
             remote.next_try = -math.inf
             remote.inited = False  # Redis may come back empty
 

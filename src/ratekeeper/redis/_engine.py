@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping
 from typing import final
 
@@ -260,10 +259,7 @@ class RemoteEngine:
                 if permit is not None:
                     return permit
             w = _RemoteWaiter(draws, priority, next(limiter._seq), now)
-            dq = rt.queue.get(priority)
-            if dq is None:
-                dq = rt.queue[priority] = deque()
-            dq.append(w)
+            rt.queue.push(w)
             rt.queued += 1
         deadline = math.inf if timeout is None else now + max(0.0, timeout)
         return remote, w, credit, deadline
@@ -292,15 +288,7 @@ class RemoteEngine:
 
     def _candidates(self, rt: PoolRuntime) -> list[_RemoteWaiter]:
         """Under the lock: the waiters one reserve tries, in line order (at most the window)."""
-        cands: list[_RemoteWaiter] = []
-        for dq in rt.ordered():
-            for other in dq:
-                if other.state == _WAITING:
-                    cands.append(other)  # type: ignore[arg-type]
-                    if len(cands) >= self._window:
-                        break
-            if len(cands) >= self._window:
-                break
+        cands: list[_RemoteWaiter] = rt.queue.first(self._window)  # type: ignore[assignment]
         return cands
 
     # ------------------------------------------------------------------ driving the line
