@@ -34,6 +34,7 @@ from ratekeeper import (
     RedisBackend,
     WouldBlock,
 )
+from ratekeeper.core._reading import MAX_PAUSE
 from ratekeeper.redis._ops import ScriptCall
 
 SONNET = "claude-sonnet-4-5"
@@ -520,6 +521,25 @@ async def test_one_processes_429_pauses_the_pool_for_all(
     async with b.acquire(SONNET, input_tokens=100, max_tokens=100):
         waited = time.monotonic() - start
     assert 0.5 < waited < 1.5
+
+
+@pytest.mark.parametrize("status", [429, 529])
+def test_a_shared_pause_is_capped_at_seven_days(
+    redis_server: RedisServer, backends: list[RedisBackend], status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retry-after of 10**9 s holds every process for the cap, as the local limiter does."""
+    a, a_backend = make(redis_server, backends)
+    b, _ = make(redis_server, backends)
+    permit = a.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    permit.observe({"retry-after": str(10**9)}, status=status)
+    permit.release()
+    assert a_backend.flush()
+    assert 0 < a.statistics()[POOL].paused_for <= MAX_PAUSE
+    assert "7 days" in caplog.text
+    with pytest.raises(WouldBlock) as info:
+        b.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    assert info.value.retry_after is not None
+    assert 0 < info.value.retry_after <= MAX_PAUSE  # what Redis holds the others to
 
 
 def test_the_spend_limit_is_shared(redis_server: RedisServer, backends: list[RedisBackend]) -> None:

@@ -18,6 +18,7 @@ from ratekeeper.core._pool import Pool
 from ratekeeper.core._reading import (
     ROUNDING_MARGIN,
     burst_bound,
+    capped_pause,
     error_fields,
     explained_by_remaining,
     fitted_burst,
@@ -268,7 +269,7 @@ class Feedback:
         predicted = permit is not None and not fitted and explained_by_remaining(snap, permit.reserved)
         if predicted:
             rt.rate_limited_predicted += 1
-        retry = snap.retry_after if snap.retry_after is not None else 1.0
+        retry = 1.0 if snap.retry_after is None else capped_pause(snap.retry_after, "a 429's retry-after")
         shrink = not predicted and not fitted and limiter._adaptive
         self._hold(remote, now + retry)
         if remote.prefetch is not None:
@@ -292,7 +293,7 @@ class Feedback:
         rt.overloaded += 1
         backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
         rt.overload_backoff = backoff
-        wait = snap.retry_after if snap.retry_after is not None else backoff
+        wait = backoff if snap.retry_after is None else capped_pause(snap.retry_after, "a 529's retry-after")
         self._hold(remote, now + wait)
         rt.pool.pause(now + wait, "529 overloaded")
         self._parts.limiter._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
