@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, TypeAlias, final
 
 from ratekeeper.core._feedback import (
     NO_READINGS,
@@ -22,7 +22,7 @@ from ratekeeper.core._feedback import (
     correction,
     response_estimate,
 )
-from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._headers import LimitInfo, RateLimitSnapshot, parse_headers
 from ratekeeper.core._reading import (
     ROUNDING_MARGIN,
     burst_bound,
@@ -71,6 +71,52 @@ _RESYNC_DIMS: Final = (
 #: reserves too), so only the reports' rounding blurs them. Input is estimated: it would not.
 _EVIDENCE_DIMS: Final = frozenset({"requests", "output_tokens"})
 _EVIDENCE_TOLERANCE: Final = {"requests": 1.01, "output_tokens": 2 * ROUNDING_MARGIN + 1.0}
+
+
+#: A report's two readings of one level (at the admission, at the answer) and their moments.
+_Readings: TypeAlias = tuple[float, float, tuple[tuple[float, float], tuple[float, float]]]
+
+
+@final
+class _OwnTraffic:
+    """This client's own traffic a report may not hold, per dimension, from ``_own_traffic``.
+
+    ``early``: drawn in the model and not counted by the server when the request reached
+    it; ``unsent``: drawn and not sent now. Sent within ``transit`` of the admission, before
+    the request (``early_maybe``) or after it (``late_maybe``), and within ``transit`` of now
+    (``unsent_maybe``): may or may not be counted. ``since``: spent since the grant;
+    ``counted_since``: what the server counted of it; ``replay``: the changes to replay on
+    the report (``None``: the rings do not reach back that far).
+    """
+
+    __slots__ = (
+        "admitted",
+        "counted_since",
+        "early",
+        "early_maybe",
+        "late_maybe",
+        "refused",
+        "replay",
+        "seq",
+        "since",
+        "transit",
+        "unsent",
+        "unsent_maybe",
+    )
+
+    def __init__(self, since: dict[str, float]) -> None:
+        self.since = since
+        self.counted_since: dict[str, float] = {}
+        self.early: dict[str, float] = {}
+        self.early_maybe: dict[str, float] = {}
+        self.late_maybe: dict[str, float] = {}
+        self.unsent: dict[str, float] = {}
+        self.unsent_maybe: dict[str, float] = {}
+        self.replay: list[tuple[float, Mapping[str, float]]] | None = None
+        self.refused = False
+        self.admitted = 0.0
+        self.seq = -1
+        self.transit = 0.0
 
 
 @final
@@ -137,89 +183,116 @@ class PoolFeedback:
     ) -> tuple[bool, bool]:
         """Correct the pool from a response's headers: (they showed a smaller burst, a level moved).
 
-        It wakes nobody: the caller dispatches once the rest of the report is applied.
+        First what the report cannot hold of this client's own traffic, then the bucket's
+        shape (limits, and its size from the reset times), then each level, read under
+        both moments the report may describe. It wakes nobody: the caller dispatches once
+        the rest of the report is applied.
         """
         limits = snap.limits()
         if not limits:
             return False, False
+        if permit is not None:
+            own = self._own_traffic(rt, permit, now)
+        else:  # a response of unknown age: all in flight is unseen
+            own = _OwnTraffic(since={})
+            for other in rt.in_flight.values():
+                _add(own.since, other._charged)
+        fitted, changed = self._fit_shape(rt, limits, snap.server_date, permit, now)
+        if permit is not None:
+            self._check_room(rt, permit, now)
+        pool = rt.pool
+        for dim in _RESYNC_DIMS:
+            info = limits.get(dim)
+            if info is None or info.remaining is None or dim not in pool.limits:
+                continue
+            # the report's lowest reading, always: keeping a level anywhere in the rounding
+            # band could admit up to twice the rounding more than the server has left
+            lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
+            if permit is not None:  # the report's age is known: see _feedback
+                readings = self._readings(rt, dim, lowest, own, now)
+            else:
+                # a response of unknown age: the report less everything that could be
+                # missing from it, under either reading; it lifts nothing
+                unknown = lowest - own.since.get(dim, 0.0)
+                readings = unknown, unknown, NO_READINGS.moments
+            changed = self._correct(rt, dim, readings, permit, now) or changed
+        return fitted, changed
+
+    def _own_traffic(self, rt: PoolRuntime, permit: Permit, now: float) -> _OwnTraffic:
+        """What a report of ``permit``'s request cannot hold of this client's own traffic.
+
+        A request sent within ``transit`` of a moment may or may not have reached the
+        server by then: those are kept apart (``*_maybe``) so each reading counts them the
+        safe way and the evidence of the moment as a blur either way.
+        """
+        own = _OwnTraffic(since=rt.spent_since(permit._mark))
+        own.refused = permit.response_status is not None and permit.response_status >= 400
+        if own.refused:
+            # refused: the server never took its tokens, and release() will give them back
+            for dim, amount in permit._charged.items():
+                if dim != "requests":
+                    own.early[dim] = own.early.get(dim, 0.0) + amount
+                    own.unsent[dim] = own.unsent.get(dim, 0.0) + amount
+        # a report taken as its answer left counts every request sent a round trip before
+        # now, and a round trip is no longer than the quickest answer took
+        sent_at = permit.sent_at
+        if sent_at == sent_at:
+            rt.fastest = min(rt.fastest, now - sent_at)
+        else:
+            sent_at = permit.started_at
+        own.transit = transit = max(min(rt.fastest, MAX_TRANSIT), rt.transit)
+        own.admitted = admitted = sent_at
+        own.seq = seq = permit.seq
+        for other in rt.in_flight.values():
+            if not other.sent:
+                _add(own.unsent, other._charged)
+                if other.seq < seq:  # drawn in the model before this request, never sent
+                    _add(own.early, other._charged)
+        oldest = min(admitted, now) - transit
+        floor = oldest - _GRANT_TO_SEND
+        for t, other_seq, charged, granted in reversed(rt.sends):
+            if granted < floor:
+                break
+            if t < oldest or other_seq == seq:  # most of them: tested before a look-up
+                continue
+            held = rt.in_flight.get(other_seq)
+            if held is not None and not held.sent:
+                continue
+            if t > now - transit:
+                _add(own.unsent_maybe, charged)
+            if abs(t - admitted) <= transit:
+                _add(own.early_maybe if other_seq < seq else own.late_maybe, charged)
+            elif t > admitted and other_seq < seq:  # reached the server after this request
+                _add(own.early, charged)
+        own.replay = rt.changes_since(admitted, seq)
+        # ``since`` is everything we charged (or refunded) since this request was granted, in
+        # flight or done; what was given back since without the server ever counting it stays
+        # in (if admitted before this request, the server never had it; if after, counting it
+        # lowers more than needed: safe)
+        own.counted_since = rt.admitted.since(permit._mark[0])
+        if own.refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
+            rt.moment.restart(now)
+        return own
+
+    def _fit_shape(
+        self,
+        rt: PoolRuntime,
+        limits: Mapping[str, LimitInfo],
+        date: _dt.datetime | None,
+        permit: Permit | None,
+        now: float,
+    ) -> tuple[bool, bool]:
+        """Learn the limits the headers give and fit the burst: (fitted to them, anything changed).
+
+        The server's bucket size comes from "-reset is when the bucket is full again":
+        capacity = remaining + rate * (reset - date). The smallest upper bound over the
+        dimensions tells a shorter enforcement interval before any 429 does.
+        """
         pool = rt.pool
         changed = False
-        # The server's bucket size, from "-reset is when the bucket is full again":
-        # capacity = remaining + rate * (reset - date). The smallest upper bound over
-        # the dimensions tells a shorter enforcement interval before any 429 does.
-        date = snap.server_date
         upper = math.inf
         burst_floor = 0.0
-        unseen: dict[str, float] = {}
-        # What the model had drawn and the server had not counted when the request reached it
-        # (``early``), and now (``unsent``). A request sent within ``transit`` of a moment may
-        # or may not have reached the server by then: what was granted before this request
-        # (``early_maybe``) or after it (``late_maybe``), and what may be on its way now
-        # (``unsent_maybe``). Corrections count each the safe way, the evidence of the moment
-        # as a blur either way.
-        early: dict[str, float] = {}
-        early_maybe: dict[str, float] = {}
-        late_maybe: dict[str, float] = {}
-        unsent: dict[str, float] = {}
-        unsent_maybe: dict[str, float] = {}
-        replay: list[tuple[float, Mapping[str, float]]] | None = None
-        refused = False
-        counted_since: dict[str, float] = {}
-        if permit is not None:
-            refused = permit.response_status is not None and permit.response_status >= 400
-            if refused:
-                # refused: the server never took its tokens, and release() will give them back
-                for dim, amount in permit._charged.items():
-                    if dim != "requests":
-                        early[dim] = early.get(dim, 0.0) + amount
-                        unsent[dim] = unsent.get(dim, 0.0) + amount
-            # a report taken as its answer left counts every request sent a round trip before
-            # now, and a round trip is no longer than the quickest answer took
-            sent_at = permit.sent_at
-            if sent_at == sent_at:
-                rt.fastest = min(rt.fastest, now - sent_at)
-            else:
-                sent_at = permit.started_at
-            transit = max(min(rt.fastest, MAX_TRANSIT), rt.transit)
-            admitted, seq = sent_at, permit.seq
-            for other in rt.in_flight.values():
-                if not other.sent:
-                    _add(unsent, other._charged)
-                    if other.seq < seq:  # drawn in the model before this request, never sent
-                        _add(early, other._charged)
-            oldest = min(admitted, now) - transit
-            floor = oldest - _GRANT_TO_SEND
-            for t, other_seq, charged, granted in reversed(rt.sends):
-                if granted < floor:
-                    break
-                if t < oldest or other_seq == seq:  # most of them: tested before a look-up
-                    continue
-                held = rt.in_flight.get(other_seq)
-                if held is not None and not held.sent:
-                    continue
-                if t > now - transit:
-                    _add(unsent_maybe, charged)
-                if abs(t - admitted) <= transit:
-                    _add(early_maybe if other_seq < seq else late_maybe, charged)
-                elif t > admitted and other_seq < seq:  # reached the server after this request
-                    _add(early, charged)
-            replay = rt.changes_since(admitted, seq)
-            # everything we charged (or refunded) since this request was granted, in flight or
-            # done; what was given back since without the server ever counting it stays in
-            # (if admitted before this request, the server never had it; if after, counting it
-            # lowers more than needed: safe)
-            unseen = rt.spent_since(permit._mark)
-            counted_since = rt.admitted.since(permit._mark[0])
-            if refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
-                rt.moment.restart(now)
-        else:
-            for other in rt.in_flight.values():  # a response of unknown age: all in flight is unseen
-                _add(unseen, other._charged)
         stale = False  # a bucket full again before the answer was sent: not a report of then
-        # First the bucket's shape: the limits the headers give, and its size from "-reset is
-        # when the bucket is full again" (capacity = remaining + rate * (reset - date)); the
-        # smallest upper bound over the dimensions tells a shorter enforcement interval
-        # before any 429 does. The levels below are then read against that shape.
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
@@ -258,116 +331,113 @@ class PoolFeedback:
         elif self._lim._adaptive and pool.widen_burst(burst_floor, now):
             changed = True
             self._lim._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
-        if permit is not None:
-            self._check_room(rt, permit, now)
-        for dim in _RESYNC_DIMS:
-            info = limits.get(dim)
-            if info is None:
-                continue
-            if info.remaining is not None and dim in pool.limits:
-                margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
-                # the report's lowest reading, always: keeping a level anywhere in the rounding
-                # band could admit up to twice the rounding more than the server has left
-                lowest = info.remaining - margin
-                bucket = pool.buckets[dim]
-                level = bucket.level_at(now)
-                if permit is not None:  # the report's age is known: see _feedback
-                    since = unseen.get(dim, 0.0)
-                    then = early.get(dim, 0.0)
-                    then_maybe = early_maybe.get(dim, 0.0)
-                    # (what was sent within a round trip before this request may reach the server
-                    # after it: requests sent together arrive in any order)
-                    if replay is not None:
-                        admission = admission_estimate(
-                            lowest - then_maybe,
-                            admitted,
-                            now,
-                            # at one instant, what gives back first: a bucket full then throws
-                            # it away, as the server's may have (the other order could mint)
-                            sorted(((t, c.get(dim, 0.0)) for t, c in replay), key=_gives_back_first),
-                            rate=bucket.rate,
-                            capacity=bucket.capacity,
-                            pending=unsent.get(dim, 0.0),
-                            late=transit,
-                        )
-                    else:  # the rings do not reach back to the admission: all refill first, the safe side
-                        admission = (
-                            min(lowest + bucket.rate * max(0.0, now - admitted - transit), bucket.capacity)
-                            - since
-                            - then
-                            - then_maybe
-                        )
-                    now_maybe = unsent_maybe.get(dim, 0.0)
-                    response = response_estimate(lowest, unsent.get(dim, 0.0) + now_maybe)
-                    if (
-                        dim in _EVIDENCE_DIMS
-                        and (dim == "requests" or rt.reserves_max_tokens)
-                        and not refused  # taken as it arrived: either reading fits it
-                    ):
-                        limit = pool.limits[dim]
-                        after_maybe = late_maybe.get(dim, 0.0)
-                        rt.moment.note(
-                            dim,
-                            lowest - then + (after_maybe - then_maybe) / 2,
-                            response + now_maybe / 2,
-                            admission_blur=(then_maybe + after_maybe) / 2,
-                            response_blur=now_maybe / 2,
-                            admitted_at=admitted,
-                            now=now,
-                            # what the server counted of ours: refusals and unsent given back
-                            spent=rt.counted_total(dim),
-                            spent_since=counted_since.get(dim, 0.0),
-                            rate=limit / 60.0,
-                            tolerance=_EVIDENCE_TOLERANCE[dim],
-                            ceiling=limit,
-                        )
-                    # a refusal is answered as it arrives: its report is of then, either way
-                    order = float(seq)
-                    moments = ((admitted, order), (admitted, order) if refused else (now, order))
-                else:
-                    # a response of unknown age: the report less everything that could be
-                    # missing from it, under either reading; it lifts nothing
-                    admission = response = lowest - unseen.get(dim, 0.0)
-                    moments = NO_READINGS.moments
-                readings = rt.readings.get(dim, NO_READINGS)
-                target, readings = correction(
-                    level,
-                    bucket.capacity,
-                    (admission, response),
-                    moments,
-                    rt.moment.belief,
-                    readings,
-                    latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
-                )
-                if target > level and (
-                    (dim in _PRODUCED and not rt.reserves_max_tokens)
-                    or (dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE)
-                ):
-                    # Not lifted: output charged as it is produced is still to come (requests under
-                    # way will draw it, and no report shows that yet); and a report read before
-                    # its own request settles already counts that request's real input, which
-                    # the settlement will give back again as our estimate's excess (a stream's
-                    # report, at its first byte: its max_tokens reservation is the server's too).
-                    target = level
-                if target > level:  # a reading refuted: what it took off comes back
-                    delta = bucket.resync(target, now, allow_increase=True)
-                else:
-                    delta = pool.resync(dim, target, now)
-                after = level + delta
-                if after != target:  # clamped (debt, capacity): the readings stay where they were
-                    shift = target - after
-                    readings = Readings(
-                        (readings.offsets[0] + shift, readings.offsets[1] + shift), readings.moments
-                    )
-                rt.readings[dim] = readings
-                if delta != 0.0:
-                    changed = True
-                    if delta < 0.0:
-                        rt.resyncs += 1
-                    else:
-                        rt.raised += 1
-                    self._lim._emit("resync", rt, now, {"dimension": dim, "delta": delta})
         return fitted, changed
+
+    def _readings(self, rt: PoolRuntime, dim: str, lowest: float, own: _OwnTraffic, now: float) -> _Readings:
+        """The level now if the report was of the admission, and if of the answer; with their moments.
+
+        Also notes the evidence of which moment the server reports, where the client's own
+        traffic is known exactly.
+        """
+        bucket = rt.pool.buckets[dim]
+        admitted, transit = own.admitted, own.transit
+        then = own.early.get(dim, 0.0)
+        then_maybe = own.early_maybe.get(dim, 0.0)
+        # (what was sent within a round trip before this request may reach the server
+        # after it: requests sent together arrive in any order)
+        if own.replay is not None:
+            admission = admission_estimate(
+                lowest - then_maybe,
+                admitted,
+                now,
+                # at one instant, what gives back first: a bucket full then throws
+                # it away, as the server's may have (the other order could mint)
+                sorted(((t, c.get(dim, 0.0)) for t, c in own.replay), key=_gives_back_first),
+                rate=bucket.rate,
+                capacity=bucket.capacity,
+                pending=own.unsent.get(dim, 0.0),
+                late=transit,
+            )
+        else:  # the rings do not reach back to the admission: all refill first, the safe side
+            admission = (
+                min(lowest + bucket.rate * max(0.0, now - admitted - transit), bucket.capacity)
+                - own.since.get(dim, 0.0)
+                - then
+                - then_maybe
+            )
+        now_maybe = own.unsent_maybe.get(dim, 0.0)
+        response = response_estimate(lowest, own.unsent.get(dim, 0.0) + now_maybe)
+        if (
+            dim in _EVIDENCE_DIMS
+            and (dim == "requests" or rt.reserves_max_tokens)
+            and not own.refused  # taken as it arrived: either reading fits it
+        ):
+            limit = rt.pool.limits[dim]
+            after_maybe = own.late_maybe.get(dim, 0.0)
+            rt.moment.note(
+                dim,
+                lowest - then + (after_maybe - then_maybe) / 2,
+                response + now_maybe / 2,
+                admission_blur=(then_maybe + after_maybe) / 2,
+                response_blur=now_maybe / 2,
+                admitted_at=admitted,
+                now=now,
+                # what the server counted of ours: refusals and unsent given back
+                spent=rt.counted_total(dim),
+                spent_since=own.counted_since.get(dim, 0.0),
+                rate=limit / 60.0,
+                tolerance=_EVIDENCE_TOLERANCE[dim],
+                ceiling=limit,
+            )
+        # a refusal is answered as it arrives: its report is of then, either way
+        order = float(own.seq)
+        moments = ((admitted, order), (admitted, order) if own.refused else (now, order))
+        return admission, response, moments
+
+    def _correct(
+        self, rt: PoolRuntime, dim: str, readings: _Readings, permit: Permit | None, now: float
+    ) -> bool:
+        """Move ``dim``'s bucket to what both readings allow (see ``core._feedback.correction``)."""
+        admission, response, moments = readings
+        pool = rt.pool
+        bucket = pool.buckets[dim]
+        level = bucket.level_at(now)
+        target, kept = correction(
+            level,
+            bucket.capacity,
+            (admission, response),
+            moments,
+            rt.moment.belief,
+            rt.readings.get(dim, NO_READINGS),
+            latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
+        )
+        if target > level and (
+            (dim in _PRODUCED and not rt.reserves_max_tokens)
+            or (dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE)
+        ):
+            # Not lifted: output charged as it is produced is still to come (requests under
+            # way will draw it, and no report shows that yet); and a report read before
+            # its own request settles already counts that request's real input, which
+            # the settlement will give back again as our estimate's excess (a stream's
+            # report, at its first byte: its max_tokens reservation is the server's too).
+            target = level
+        if target > level:  # a reading refuted: what it took off comes back
+            delta = bucket.resync(target, now, allow_increase=True)
+        else:
+            delta = pool.resync(dim, target, now)
+        after = level + delta
+        if after != target:  # clamped (debt, capacity): the readings stay where they were
+            shift = target - after
+            kept = Readings((kept.offsets[0] + shift, kept.offsets[1] + shift), kept.moments)
+        rt.readings[dim] = kept
+        if delta == 0.0:
+            return False
+        if delta < 0.0:
+            rt.resyncs += 1
+        else:
+            rt.raised += 1
+        self._lim._emit("resync", rt, now, {"dimension": dim, "delta": delta})
+        return True
 
     def _check_room(self, rt: PoolRuntime, permit: Permit, now: float) -> None:
         """Say once per dimension when the server's bucket is smaller than a request reserves."""
