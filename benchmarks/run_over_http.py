@@ -66,9 +66,13 @@ def _env() -> dict[str, str]:
 
 
 @contextmanager
-def emulator(preset: str) -> Iterator[str]:
-    """``ratekeeper emulate --preset PRESET --port 0`` in its own process; yields its URL."""
+def emulator(preset: str, uplink: float = 0.0) -> Iterator[str]:
+    """``ratekeeper emulate --preset PRESET --port 0`` in its own process; yields its URL.
+
+    ``uplink``: each request reaches the emulator up to that many seconds after it was sent.
+    """
     args = [sys.executable, "-m", "ratekeeper", "emulate", "--preset", preset, "--port", "0"]
+    args += ["--uplink", repr(uplink)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         assert proc.stdout is not None
@@ -190,7 +194,7 @@ STRATEGIES = {"run": with_run, "gather": with_gather}
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """One strategy against a fresh emulator process."""
-    with emulator(args.preset) as url, tempfile.TemporaryDirectory() as directory:
+    with emulator(args.preset, args.uplink) as url, tempfile.TemporaryDirectory() as directory:
         keep = Path(args.keep) / f"{args.preset}-{name}" if args.keep else Path(directory)
         keep.mkdir(parents=True, exist_ok=True)
         row = STRATEGIES[name](url, args, keep)
@@ -205,6 +209,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=100)
     p.add_argument("--concurrency", type=int, default=16, help="gather's semaphore")
     p.add_argument("--strategy", choices=["run", "gather", "both"], default="both")
+    p.add_argument(
+        "--uplink", type=float, default=0.0, help="seconds a request may take to reach the server (0..S)"
+    )
     p.add_argument("--keep", metavar="DIR", help="keep run's requests and results files under DIR")
     args = p.parse_args()
     if args.strategy != "both":

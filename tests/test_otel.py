@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import pytest
 from limiter_support import POOL, RATE_LIMIT_BODY, SONNET, FakeClock, headers
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, NumberDataPoint
@@ -79,11 +78,6 @@ def test_the_last_reported_remaining_is_a_gauge_per_dimension() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the gate does not keep the last reported remaining yet (PoolStatistics.reported): "
-    "src/ratekeeper/gate/ is another session's to change",
-)
 def test_a_limiter_reports_the_remaining_its_last_response_gave() -> None:
     limiter = Limiter("tier-1", clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)

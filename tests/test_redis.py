@@ -542,6 +542,16 @@ def test_a_shared_pause_is_capped_at_seven_days(
     assert 0 < info.value.retry_after <= MAX_PAUSE  # what Redis holds the others to
 
 
+def test_statistics_show_the_remaining_the_last_report_gave(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, _ = make(redis_server, backends)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    permit.observe(rpm_headers(41))
+    permit.release()
+    assert dict(limiter.statistics()[POOL].reported) == {"requests": 41.0}
+
+
 def test_the_spend_limit_is_shared(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
     a, a_backend = make(redis_server, backends)
     b, _ = make(redis_server, backends)

@@ -56,7 +56,7 @@ class PoolStatistics:
     ``unknown`` so far (corrections then take the lower of the two readings).
     ``reported`` is, per dimension, the ``remaining`` of the last response
     headers that gave one (the server's word, next to the model's ``levels``);
-    empty until a response reports, and from an engine that does not keep it.
+    empty until a response reports.
     """
 
     name: str

@@ -689,6 +689,7 @@ class Limiter:
                     },
                     raised=rt.raised,
                     report_moment=rt.moment.belief,
+                    reported=dict(rt.reported),
                 )
             wallet = self._wallet.level_at(now) if self._wallet is not None else None
             return LimiterStatistics(

@@ -191,6 +191,7 @@ class PoolFeedback:
         limits = snap.limits()
         if not limits:
             return False, False
+        rt.note_reported(limits)
         if permit is not None:
             own = self._own_traffic(rt, permit, now)
         else:  # a response of unknown age: all in flight is unseen

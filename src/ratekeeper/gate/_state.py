@@ -20,7 +20,7 @@ import sniffio
 
 from ratekeeper.core._accounting import AccountingRules, Cost, OutputRule, Usage
 from ratekeeper.core._feedback import MomentEvidence, Readings
-from ratekeeper.core._headers import RateLimitSnapshot
+from ratekeeper.core._headers import LimitInfo, RateLimitSnapshot
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._stats import AdmittedWindow, Mark, WaitSamples, with_tokens
 from ratekeeper.errors import ConfigurationError
@@ -177,6 +177,7 @@ class PoolRuntime:
         "rate_limited",
         "rate_limited_predicted",
         "readings",
+        "reported",
         "reserves_max_tokens",
         "resyncs",
         "rules",
@@ -232,6 +233,8 @@ class PoolRuntime:
         self.moment = MomentEvidence()
         # per dimension: what each reading of the reports says, relative to the model
         self.readings: dict[str, Readings] = {}
+        # per dimension: the remaining the latest report that gave one said (the server's word)
+        self.reported: dict[str, float] = {}
         if created == created:
             self.moment.start(created)
         self.waits = WaitSamples()
@@ -347,6 +350,12 @@ class PoolRuntime:
                     out[dim] = out.get(dim, 0.0) + amount - uncounted_then.get(dim, 0.0)
             with_tokens(out)
         return out
+
+    def note_reported(self, limits: Mapping[str, LimitInfo]) -> None:
+        """Keep what a report says remains, per dimension, for ``statistics()``."""
+        for dim, info in limits.items():
+            if info.remaining is not None:
+                self.reported[dim] = float(info.remaining)
 
     def head(self) -> Waiter | None:
         """The next waiter in this pool's line, or ``None``."""

@@ -118,6 +118,7 @@ class Feedback:
             return False
         limiter = self._parts.limiter
         rt = remote.runtime
+        rt.note_reported(limits)
         pool = rt.pool
         date = snap.server_date
         bound = math.inf
