@@ -51,6 +51,10 @@ MAX_TRANSIT: Final = 0.25
 #: How long a request can be taken to travel once refusals showed MAX_TRANSIT is too short (a
 #: slow network, a sender stalled between its send and the wire): doubled on each such event.
 MAX_LEARNED_TRANSIT: Final = 4.0
+#: A learned transit is at most this share of the pool's bucket (in seconds of refill): where
+#: buckets are short, the refusals are the bucket's (the burst answers them), and a transit near
+#: the bucket's length would leave most of each report's refill uncounted.
+TRANSIT_SHARE_OF_BUCKET: Final = 0.05
 #: The dimensions our own draws on are estimates until settled (the server counts the real input).
 _ESTIMATED: Final = frozenset({"input_tokens", "tokens", "priority_input_tokens"})
 #: The dimensions output draws on.
@@ -241,7 +245,7 @@ class PoolFeedback:
             rt.fastest = min(rt.fastest, now - sent_at)
         else:
             sent_at = permit.started_at
-        own.transit = transit = max(min(rt.fastest, MAX_TRANSIT), rt.transit)
+        own.transit = transit = max(min(rt.fastest, MAX_TRANSIT), min(rt.transit, _transit_cap(rt)))
         own.admitted = admitted = sent_at
         own.seq = seq = permit.seq
         for other in rt.in_flight.values():
@@ -482,7 +486,7 @@ class PoolFeedback:
             # (it then counts refill the server had already given). Allow them longer, once per
             # event; the cost is a little refill per report not counted on.
             rt.transit_seq = next(self._seq)
-            longer = min(MAX_LEARNED_TRANSIT, max(2.0 * MAX_TRANSIT, 2.0 * rt.transit))
+            longer = min(_transit_cap(rt), max(2.0 * MAX_TRANSIT, 2.0 * rt.transit))
             if longer > rt.transit:
                 rt.transit = longer
                 self._lim._emit("transit_change", rt, now, {"transit": longer})
@@ -516,6 +520,11 @@ class PoolFeedback:
             old = rt.pool.burst
             if rt.pool.grow_burst(now, clean_for=self._lim._burst_recovery) != old:
                 self._lim._emit("burst_change", rt, now, {"burst": rt.pool.burst})
+
+
+def _transit_cap(rt: PoolRuntime) -> float:
+    """The longest transit a pool may learn: MAX_LEARNED_TRANSIT, less on a short bucket."""
+    return min(MAX_LEARNED_TRANSIT, TRANSIT_SHARE_OF_BUCKET * 60.0 * rt.pool.burst)
 
 
 def _gives_back_first(event: tuple[float, float]) -> tuple[float, float]:

@@ -70,6 +70,7 @@ class Feedback:
                     self._parts.calls.control((self._parts.backend.org_key(),), "spend", repr(seconds), iso)
                 )
             if runtime is not None:
+                runtime.note_reported(snap.limits())
                 remote = self._parts.remote_for(runtime)
                 fitted = self._resync(remote, snap, permit, now, calls)
                 if status == 429 and not spend:
@@ -118,7 +119,6 @@ class Feedback:
             return False
         limiter = self._parts.limiter
         rt = remote.runtime
-        rt.note_reported(limits)
         pool = rt.pool
         date = snap.server_date
         bound = math.inf
