@@ -27,7 +27,7 @@ from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
 from ratekeeper.core._reading import first_of_next_month, unified_wait
-from ratekeeper.core._stats import EventSummary, LimiterEvent, LimiterStatistics, PoolStatistics
+from ratekeeper.core._stats import LimiterEvent, LimiterStatistics
 from ratekeeper.errors import (
     CapacityExceeded,
     ConfigurationError,
@@ -50,6 +50,7 @@ from ratekeeper.gate._engine import Engine
 from ratekeeper.gate._events import EventLog, HookLock
 from ratekeeper.gate._local import LocalEngine
 from ratekeeper.gate._state import _FAILED, Permit, PoolRuntime
+from ratekeeper.gate._statistics import pool_statistics
 
 __all__ = ["Limiter", "Permit"]
 
@@ -655,42 +656,7 @@ class Limiter:
         with self._lock:
             now = self._now()
             taken_at = _dt.datetime.now(_dt.UTC)
-            pools = {}
-            for name, rt in self._pools.items():
-                pool = rt.pool
-                admitted = rt.admitted.totals(now)
-                levels = pool.levels(now)
-                used = {d: max(0.0, admitted.get(d, 0.0)) for d, lim in pool.limits.items() if lim > 0}
-                paused_for = max(0.0, pool.paused_until - now)
-                pools[name] = PoolStatistics(
-                    name=name,
-                    limits=dict(pool.limits),
-                    levels=levels,
-                    capacity={d: b.capacity for d, b in pool.buckets.items()},
-                    burst=pool.burst,
-                    in_flight=sum(1 for p in rt.in_flight.values() if p.active),
-                    queue_depth=rt.queued,
-                    granted=rt.granted,
-                    wait_p50=rt.waits.quantile(0.5),
-                    wait_p99=rt.waits.quantile(0.99),
-                    rate_limited=rt.rate_limited,
-                    rate_limited_predicted=rt.rate_limited_predicted,
-                    overloaded=rt.overloaded,
-                    resyncs=rt.resyncs,
-                    paused_for=paused_for,
-                    pause_reason=pool.pause_reason if pool.paused_until > now else "",
-                    utilization={d: _offered_share(u, levels.get(d, 0.0)) for d, u in used.items()},
-                    share=rt.share,
-                    used=used,
-                    paused_until=_wall(taken_at, paused_for) if paused_for > 0.0 else None,
-                    events={
-                        kind: EventSummary(kind, count, now - t, _wall(taken_at, t - now), detail)
-                        for kind, (t, count, detail) in rt.events.items()
-                    },
-                    raised=rt.raised,
-                    report_moment=rt.moment.belief,
-                    reported=dict(rt.reported),
-                )
+            pools = {name: pool_statistics(name, rt, now, taken_at) for name, rt in self._pools.items()}
             wallet = self._wallet.level_at(now) if self._wallet is not None else None
             return LimiterStatistics(
                 time=now,
@@ -710,20 +676,6 @@ class Limiter:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _offered_share(used: float, level: float) -> float:
-    """Of what a bucket offered over the window (what it admitted plus what it holds), the share used."""
-    offered = used + max(level, 0.0)
-    return min(1.0, used / offered) if offered > 0.0 else 0.0
-
-
-def _wall(at: _dt.datetime, seconds: float) -> _dt.datetime:
-    """``at`` moved by ``seconds`` (to the calendar's end or start if it falls beyond)."""
-    try:
-        return at + _dt.timedelta(seconds=seconds)
-    except OverflowError:
-        return (_dt.datetime.max if seconds > 0 else _dt.datetime.min).replace(tzinfo=_dt.UTC)
 
 
 def _rules_with(rules: AccountingRules, cache_reads_count: bool) -> AccountingRules:
