@@ -74,7 +74,8 @@ def test_no_429_when_requests_reach_the_server_late(moment: str) -> None:
     counted the refill between the two twice: measured before the refill was counted
     from the latest moment the admission can have been (send + 0.25 s at most), 1 429
     under "mixed" at this uplink (1-3 per moment with 0.5-1 s). Since: 0 under every
-    moment, 93.6-94.2% of the limit. Beyond 0.25 s see the next test.
+    moment, 93.6-94.2% of the limit. Beyond 0.25 s the first refusal teaches a longer
+    transit: see the transit tests in test_limiter_server.py.
     """
     scenario = Scenario(
         preset="tier-2",

@@ -4,8 +4,9 @@ It knows nothing of buckets, costs or waking (trio's ``ParkingLot`` is the model
 engine decides who may go and changes a waiter's state; the queue keeps the order and
 forgets whoever is no longer waiting when it next meets them. Every operation is
 O(log p) comparisons for ``p`` distinct priorities waiting, plus a list move of
-``p`` machine words when a priority level appears or empties (20,000 distinct
-levels: about 2 us), so a queue of tens of thousands of waiters costs what a short one does.
+``p`` machine words when a priority level appears or empties (at 20,000 levels an
+insert and a delete take about 4.6 us together, by timeit), so a queue of tens of
+thousands of waiters costs about what a short one does.
 """
 
 from __future__ import annotations
@@ -97,9 +98,7 @@ class WaitQueue(Generic[W]):
         while order:
             priority = order[-1]
             level = levels[priority]
-            while level and level[0].state is not _WAITING:
-                level.popleft()
-                self._stored -= 1
+            self._trim(level)
             if level:
                 return level[0]
             del levels[priority]
@@ -114,9 +113,7 @@ class WaitQueue(Generic[W]):
         emptied: list[int] = []
         for priority in reversed(self._order):
             level = self._levels[priority]
-            while level and level[0].state is not _WAITING:
-                level.popleft()
-                self._stored -= 1
+            self._trim(level)
             if not level:
                 emptied.append(priority)
                 continue
@@ -141,6 +138,12 @@ class WaitQueue(Generic[W]):
         self._order.clear()
         self._stored = 0
         self._compact_at = _SLACK
+
+    def _trim(self, level: deque[W]) -> None:
+        """Drop the waiters at the front of ``level`` that have left the line."""
+        while level and level[0].state is not _WAITING:
+            level.popleft()
+            self._stored -= 1
 
     def _drop_level(self, priority: int) -> None:
         del self._levels[priority]

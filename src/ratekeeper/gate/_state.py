@@ -199,7 +199,7 @@ class PoolRuntime:
         self.rules = rules
         self.cache_reads_count = rules.cache_reads_count
         self.reserves_max_tokens = rules.output_rule is OutputRule.MAX_TOKENS
-        # priority -> FIFO of waiters; cancelled waiters stay until they reach the front
+        # by priority, FIFO within one; those that left are dropped when met (see WaitQueue)
         self.queue: WaitQueue[Waiter] = WaitQueue()
         self.queued = 0
         self.in_flight: dict[int, Permit] = {}

@@ -288,8 +288,7 @@ class RemoteEngine:
 
     def _candidates(self, rt: PoolRuntime) -> list[_RemoteWaiter]:
         """Under the lock: the waiters one reserve tries, in line order (at most the window)."""
-        cands: list[_RemoteWaiter] = rt.queue.first(self._window)  # type: ignore[assignment]
-        return cands
+        return rt.queue.first(self._window)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ driving the line
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import final
 
-from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._headers import LimitInfo, RateLimitSnapshot, parse_headers
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._reading import (
     ROUNDING_MARGIN,
@@ -70,9 +70,10 @@ class Feedback:
                     self._parts.calls.control((self._parts.backend.org_key(),), "spend", repr(seconds), iso)
                 )
             if runtime is not None:
-                runtime.note_reported(snap.limits())
+                limits = snap.limits()
+                runtime.note_reported(limits)
                 remote = self._parts.remote_for(runtime)
-                fitted = self._resync(remote, snap, permit, now, calls)
+                fitted = self._resync(remote, snap, limits, permit, now, calls)
                 if status == 429 and not spend:
                     calls.append(self._on_429(remote, snap, permit, now, fitted))
                 elif status == 529 or error_type == "overloaded_error":
@@ -100,6 +101,7 @@ class Feedback:
         self,
         remote: _RemotePool,
         snap: RateLimitSnapshot,
+        limits: Mapping[str, LimitInfo],
         permit: Permit | None,
         now: float,
         calls: list[ScriptCall],
@@ -114,7 +116,6 @@ class Feedback:
         a 429 in the same response is classified as the local limiter would) and the
         shared burst with ``control.lua fit``.
         """
-        limits = snap.limits()
         if not limits:
             return False
         limiter = self._parts.limiter
