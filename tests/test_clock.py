@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -67,3 +70,21 @@ async def test_a_limiter_waits_the_same_under_any_offset(
         waited.append(anyio.current_time() - start)
     assert waited == [pytest.approx(waited[0], abs=0.05)] * 3
     assert waited[0] == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_thread_reads_monotonic_time_when_trio_is_not_imported() -> None:
+    # the shortcut a program without trio takes must read what anyio's lookup would have
+    code = (
+        "import sys, time\n"
+        "from ratekeeper.gate._clock import GateClock\n"
+        "assert 'trio' not in sys.modules, sorted(m for m in sys.modules if 'trio' in m)\n"
+        "c = GateClock(offset=100.0)\n"
+        "before = time.monotonic(); t = c.now(); after = time.monotonic()\n"
+        "assert before + 100.0 <= t <= after + 100.0, (before, t, after)\n"
+        "import trio\n"
+        "t2 = c.now()\n"
+        "assert t2 - time.monotonic() == __import__('pytest').approx(100.0, abs=0.5)\n"
+    )
+    env = {**os.environ, "RATEKEEPER_CLOCK_OFFSET": "0"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

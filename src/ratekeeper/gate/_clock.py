@@ -16,6 +16,7 @@ one (``RATEKEEPER_CLOCK_OFFSET`` is read at construction) so that a stray
 from __future__ import annotations
 
 import os
+import sys
 import time
 from asyncio import _get_running_loop as _running_loop
 from collections.abc import Callable
@@ -48,6 +49,10 @@ class GateClock:
         loop = _running_loop()
         if loop is not None:  # asyncio: what anyio.current_time() returns, without its lookups
             return loop.time() + self.offset
+        if "trio" not in sys.modules:
+            # no trio loop can run without trio imported, and asyncio's was looked for above:
+            # a plain thread, known without anyio's lookup and the exception it raises here
+            return time.monotonic() + self._thread_offset + self.offset
         try:
             now = anyio.current_time()
         except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
