@@ -31,7 +31,7 @@ from ratekeeper.core._reading import (
     explained_by_remaining,
     fitted_burst,
 )
-from ratekeeper.gate._state import _ACTIVE, _GRANT_TO_SEND, Permit, PoolRuntime
+from ratekeeper.gate._state import _ACTIVE, Permit, PoolRuntime
 
 if TYPE_CHECKING:
     from ratekeeper.gate._host import GateHost
@@ -254,7 +254,7 @@ class PoolFeedback:
                 if other.seq < seq:  # drawn in the model before this request, never sent
                     _add(own.early, other._charged)
         oldest = min(admitted, now) - transit
-        floor = oldest - _GRANT_TO_SEND
+        floor = oldest - rt.look_back()
         for t, other_seq, charged, granted in reversed(rt.sends):
             if granted < floor:
                 break

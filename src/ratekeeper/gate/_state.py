@@ -181,6 +181,7 @@ class PoolRuntime:
         "reserves_max_tokens",
         "resyncs",
         "rules",
+        "send_delay",
         "sends",
         "share",
         "share_seq",
@@ -223,6 +224,9 @@ class PoolRuntime:
         # at until marked sent): what reached the server after a report's moment, and what may
         # not have reached it yet; bounded
         self.sends: deque[list[Any]] = deque(maxlen=_SENDS_KEPT)
+        # the longest any of them took from its grant to its send: a look back for what was
+        # sent after a moment stops at grants that much before it, not _GRANT_TO_SEND before
+        self.send_delay = 0.0
         # (time, {dim: change}) of what settlements (and output charged as it is produced) did
         # to the server's buckets lately, for replaying them after a report (see _feedback)
         # (and when, in which order, the request settled had drawn, as ``sends`` has it)
@@ -274,6 +278,10 @@ class PoolRuntime:
         permit._send = entry
         self.sends.append(entry)
 
+    def look_back(self) -> float:
+        """How long before a moment a request sent after it can have been granted, at the most."""
+        return min(_GRANT_TO_SEND, self.send_delay)
+
     def changes_since(self, t0: float, seq: int) -> list[tuple[float, Mapping[str, float]]] | None:
         """This client's own changes to the server's buckets after ``t0``: requests reaching it
         (drawing) and settlements; ``None`` if the remembered ones do not reach back that far.
@@ -283,7 +291,7 @@ class PoolRuntime:
         sends, changes = self.sends, self.changes
         in_flight = self.in_flight
         under = max(self.shortfalls, default=0.0) + _SHORTFALL_SLACK
-        oldest = t0 - _GRANT_TO_SEND
+        oldest = t0 - self.look_back()
         reached = len(sends) < _SENDS_KEPT
         for t, other, charged, granted in reversed(sends):
             if granted < oldest:
@@ -456,8 +464,12 @@ class Permit:
         """Record that the request is leaving for the server (its RPM token is spent)."""
         self.sent = True
         self.sent_at = now = self._limiter._now()
-        if self._send is not None:
-            self._send[0] = now
+        send = self._send
+        if send is not None:
+            send[0] = now
+            rt = self._runtime
+            if now - send[3] > rt.send_delay:
+                rt.send_delay = now - send[3]
 
     def record_output(self, output_tokens: int) -> None:
         """Charge output produced so far (cumulative), as a stream runs.
