@@ -195,6 +195,36 @@ def test_a_report_of_more_left_than_the_burst_holds_widens_it() -> None:
     assert limiter.statistics()[POOL].burst == pytest.approx(24_500 / 30_000)
 
 
+def test_reports_whose_dimensions_disagree_on_the_bucket_settle_the_burst_once() -> None:
+    """One dimension shows a bucket of at most a few seconds, another more left than that holds.
+
+    One burst serves every dimension of a pool, so it takes the smaller (safe) and stays
+    there: it used to shrink to the upper bound on one report and widen to the lower on the
+    next, resizing every bucket (and saying so) on every response.
+    """
+    clock = Clock()
+    changes: list[object] = []
+    limiter = Limiter(
+        "tier-1",
+        clock=clock,
+        on_event=lambda event: changes.append(event.detail) if event.kind == "burst_change" else None,
+    )
+    report = headers(
+        # RPM full again a second after the date with 30 of 50 left: at most 31.8/50 of a minute
+        requests=(30, "2026-01-05T00:00:11Z"),
+        # OTPM 7,900 of 8,000 left: the bucket holds at least 0.925 of a minute
+        input_=(29_000, "2026-01-05T00:00:12Z"),
+        output=(7_900, "2026-01-05T00:00:11Z"),
+    )
+    for _ in range(6):
+        permit = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)
+        permit.settle({"input_tokens": 10, "output_tokens": 10}, headers=report)
+        clock.now += 0.01
+    bursts = [limiter.statistics()[POOL].burst]
+    assert len(changes) == 1, changes
+    assert bursts[0] == pytest.approx((30 + 1 + 50 / 60 * 1.01) / 50, rel=0.02)
+
+
 def test_request_resync_is_exact() -> None:
     pool = Pool("p", {"requests": 50}, now=0.0)
     assert pool.resync("requests", 49.0, 0.0) == -1.0

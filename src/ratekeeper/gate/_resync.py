@@ -333,7 +333,9 @@ class PoolFeedback:
             fitted = changed = True
             rt.shrink_seq = next(self._seq)
             self._lim._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
-        elif self._lim._adaptive and pool.widen_burst(burst_floor, now):
+        elif self._lim._adaptive and burst_floor <= upper and pool.widen_burst(burst_floor, now):
+            # (not when another dimension of the same report bounds the bucket below that: one
+            # burst serves them all, and widening past the bound would shrink on the next report)
             changed = True
             self._lim._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
         return fitted, changed
