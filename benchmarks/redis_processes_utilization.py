@@ -1,7 +1,8 @@
 """How much of a shared limit several processes use through Redis, against the real HTTP emulator.
 
 Run: ``python benchmarks/redis_processes_utilization.py [--workers 2 --tasks 24 --ttft 3
---rpm 120 --interval 60 --seconds 30 --prefetch 16 0 --runs 3]`` (about 35 s per run).
+--rpm 120 --interval 60 --seconds 30 --prefetch 16 0 --runs 3
+--report-moment admission]`` (about 35 s per run).
 
 Each worker process has its own ``Limiter`` and ``RedisBackend`` and runs ``tasks``
 concurrent loops of acquire, POST to ``ratekeeper emulate``, observe, settle. Requests
@@ -39,6 +40,7 @@ def run_once(args: argparse.Namespace, prefetch: int) -> dict[str, int]:
             *(sys.executable, "-c", code, "emulate", "--port", "0", "--ttft", str(args.ttft)),
             *("--tokens-per-second", "10000", "--rpm", str(args.rpm), "--itpm", "10000000"),
             *("--otpm", "10000000", "--enforcement-interval", str(args.interval)),
+            *("--report-moment", args.report_moment),
         ]
         server = subprocess.Popen(emulate, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         try:
@@ -78,11 +80,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--prefetch", type=int, nargs="+", default=[16, 0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--report-moment",
+        choices=("admission", "response", "mixed"),
+        default="admission",
+        help="the moment the emulator's non-streamed headers describe",
+    )
     args = parser.parse_args()
     allowed = args.rpm * args.interval / 60 + args.rpm / 60 * args.seconds
     print(
         f"{args.workers} workers x {args.tasks} tasks, {args.ttft:g}-s requests, {args.rpm} RPM "
-        f"({args.interval:g}-s burst), {args.seconds:g} s: the server allows about {allowed:.0f}"
+        f"({args.interval:g}-s burst), {args.seconds:g} s, reports at {args.report_moment}: "
+        f"the server allows about {allowed:.0f}"
     )
     for prefetch in args.prefetch:
         for _ in range(args.runs):

@@ -302,3 +302,19 @@ def test_a_limit_set_by_hand_keeps_the_cut_share() -> None:
     clock.now += 2.0
     after = limiter.statistics()[POOL].levels["input_tokens"]
     assert after - before == pytest.approx(2.0 * 60_000 / 60 * SHARE_DECREASE)
+
+
+def test_a_request_sent_long_after_its_grant_is_still_replayed_after_a_report() -> None:
+    """The look back over recent sends reaches as far as the slowest grant-to-send seen."""
+    clock = Clock()
+    limiter = Limiter("tier-1", clock=clock)
+    first = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    first.mark_sent()
+    late = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
+    clock.now += 3.0  # held three seconds between its grant and its send
+    late.mark_sent()
+    rt = limiter._pools[POOL]
+    assert rt.look_back() == pytest.approx(3.0)
+    replay = rt.changes_since(clock.now - 1.0, first.seq)
+    assert replay is not None
+    assert [change["requests"] for _, change in replay] == [-1.0]  # the late send, drawn after
