@@ -224,9 +224,7 @@ class PoolRuntime:
         # at until marked sent): what reached the server after a report's moment, and what may
         # not have reached it yet; bounded
         self.sends: deque[list[Any]] = deque(maxlen=_SENDS_KEPT)
-        # the longest any of them took from its grant to its send: a look back for what was
-        # sent after a moment stops at grants that much before it, not _GRANT_TO_SEND before
-        self.send_delay = 0.0
+        self.send_delay = 0.0  # the longest grant-to-send seen: how far back look_back() goes
         # (time, {dim: change}) of what settlements (and output charged as it is produced) did
         # to the server's buckets lately, for replaying them after a report (see _feedback)
         # (and when, in which order, the request settled had drawn, as ``sends`` has it)
