@@ -238,7 +238,7 @@ def test_an_unreadable_body_is_logged_without_its_text(caplog: pytest.LogCapture
 
 
 def test_maps_keyed_by_input_are_bounded() -> None:
-    from ratekeeper.gate._limiter import MAX_REMEMBERED
+    from ratekeeper.gate._account import MAX_REMEMBERED
 
     limiter = Limiter("tier-1", clock=lambda: 0.0)
     for i in range(MAX_REMEMBERED * 2):
@@ -252,4 +252,4 @@ def test_maps_keyed_by_input_are_bounded() -> None:
         )
     assert len(limiter._model_runtime) <= MAX_REMEMBERED
     assert len(limiter._model_pool) <= MAX_REMEMBERED
-    assert len(limiter._unified_warned) <= MAX_REMEMBERED
+    assert len(limiter._account.unified_warned) <= MAX_REMEMBERED

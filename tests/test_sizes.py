@@ -20,21 +20,15 @@ KNOWN: dict[tuple[str, str], int] = {
     # the header grammar: every field the server sends and every hostile form of it
     ("module", "core/_headers.py"): 821,
     ("module", "anthropic/_middleware.py"): 791,
-    ("module", "gate/_limiter.py"): 707,
     # the tier tables, as the spec gives them
     ("module", "core/_presets.py"): 617,
-    ("class", "gate/_limiter.py:Limiter"): 609,
-    ("class", "gate/_local.py:LocalEngine"): 497,
-    ("class", "redis/_engine.py:RemoteEngine"): 429,
     # argument tables and a figure: long, flat and read top to bottom
     ("function", "cli/_simulate.py:configure"): 116,
     ("function", "simulate/_plot.py:figure"): 111,
-    ("function", "gate/_limiter.py:__init__"): 90,
     ("function", "cli/_simulate.py:run"): 88,
     # the fast path, unrolled: its equivalence test holds it to the general one
     ("function", "core/_bucket.py:take_request"): 73,
     ("function", "estimate/_estimator.py:_from_scan"): 69,
-    ("function", "gate/_local.py:settle_plain"): 67,
     ("function", "redis/_backend.py:__init__"): 65,
     ("function", "cli/_main.py:_emulate_arguments"): 65,
     ("function", "cli/_main.py:_emulate"): 64,

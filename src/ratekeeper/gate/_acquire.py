@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, final
 
+import anyio
+import sniffio
+
 from ratekeeper.core._accounting import Demand
+from ratekeeper.errors import ConfigurationError
 from ratekeeper.gate._demand import Plain, _check_args
 from ratekeeper.gate._state import _ACTIVE, Permit
 
@@ -21,9 +24,6 @@ class AcquireOwner(Protocol):
 
     @property
     def _engine(self) -> Engine: ...
-
-    @property
-    def _acquire_blocking(self) -> Callable[[str, Demand, int, float | None], Permit]: ...
 
 
 @final
@@ -84,7 +84,7 @@ class _Acquire:
     # The blocking form too, so the special endpoints (count_tokens, batches) can be
     # gated from threads: ``with limiter.acquire_count_tokens() as permit:``.
     def __enter__(self) -> Permit:
-        self._permit = self._limiter._acquire_blocking(*self._full_args())
+        self._permit = _acquire_blocking(self._limiter._engine, *self._full_args())
         return self._permit
 
     def __exit__(
@@ -93,3 +93,21 @@ class _Acquire:
         permit = self._permit
         if permit is not None and permit._state == _ACTIVE:
             permit._engine.release(permit)
+
+
+def _acquire_blocking(
+    engine: Engine, model: str, demand: Demand, priority: int, timeout: float | None
+) -> Permit:
+    """Wait for a permit from a thread: in the event loop from an anyio worker thread, else on it."""
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        pass
+    else:
+        raise ConfigurationError("acquire_sync blocks; in async code use `async with limiter.acquire(...)`")
+    try:
+        return anyio.from_thread.run(engine.acquire, model, demand, priority, timeout)
+    except RuntimeError as exc:
+        if "not running in a worker thread" not in str(exc).lower() and "event loop" not in str(exc):
+            raise
+    return engine.acquire_thread(model, demand, priority, timeout)

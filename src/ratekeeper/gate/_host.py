@@ -16,13 +16,13 @@ if TYPE_CHECKING:
     import threading
 
     from ratekeeper.core._accounting import Demand
-    from ratekeeper.core._bucket import TokenBucket
-    from ratekeeper.core._headers import RateLimitSnapshot
     from ratekeeper.core._stats import LimiterEvent
+    from ratekeeper.gate._account import Account
     from ratekeeper.gate._clock import GateClock
     from ratekeeper.gate._engine import Engine
     from ratekeeper.gate._events import HookLock
-    from ratekeeper.gate._state import Permit, PoolRuntime
+    from ratekeeper.gate._pool_table import PoolTable
+    from ratekeeper.gate._state import PoolRuntime
 
 __all__ = ["GateHost"]
 
@@ -44,9 +44,9 @@ class GateHost(Protocol):
     _burst_recovery: float
     _on_event: Callable[[LimiterEvent], None] | None
     # changed as the limiter runs
-    _wallet: TokenBucket | None
+    _account: Account
+    _table: PoolTable
     _warmup: float | None
-    _spend_until: float | None
 
     @property
     def _engine(self) -> Engine: ...
@@ -67,16 +67,6 @@ class GateHost(Protocol):
         """Bring the pools' rates up to the warm-up's share now."""
         ...
 
-    def _spend_limit(self, snap: RateLimitSnapshot, now: float, message: str) -> None:
-        """The monthly spend limit was reached: hold everything until it resets."""
-        ...
-
-    def _on_unified(
-        self, snap: RateLimitSnapshot, now: float, skew: float, status: int, runtime: PoolRuntime | None
-    ) -> None:
-        """A subscription (unified) report: hold or warn."""
-        ...
-
-    def _on_quota(self, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> None:
-        """A wallet proxy's balance report."""
+    def _hook(self, event: LimiterEvent) -> None:
+        """An event that is not a pool's (the spend limit, a subscription warning), to the hook."""
         ...

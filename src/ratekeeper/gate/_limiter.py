@@ -16,25 +16,18 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, Final, final
-
-import anyio
-import sniffio
+from typing import Any, final
 
 from ratekeeper.core._accounting import AccountingRules, Demand, OutputRule
-from ratekeeper.core._bucket import TokenBucket
 from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.core._pool import Pool
-from ratekeeper.core._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
-from ratekeeper.core._reading import first_of_next_month, unified_wait
+from ratekeeper.core._presets import limit_overrides, spend_cap
 from ratekeeper.core._stats import LimiterEvent, LimiterStatistics
 from ratekeeper.errors import (
     CapacityExceeded,
     ConfigurationError,
-    InsufficientCredits,
-    SpendLimitReached,
-    UnknownModelError,
 )
+from ratekeeper.gate._account import Account
 from ratekeeper.gate._acquire import _Acquire
 from ratekeeper.gate._clock import GateClock
 from ratekeeper.gate._demand import (
@@ -49,18 +42,13 @@ from ratekeeper.gate._demand import (
 from ratekeeper.gate._engine import Engine
 from ratekeeper.gate._events import EventLog, HookLock
 from ratekeeper.gate._local import LocalEngine
-from ratekeeper.gate._state import _FAILED, Permit, PoolRuntime
+from ratekeeper.gate._pool_table import PoolTable
+from ratekeeper.gate._state import Permit, PoolRuntime
 from ratekeeper.gate._statistics import pool_statistics
 
 __all__ = ["Limiter", "Permit"]
 
 log = logging.getLogger("ratekeeper")
-
-#: How many entries a map keyed by caller or server input (model ids, subscription claims,
-#: warned resets) holds before it is emptied, so hostile input cannot grow it without bound.
-MAX_REMEMBERED: Final = 1024
-_DEFAULT_PRESET: Final = "tier-1"
-_FALLBACK_PRESET: Final = "start"
 
 
 @final
@@ -123,43 +111,10 @@ class Limiter:
         on_event: Callable[[LimiterEvent], None] | None = None,
         backend: object = None,
     ) -> None:
-        bind = getattr(backend, "_bind_limiter", None)
-        if backend is not None and bind is None:
-            raise ConfigurationError(
-                f"backend must be a ratekeeper backend such as RedisBackend, got {backend!r}"
-            )
-        if rules is not None and output_rule is not None:
-            raise ConfigurationError("give either rules or output_rule, not both")
-        if isinstance(output_rule, str):
-            try:
-                output_rule = OutputRule(output_rule)
-            except ValueError:
-                choices = ", ".join(r.value for r in OutputRule)
-                raise ConfigurationError(
-                    f"unknown output_rule {output_rule!r}; choose one of: {choices}"
-                ) from None
-        self._rules = rules or AccountingRules(output_rule=output_rule or OutputRule.MAX_TOKENS)
+        bind = _binder(backend)
+        self._rules = _rules_of(rules, output_rule)
+        _check_options(preset, warmup, warmup_floor, backfill_window, opening, burst, limits)
         self._preset = preset
-        if preset is not None:
-            spend_cap(preset)  # an unknown preset raises the presets module's error, listing the names
-        if warmup is not None and not warmup > 0:
-            raise ConfigurationError(f"warmup must be a positive number of seconds, got {warmup!r}")
-        if not 0 < warmup_floor <= 1:
-            raise ConfigurationError(f"warmup_floor must be in (0, 1], got {warmup_floor!r}")
-        if backfill_window < 0:
-            raise ConfigurationError(f"backfill_window must be >= 0, got {backfill_window!r}")
-        if opening is not None and not 0 < opening <= 60:
-            raise ConfigurationError(f"opening must be a number of seconds in (0, 60], got {opening!r}")
-        self._opening = opening
-        Pool("check", {}, now=0.0, burst=burst)  # validates burst with the pool's own message
-        for pool_name, dims in (limits or {}).items():
-            for dim, value in dict(dims).items():  # under the names the user wrote; not at first acquire
-                if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
-                    raise ConfigurationError(
-                        f"limits[{pool_name!r}][{dim!r}] must be a positive finite number, got {value!r}"
-                    )
-        self._overrides = limit_overrides(limits or {})
-        self._batch = batch
         self._burst = burst
         self._adaptive = adaptive_burst
         self._burst_recovery = burst_recovery
@@ -176,89 +131,23 @@ class Limiter:
         # with a hook, a lock that runs it once let go (a hook may call back in; see HookLock)
         self._hook_lock = HookLock(self._call_hook) if on_event is not None else None
         self._lock: threading.Lock | HookLock = self._hook_lock or threading.Lock()
-        self._pools: dict[str, PoolRuntime] = {}
-        self._model_pool: dict[str, str] = {}
-        # the same, straight to the runtime, for the uncontended path (filled by _runtime_for)
-        self._model_runtime: dict[str, PoolRuntime] = {}
         self._seq = itertools.count()
-        self._wallet: TokenBucket | None = None
-        if wallet_balance is not None:
-            self._wallet = _wallet_bucket(wallet_balance)
-        self._spend_until: float | None = None
-        self._spend_resets_at: _dt.datetime | None = None
-        self._unified_warned: set[tuple[str | None, str | None]] = set()
-        # subscription rejections by claim: until when, so pools made later are held too
-        self._unified_holds: dict[str | None, float] = {}
+        self._account = Account(self, wallet_balance)
+        self._table = PoolTable(
+            preset=preset,
+            overrides=limit_overrides(limits or {}),
+            rules=self._rules,
+            burst=burst,
+            opening=opening,
+            warm_scale=self._warm_scale,
+            holds=self._account.unified_holds,
+        )
+        self._pools = self._table.pools  # (the table's maps, under the names the engines use)
+        self._model_pool = self._table.model_pool
+        self._model_runtime = self._table.by_model
         # the one engine every admission, settlement and report goes to: this process's own,
         # or the one a backend hands over (RedisBackend's, keeping the buckets in Redis)
         self._engine: Engine = bind(self) if bind is not None else LocalEngine(self)
-
-    def _runtime_for(self, model: str, now: float) -> PoolRuntime:
-        if len(self._model_runtime) >= MAX_REMEMBERED:
-            # 100k distinct model ids held 15.8 MB: forget the lookups (pools stay; a model
-            # is looked up again in the presets at its next request)
-            self._model_runtime.clear()
-            self._model_pool.clear()
-        rt = self._runtime_for_model(model, now)
-        self._model_runtime[model] = rt
-        return rt
-
-    def _runtime_for_model(self, model: str, now: float) -> PoolRuntime:
-        name = self._model_pool.get(model)
-        if name is not None:
-            return self._pools[name]
-        if model in self._overrides and model not in self._pools:
-            rt = self._new_pool(model, self._overrides[model], AccountingRules(), now)
-            self._model_pool[model] = model
-            return rt
-        try:
-            ml = limits_for(self._preset or _DEFAULT_PRESET, model)
-        except UnknownModelError:
-            if self._preset is not None:
-                raise
-            # no preset: start from the newer scheme for classes Tier 1 doesn't list
-            ml = limits_for(_FALLBACK_PRESET, model)
-        pool_name = ml.pool
-        rt_existing = self._pools.get(pool_name)
-        if rt_existing is None:
-            base = {
-                "requests": float(ml.rpm),
-                "input_tokens": float(ml.itpm),
-                "output_tokens": float(ml.otpm),
-            }
-            base.update(self._overrides.get(pool_name, {}))
-            rules = _rules_with(self._rules, ml.cache_reads_count)
-            rt_existing = self._new_pool(pool_name, base, rules, now)
-        self._model_pool[model] = pool_name
-        return rt_existing
-
-    def _new_pool(
-        self, name: str, limits: Mapping[str, float], rules: AccountingRules, now: float
-    ) -> PoolRuntime:
-        scale = self._warm_scale(now)
-        pool = Pool(name, limits, now=now, burst=self._burst, rate_scale=scale)
-        if scale < 1.0:
-            for bucket in pool.buckets.values():
-                bucket.set_level(bucket.capacity * scale, now)
-        if self._opening is not None:
-            # how much the server's bucket holds is not known before its first report: the
-            # first wave spends only ``opening`` seconds of the limit, whatever the interval it
-            # is enforced over; that report then lifts the level to what the server holds
-            for dim, bucket in pool.buckets.items():
-                bucket.set_level(min(bucket.level_at(now), pool.limits[dim] * self._opening / 60.0), now)
-        rt = PoolRuntime(pool, rules, now)
-        self._pools[name] = rt
-        for claim, until in self._unified_holds.items():
-            if until > now and _unified_targets(claim, {name: rt}, None):
-                pool.pause(until, f"subscription limit ({claim})")
-        return rt
-
-    def _special_pool(self, name: str, limits: Mapping[str, float], now: float) -> PoolRuntime:
-        rt = self._pools.get(name)
-        if rt is None:
-            rt = PoolRuntime(Pool(name, limits, now=now), self._rules)
-            self._pools[name] = rt
-        return rt
 
     def _warm_scale(self, now: float) -> float:
         if self._warmup is None:
@@ -282,7 +171,7 @@ class Limiter:
     def pool_of(self, model: str) -> str:
         """The name of the shared pool ``model`` draws from (e.g. ``"sonnet-4"``)."""
         with self._lock:
-            return self._runtime_for(model, self._now()).pool.name
+            return self._table.runtime_for(model, self._now()).pool.name
 
     def set_limits(self, pool_or_model: str, **limits: float) -> None:
         """Change a pool's per-minute limits by hand: ``set_limits("sonnet-4", requests=100)``.
@@ -292,7 +181,7 @@ class Limiter:
         """
         with self._lock:
             now = self._now()
-            rt = self._pools.get(pool_or_model) or self._runtime_for(pool_or_model, now)
+            rt = self._pools.get(pool_or_model) or self._table.runtime_for(pool_or_model, now)
             scale = self._warm_scale(now) * rt.share  # a warm-up or a cut share goes on applying
             for dim, value in limits.items():
                 rt.pool.set_limit(dim, float(value), now, rate_scale=scale)
@@ -443,8 +332,8 @@ class Limiter:
     def _prepare(self, model: str, demand: Demand, now: float) -> tuple[PoolRuntime, dict[str, float], float]:
         if type(model) is not str:  # else it fails deep in the presets, naming nothing
             raise TypeError(f"model must be a str, got {type(model).__name__}")
-        if self._spend_until is not None:
-            self._check_spend(now)
+        if self._account.spend_until is not None:
+            self._account.check_spend(now)
         if self._warmup is not None:
             self._apply_warmup(now)
         if isinstance(demand, _BatchDemand) or model == "count_tokens":
@@ -454,7 +343,7 @@ class Limiter:
                 draws["queued_requests"] = float(demand.requests)
             rt.pool.check(draws)
             return rt, draws, 0.0
-        rt = self._runtime_for(model, now)
+        rt = self._table.runtime_for(model, now)
         cost = rt.rules.admission_cost(demand)
         draws = _draws(cost)
         try:
@@ -463,34 +352,8 @@ class Limiter:
             raise _for_model(model, exc) from None
         credit = cost.credits
         if credit:
-            self._check_wallet(credit, now)
+            self._account.check_wallet(credit, now)
         return rt, draws, credit
-
-    def _acquire_blocking(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
-        try:
-            sniffio.current_async_library()
-        except sniffio.AsyncLibraryNotFoundError:
-            pass
-        else:
-            raise ConfigurationError(
-                "acquire_sync blocks; in async code use `async with limiter.acquire(...)`"
-            )
-        try:
-            return anyio.from_thread.run(self._engine.acquire, model, demand, priority, timeout)
-        except RuntimeError as exc:
-            if "not running in a worker thread" not in str(exc).lower() and "event loop" not in str(exc):
-                raise
-        return self._engine.acquire_thread(model, demand, priority, timeout)
-
-    def _fail_all(self, error_for: Callable[[], BaseException]) -> None:
-        for rt in self._pools.values():
-            for w in rt.queue.waiting():
-                w.state = _FAILED
-                w.error = error_for()
-                rt.queued -= 1
-                w.wake()
-            rt.queue.clear()
-            rt.next_wake = math.inf
 
     def observe(
         self, headers: object, *, model: str | None = None, status: int = 200, body: object = None
@@ -506,95 +369,8 @@ class Limiter:
         runtime = None
         if model is not None:
             with self._lock:
-                runtime = self._runtime_for(model, self._now())
+                runtime = self._table.runtime_for(model, self._now())
         return self._engine.observe(headers, status=status, body=body, permit=None, runtime=runtime)
-
-    def _on_unified(
-        self,
-        snap: RateLimitSnapshot,
-        now: float,
-        skew: float,
-        status: int,
-        runtime: PoolRuntime | None,
-    ) -> None:
-        unified = snap.unified
-        assert unified is not None
-        if unified.status == "rejected" or (status == 429 and unified.status is not None):
-            wait = unified_wait(snap, skew)
-            claim = unified.representative_claim
-            if len(self._unified_holds) >= MAX_REMEMBERED:  # server-sent claims: keep the live ones
-                self._unified_holds = {c: u for c, u in self._unified_holds.items() if u > now}
-                if len(self._unified_holds) >= MAX_REMEMBERED:
-                    self._unified_holds.clear()
-            self._unified_holds[claim] = max(self._unified_holds.get(claim, -math.inf), now + wait)
-            targets = _unified_targets(claim, self._pools, runtime)
-            for rt in targets:
-                if rt.pool.pause(now + wait, f"subscription limit ({unified.representative_claim})"):
-                    self._emit("pause", rt, now, {"seconds": wait, "reason": "unified rejected"})
-                self._engine.wake(rt, now)
-        elif unified.status == "allowed_warning":
-            key = (unified.representative_claim, unified.reset.isoformat() if unified.reset else None)
-            if key not in self._unified_warned:
-                if len(self._unified_warned) >= MAX_REMEMBERED:  # server-sent: bounded
-                    self._unified_warned.clear()
-                self._unified_warned.add(key)
-                name = runtime.pool.name if runtime is not None else "*"
-                log.warning(
-                    "subscription usage warning: %s window, resets %s",
-                    unified.representative_claim,
-                    unified.reset,
-                )
-                detail = {"claim": unified.representative_claim, "reset": unified.reset}
-                self._hook(LimiterEvent("unified_warning", name, now, detail))
-
-    def _on_quota(self, snap: RateLimitSnapshot, permit: Permit | None, now: float) -> None:
-        quota = snap.quota
-        assert quota is not None
-        balance = quota.balance if quota.balance is not None else quota.balance_reserved
-        if balance is None:
-            return
-        if self._wallet is None:
-            self._wallet = _wallet_bucket(max(balance, 0.0))
-            self._wallet.set_level(balance, now)
-        since = permit.seq if permit is not None else -1
-        unseen = sum(
-            p.credits
-            for rt in self._pools.values()
-            for p in rt.in_flight.values()
-            if p.seq > since and p.active
-        )
-        wallet = self._wallet
-        if balance > wallet.capacity:
-            wallet.set_limits(now, capacity=balance)
-        wallet.resync(balance - unseen, now, allow_increase=True)
-        if permit is not None:
-            # The reported balance already holds this request: settle() must not move it again
-            # by our own estimate, only from the proxy's reservation (on a stream) to the charge.
-            if quota.balance is not None:
-                permit.credits = 0.0
-            elif quota.credits_reserved is not None:
-                permit.credits = quota.credits_reserved
-
-    def _check_wallet(self, credit: float, now: float) -> None:
-        wallet = self._wallet
-        if wallet is not None and wallet.level_at(now) < credit:
-            raise InsufficientCredits(credit, max(wallet.level_at(now), 0.0))
-
-    def _spend_limit(self, snap: RateLimitSnapshot, now: float, message: str) -> None:
-        base = snap.server_date or _dt.datetime.now(_dt.UTC)
-        resets = first_of_next_month(base)
-        self._spend_resets_at = resets
-        self._spend_until = now + (resets - base).total_seconds()
-        log.error("monthly spend limit reached; usage resumes at %s", resets.isoformat())
-        self._hook(LimiterEvent("spend_limit", "*", now, {"resets_at": resets}))
-        self._fail_all(lambda: SpendLimitReached(resets, message))
-
-    def _check_spend(self, now: float) -> None:
-        if self._spend_until is not None:
-            if now < self._spend_until:
-                assert self._spend_resets_at is not None
-                raise SpendLimitReached(self._spend_resets_at)
-            self._spend_until = None
 
     def _emit(self, kind: str, rt: PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
         """Every event of both engines passes here: to the log (``_events.EventLog``) and the hook."""
@@ -619,9 +395,7 @@ class Limiter:
     def acquire_count_tokens(self, rpm: float | None = None, *, timeout: float | None = None) -> _Acquire:
         """Gate a ``count_tokens`` call by its own RPM (the preset's, or ``rpm``)."""
         with self._lock:
-            if "count_tokens" not in self._pools:
-                limit = rpm or count_tokens_rpm(self._preset or _DEFAULT_PRESET) or 100
-                self._special_pool("count_tokens", {"requests": float(limit)}, self._now())
+            self._table.count_tokens(rpm, self._now())
         return _Acquire(self, ("count_tokens", Demand(), 0, timeout))
 
     def acquire_batch(self, requests: int, *, timeout: float | None = None) -> _Acquire:
@@ -632,13 +406,7 @@ class Limiter:
         ``acquire_batch(0)`` gates the other batch endpoints by the RPM alone.
         """
         with self._lock:
-            if "batches" not in self._pools:
-                bl = batch_limits(self._preset or _DEFAULT_PRESET)
-                self._special_pool("batches", {"requests": float(bl.rpm)}, self._now())
-                self._pools["batches"].pool.buckets["queued_requests"] = TokenBucket(
-                    float(bl.max_queued_requests), 0.0, now=self._now(), debt_limit=0.0
-                )
-                self._pools["batches"].pool.limits["queued_requests"] = float(bl.max_queued_requests)
+            self._table.batches(self._now())
         return _Acquire(self, ("batches", _BatchDemand(requests), 0, timeout))
 
     def batch_finished(self, requests: int) -> None:
@@ -657,12 +425,13 @@ class Limiter:
             now = self._now()
             taken_at = _dt.datetime.now(_dt.UTC)
             pools = {name: pool_statistics(name, rt, now, taken_at) for name, rt in self._pools.items()}
-            wallet = self._wallet.level_at(now) if self._wallet is not None else None
+            account = self._account
+            wallet = account.wallet.level_at(now) if account.wallet is not None else None
             return LimiterStatistics(
                 time=now,
                 pools=pools,
                 wallet_balance=wallet,
-                spend_limited=self._spend_until is not None and now < self._spend_until,
+                spend_limited=account.spend_until is not None and now < account.spend_until,
                 taken_at=taken_at,
             )
 
@@ -675,33 +444,55 @@ class Limiter:
         return f"<Limiter preset={self._preset!r} {pools or 'no pools yet'}>"
 
 
-# ---------------------------------------------------------------------- helpers
+def _rules_of(rules: AccountingRules | None, output_rule: OutputRule | str | None) -> AccountingRules:
+    """The accounting rules ``Limiter(rules=..., output_rule=...)`` ask for."""
+    if rules is not None and output_rule is not None:
+        raise ConfigurationError("give either rules or output_rule, not both")
+    if isinstance(output_rule, str):
+        try:
+            output_rule = OutputRule(output_rule)
+        except ValueError:
+            choices = ", ".join(r.value for r in OutputRule)
+            raise ConfigurationError(
+                f"unknown output_rule {output_rule!r}; choose one of: {choices}"
+            ) from None
+    return rules or AccountingRules(output_rule=output_rule or OutputRule.MAX_TOKENS)
 
 
-def _rules_with(rules: AccountingRules, cache_reads_count: bool) -> AccountingRules:
-    if rules.cache_reads_count == cache_reads_count:
-        return rules
-    import attrs
+def _check_options(
+    preset: str | None,
+    warmup: float | None,
+    warmup_floor: float,
+    backfill_window: int,
+    opening: float | None,
+    burst: float,
+    limits: Mapping[str, Mapping[str, float]] | None,
+) -> None:
+    """Raise ``ConfigurationError`` naming the first of ``Limiter``'s options that is out of range."""
+    if preset is not None:
+        spend_cap(preset)  # an unknown preset raises the presets module's error, listing the names
+    if warmup is not None and not warmup > 0:
+        raise ConfigurationError(f"warmup must be a positive number of seconds, got {warmup!r}")
+    if not 0 < warmup_floor <= 1:
+        raise ConfigurationError(f"warmup_floor must be in (0, 1], got {warmup_floor!r}")
+    if backfill_window < 0:
+        raise ConfigurationError(f"backfill_window must be >= 0, got {backfill_window!r}")
+    if opening is not None and not 0 < opening <= 60:
+        raise ConfigurationError(f"opening must be a number of seconds in (0, 60], got {opening!r}")
+    Pool("check", {}, now=0.0, burst=burst)  # validates burst with the pool's own message
+    for pool_name, dims in (limits or {}).items():
+        for dim, value in dict(dims).items():  # under the names the user wrote; not at first acquire
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ConfigurationError(
+                    f"limits[{pool_name!r}][{dim!r}] must be a positive finite number, got {value!r}"
+                )
 
-    return attrs.evolve(rules, cache_reads_count=cache_reads_count)
 
-
-def _wallet_bucket(balance: float) -> TokenBucket:
-    if not balance >= 0:
-        raise ConfigurationError(f"wallet_balance must be a non-negative number, got {balance!r}")
-    # a wallet does not refill: rate 0, and it may not go into debt
-    return TokenBucket(max(balance, 1.0), 0.0, level=balance, debt_limit=0.0)
-
-
-def _unified_targets(
-    claim: str | None, pools: Mapping[str, PoolRuntime], runtime: PoolRuntime | None
-) -> list[PoolRuntime]:
-    """The pools a subscription rejection holds: model-specific claims hold only that family."""
-    if claim in ("seven_day_opus", "seven_day_sonnet"):
-        family = claim.rsplit("_", 1)[1]
-        chosen = [rt for name, rt in pools.items() if name.startswith(family)]
-    else:
-        chosen = [rt for name, rt in pools.items() if name not in ("count_tokens", "batches")]
-    if runtime is not None and runtime not in chosen:
-        chosen.append(runtime)
-    return chosen
+def _binder(backend: object) -> Callable[[Limiter], Engine] | None:
+    """``backend``'s hook that hands a limiter its engine (``None``: no backend, the local engine)."""
+    bind: Callable[[Limiter], Engine] | None = getattr(backend, "_bind_limiter", None)
+    if backend is not None and bind is None:
+        raise ConfigurationError(
+            f"backend must be a ratekeeper backend such as RedisBackend, got {backend!r}"
+        )
+    return bind

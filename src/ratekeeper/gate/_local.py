@@ -24,29 +24,26 @@ from typing import TYPE_CHECKING, final
 
 import anyio
 
-from ratekeeper.core._accounting import Cost, Demand, Usage, request_cost
+from ratekeeper.core._accounting import Cost, Demand
 from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.errors import (
     AcquireTimeout,
     CapacityExceeded,
-    ConfigurationError,
     InsufficientCredits,
     WouldBlock,
 )
-from ratekeeper.gate._demand import _ONE_REQUEST, Plain, _diff, _draws, _for_model
-from ratekeeper.gate._resync import _RESYNC_DIMS, PoolFeedback
+from ratekeeper.gate._demand import _ONE_REQUEST, Plain, _for_model
+from ratekeeper.gate._local_settle import LocalSettlement
+from ratekeeper.gate._resync import PoolFeedback
 from ratekeeper.gate._state import (
     _ACTIVE,
     _FAILED,
     _GONE,
     _GRANTED,
-    _RELEASED,
-    _SETTLED,
     _WAITING,
     Permit,
     PoolRuntime,
     Waiter,
-    _drawn,
     _placeholder,
     bind_async,
 )
@@ -70,11 +67,26 @@ class LocalEngine:
         self.prepare = limiter._prepare
         self._seq = limiter._seq
         self._model_runtime = limiter._model_runtime
+        self._account = limiter._account
         self._now = limiter._now
         self._clock = limiter._clock
         self._offset = limiter._time.offset  # the gate clock's (see GateClock), read on the fast path
         self._window = limiter._window
         self._feedback = PoolFeedback(limiter, dispatch=self.dispatch, fail_impossible=self._fail_impossible)
+        # the permit side is the settlement's: its bound methods, so a permit's call to its
+        # engine costs no extra call on the way (settle_plain is measured in nanoseconds)
+        self._settlement = settlement = LocalSettlement(limiter, self._feedback, self.dispatch)
+        self.settle = settlement.settle
+        self.settle_plain = settlement.settle_plain
+        self.release = settlement.release
+
+    def settle_observing(self, permit: Permit, usage: object, credits: float | None, headers: object) -> Cost:
+        """``settle`` with a complete answer's headers (see ``LocalSettlement.settle_observing``)."""
+        return self._settlement.settle_observing(permit, usage, credits, headers)
+
+    def progress(self, permit: Permit, output: float) -> None:
+        """Charge output produced beyond the reservation (see ``LocalSettlement.progress``)."""
+        self._settlement.progress(permit, output)
 
     def wake(self, rt: PoolRuntime, now: float) -> None:
         """Under the lock: a pool's state changed (a pause, a limit, a refund): re-plan its queue."""
@@ -116,8 +128,8 @@ class LocalEngine:
         self, rt: PoolRuntime, model: str, draws: dict[str, float], credit: float, now: float
     ) -> Permit:
         rt.pool.take(draws, now)
-        if credit and self._lim._wallet is not None:
-            self._lim._wallet.charge(credit, now)
+        if credit and self._account.wallet is not None:
+            self._account.wallet.charge(credit, now)
         seq = next(self._seq)
         rt.record(now, draws)
         permit = Permit(self._lim, rt, model, draws, credit, seq, now)
@@ -158,7 +170,12 @@ class LocalEngine:
         lock.acquire()  # not ``with``: this path is measured in nanoseconds, and ``with`` costs ~100
         try:
             rt = self._model_runtime.get(model)
-            if rt is None or rt.queued or self._lim._spend_until is not None or self._lim._warmup is not None:
+            if (
+                rt is None
+                or rt.queued
+                or self._account.spend_until is not None
+                or self._lim._warmup is not None
+            ):
                 return None
             clock = self._clock
             if clock is None and (loop := _running_loop()) is not None:
@@ -326,12 +343,12 @@ class LocalEngine:
                 rt.pool.give_back(waiter.draws, now)
                 rt.granted -= 1
                 rt.record(now, waiter.draws, -1.0, counted=False)
-                if waiter.credit and self._lim._wallet is not None:
-                    self._lim._wallet.give_back(waiter.credit, now)
+                if waiter.credit and self._account.wallet is not None:
+                    self._account.wallet.give_back(waiter.credit, now)
                 waiter.state = _GONE
                 self.dispatch(rt, now)
             elif permit._state == _ACTIVE and not permit.sent:
-                self._release_locked(permit, now)
+                self._settlement.release_locked(permit, now)
 
     def dispatch(self, rt: PoolRuntime, now: float) -> None:
         """Grant every waiter that can go now; wake exactly those, plus a new head."""
@@ -366,7 +383,7 @@ class LocalEngine:
             head.wake()  # the head re-plans its timer
 
     def _grant_waiter(self, rt: PoolRuntime, w: Waiter, now: float) -> None:
-        wallet = self._lim._wallet
+        wallet = self._account.wallet
         if w.credit and wallet is not None:
             # checked again now: other requests may have drawn on the wallet while this one waited
             balance = wallet.level_at(now)
@@ -399,159 +416,3 @@ class LocalEngine:
                 w.error = exc
                 rt.queued -= 1
                 w.wake()
-
-    def settle_observing(self, permit: Permit, usage: object, credits: float | None, headers: object) -> Cost:
-        """``settle`` with a complete answer's headers: settle, read the headers, then wake."""
-        cost = permit._settle(usage, credits, wake=False)
-        permit.sent = True
-        permit.response_status = 200
-        self._feedback.observe(headers, status=200, body=None, permit=permit, runtime=permit._runtime)
-        rt = permit._runtime
-        with self._lock:
-            self.dispatch(rt, self._now())  # whoever the refund lets in, now that it is read
-        return cost
-
-    def settle(self, permit: Permit, usage: Usage, credits: float | None, *, wake: bool = True) -> Cost:
-        with self._lock:
-            now = self._now()
-            rt = permit._runtime
-            priority = "priority_output_tokens" in permit.reserved  # _draws sets both or neither
-            actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
-            new = _draws(actual)
-            for dim, amount in permit._charged.items():
-                if dim not in _RESYNC_DIMS:  # not usage (a batch's queue slots): stays as charged
-                    new[dim] = amount
-            diff = _diff(permit._charged, new)
-            estimated = permit._charged.get("input_tokens", 0.0)
-            if estimated > 0.0:
-                rt.shortfalls.append(max(0.0, (new.get("input_tokens", 0.0) - estimated) / estimated))
-            rt.pool.give_back(diff, now)
-            if diff:
-                rt.record(now, diff, -1.0)
-                if permit.sent:
-                    rt.changes.append((now, diff, *_drawn(permit)))
-            if self._lim._wallet is not None and permit.credits and credits is not None:
-                self._lim._wallet.give_back(permit.credits - credits, now) if permit.credits >= credits else (
-                    self._lim._wallet.charge(credits - permit.credits, now)
-                )
-            permit._charged = new
-            permit._state = _SETTLED
-            rt.in_flight.pop(permit.seq, None)
-            self._feedback.grow_burst(rt, now)
-            if wake:
-                self.dispatch(rt, now)
-            return actual
-
-    def settle_plain(
-        self, permit: Permit, uncached: int, output: int, read: int, write: int, *, wake: bool = True
-    ) -> Cost:
-        """``_settle`` for a permit of requests and tokens only, without intermediate objects."""
-        lock = self._lock
-        lock.acquire()  # not ``with``: see _admit_plain
-        try:
-            if permit._state != _ACTIVE:  # settled or released by another thread meanwhile
-                if permit._state == _SETTLED:
-                    raise ConfigurationError("this permit is already settled")
-                return Cost()
-            charged = permit._charged
-            rt = permit._runtime
-            pool = rt.pool
-            inp = float(uncached + write + read) if rt.cache_reads_count else float(uncached + write)
-            out = float(output)
-            estimated = charged.get("input_tokens", 0.0)
-            give_in = estimated - inp
-            give_out = charged.get("output_tokens", 0.0) - out
-            if estimated > 0.0:
-                rt.shortfalls.append(max(0.0, -give_in / estimated))
-            if give_in >= 0.0 and give_out >= 0.0 and pool.burst == 1.0 and rt.share == 1.0 and not rt.queued:
-                # Only refunds, and nobody to wake: no clock is read. A refund leaves the
-                # same level whether it is added before or after the refill since the
-                # bucket's last update (both clamp at capacity), so each bucket takes it
-                # at its own last time; a charge could not (it must follow the refill).
-                now = -math.inf
-            else:
-                clock = self._clock
-                if clock is None and (loop := _running_loop()) is not None:
-                    now = loop.time() + self._offset
-                else:
-                    now = self._now()
-                    if not -math.inf < now < math.inf:
-                        now = -math.inf  # a broken clock: no time passes, nothing is lost
-            if give_in or give_out:
-                pool.give_back_plain(give_in, give_out, now)
-                rt.admitted.add_request(now, 0.0, -give_in, -give_out)  # rt.record(now, diff, -1.0)
-                if permit.sent:  # for replaying after a report (see _resync): when it happened
-                    at = now if now > -math.inf else self._now()
-                    change = {
-                        "input_tokens": give_in,
-                        "output_tokens": give_out,
-                        "tokens": give_in + give_out,
-                    }
-                    rt.changes.append((at, change, *_drawn(permit)))
-            if inp or out:
-                permit._charged = {
-                    "requests": 1.0,
-                    "input_tokens": inp,
-                    "output_tokens": out,
-                    "tokens": inp + out,
-                }
-            else:
-                permit._charged = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
-            permit._state = _SETTLED
-            del rt.in_flight[permit.seq]
-            if now > -math.inf:
-                if pool.burst < 1.0 or rt.share < 1.0:
-                    self._feedback.grow_burst(rt, now)
-                if wake and (rt.queued or rt.queue or self._lim._warmup is not None):
-                    self.dispatch(rt, now)
-            elif wake and rt.queue:
-                rt.queue.clear()  # what _dispatch does when nobody waits: drop the cancelled
-            return request_cost(inp, out)
-        finally:
-            lock.release()
-
-    def progress(self, permit: Permit, output: float) -> None:
-        if permit._state != _ACTIVE:
-            return
-        with self._lock:
-            charged = permit._charged.get("output_tokens", 0.0)
-            extra = output - charged
-            if extra <= 0.0:
-                return
-            now = self._now()
-            rt = permit._runtime
-            more = {"output_tokens": extra, "tokens": extra}
-            if "priority_output_tokens" in permit._charged:
-                more["priority_output_tokens"] = extra
-            rt.pool.take(more, now)
-            rt.record(now, more)
-            rt.changes.append((now, {d: -a for d, a in more.items()}, math.inf, math.inf))
-            for dim, amount in more.items():
-                permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
-
-    def release(self, permit: Permit) -> None:
-        with self._lock:
-            if permit._state == _ACTIVE:
-                self._release_locked(permit, self._now())
-
-    def _release_locked(self, permit: Permit, now: float) -> None:
-        rt = permit._runtime
-        charged = permit._charged
-        if not permit.sent:
-            refund = dict(charged)
-        elif permit.response_status is not None and permit.response_status >= 400:
-            refund = {k: v for k, v in charged.items() if k != "requests"}
-        else:
-            refund = {}
-        if refund:
-            rt.pool.give_back(refund, now)
-            rt.record(now, refund, -1.0, counted=False)
-            if permit._send is not None:  # refused (or never sent): it drew nothing but the request
-                drew = permit._send[2]
-                for dim in refund:
-                    drew.pop(dim, None)
-        if self._lim._wallet is not None and permit.credits and (not permit.sent or refund):
-            self._lim._wallet.give_back(permit.credits, now)
-        permit._state = _RELEASED
-        rt.in_flight.pop(permit.seq, None)
-        self.dispatch(rt, now)

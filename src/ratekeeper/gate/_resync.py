@@ -157,7 +157,7 @@ class PoolFeedback:
             now = self._now()
             skew = snap.clock_skew or 0.0
             if error_code == "enforced_spend_limit_reached":
-                self._lim._spend_limit(snap, now, message)
+                self._lim._account.spend_limit(snap, now, message)
             changed = False
             if runtime is not None:
                 fitted, changed = self._resync(runtime, snap, permit, now)
@@ -169,13 +169,13 @@ class PoolFeedback:
                     runtime.overload_backoff = 0.0
                     self.grow_burst(runtime, now)
             if snap.unified is not None:
-                self._lim._on_unified(snap, now, skew, status, runtime)
+                self._lim._account.on_unified(snap, now, skew, status, runtime)
             if snap.quota is not None:
-                self._lim._on_quota(snap, permit, now)
-            if status == 402 and self._lim._wallet is not None:
+                self._lim._account.on_quota(snap, permit, now)
+            if status == 402 and self._lim._account.wallet is not None:
                 # the proxy refused: the wallet holds less than this reservation
                 held = permit.credits if permit is not None else 0.0
-                self._lim._wallet.resync(max(0.0, held - 1.0), now)
+                self._lim._account.wallet.resync(max(0.0, held - 1.0), now)
             if changed and runtime is not None:
                 # only once the report's pause (a 429's retry-after, a 529's backoff) is in
                 # place: a lift read from a refusal's headers must not let a waiter in first

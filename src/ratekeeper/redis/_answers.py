@@ -126,7 +126,7 @@ class ReserveAnswers:
                 self.raise_for(rt, reply)
             except SpendLimitReached as exc:
                 resets_at = exc.resets_at
-                self._parts.limiter._fail_all(lambda: SpendLimitReached(resets_at))
+                self._parts.limiter._table.fail_waiters(lambda: SpendLimitReached(resets_at))
             except CapacityExceeded as exc:
                 w = cands[granted]
                 if w.state == _WAITING:
@@ -141,9 +141,9 @@ class ReserveAnswers:
         if status == "SPEND":
             resets = _dt.datetime.fromisoformat(why) if why else _dt.datetime.now(_dt.UTC)
             with self._parts.limiter._lock:
-                if self._parts.limiter._spend_until is None:
-                    self._parts.limiter._spend_until = self._parts.limiter._now() + reply.wait
-                    self._parts.limiter._spend_resets_at = resets
+                if self._parts.limiter._account.spend_until is None:
+                    self._parts.limiter._account.spend_until = self._parts.limiter._now() + reply.wait
+                    self._parts.limiter._account.spend_resets_at = resets
             raise SpendLimitReached(resets)
         if status == "TOOBIG":
             dim, amount, limit = why.split()

@@ -36,7 +36,7 @@ from typing import final
 
 import anyio
 
-from ratekeeper.core._accounting import Cost, Demand, Usage
+from ratekeeper.core._accounting import Demand
 from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.errors import AcquireTimeout, WouldBlock
 from ratekeeper.gate._demand import Plain
@@ -83,13 +83,15 @@ class RemoteEngine:
         self._prefetches = Prefetches(parts)
         self._answers = ReserveAnswers(parts, self._prefetches, self._clock)
         self._feedback = Feedback(parts, self._prefetches)
-        self._settlement = Settlement(parts, self._prefetches)
+        # the permit side is the settlement's (settle, settle_plain, settle_observing,
+        # progress, release), handed out as this engine's own
+        self._settlement = settlement = Settlement(parts, self._prefetches)
+        self.settle = settlement.settle
+        self.settle_plain = settlement.settle_plain
+        self.settle_observing = settlement.settle_observing
+        self.progress = settlement.progress
+        self.release = settlement.release
         backend.on_close(self.close_prefetches)
-
-    @property
-    def backend(self) -> Backend:
-        """The backend this engine talks to."""
-        return self._backend
 
     # ------------------------------------------------------------------ pools
 
@@ -396,8 +398,8 @@ class RemoteEngine:
             rt.granted += 1
             rt.waits.add(now - w.enqueued_at)
             rt.admitted.add(now, w.draws)
-            if credit and limiter._wallet is not None:
-                limiter._wallet.charge(credit, now)
+            if credit and limiter._account.wallet is not None:
+                limiter._account.wallet.charge(credit, now)
             limiter._emit("grant", rt, now, {"waited": now - w.enqueued_at})  # a long wait is said at INFO
         return permit
 
@@ -418,8 +420,6 @@ class RemoteEngine:
         with self._limiter._lock:
             self._prefetches.close_all(self._pools)
 
-    # ------------------------------------------------------------------ settlement
-
     # ------------------------------------------------------------------ the Engine protocol's rest
 
     def admit_plain(self, model: str, plain: Plain) -> Permit | None:
@@ -432,38 +432,9 @@ class RemoteEngine:
         """No fast path (see ``admit_plain``)."""
         return None
 
-    def settle_plain(
-        self, permit: Permit, uncached: int, output: int, read: int, write: int, *, wake: bool = True
-    ) -> Cost:
-        """``settle`` from the four counts."""
-        usage = Usage(
-            input_tokens=uncached,
-            output_tokens=output,
-            cache_read_input_tokens=read,
-            cache_creation_input_tokens=write,
-        )
-        return self.settle(permit, usage, None, wake=wake)
-
-    def settle_observing(self, permit: Permit, usage: object, credits: float | None, headers: object) -> Cost:
-        """The report first, then the settlement: the Redis scripts read a report before it."""
-        permit.observe(headers)
-        return permit._settle(usage, credits, wake=True)
-
     def wake(self, rt: PoolRuntime, now: float) -> None:
         """Under the lock: re-plan the pool's line (the next round trip carries it)."""
         self._wake_head(rt)
-
-    def settle(self, permit: Permit, usage: Usage, credits: float | None, *, wake: bool = True) -> Cost:
-        """``Limiter._settle`` in remote mode: the difference goes to Redis with the next round trip."""
-        return self._settlement.settle(permit, usage, credits)
-
-    def progress(self, permit: Permit, output: float) -> None:
-        """``Limiter._progress`` in remote mode: output beyond the reservation is charged in Redis."""
-        self._settlement.progress(permit, output)
-
-    def release(self, permit: Permit) -> None:
-        """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
-        self._settlement.release(permit)
 
     # ------------------------------------------------------------------ feedback
 

@@ -52,7 +52,7 @@ class LocalFallback:
             if model in limiter._pools or model in SPECIAL:
                 rt = limiter._pools[model]
             else:
-                rt = limiter._runtime_for(model, now)
+                rt = limiter._table.runtime_for(model, now)
         with fallback._lock:
             if rt.pool.name not in fallback._pools:
                 fallback._pools[rt.pool.name] = _scaled(rt, backend.fallback_fraction, now)

@@ -61,11 +61,11 @@ class Feedback:
             now = limiter._now()
             skew = snap.clock_skew or 0.0
             if spend:
-                limiter._spend_limit(snap, now, message)
-                assert limiter._spend_until is not None
-                assert limiter._spend_resets_at is not None
-                seconds = limiter._spend_until - now
-                iso = limiter._spend_resets_at.isoformat()
+                limiter._account.spend_limit(snap, now, message)
+                assert limiter._account.spend_until is not None
+                assert limiter._account.spend_resets_at is not None
+                seconds = limiter._account.spend_until - now
+                iso = limiter._account.spend_resets_at.isoformat()
                 calls.append(
                     self._parts.calls.control((self._parts.backend.org_key(),), "spend", repr(seconds), iso)
                 )
@@ -85,12 +85,12 @@ class Feedback:
                 if unified.status == "rejected" or (status == 429 and unified.status is not None):
                     calls += self._on_rejected(snap, now, skew, runtime)
                 else:
-                    limiter._on_unified(snap, now, skew, status, runtime)
+                    limiter._account.on_unified(snap, now, skew, status, runtime)
             if snap.quota is not None:
-                limiter._on_quota(snap, permit, now)
-            if status == 402 and limiter._wallet is not None:
+                limiter._account.on_quota(snap, permit, now)
+            if status == 402 and limiter._account.wallet is not None:
                 held = permit.credits if permit is not None else 0.0
-                limiter._wallet.resync(max(0.0, held - 1.0), now)
+                limiter._account.wallet.resync(max(0.0, held - 1.0), now)
         for call in calls:
             self._parts.backend.send(call)
         return snap

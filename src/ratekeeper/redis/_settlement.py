@@ -27,8 +27,11 @@ class Settlement:
         self._parts = parts
         self._prefetches = prefetches
 
-    def settle(self, permit: Permit, usage: Usage, credits: float | None) -> Cost:
-        """``Limiter._settle`` in remote mode: the difference goes to Redis with the next round trip."""
+    def settle(self, permit: Permit, usage: Usage, credits: float | None, *, wake: bool = True) -> Cost:
+        """``Limiter._settle`` in remote mode: the difference goes to Redis with the next round trip.
+
+        (``wake`` is the ``Engine`` protocol's: whoever a refund lets in learns it from Redis.)
+        """
         limiter = self._parts.limiter
         with limiter._lock:
             now = limiter._now()
@@ -40,12 +43,7 @@ class Settlement:
             diff = _diff(permit._charged, new)
             if diff:
                 rt.admitted.add(now, diff, -1.0)
-            wallet = limiter._wallet
-            if wallet is not None and permit.credits and credits is not None:
-                if permit.credits >= credits:
-                    wallet.give_back(permit.credits - credits, now)
-                else:
-                    wallet.charge(credits - permit.credits, now)
+            limiter._account.settle_credits(permit.credits, credits, now)
             permit._charged = new
             permit._state = _SETTLED
             rt.in_flight.pop(permit.seq, None)
@@ -65,6 +63,24 @@ class Settlement:
                 self._parts.backend.send(call)
             self._parts.wake_head(rt)
         return actual
+
+    def settle_plain(
+        self, permit: Permit, uncached: int, output: int, read: int, write: int, *, wake: bool = True
+    ) -> Cost:
+        """``settle`` from the four counts."""
+        usage = Usage(
+            input_tokens=uncached,
+            output_tokens=output,
+            cache_read_input_tokens=read,
+            cache_creation_input_tokens=write,
+        )
+        return self.settle(permit, usage, None, wake=wake)
+
+    @staticmethod
+    def settle_observing(permit: Permit, usage: object, credits: float | None, headers: object) -> Cost:
+        """The report first, then the settlement: the Redis scripts read a report before it."""
+        permit.observe(headers)
+        return permit._settle(usage, credits, wake=True)
 
     def progress(self, permit: Permit, output: float) -> None:
         """``Limiter._progress`` in remote mode: output beyond the reservation is charged in Redis."""
@@ -110,8 +126,8 @@ class Settlement:
                 mode, refund = "kept", {}
             if refund:
                 rt.admitted.add(now, refund, -1.0)
-            if limiter._wallet is not None and permit.credits and (not permit.sent or refund):
-                limiter._wallet.give_back(permit.credits, now)
+            if limiter._account.wallet is not None and permit.credits and (not permit.sent or refund):
+                limiter._account.wallet.give_back(permit.credits, now)
             permit._state = _RELEASED
             rt.in_flight.pop(permit.seq, None)
             remote = self._parts.remote_for(rt)
