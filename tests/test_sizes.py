@@ -35,7 +35,6 @@ KNOWN: dict[tuple[str, str], int] = {
     ("function", "estimate/_estimator.py:_from_scan"): 69,
     ("function", "gate/_local.py:settle_plain"): 67,
     ("function", "redis/_backend.py:__init__"): 65,
-    ("function", "emulator/_messages.py:_stream_reply"): 62,
 }
 
 
