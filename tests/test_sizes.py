@@ -34,7 +34,6 @@ KNOWN: dict[tuple[str, str], int] = {
     ("function", "core/_bucket.py:take_request"): 73,
     ("function", "estimate/_estimator.py:_from_scan"): 69,
     ("function", "gate/_local.py:settle_plain"): 67,
-    ("function", "redis/_backend.py:__init__"): 65,
 }
 
 
