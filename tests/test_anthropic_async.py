@@ -332,7 +332,7 @@ def _refuse_then_answer(failures: list[str]) -> Any:
 
 def _count_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     """The bodies the middleware scans, in order (the real scan still runs)."""
-    import ratekeeper.anthropic._middleware
+    import ratekeeper.anthropic._plan
     import ratekeeper.estimate._body_scan
     import ratekeeper.estimate._estimator
 
@@ -344,7 +344,7 @@ def _count_scans(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         return real(body)
 
     # wherever a scan can start from
-    for module in (ratekeeper.estimate._estimator, ratekeeper.anthropic._middleware):
+    for module in (ratekeeper.estimate._estimator, ratekeeper.anthropic._plan):
         monkeypatch.setattr(module, "scan_body", scan, raising=False)
     return scanned
 

@@ -146,8 +146,8 @@ def test_a_retried_request_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_remembered_url_paths_are_bounded() -> None:
-    from ratekeeper.anthropic import _middleware
+    from ratekeeper.anthropic import _plan
 
     for i in range(3000):
-        assert _middleware._path_of(f"http://x/v1/messages/batches/b{i}?q=1") == f"/v1/messages/batches/b{i}"
-    assert len(_middleware._paths) <= _middleware._MAX_PATHS
+        assert _plan._path_of(f"http://x/v1/messages/batches/b{i}?q=1") == f"/v1/messages/batches/b{i}"
+    assert len(_plan._paths) <= _plan._MAX_PATHS

@@ -19,7 +19,6 @@ KNOWN: dict[tuple[str, str], int] = {
     ("module", "estimate/_body_scan.py"): 936,
     # the header grammar: every field the server sends and every hostile form of it
     ("module", "core/_headers.py"): 821,
-    ("module", "anthropic/_middleware.py"): 791,
     # the tier tables, as the spec gives them
     ("module", "core/_presets.py"): 617,
     # argument tables and a figure: long, flat and read top to bottom
@@ -29,10 +28,6 @@ KNOWN: dict[tuple[str, str], int] = {
     # the fast path, unrolled: its equivalence test holds it to the general one
     ("function", "core/_bucket.py:take_request"): 73,
     ("function", "estimate/_estimator.py:_from_scan"): 69,
-    ("function", "redis/_backend.py:__init__"): 65,
-    ("function", "cli/_main.py:_emulate_arguments"): 65,
-    ("function", "cli/_main.py:_emulate"): 64,
-    ("function", "emulator/_messages.py:_stream_reply"): 62,
 }
 
 

@@ -18,7 +18,8 @@ except ImportError as _exc:
 
     raise MissingDependency("anthropic", "anthropic") from _exc
 
-from ratekeeper.anthropic._middleware import Counter, RateLimitMiddleware, wrap
+from ratekeeper.anthropic._middleware import RateLimitMiddleware, wrap
+from ratekeeper.anthropic._plan import Counter
 from ratekeeper.anthropic._wallet import CreditPrice
 from ratekeeper.core._meta import meta
 

@@ -11,10 +11,14 @@ import argparse
 import datetime as dt
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
 from ratekeeper.errors import RateKeeperError
+
+if TYPE_CHECKING:
+    from ratekeeper.emulator import EmulatorConfig
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -69,6 +73,11 @@ def _emulate_arguments(p: argparse.ArgumentParser) -> None:
         help="when non-streamed headers describe the buckets: at admission (default), at the response "
         "(after its settlement and all admitted meanwhile), or either at random",
     )
+    _emulate_world_arguments(p)
+
+
+def _emulate_world_arguments(p: argparse.ArgumentParser) -> None:
+    """The rest of ``emulate``'s arguments: limits, clock, latency, faults, spend and other traffic."""
     p.add_argument(
         "--uplink",
         type=float,
@@ -117,15 +126,7 @@ def _epoch(text: str) -> dt.datetime:
 
 
 def _emulate(args: argparse.Namespace) -> int:
-    from ratekeeper.emulator import (
-        AccelerationLimit,
-        EmulatorConfig,
-        ForeignTraffic,
-        LatencyModel,
-        PoolLimits,
-        WalletConfig,
-        serve,
-    )
+    from ratekeeper.emulator import serve
     from ratekeeper.errors import ConfigurationError
 
     try:
@@ -138,27 +139,7 @@ def _emulate(args: argparse.Namespace) -> int:
         print("ratekeeper emulate: --rpm, --itpm and --otpm go together", file=sys.stderr)
         return 2
     try:
-        config = EmulatorConfig(
-            preset=args.preset,
-            default_limits=PoolLimits(args.rpm, args.itpm, args.otpm) if args.rpm is not None else None,
-            mode=args.mode,
-            enforcement_interval=args.enforcement_interval,
-            token_enforcement_interval=args.token_enforcement_interval,
-            otpm_rule=args.otpm_rule,
-            report_moment=args.report_moment,
-            seed=args.seed,
-            epoch=epoch,
-            latency=LatencyModel(
-                ttft=args.ttft, tokens_per_second=args.tokens_per_second, uplink=args.uplink
-            ),
-            overload_probability=args.overload_probability,
-            midstream_error_probability=args.midstream_error_probability,
-            monthly_spend_cap_usd=args.spend_cap,
-            acceleration=AccelerationLimit() if args.acceleration else None,
-            foreign=tuple(ForeignTraffic(pool=f[0], rpm=f[1], itpm=f[2], otpm=f[3]) for f in args.foreign),
-            wallet=WalletConfig(balance=args.wallet_balance, rpm=args.wallet_rpm),
-        )
-        http = serve(config, host=args.host, port=args.port)
+        http = serve(_emulator_config(args, epoch), host=args.host, port=args.port)
     except (ConfigurationError, OSError) as exc:
         print(f"ratekeeper emulate: {exc}", file=sys.stderr)
         return 2
@@ -180,6 +161,37 @@ def _emulate(args: argparse.Namespace) -> int:
     finally:
         http.close()
     return 0
+
+
+def _emulator_config(args: argparse.Namespace, epoch: dt.datetime) -> EmulatorConfig:
+    """The emulator's configuration as the arguments give it; raises ``ConfigurationError``."""
+    from ratekeeper.emulator import (
+        AccelerationLimit,
+        EmulatorConfig,
+        ForeignTraffic,
+        LatencyModel,
+        PoolLimits,
+        WalletConfig,
+    )
+
+    return EmulatorConfig(
+        preset=args.preset,
+        default_limits=PoolLimits(args.rpm, args.itpm, args.otpm) if args.rpm is not None else None,
+        mode=args.mode,
+        enforcement_interval=args.enforcement_interval,
+        token_enforcement_interval=args.token_enforcement_interval,
+        otpm_rule=args.otpm_rule,
+        report_moment=args.report_moment,
+        seed=args.seed,
+        epoch=epoch,
+        latency=LatencyModel(ttft=args.ttft, tokens_per_second=args.tokens_per_second, uplink=args.uplink),
+        overload_probability=args.overload_probability,
+        midstream_error_probability=args.midstream_error_probability,
+        monthly_spend_cap_usd=args.spend_cap,
+        acceleration=AccelerationLimit() if args.acceleration else None,
+        foreign=tuple(ForeignTraffic(pool=f[0], rpm=f[1], itpm=f[2], otpm=f[3]) for f in args.foreign),
+        wallet=WalletConfig(balance=args.wallet_balance, rpm=args.wallet_rpm),
+    )
 
 
 # --------------------------------------------------------------------------- simulate

@@ -409,29 +409,7 @@ class _Admission:
                 )
             )
             prev = cum
-        end = tl.end
-        if broken:
-            err = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
-            events.append(SseEvent(end, "error", err))
-        else:
-            out = tl.output_tokens
-            usage = usage_fields(self.plan, out)
-            del usage["cache_creation"], usage["service_tier"]
-            events += [
-                SseEvent(end, "content_block_stop", {"type": "content_block_stop", "index": 0}),
-                SseEvent(
-                    end,
-                    "message_delta",
-                    {
-                        "type": "message_delta",
-                        "delta": {"stop_reason": self._stop_reason(out), "stop_sequence": None},
-                        "usage": usage,
-                    },
-                ),
-                SseEvent(end, "message_stop", {"type": "message_stop"}),
-            ]
-            if wallet is not None:
-                events.append(SseEvent(end, "quota_usage", {"type": "quota_usage", "quota": wallet["quota"]}))
+        events += self._stream_close(tl, wallet, broken)
         hdrs = self.st.base_headers(self.rid, self.now + start, "text/event-stream; charset=utf-8")
         hdrs += [("cache-control", "no-cache"), *headers]
         if wallet is not None:
@@ -445,8 +423,34 @@ class _Admission:
             request_id=self.rid,
             delay=start,
             events=tuple(events),
-            ends_at=end,
+            ends_at=tl.end,
         )
+
+    def _stream_close(self, tl: Timeline, wallet: dict[str, Any] | None, broken: bool) -> list[SseEvent]:
+        """The events after the last delta: an ``error`` if the stream breaks off, else its end."""
+        end = tl.end
+        if broken:
+            err = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            return [SseEvent(end, "error", err)]
+        out = tl.output_tokens
+        usage = usage_fields(self.plan, out)
+        del usage["cache_creation"], usage["service_tier"]
+        events = [
+            SseEvent(end, "content_block_stop", {"type": "content_block_stop", "index": 0}),
+            SseEvent(
+                end,
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": self._stop_reason(out), "stop_sequence": None},
+                    "usage": usage,
+                },
+            ),
+            SseEvent(end, "message_stop", {"type": "message_stop"}),
+        ]
+        if wallet is not None:
+            events.append(SseEvent(end, "quota_usage", {"type": "quota_usage", "quota": wallet["quota"]}))
+        return events
 
 
 def abandon(st: ServerState, request_id: str, now: float) -> bool:

@@ -31,6 +31,15 @@ if TYPE_CHECKING:
 __all__ = ["RedisBackend"]
 
 
+def _import_redis() -> Any:
+    """The ``redis`` module, imported only when a backend is made (see the module docs)."""
+    try:
+        import redis
+    except ImportError:
+        raise MissingDependency("redis", "redis") from None
+    return redis
+
+
 @final
 class RedisBackend:
     """Keeps an organization's rate-limit state in Redis, for ``Limiter(..., backend=...)``.
@@ -83,27 +92,22 @@ class RedisBackend:
         prefetch: int = 16,
         prefetch_ttl: float = 0.1,
     ) -> None:
-        try:
-            import redis
-        except ImportError:
-            raise MissingDependency("redis", "redis") from None
-        seconds = {
-            "timeout": timeout,
-            "retry_interval": retry_interval,
-            "lease": lease,
-            "ticket_ttl": ticket_ttl,
-            "poll_interval": poll_interval,
-            "key_ttl": key_ttl,
-            "prefetch_ttl": prefetch_ttl,
-        }
+        redis = _import_redis()
         check_options(
             prefix=prefix,
             org=org,
             on_unavailable=on_unavailable,
             fallback_fraction=fallback_fraction,
-            seconds=seconds,
             flush_delay=flush_delay,
             prefetch=prefetch,
+            # the durations, in the signature's order: the first one not > 0 is the one reported
+            timeout=timeout,
+            retry_interval=retry_interval,
+            lease=lease,
+            ticket_ttl=ticket_ttl,
+            poll_interval=poll_interval,
+            key_ttl=key_ttl,
+            prefetch_ttl=prefetch_ttl,
         )
         self.prefix = prefix
         self.org = org

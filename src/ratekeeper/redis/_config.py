@@ -18,11 +18,11 @@ def check_options(
     org: str,
     on_unavailable: str,
     fallback_fraction: float,
-    seconds: dict[str, float],
     flush_delay: float,
     prefetch: int,
+    **seconds: float,
 ) -> None:
-    """Raise ``ConfigurationError`` for the first option out of range (``seconds``: name -> value > 0)."""
+    """Raise ``ConfigurationError`` for the first option out of range (``seconds``: each > 0)."""
     if on_unavailable not in POLICIES:
         raise ConfigurationError(f"on_unavailable must be 'fail' or 'local', got {on_unavailable!r}")
     if not 0 < fallback_fraction <= 1:
