@@ -42,7 +42,7 @@ class AccountHost(Protocol):
     @property
     def _engine(self) -> Engine: ...
 
-    def _emit(self, kind: str, rt: PoolRuntime, now: float, detail: Mapping[str, Any]) -> None: ...
+    def _emit(self, kind: str, runtime: PoolRuntime, now: float, detail: Mapping[str, Any]) -> None: ...
 
     def _hook(self, event: LimiterEvent) -> None: ...
 
@@ -97,10 +97,10 @@ class Account:
                 if len(holds) >= MAX_REMEMBERED:
                     holds.clear()
             holds[claim] = max(holds.get(claim, -math.inf), now + wait)
-            for rt in unified_targets(claim, host._pools, runtime):
-                if rt.pool.pause(now + wait, f"subscription limit ({unified.representative_claim})"):
-                    host._emit("pause", rt, now, {"seconds": wait, "reason": "unified rejected"})
-                host._engine.wake(rt, now)
+            for held in unified_targets(claim, host._pools, runtime):
+                if held.pool.pause(now + wait, f"subscription limit ({unified.representative_claim})"):
+                    host._emit("pause", held, now, {"seconds": wait, "reason": "unified rejected"})
+                host._engine.wake(held, now)
         elif unified.status == "allowed_warning":
             key = (unified.representative_claim, unified.reset.isoformat() if unified.reset else None)
             if key not in self.unified_warned:
@@ -129,8 +129,8 @@ class Account:
         since = permit.seq if permit is not None else -1
         unseen = sum(
             p.credits
-            for rt in self._host._pools.values()
-            for p in rt.in_flight.values()
+            for runtime in self._host._pools.values()
+            for p in runtime.in_flight.values()
             if p.seq > since and p.active
         )
         wallet = self.wallet
@@ -192,9 +192,9 @@ def unified_targets(
     """The pools a subscription rejection holds: model-specific claims hold only that family."""
     if claim in ("seven_day_opus", "seven_day_sonnet"):
         family = claim.rsplit("_", 1)[1]
-        chosen = [rt for name, rt in pools.items() if name.startswith(family)]
+        chosen = [pool for name, pool in pools.items() if name.startswith(family)]
     else:
-        chosen = [rt for name, rt in pools.items() if name not in ("count_tokens", "batches")]
+        chosen = [pool for name, pool in pools.items() if name not in ("count_tokens", "batches")]
     if runtime is not None and runtime not in chosen:
         chosen.append(runtime)
     return chosen

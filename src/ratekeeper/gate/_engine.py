@@ -83,14 +83,14 @@ class Engine(Protocol):
         """Read a response's report: resync, pauses, limits learned."""
         ...
 
-    def wake(self, rt: PoolRuntime, now: float) -> None:
+    def wake(self, runtime: PoolRuntime, now: float) -> None:
         """Under the lock: the pool's state changed (paused, limits, refunds): re-plan its line."""
         ...
 
-    def set_limits(self, rt: PoolRuntime, limits: Mapping[str, float]) -> None:
+    def set_limits(self, runtime: PoolRuntime, limits: Mapping[str, float]) -> None:
         """Under the lock, after ``Limiter.set_limits`` changed the pool's limits."""
         ...
 
-    def give_back(self, rt: PoolRuntime, amounts: Mapping[str, float]) -> None:
+    def give_back(self, runtime: PoolRuntime, amounts: Mapping[str, float]) -> None:
         """Under the lock, after ``amounts`` went back to the pool by hand (a batch ended)."""
         ...

@@ -55,7 +55,7 @@ class GateHost(Protocol):
         """Check a demand and find its pool: (runtime, draws, credits)."""
         ...
 
-    def _emit(self, kind: str, rt: PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
+    def _emit(self, kind: str, runtime: PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
         """An event of the pool's, to the log and the hook."""
         ...
 

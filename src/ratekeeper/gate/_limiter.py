@@ -163,8 +163,8 @@ class Limiter:
         if self._warmup is None:
             return
         scale = self._warm_scale(now)
-        for rt in self._pools.values():
-            rt.pool.scale_rates(scale * rt.share, now)
+        for runtime in self._pools.values():
+            runtime.pool.scale_rates(scale * runtime.share, now)
         if scale >= 1.0:
             self._warmup = None
 
@@ -181,12 +181,12 @@ class Limiter:
         """
         with self._lock:
             now = self._now()
-            rt = self._pools.get(pool_or_model) or self._table.runtime_for(pool_or_model, now)
-            scale = self._warm_scale(now) * rt.share  # a warm-up or a cut share goes on applying
+            runtime = self._pools.get(pool_or_model) or self._table.runtime_for(pool_or_model, now)
+            scale = self._warm_scale(now) * runtime.share  # a warm-up or a cut share goes on applying
             for dim, value in limits.items():
-                rt.pool.set_limit(dim, float(value), now, rate_scale=scale)
-            self._emit("limit_change", rt, now, dict(limits))
-            self._engine.set_limits(rt, limits)
+                runtime.pool.set_limit(dim, float(value), now, rate_scale=scale)
+            self._emit("limit_change", runtime, now, dict(limits))
+            self._engine.set_limits(runtime, limits)
 
     def acquire(
         self,
@@ -337,23 +337,23 @@ class Limiter:
         if self._warmup is not None:
             self._apply_warmup(now)
         if isinstance(demand, _BatchDemand) or model == "count_tokens":
-            rt = self._pools[model]
+            runtime = self._pools[model]
             draws = {"requests": 1.0}
             if isinstance(demand, _BatchDemand):
                 draws["queued_requests"] = float(demand.requests)
-            rt.pool.check(draws)
-            return rt, draws, 0.0
-        rt = self._table.runtime_for(model, now)
-        cost = rt.rules.admission_cost(demand)
+            runtime.pool.check(draws)
+            return runtime, draws, 0.0
+        runtime = self._table.runtime_for(model, now)
+        cost = runtime.rules.admission_cost(demand)
         draws = _draws(cost)
         try:
-            rt.pool.check(draws)
+            runtime.pool.check(draws)
         except CapacityExceeded as exc:
             raise _for_model(model, exc) from None
         credit = cost.credits
         if credit:
             self._account.check_wallet(credit, now)
-        return rt, draws, credit
+        return runtime, draws, credit
 
     def observe(
         self, headers: object, *, model: str | None = None, status: int = 200, body: object = None
@@ -372,14 +372,14 @@ class Limiter:
                 runtime = self._table.runtime_for(model, self._now())
         return self._engine.observe(headers, status=status, body=body, permit=None, runtime=runtime)
 
-    def _emit(self, kind: str, rt: PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
+    def _emit(self, kind: str, runtime: PoolRuntime, now: float, detail: Mapping[str, Any]) -> None:
         """Every event of both engines passes here: to the log (``_events.EventLog``) and the hook."""
-        self._events_log.record(kind, rt.pool.name, now, detail)
+        self._events_log.record(kind, runtime.pool.name, now, detail)
         if kind != "grant" and kind != "resync":  # those two are counted already
-            seen = rt.events.get(kind)
-            rt.events[kind] = (now, 1 if seen is None else seen[1] + 1, dict(detail))
+            seen = runtime.events.get(kind)
+            runtime.events[kind] = (now, 1 if seen is None else seen[1] + 1, dict(detail))
         if self._on_event is not None:
-            self._hook(LimiterEvent(kind, rt.pool.name, now, dict(detail)))
+            self._hook(LimiterEvent(kind, runtime.pool.name, now, dict(detail)))
 
     def _hook(self, event: LimiterEvent) -> None:
         if self._hook_lock is not None:
@@ -412,19 +412,21 @@ class Limiter:
     def batch_finished(self, requests: int) -> None:
         """A batch ended (or was cancelled): its requests leave the processing queue."""
         with self._lock:
-            rt = self._pools.get("batches")
-            if rt is None:
+            runtime = self._pools.get("batches")
+            if runtime is None:
                 return
             now = self._now()
-            rt.pool.give_back({"queued_requests": float(requests)}, now)
-            self._engine.give_back(rt, {"queued_requests": float(requests)})
+            runtime.pool.give_back({"queued_requests": float(requests)}, now)
+            self._engine.give_back(runtime, {"queued_requests": float(requests)})
 
     def statistics(self) -> LimiterStatistics:
         """A frozen snapshot of every pool: limits, levels, queue, waits, 429s, utilization."""
         with self._lock:
             now = self._now()
             taken_at = _dt.datetime.now(_dt.UTC)
-            pools = {name: pool_statistics(name, rt, now, taken_at) for name, rt in self._pools.items()}
+            pools = {
+                name: pool_statistics(name, runtime, now, taken_at) for name, runtime in self._pools.items()
+            }
             account = self._account
             wallet = account.wallet.level_at(now) if account.wallet is not None else None
             return LimiterStatistics(
@@ -438,8 +440,8 @@ class Limiter:
     def __repr__(self) -> str:
         with self._lock:
             pools = ", ".join(
-                f"{name}: {rt.queued} waiting, {len(rt.in_flight)} in flight"
-                for name, rt in self._pools.items()
+                f"{name}: {runtime.queued} waiting, {len(runtime.in_flight)} in flight"
+                for name, runtime in self._pools.items()
             )
         return f"<Limiter preset={self._preset!r} {pools or 'no pools yet'}>"
 

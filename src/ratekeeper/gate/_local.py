@@ -88,18 +88,18 @@ class LocalEngine:
         """Charge output produced beyond the reservation (see ``LocalSettlement.progress``)."""
         self._settlement.progress(permit, output)
 
-    def wake(self, rt: PoolRuntime, now: float) -> None:
+    def wake(self, runtime: PoolRuntime, now: float) -> None:
         """Under the lock: a pool's state changed (a pause, a limit, a refund): re-plan its queue."""
-        self.dispatch(rt, now)
+        self.dispatch(runtime, now)
 
-    def set_limits(self, rt: PoolRuntime, limits: Mapping[str, float]) -> None:
+    def set_limits(self, runtime: PoolRuntime, limits: Mapping[str, float]) -> None:
         """Under the lock, after the pool's limits changed: fail who can never fit, wake who can."""
-        self._fail_impossible(rt)
-        self.dispatch(rt, self._now())
+        self._fail_impossible(runtime)
+        self.dispatch(runtime, self._now())
 
-    def give_back(self, rt: PoolRuntime, amounts: Mapping[str, float]) -> None:
+    def give_back(self, runtime: PoolRuntime, amounts: Mapping[str, float]) -> None:
         """Under the lock, after ``amounts`` went back to the pool by hand: wake who now fits."""
-        self.dispatch(rt, self._now())
+        self.dispatch(runtime, self._now())
 
     def observe(
         self,
@@ -117,27 +117,27 @@ class LocalEngine:
         """``acquire_nowait`` on this process's own pools (also the Redis path's fallback)."""
         with self._lock:
             now = self._now()
-            rt, draws, credit = self.prepare(model, demand, now)
-            wait = rt.pool.wait_time(draws, now)
-            if rt.queued or wait > 0.0:
-                reason = rt.pool.pause_reason if rt.pool.paused_until > now else ""
-                raise WouldBlock(rt.pool.name, wait, reason)
-            return self.grant_now(rt, model, draws, credit, now)
+            runtime, draws, credit = self.prepare(model, demand, now)
+            wait = runtime.pool.wait_time(draws, now)
+            if runtime.queued or wait > 0.0:
+                reason = runtime.pool.pause_reason if runtime.pool.paused_until > now else ""
+                raise WouldBlock(runtime.pool.name, wait, reason)
+            return self.grant_now(runtime, model, draws, credit, now)
 
     def grant_now(
-        self, rt: PoolRuntime, model: str, draws: dict[str, float], credit: float, now: float
+        self, runtime: PoolRuntime, model: str, draws: dict[str, float], credit: float, now: float
     ) -> Permit:
-        rt.pool.take(draws, now)
+        runtime.pool.take(draws, now)
         if credit and self._account.wallet is not None:
             self._account.wallet.charge(credit, now)
         seq = next(self._seq)
-        rt.record(now, draws)
-        permit = Permit(self._lim, rt, model, draws, credit, seq, now)
-        rt.in_flight[seq] = permit
-        rt.granted += 1
+        runtime.record(now, draws)
+        permit = Permit(self._lim, runtime, model, draws, credit, seq, now)
+        runtime.in_flight[seq] = permit
+        runtime.granted += 1
         if self._lim._on_event is not None:
-            self._lim._emit("grant", rt, now, {"waited": 0.0})
-        rt.note_grant(permit, now)
+            self._lim._emit("grant", runtime, now, {"waited": 0.0})
+        runtime.note_grant(permit, now)
         return permit
 
     def admit_at_once(
@@ -153,11 +153,11 @@ class LocalEngine:
         """Under the lock: the first step of every admission that may wait (a task's, a thread's,
         ``admit_at_once``): the demand checked and its pool found, and a permit if nobody waits
         and the buckets take it now (else None: the caller joins the line)."""
-        rt, draws, credit = self.prepare(model, demand, now)
-        if not rt.queued and rt.pool.wait_time(draws, now) == 0.0:
-            rt.waits.add(0.0)
-            return rt, draws, credit, self.grant_now(rt, model, draws, credit, now)
-        return rt, draws, credit, None
+        runtime, draws, credit = self.prepare(model, demand, now)
+        if not runtime.queued and runtime.pool.wait_time(draws, now) == 0.0:
+            runtime.waits.add(0.0)
+            return runtime, draws, credit, self.grant_now(runtime, model, draws, credit, now)
+        return runtime, draws, credit, None
 
     def admit_plain(self, model: str, plain: Plain) -> Permit | None:
         """``_admit_at_once`` for an ordinary request, with no intermediate objects.
@@ -169,10 +169,10 @@ class LocalEngine:
         lock = self._lock
         lock.acquire()  # not ``with``: this path is measured in nanoseconds, and ``with`` costs ~100
         try:
-            rt = self._model_runtime.get(model)
+            runtime = self._model_runtime.get(model)
             if (
-                rt is None
-                or rt.queued
+                runtime is None
+                or runtime.queued
                 or self._account.spend_until is not None
                 or self._lim._warmup is not None
             ):
@@ -185,25 +185,25 @@ class LocalEngine:
                 if not -math.inf < now < math.inf:
                     return None
             input_tokens, max_tokens, cache_read, cache_write, expected = plain
-            if rt.cache_reads_count:
+            if runtime.cache_reads_count:
                 input_tokens += cache_read
             inp = float(input_tokens + cache_write)
-            out = float(max_tokens) if rt.reserves_max_tokens else float(min(expected or 0, max_tokens))
-            if rt.pool.take_plain(inp, out, now) is None:
+            out = float(max_tokens) if runtime.reserves_max_tokens else float(min(expected or 0, max_tokens))
+            if runtime.pool.take_plain(inp, out, now) is None:
                 return None
             if inp or out:
                 draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out, "tokens": inp + out}
             else:
                 draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
-            rt.waits.add(0.0)
+            runtime.waits.add(0.0)
             seq = next(self._seq)
-            rt.admitted.add_request(now, 1.0, inp, out)  # rt.record(now, draws), unrolled
-            permit = Permit(self._lim, rt, model, draws, 0.0, seq, now)
-            rt.in_flight[seq] = permit
-            rt.granted += 1
+            runtime.admitted.add_request(now, 1.0, inp, out)  # runtime.record(now, draws), unrolled
+            permit = Permit(self._lim, runtime, model, draws, 0.0, seq, now)
+            runtime.in_flight[seq] = permit
+            runtime.granted += 1
             if self._lim._on_event is not None:
-                self._lim._emit("grant", rt, now, {"waited": 0.0})
-            rt.note_grant(permit, now)
+                self._lim._emit("grant", runtime, now, {"waited": 0.0})
+            runtime.note_grant(permit, now)
             return permit
         finally:
             lock.release()
@@ -211,26 +211,26 @@ class LocalEngine:
     async def acquire(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
         with self._lock:
             now = self._now()
-            rt, draws, credit, permit = self._admit_free(model, demand, now)
+            runtime, draws, credit, permit = self._admit_free(model, demand, now)
             if permit is not None:
                 return permit
             if timeout is not None and timeout <= 0:
-                raise AcquireTimeout(rt.pool.name, timeout)
-            waiter = self.enqueue(rt, draws, priority, now, credit)
+                raise AcquireTimeout(runtime.pool.name, timeout)
+            waiter = self.enqueue(runtime, draws, priority, now, credit)
             waiter.permit = None
             bind_async(waiter)
-            self.dispatch(rt, now)
+            self.dispatch(runtime, now)
         deadline = math.inf if timeout is None else now + timeout
         try:
-            return await self._wait_async(rt, waiter, model, credit, deadline, timeout)
+            return await self._wait_async(runtime, waiter, model, credit, deadline, timeout)
         except BaseException:
             with self._lock:
-                self.abandon(rt, waiter, self._now())
+                self.abandon(runtime, waiter, self._now())
             raise
 
     async def _wait_async(
         self,
-        rt: PoolRuntime,
+        runtime: PoolRuntime,
         waiter: Waiter,
         model: str,
         credit: float,
@@ -240,14 +240,14 @@ class LocalEngine:
         while True:
             with self._lock:
                 now = self._now()
-                permit = self.collect(rt, waiter, model, credit, now, deadline, timeout)
+                permit = self.collect(runtime, waiter, model, credit, now, deadline, timeout)
                 if permit is not None:
                     return permit
                 event = anyio.Event()
                 waiter.event = event
                 until = deadline
-                if rt.head() is waiter and rt.next_wake < until:
-                    until = rt.next_wake
+                if runtime.head() is waiter and runtime.next_wake < until:
+                    until = runtime.next_wake
             if until == math.inf:
                 await event.wait()
             else:
@@ -256,11 +256,11 @@ class LocalEngine:
             if not event.is_set():
                 with self._lock:
                     if waiter.state == _WAITING:
-                        self.dispatch(rt, self._now())
+                        self.dispatch(runtime, self._now())
 
     def collect(
         self,
-        rt: PoolRuntime,
+        runtime: PoolRuntime,
         waiter: Waiter,
         model: str,
         credit: float,
@@ -270,13 +270,13 @@ class LocalEngine:
     ) -> Permit | None:
         """Under the lock: the waiter's permit if granted, an error if failed, None to keep waiting."""
         if waiter.state == _GRANTED:
-            permit = Permit(self._lim, rt, model, waiter.draws, credit, waiter.seq, now)
-            placeholder = rt.in_flight.pop(waiter.seq, None)
+            permit = Permit(self._lim, runtime, model, waiter.draws, credit, waiter.seq, now)
+            placeholder = runtime.in_flight.pop(waiter.seq, None)
             if placeholder is not None:  # from the grant: its time and its place among our charges
                 permit.started_at = placeholder.started_at
                 permit._mark = placeholder._mark
                 permit._send = placeholder._send
-            rt.in_flight[waiter.seq] = permit
+            runtime.in_flight[waiter.seq] = permit
             waiter.permit = permit
             return permit
         if waiter.state == _FAILED:
@@ -285,104 +285,104 @@ class LocalEngine:
                 raise _for_model(model, waiter.error)
             raise waiter.error
         if now >= deadline:
-            self.abandon(rt, waiter, now)
-            raise AcquireTimeout(rt.pool.name, timeout if timeout is not None else 0.0)
+            self.abandon(runtime, waiter, now)
+            raise AcquireTimeout(runtime.pool.name, timeout if timeout is not None else 0.0)
         return None
 
     def acquire_thread(self, model: str, demand: Demand, priority: int, timeout: float | None) -> Permit:
         with self._lock:
             now = self._now()
-            rt, draws, credit, permit = self._admit_free(model, demand, now)
+            runtime, draws, credit, permit = self._admit_free(model, demand, now)
             if permit is not None:
                 return permit
-            waiter = self.enqueue(rt, draws, priority, now, credit)
+            waiter = self.enqueue(runtime, draws, priority, now, credit)
             waiter.sync_event = threading.Event()
-            self.dispatch(rt, now)
+            self.dispatch(runtime, now)
         deadline = math.inf if timeout is None else now + timeout
         try:
             while True:
                 with self._lock:
                     now = self._now()
-                    permit = self.collect(rt, waiter, model, credit, now, deadline, timeout)
+                    permit = self.collect(runtime, waiter, model, credit, now, deadline, timeout)
                     if permit is not None:
                         return permit
                     waiter.sync_event.clear()
                     until = deadline
-                    if rt.head() is waiter and rt.next_wake < until:
-                        until = rt.next_wake
+                    if runtime.head() is waiter and runtime.next_wake < until:
+                        until = runtime.next_wake
                 woke = waiter.sync_event.wait(None if until == math.inf else max(0.0, until - now))
                 if not woke:
                     with self._lock:
                         if waiter.state == _WAITING:
-                            self.dispatch(rt, self._now())
+                            self.dispatch(runtime, self._now())
         except BaseException:
             with self._lock:
-                self.abandon(rt, waiter, self._now())
+                self.abandon(runtime, waiter, self._now())
             raise
 
     def enqueue(
-        self, rt: PoolRuntime, draws: dict[str, float], priority: int, now: float, credit: float = 0.0
+        self, runtime: PoolRuntime, draws: dict[str, float], priority: int, now: float, credit: float = 0.0
     ) -> Waiter:
         waiter = Waiter(draws, priority, next(self._seq), now)
         waiter.credit = credit
-        rt.queue.push(waiter)
-        rt.queued += 1
+        runtime.queue.push(waiter)
+        runtime.queued += 1
         return waiter
 
-    def abandon(self, rt: PoolRuntime, waiter: Waiter, now: float) -> None:
+    def abandon(self, runtime: PoolRuntime, waiter: Waiter, now: float) -> None:
         """A waiter leaves (cancelled, timed out, failed): nothing it held stays reserved."""
         if waiter.state == _WAITING:
             waiter.state = _GONE
-            rt.queued -= 1
-            self.dispatch(rt, now)
+            runtime.queued -= 1
+            self.dispatch(runtime, now)
         elif waiter.state == _GRANTED:
             permit = waiter.permit
             if permit is None:
                 # granted but the task never picked it up: it never left, give it all back
-                rt.in_flight.pop(waiter.seq, None)
-                rt.pool.give_back(waiter.draws, now)
-                rt.granted -= 1
-                rt.record(now, waiter.draws, -1.0, counted=False)
+                runtime.in_flight.pop(waiter.seq, None)
+                runtime.pool.give_back(waiter.draws, now)
+                runtime.granted -= 1
+                runtime.record(now, waiter.draws, -1.0, counted=False)
                 if waiter.credit and self._account.wallet is not None:
                     self._account.wallet.give_back(waiter.credit, now)
                 waiter.state = _GONE
-                self.dispatch(rt, now)
+                self.dispatch(runtime, now)
             elif permit._state == _ACTIVE and not permit.sent:
                 self._settlement.release_locked(permit, now)
 
-    def dispatch(self, rt: PoolRuntime, now: float) -> None:
+    def dispatch(self, runtime: PoolRuntime, now: float) -> None:
         """Grant every waiter that can go now; wake exactly those, plus a new head."""
         if self._lim._warmup is not None:
             self._lim._apply_warmup(now)
-        if not rt.queued:  # nobody waits: drop what is left of the cancelled and the granted
-            if rt.queue:
-                rt.queue.clear()
-            rt.next_wake = math.inf
+        if not runtime.queued:  # nobody waits: drop what is left of the cancelled and the granted
+            if runtime.queue:
+                runtime.queue.clear()
+            runtime.next_wake = math.inf
             return
-        pool = rt.pool
-        old_head = rt.head()
+        pool = runtime.pool
+        old_head = runtime.head()
         while True:
-            head = rt.head()
+            head = runtime.head()
             if head is None:
-                rt.next_wake = math.inf
+                runtime.next_wake = math.inf
                 return
             wait = pool.wait_time(head.draws, now)
             if wait > 0.0:
                 break
-            self._grant_waiter(rt, head, now)
-        rt.next_wake = now + wait
+            self._grant_waiter(runtime, head, now)
+        runtime.next_wake = now + wait
         # Every request draws one request token: when even that would delay the head, none can pass.
         if self._window and pool.fits_without_delaying(_ONE_REQUEST, head.draws, wait, now):
             # Look at up to ``window`` live waiters behind the head. The ones granted or gone
             # met on the way are dropped from the queue, so they never use up the window.
             budget = self._window
-            for w in rt.queue.first(budget + 1):  # the head and up to ``window`` behind it
+            for w in runtime.queue.first(budget + 1):  # the head and up to ``window`` behind it
                 if w is not head and pool.fits_without_delaying(w.draws, head.draws, wait, now):
-                    self._grant_waiter(rt, w, now)
+                    self._grant_waiter(runtime, w, now)
         if head is not old_head or head.event is None or not head.event.is_set():
             head.wake()  # the head re-plans its timer
 
-    def _grant_waiter(self, rt: PoolRuntime, w: Waiter, now: float) -> None:
+    def _grant_waiter(self, runtime: PoolRuntime, w: Waiter, now: float) -> None:
         wallet = self._account.wallet
         if w.credit and wallet is not None:
             # checked again now: other requests may have drawn on the wallet while this one waited
@@ -390,29 +390,29 @@ class LocalEngine:
             if balance < w.credit:
                 w.state = _FAILED
                 w.error = InsufficientCredits(w.credit, max(balance, 0.0))
-                rt.queued -= 1
+                runtime.queued -= 1
                 w.wake()
                 return
             wallet.charge(w.credit, now)
-        rt.pool.take(w.draws, now)
+        runtime.pool.take(w.draws, now)
         w.state = _GRANTED
-        rt.queued -= 1
-        rt.granted += 1
-        rt.waits.add(now - w.enqueued_at)
-        rt.record(now, w.draws)
+        runtime.queued -= 1
+        runtime.granted += 1
+        runtime.waits.add(now - w.enqueued_at)
+        runtime.record(now, w.draws)
         w.seq = next(self._seq)  # permits are numbered in the order they are admitted
         # a placeholder so observe() of earlier permits counts this one as in flight
-        rt.in_flight[w.seq] = _placeholder(self._lim, rt, w, now)
-        self._lim._emit("grant", rt, now, {"waited": now - w.enqueued_at})  # a long wait is said at INFO
+        runtime.in_flight[w.seq] = _placeholder(self._lim, runtime, w, now)
+        self._lim._emit("grant", runtime, now, {"waited": now - w.enqueued_at})  # a long wait is said at INFO
         w.wake()
 
-    def _fail_impossible(self, rt: PoolRuntime) -> None:
+    def _fail_impossible(self, runtime: PoolRuntime) -> None:
         """After a limit went down, the waiters whose cost can no longer ever fit fail at once."""
-        for w in rt.queue.waiting():
+        for w in runtime.queue.waiting():
             try:
-                rt.pool.check(w.draws)
+                runtime.pool.check(w.draws)
             except CapacityExceeded as exc:
                 w.state = _FAILED
                 w.error = exc
-                rt.queued -= 1
+                runtime.queued -= 1
                 w.wake()

@@ -49,18 +49,18 @@ class LocalSettlement:
         permit.sent = True
         permit.response_status = 200
         self._feedback.observe(headers, status=200, body=None, permit=permit, runtime=permit._runtime)
-        rt = permit._runtime
+        runtime = permit._runtime
         with self._lock:
-            self._dispatch(rt, self._now())  # whoever the refund lets in, now that it is read
+            self._dispatch(runtime, self._now())  # whoever the refund lets in, now that it is read
         return cost
 
     def settle(self, permit: Permit, usage: Usage, credits: float | None, *, wake: bool = True) -> Cost:
         """Move the permit's charge to its actual usage; wake whoever the refund lets in."""
         with self._lock:
             now = self._now()
-            rt = permit._runtime
+            runtime = permit._runtime
             priority = "priority_output_tokens" in permit.reserved  # _draws sets both or neither
-            actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
+            actual = runtime.rules.settled_cost(usage, priority=priority, credits=credits)
             new = _draws(actual)
             for dim, amount in permit._charged.items():
                 if dim not in _RESYNC_DIMS:  # not usage (a batch's queue slots): stays as charged
@@ -68,19 +68,19 @@ class LocalSettlement:
             diff = _diff(permit._charged, new)
             estimated = permit._charged.get("input_tokens", 0.0)
             if estimated > 0.0:
-                rt.shortfalls.append(max(0.0, (new.get("input_tokens", 0.0) - estimated) / estimated))
-            rt.pool.give_back(diff, now)
+                runtime.shortfalls.append(max(0.0, (new.get("input_tokens", 0.0) - estimated) / estimated))
+            runtime.pool.give_back(diff, now)
             if diff:
-                rt.record(now, diff, -1.0)
+                runtime.record(now, diff, -1.0)
                 if permit.sent:
-                    rt.changes.append((now, diff, *_drawn(permit)))
+                    runtime.changes.append((now, diff, *_drawn(permit)))
             self._account.settle_credits(permit.credits, credits, now)
             permit._charged = new
             permit._state = _SETTLED
-            rt.in_flight.pop(permit.seq, None)
-            self._feedback.grow_burst(rt, now)
+            runtime.in_flight.pop(permit.seq, None)
+            self._feedback.grow_burst(runtime, now)
             if wake:
-                self._dispatch(rt, now)
+                self._dispatch(runtime, now)
             return actual
 
     def settle_plain(
@@ -95,16 +95,17 @@ class LocalSettlement:
                     raise ConfigurationError("this permit is already settled")
                 return Cost()
             charged = permit._charged
-            rt = permit._runtime
-            pool = rt.pool
-            inp = float(uncached + write + read) if rt.cache_reads_count else float(uncached + write)
+            runtime = permit._runtime
+            pool = runtime.pool
+            inp = float(uncached + write + read) if runtime.cache_reads_count else float(uncached + write)
             out = float(output)
             estimated = charged.get("input_tokens", 0.0)
             give_in = estimated - inp
             give_out = charged.get("output_tokens", 0.0) - out
             if estimated > 0.0:
-                rt.shortfalls.append(max(0.0, -give_in / estimated))
-            if give_in >= 0.0 and give_out >= 0.0 and pool.burst == 1.0 and rt.share == 1.0 and not rt.queued:
+                runtime.shortfalls.append(max(0.0, -give_in / estimated))
+            refunds_only = give_in >= 0.0 and give_out >= 0.0
+            if refunds_only and pool.burst == 1.0 and runtime.share == 1.0 and not runtime.queued:
                 # Only refunds, and nobody to wake: no clock is read. A refund leaves the
                 # same level whether it is added before or after the refill since the
                 # bucket's last update (both clamp at capacity), so each bucket takes it
@@ -114,7 +115,7 @@ class LocalSettlement:
                 now = self._settle_time()
             if give_in or give_out:
                 pool.give_back_plain(give_in, give_out, now)
-                rt.admitted.add_request(now, 0.0, -give_in, -give_out)  # rt.record(now, diff, -1.0)
+                runtime.admitted.add_request(now, 0.0, -give_in, -give_out)  # runtime.record(now, diff, -1.0)
                 if permit.sent:  # for replaying after a report (see _resync): when it happened
                     at = now if now > -math.inf else self._now()
                     change = {
@@ -122,20 +123,20 @@ class LocalSettlement:
                         "output_tokens": give_out,
                         "tokens": give_in + give_out,
                     }
-                    rt.changes.append((at, change, *_drawn(permit)))
+                    runtime.changes.append((at, change, *_drawn(permit)))
             charged = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
             if inp or out:
                 charged["tokens"] = inp + out
             permit._charged = charged
             permit._state = _SETTLED
-            del rt.in_flight[permit.seq]
+            del runtime.in_flight[permit.seq]
             if now > -math.inf:
-                if pool.burst < 1.0 or rt.share < 1.0:
-                    self._feedback.grow_burst(rt, now)
-                if wake and (rt.queued or rt.queue or self._host._warmup is not None):
-                    self._dispatch(rt, now)
-            elif wake and rt.queue:
-                rt.queue.clear()  # what _dispatch does when nobody waits: drop the cancelled
+                if pool.burst < 1.0 or runtime.share < 1.0:
+                    self._feedback.grow_burst(runtime, now)
+                if wake and (runtime.queued or runtime.queue or self._host._warmup is not None):
+                    self._dispatch(runtime, now)
+            elif wake and runtime.queue:
+                runtime.queue.clear()  # what _dispatch does when nobody waits: drop the cancelled
             return request_cost(inp, out)
         finally:
             lock.release()
@@ -158,13 +159,13 @@ class LocalSettlement:
             if extra <= 0.0:
                 return
             now = self._now()
-            rt = permit._runtime
+            runtime = permit._runtime
             more = {"output_tokens": extra, "tokens": extra}
             if "priority_output_tokens" in permit._charged:
                 more["priority_output_tokens"] = extra
-            rt.pool.take(more, now)
-            rt.record(now, more)
-            rt.changes.append((now, {d: -a for d, a in more.items()}, math.inf, math.inf))
+            runtime.pool.take(more, now)
+            runtime.record(now, more)
+            runtime.changes.append((now, {d: -a for d, a in more.items()}, math.inf, math.inf))
             for dim, amount in more.items():
                 permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
 
@@ -176,7 +177,7 @@ class LocalSettlement:
 
     def release_locked(self, permit: Permit, now: float) -> None:
         """``release`` under the lock (also for a granted waiter whose task left)."""
-        rt = permit._runtime
+        runtime = permit._runtime
         charged = permit._charged
         if not permit.sent:
             refund = dict(charged)
@@ -185,8 +186,8 @@ class LocalSettlement:
         else:
             refund = {}
         if refund:
-            rt.pool.give_back(refund, now)
-            rt.record(now, refund, -1.0, counted=False)
+            runtime.pool.give_back(refund, now)
+            runtime.record(now, refund, -1.0, counted=False)
             if permit._send is not None:  # refused (or never sent): it drew nothing but the request
                 drew = permit._send[2]
                 for dim in refund:
@@ -194,5 +195,5 @@ class LocalSettlement:
         if self._account.wallet is not None and permit.credits and (not permit.sent or refund):
             self._account.wallet.give_back(permit.credits, now)
         permit._state = _RELEASED
-        rt.in_flight.pop(permit.seq, None)
-        self._dispatch(rt, now)
+        runtime.in_flight.pop(permit.seq, None)
+        self._dispatch(runtime, now)

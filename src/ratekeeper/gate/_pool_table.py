@@ -57,18 +57,18 @@ class PoolTable:
             # is looked up again in the presets at its next request)
             self.by_model.clear()
             self.model_pool.clear()
-        rt = self._lookup(model, now)
-        self.by_model[model] = rt
-        return rt
+        runtime = self._lookup(model, now)
+        self.by_model[model] = runtime
+        return runtime
 
     def _lookup(self, model: str, now: float) -> PoolRuntime:
         name = self.model_pool.get(model)
         if name is not None:
             return self.pools[name]
         if model in self._overrides and model not in self.pools:
-            rt = self._new_pool(model, self._overrides[model], AccountingRules(), now)
+            runtime = self._new_pool(model, self._overrides[model], AccountingRules(), now)
             self.model_pool[model] = model
-            return rt
+            return runtime
         try:
             ml = limits_for(self._preset or DEFAULT_PRESET, model)
         except UnknownModelError:
@@ -105,44 +105,44 @@ class PoolTable:
             # is enforced over; that report then lifts the level to what the server holds
             for dim, bucket in pool.buckets.items():
                 bucket.set_level(min(bucket.level_at(now), pool.limits[dim] * self._opening / 60.0), now)
-        rt = PoolRuntime(pool, rules, now)
-        self.pools[name] = rt
+        runtime = PoolRuntime(pool, rules, now)
+        self.pools[name] = runtime
         for claim, until in self._holds.items():
-            if until > now and unified_targets(claim, {name: rt}, None):
+            if until > now and unified_targets(claim, {name: runtime}, None):
                 pool.pause(until, f"subscription limit ({claim})")
-        return rt
+        return runtime
 
     def count_tokens(self, rpm: float | None, now: float) -> PoolRuntime:
         """The ``count_tokens`` endpoint's pool: its own RPM (the preset's, or ``rpm``)."""
-        rt = self.pools.get("count_tokens")
-        if rt is None:
+        runtime = self.pools.get("count_tokens")
+        if runtime is None:
             limit = rpm or count_tokens_rpm(self._preset or DEFAULT_PRESET) or 100
-            rt = self._special("count_tokens", {"requests": float(limit)}, now)
-        return rt
+            runtime = self._special("count_tokens", {"requests": float(limit)}, now)
+        return runtime
 
     def batches(self, now: float) -> PoolRuntime:
         """The Message Batches pool: the batch RPM, and the queued-requests cap (no refill)."""
-        rt = self.pools.get("batches")
-        if rt is None:
+        runtime = self.pools.get("batches")
+        if runtime is None:
             bl = batch_limits(self._preset or DEFAULT_PRESET)
-            rt = self._special("batches", {"requests": float(bl.rpm)}, now)
+            runtime = self._special("batches", {"requests": float(bl.rpm)}, now)
             queued = float(bl.max_queued_requests)
-            rt.pool.buckets["queued_requests"] = TokenBucket(queued, 0.0, now=now, debt_limit=0.0)
-            rt.pool.limits["queued_requests"] = queued
-        return rt
+            runtime.pool.buckets["queued_requests"] = TokenBucket(queued, 0.0, now=now, debt_limit=0.0)
+            runtime.pool.limits["queued_requests"] = queued
+        return runtime
 
     def fail_waiters(self, error_for: Callable[[], BaseException]) -> None:
         """Fail every waiter of every pool with a fresh ``error_for()`` (the spend limit, say)."""
-        for rt in self.pools.values():
-            for w in rt.queue.waiting():
+        for runtime in self.pools.values():
+            for w in runtime.queue.waiting():
                 w.state = _FAILED
                 w.error = error_for()
-                rt.queued -= 1
+                runtime.queued -= 1
                 w.wake()
-            rt.queue.clear()
-            rt.next_wake = math.inf
+            runtime.queue.clear()
+            runtime.next_wake = math.inf
 
     def _special(self, name: str, limits: Mapping[str, float], now: float) -> PoolRuntime:
-        rt = PoolRuntime(Pool(name, limits, now=now), self._rules)
-        self.pools[name] = rt
-        return rt
+        runtime = PoolRuntime(Pool(name, limits, now=now), self._rules)
+        self.pools[name] = runtime
+        return runtime

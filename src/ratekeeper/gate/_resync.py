@@ -183,7 +183,7 @@ class PoolFeedback:
         return snap
 
     def _resync(
-        self, rt: PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float
+        self, runtime: PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float
     ) -> tuple[bool, bool]:
         """Correct the pool from a response's headers: (they showed a smaller burst, a level moved).
 
@@ -195,17 +195,17 @@ class PoolFeedback:
         limits = snap.limits()
         if not limits:
             return False, False
-        rt.note_reported(limits)
+        runtime.note_reported(limits)
         if permit is not None:
-            own = self._own_traffic(rt, permit, now)
+            own = self._own_traffic(runtime, permit, now)
         else:  # a response of unknown age: all in flight is unseen
             own = _OwnTraffic(since={})
-            for other in rt.in_flight.values():
+            for other in runtime.in_flight.values():
                 _add(own.since, other._charged)
-        fitted, changed = self._fit_shape(rt, limits, snap.server_date, permit, now)
+        fitted, changed = self._fit_shape(runtime, limits, snap.server_date, permit, now)
         if permit is not None:
-            self._check_room(rt, permit, now)
-        pool = rt.pool
+            self._check_room(runtime, permit, now)
+        pool = runtime.pool
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None or info.remaining is None or dim not in pool.limits:
@@ -214,23 +214,23 @@ class PoolFeedback:
             # band could admit up to twice the rounding more than the server has left
             lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
             if permit is not None:  # the report's age is known: see _feedback
-                readings = self._readings(rt, dim, lowest, own, now)
+                readings = self._readings(runtime, dim, lowest, own, now)
             else:
                 # a response of unknown age: the report less everything that could be
                 # missing from it, under either reading; it lifts nothing
                 unknown = lowest - own.since.get(dim, 0.0)
                 readings = unknown, unknown, NO_READINGS.moments
-            changed = self._correct(rt, dim, readings, permit, now) or changed
+            changed = self._correct(runtime, dim, readings, permit, now) or changed
         return fitted, changed
 
-    def _own_traffic(self, rt: PoolRuntime, permit: Permit, now: float) -> _OwnTraffic:
+    def _own_traffic(self, runtime: PoolRuntime, permit: Permit, now: float) -> _OwnTraffic:
         """What a report of ``permit``'s request cannot hold of this client's own traffic.
 
         A request sent within ``transit`` of a moment may or may not have reached the
         server by then: those are kept apart (``*_maybe``) so each reading counts them the
         safe way and the evidence of the moment as a blur either way.
         """
-        own = _OwnTraffic(since=rt.spent_since(permit._mark))
+        own = _OwnTraffic(since=runtime.spent_since(permit._mark))
         own.refused = permit.response_status is not None and permit.response_status >= 400
         if own.refused:
             # refused: the server never took its tokens, and release() will give them back
@@ -242,25 +242,27 @@ class PoolFeedback:
         # now, and a round trip is no longer than the quickest answer took
         sent_at = permit.sent_at
         if sent_at == sent_at:
-            rt.fastest = min(rt.fastest, now - sent_at)
+            runtime.fastest = min(runtime.fastest, now - sent_at)
         else:
             sent_at = permit.started_at
-        own.transit = transit = max(min(rt.fastest, MAX_TRANSIT), min(rt.transit, _transit_cap(rt)))
+        own.transit = transit = max(
+            min(runtime.fastest, MAX_TRANSIT), min(runtime.transit, _transit_cap(runtime))
+        )
         own.admitted = admitted = sent_at
         own.seq = seq = permit.seq
-        for other in rt.in_flight.values():
+        for other in runtime.in_flight.values():
             if not other.sent:
                 _add(own.unsent, other._charged)
                 if other.seq < seq:  # drawn in the model before this request, never sent
                     _add(own.early, other._charged)
         oldest = min(admitted, now) - transit
-        floor = oldest - rt.look_back()
-        for t, other_seq, charged, granted in reversed(rt.sends):
+        floor = oldest - runtime.look_back()
+        for t, other_seq, charged, granted in reversed(runtime.sends):
             if granted < floor:
                 break
             if t < oldest or other_seq == seq:  # most of them: tested before a look-up
                 continue
-            held = rt.in_flight.get(other_seq)
+            held = runtime.in_flight.get(other_seq)
             if held is not None and not held.sent:
                 continue
             if t > now - transit:
@@ -269,19 +271,19 @@ class PoolFeedback:
                 _add(own.early_maybe if other_seq < seq else own.late_maybe, charged)
             elif t > admitted and other_seq < seq:  # reached the server after this request
                 _add(own.early, charged)
-        own.replay = rt.changes_since(admitted, seq)
+        own.replay = runtime.changes_since(admitted, seq)
         # ``since`` is everything we charged (or refunded) since this request was granted, in
         # flight or done; what was given back since without the server ever counting it stays
         # in (if admitted before this request, the server never had it; if after, counting it
         # lowers more than needed: safe)
-        own.counted_since = rt.admitted.since(permit._mark[0])
+        own.counted_since = runtime.admitted.since(permit._mark[0])
         if own.refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
-            rt.moment.restart(now)
+            runtime.moment.restart(now)
         return own
 
     def _fit_shape(
         self,
-        rt: PoolRuntime,
+        runtime: PoolRuntime,
         limits: Mapping[str, LimitInfo],
         date: _dt.datetime | None,
         permit: Permit | None,
@@ -293,7 +295,7 @@ class PoolFeedback:
         capacity = remaining + rate * (reset - date). The smallest upper bound over the
         dimensions tells a shorter enforcement interval before any 429 does.
         """
-        pool = rt.pool
+        pool = runtime.pool
         changed = False
         upper = math.inf
         burst_floor = 0.0
@@ -308,11 +310,11 @@ class PoolFeedback:
                     learn = dim in pool.limits or info.limit < combined
                 else:
                     learn = dim in pool.limits or dim.startswith("priority")
-                scale = self._lim._warm_scale(now) * rt.share
+                scale = self._lim._warm_scale(now) * runtime.share
                 if learn and pool.set_limit(dim, float(info.limit), now, rate_scale=scale):
                     changed = True
-                    self._fail_impossible(rt)
-                    self._lim._emit("limit_change", rt, now, {dim: info.limit})
+                    self._fail_impossible(runtime)
+                    self._lim._emit("limit_change", runtime, now, {dim: info.limit})
             if info.remaining is not None and dim in pool.limits and pool.buckets[dim].rate > 0.0:
                 lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
                 # the server's bucket holds at least what it reports left
@@ -326,27 +328,29 @@ class PoolFeedback:
         if stale and not (
             permit is not None and permit.response_status is not None and permit.response_status >= 400
         ):
-            rt.moment.reset_before_date()
+            runtime.moment.reset_before_date()
         fitted = False
         upper = fitted_burst(upper, burst_floor)
         if self._lim._adaptive and upper < 1.0 and pool.fit_burst(upper, now):
             fitted = changed = True
-            rt.shrink_seq = next(self._seq)
-            self._lim._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+            runtime.shrink_seq = next(self._seq)
+            self._lim._emit("burst_change", runtime, now, {"burst": pool.burst, "from": "headers"})
         elif self._lim._adaptive and burst_floor <= upper and pool.widen_burst(burst_floor, now):
             # (not when another dimension of the same report bounds the bucket below that: one
             # burst serves them all, and widening past the bound would shrink on the next report)
             changed = True
-            self._lim._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+            self._lim._emit("burst_change", runtime, now, {"burst": pool.burst, "from": "headers"})
         return fitted, changed
 
-    def _readings(self, rt: PoolRuntime, dim: str, lowest: float, own: _OwnTraffic, now: float) -> _Readings:
+    def _readings(
+        self, runtime: PoolRuntime, dim: str, lowest: float, own: _OwnTraffic, now: float
+    ) -> _Readings:
         """The level now if the report was of the admission, and if of the answer; with their moments.
 
         Also notes the evidence of which moment the server reports, where the client's own
         traffic is known exactly.
         """
-        bucket = rt.pool.buckets[dim]
+        bucket = runtime.pool.buckets[dim]
         admitted, transit = own.admitted, own.transit
         then = own.early.get(dim, 0.0)
         then_maybe = own.early_maybe.get(dim, 0.0)
@@ -374,39 +378,19 @@ class PoolFeedback:
             )
         now_maybe = own.unsent_maybe.get(dim, 0.0)
         response = response_estimate(lowest, own.unsent.get(dim, 0.0) + now_maybe)
-        if (
-            dim in _EVIDENCE_DIMS
-            and (dim == "requests" or rt.reserves_max_tokens)
-            and not own.refused  # taken as it arrived: either reading fits it
-        ):
-            limit = rt.pool.limits[dim]
-            after_maybe = own.late_maybe.get(dim, 0.0)
-            rt.moment.note(
-                dim,
-                lowest - then + (after_maybe - then_maybe) / 2,
-                response + now_maybe / 2,
-                admission_blur=(then_maybe + after_maybe) / 2,
-                response_blur=now_maybe / 2,
-                admitted_at=admitted,
-                now=now,
-                # what the server counted of ours: refusals and unsent given back
-                spent=rt.counted_total(dim),
-                spent_since=own.counted_since.get(dim, 0.0),
-                rate=limit / 60.0,
-                tolerance=_EVIDENCE_TOLERANCE[dim],
-                ceiling=limit,
-            )
+        if dim in _EVIDENCE_DIMS:
+            _note_evidence(runtime, dim, lowest, response, own, now)
         # a refusal is answered as it arrives: its report is of then, either way
         order = float(own.seq)
         moments = ((admitted, order), (admitted, order) if own.refused else (now, order))
         return admission, response, moments
 
     def _correct(
-        self, rt: PoolRuntime, dim: str, readings: _Readings, permit: Permit | None, now: float
+        self, runtime: PoolRuntime, dim: str, readings: _Readings, permit: Permit | None, now: float
     ) -> bool:
         """Move ``dim``'s bucket to what both readings allow (see ``core._feedback.correction``)."""
         admission, response, moments = readings
-        pool = rt.pool
+        pool = runtime.pool
         bucket = pool.buckets[dim]
         level = bucket.level_at(now)
         target, kept = correction(
@@ -414,12 +398,12 @@ class PoolFeedback:
             bucket.capacity,
             (admission, response),
             moments,
-            rt.moment.belief,
-            rt.readings.get(dim, NO_READINGS),
+            runtime.moment.belief,
+            runtime.readings.get(dim, NO_READINGS),
             latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
         )
         if target > level and (
-            (dim in _PRODUCED and not rt.reserves_max_tokens)
+            (dim in _PRODUCED and not runtime.reserves_max_tokens)
             or (dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE)
         ):
             # Not lifted: output charged as it is produced is still to come (requests under
@@ -436,31 +420,31 @@ class PoolFeedback:
         if after != target:  # clamped (debt, capacity): the readings stay where they were
             shift = target - after
             kept = Readings((kept.offsets[0] + shift, kept.offsets[1] + shift), kept.moments)
-        rt.readings[dim] = kept
+        runtime.readings[dim] = kept
         if delta == 0.0:
             return False
         if delta < 0.0:
-            rt.resyncs += 1
+            runtime.resyncs += 1
         else:
-            rt.raised += 1
-        self._lim._emit("resync", rt, now, {"dimension": dim, "delta": delta})
+            runtime.raised += 1
+        self._lim._emit("resync", runtime, now, {"dimension": dim, "delta": delta})
         return True
 
-    def _check_room(self, rt: PoolRuntime, permit: Permit, now: float) -> None:
+    def _check_room(self, runtime: PoolRuntime, permit: Permit, now: float) -> None:
         """Say once per dimension when the server's bucket is smaller than a request reserves."""
         for dim, amount in permit.reserved.items():
-            bucket = rt.pool.buckets.get(dim)
-            if bucket is None or amount <= bucket.capacity or dim in rt.too_small:
+            bucket = runtime.pool.buckets.get(dim)
+            if bucket is None or amount <= bucket.capacity or dim in runtime.too_small:
                 continue
-            rt.too_small.add(dim)
+            runtime.too_small.add(dim)
             detail = {"dimension": dim, "capacity": bucket.capacity, "reserved": amount}
-            self._lim._emit("bucket_too_small", rt, now, detail)
+            self._lim._emit("bucket_too_small", runtime, now, detail)
 
     def _on_429(
-        self, rt: PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float, fitted: bool
+        self, runtime: PoolRuntime, snap: RateLimitSnapshot, permit: Permit | None, now: float, fitted: bool
     ) -> None:
-        rt.rate_limited += 1
-        pool = rt.pool
+        runtime.rate_limited += 1
+        pool = runtime.pool
         # Predicted: the server's bucket is as large as ours (else ``fitted``: the headers
         # showed a shorter enforcement interval and the burst was just resized to it) and
         # its remaining shows a dimension this request doesn't fit in, so the refusal is
@@ -468,65 +452,97 @@ class PoolFeedback:
         # interval than our burst assumes, in a way the headers did not show: halve it.
         predicted = permit is not None and not fitted and explained_by_remaining(snap, permit.reserved)
         if predicted:
-            rt.rate_limited_predicted += 1
-            if self._lim._adaptive and (permit is None or permit.seq > rt.share_seq):
+            runtime.rate_limited_predicted += 1
+            if self._lim._adaptive and (permit is None or permit.seq > runtime.share_seq):
                 # others draw on the pool too: count on less of each refill (once per event:
                 # the 429s of requests admitted before the last cut are old news)
-                rt.share_seq = next(self._seq)
-                rt.share = max(MIN_SHARE, rt.share * SHARE_DECREASE)
-                rt.share_since = now
-                pool.scale_rates(self._lim._warm_scale(now) * rt.share, now)
-                self._lim._emit("share_change", rt, now, {"share": rt.share})
-        elif self._lim._adaptive and not fitted and (permit is None or permit.seq > rt.shrink_seq):
+                runtime.share_seq = next(self._seq)
+                runtime.share = max(MIN_SHARE, runtime.share * SHARE_DECREASE)
+                runtime.share_since = now
+                pool.scale_rates(self._lim._warm_scale(now) * runtime.share, now)
+                self._lim._emit("share_change", runtime, now, {"share": runtime.share})
+        elif self._lim._adaptive and not fitted and (permit is None or permit.seq > runtime.shrink_seq):
             # once per event: the 429s of requests admitted before the last shrink are old news
             burst = pool.shrink_burst(now)
-            rt.shrink_seq = next(self._seq)
-            self._lim._emit("burst_change", rt, now, {"burst": burst})
-        if self._lim._adaptive and permit is not None and permit.seq > rt.transit_seq:
+            runtime.shrink_seq = next(self._seq)
+            self._lim._emit("burst_change", runtime, now, {"burst": burst})
+        if self._lim._adaptive and permit is not None and permit.seq > runtime.transit_seq:
             # A refusal can also mean the report this request was let in on was read as taken
             # earlier than it was: requests reach the server later than the model assumed
             # (it then counts refill the server had already given). Allow them longer, once per
             # event; the cost is a little refill per report not counted on.
-            rt.transit_seq = next(self._seq)
-            longer = min(_transit_cap(rt), max(2.0 * MAX_TRANSIT, 2.0 * rt.transit))
-            if longer > rt.transit:
-                rt.transit = longer
-                self._lim._emit("transit_change", rt, now, {"transit": longer})
+            runtime.transit_seq = next(self._seq)
+            longer = min(_transit_cap(runtime), max(2.0 * MAX_TRANSIT, 2.0 * runtime.transit))
+            if longer > runtime.transit:
+                runtime.transit = longer
+                self._lim._emit("transit_change", runtime, now, {"transit": longer})
         retry = snap.retry_after
         retry = 1.0 if retry is None else capped_pause(retry, "a 429's retry-after")
         if pool.pause(now + retry, "429 rate_limit_error"):
-            self._lim._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
-        self._lim._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
-        self._dispatch(rt, now)
+            self._lim._emit("pause", runtime, now, {"seconds": retry, "reason": "429"})
+        self._lim._emit("rate_limited", runtime, now, {"predicted": predicted, "retry_after": retry})
+        self._dispatch(runtime, now)
 
-    def _on_529(self, rt: PoolRuntime, snap: RateLimitSnapshot, now: float) -> None:
-        rt.overloaded += 1
-        backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
-        rt.overload_backoff = backoff
+    def _on_529(self, runtime: PoolRuntime, snap: RateLimitSnapshot, now: float) -> None:
+        runtime.overloaded += 1
+        backoff = min(8.0, max(0.5, runtime.overload_backoff * 2.0))
+        runtime.overload_backoff = backoff
         wait = (
             capped_pause(snap.retry_after, "a 529's retry-after") if snap.retry_after is not None else backoff
         )
-        if rt.pool.pause(now + wait, "529 overloaded"):
-            self._lim._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
-        self._lim._emit("overloaded", rt, now, {"backoff": wait})
-        self._dispatch(rt, now)
+        if runtime.pool.pause(now + wait, "529 overloaded"):
+            self._lim._emit("pause", runtime, now, {"seconds": wait, "reason": "529"})
+        self._lim._emit("overloaded", runtime, now, {"backoff": wait})
+        self._dispatch(runtime, now)
 
-    def grow_burst(self, rt: PoolRuntime, now: float) -> None:
+    def grow_burst(self, runtime: PoolRuntime, now: float) -> None:
         """Traffic flows cleanly: after ``burst_recovery`` seconds without a 429 the burst grows back."""
-        if rt.share < 1.0 and now - rt.share_since >= SHARE_STEP_EVERY:
-            rt.share = min(1.0, rt.share + SHARE_STEP)
-            rt.share_since = now
-            rt.pool.scale_rates(self._lim._warm_scale(now) * rt.share, now)
-            self._lim._emit("share_change", rt, now, {"share": rt.share})
-        if self._lim._adaptive and rt.pool.burst < 1.0:
-            old = rt.pool.burst
-            if rt.pool.grow_burst(now, clean_for=self._lim._burst_recovery) != old:
-                self._lim._emit("burst_change", rt, now, {"burst": rt.pool.burst})
+        if runtime.share < 1.0 and now - runtime.share_since >= SHARE_STEP_EVERY:
+            runtime.share = min(1.0, runtime.share + SHARE_STEP)
+            runtime.share_since = now
+            runtime.pool.scale_rates(self._lim._warm_scale(now) * runtime.share, now)
+            self._lim._emit("share_change", runtime, now, {"share": runtime.share})
+        if self._lim._adaptive and runtime.pool.burst < 1.0:
+            old = runtime.pool.burst
+            if runtime.pool.grow_burst(now, clean_for=self._lim._burst_recovery) != old:
+                self._lim._emit("burst_change", runtime, now, {"burst": runtime.pool.burst})
 
 
-def _transit_cap(rt: PoolRuntime) -> float:
+def _note_evidence(
+    runtime: PoolRuntime, dim: str, lowest: float, response: float, own: _OwnTraffic, now: float
+) -> None:
+    """Note what a report shows of the moment it describes, where our own traffic is known exactly.
+
+    (Requests always; output only where its max_tokens reservation is the server's too.
+    Not for a refusal: it is answered as it arrives, and either reading fits it.)
+    """
+    if own.refused or not (dim == "requests" or runtime.reserves_max_tokens):
+        return
+    then = own.early.get(dim, 0.0)
+    then_maybe = own.early_maybe.get(dim, 0.0)
+    now_maybe = own.unsent_maybe.get(dim, 0.0)
+    limit = runtime.pool.limits[dim]
+    after_maybe = own.late_maybe.get(dim, 0.0)
+    runtime.moment.note(
+        dim,
+        lowest - then + (after_maybe - then_maybe) / 2,
+        response + now_maybe / 2,
+        admission_blur=(then_maybe + after_maybe) / 2,
+        response_blur=now_maybe / 2,
+        admitted_at=own.admitted,
+        now=now,
+        # what the server counted of ours: refusals and unsent given back
+        spent=runtime.counted_total(dim),
+        spent_since=own.counted_since.get(dim, 0.0),
+        rate=limit / 60.0,
+        tolerance=_EVIDENCE_TOLERANCE[dim],
+        ceiling=limit,
+    )
+
+
+def _transit_cap(runtime: PoolRuntime) -> float:
     """The longest transit a pool may learn: MAX_LEARNED_TRANSIT, less on a short bucket."""
-    return min(MAX_LEARNED_TRANSIT, TRANSIT_SHARE_OF_BUCKET * 60.0 * rt.pool.burst)
+    return min(MAX_LEARNED_TRANSIT, TRANSIT_SHARE_OF_BUCKET * 60.0 * runtime.pool.burst)
 
 
 def _gives_back_first(event: tuple[float, float]) -> tuple[float, float]:

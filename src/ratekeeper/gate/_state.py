@@ -465,9 +465,9 @@ class Permit:
         send = self._send
         if send is not None:
             send[0] = now
-            rt = self._runtime
-            if now - send[3] > rt.send_delay:
-                rt.send_delay = now - send[3]
+            runtime = self._runtime
+            if now - send[3] > runtime.send_delay:
+                runtime.send_delay = now - send[3]
 
     def record_output(self, output_tokens: int) -> None:
         """Charge output produced so far (cumulative), as a stream runs.
@@ -559,7 +559,7 @@ def _drawn(permit: Permit) -> tuple[float, float]:
     return (send[0], float(permit.seq)) if send is not None else (permit.started_at, float(permit.seq))
 
 
-def _placeholder(limiter: PermitOwner, rt: PoolRuntime, w: Waiter, now: float) -> Permit:
-    permit = Permit(limiter, rt, "", w.draws, w.credit, w.seq, now)
-    rt.note_grant(permit, now)
+def _placeholder(limiter: PermitOwner, runtime: PoolRuntime, w: Waiter, now: float) -> Permit:
+    permit = Permit(limiter, runtime, "", w.draws, w.credit, w.seq, now)
+    runtime.note_grant(permit, now)
     return permit

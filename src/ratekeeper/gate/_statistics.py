@@ -10,10 +10,12 @@ from ratekeeper.gate._state import PoolRuntime
 __all__ = ["pool_statistics"]
 
 
-def pool_statistics(name: str, rt: PoolRuntime, now: float, taken_at: _dt.datetime) -> PoolStatistics:
-    """``rt`` as a frozen snapshot at ``now`` (gate time), ``taken_at`` on the wall clock; under the lock."""
-    pool = rt.pool
-    admitted = rt.admitted.totals(now)
+def pool_statistics(name: str, runtime: PoolRuntime, now: float, taken_at: _dt.datetime) -> PoolStatistics:
+    """``runtime`` as a frozen snapshot at ``now`` (gate time), ``taken_at`` on the wall clock.
+
+    Under the lock."""
+    pool = runtime.pool
+    admitted = runtime.admitted.totals(now)
     levels = pool.levels(now)
     used = {d: max(0.0, admitted.get(d, 0.0)) for d, lim in pool.limits.items() if lim > 0}
     paused_for = max(0.0, pool.paused_until - now)
@@ -23,28 +25,28 @@ def pool_statistics(name: str, rt: PoolRuntime, now: float, taken_at: _dt.dateti
         levels=levels,
         capacity={d: b.capacity for d, b in pool.buckets.items()},
         burst=pool.burst,
-        in_flight=sum(1 for p in rt.in_flight.values() if p.active),
-        queue_depth=rt.queued,
-        granted=rt.granted,
-        wait_p50=rt.waits.quantile(0.5),
-        wait_p99=rt.waits.quantile(0.99),
-        rate_limited=rt.rate_limited,
-        rate_limited_predicted=rt.rate_limited_predicted,
-        overloaded=rt.overloaded,
-        resyncs=rt.resyncs,
+        in_flight=sum(1 for p in runtime.in_flight.values() if p.active),
+        queue_depth=runtime.queued,
+        granted=runtime.granted,
+        wait_p50=runtime.waits.quantile(0.5),
+        wait_p99=runtime.waits.quantile(0.99),
+        rate_limited=runtime.rate_limited,
+        rate_limited_predicted=runtime.rate_limited_predicted,
+        overloaded=runtime.overloaded,
+        resyncs=runtime.resyncs,
         paused_for=paused_for,
         pause_reason=pool.pause_reason if pool.paused_until > now else "",
         utilization={d: _offered_share(u, levels.get(d, 0.0)) for d, u in used.items()},
-        share=rt.share,
+        share=runtime.share,
         used=used,
         paused_until=_wall(taken_at, paused_for) if paused_for > 0.0 else None,
         events={
             kind: EventSummary(kind, count, now - t, _wall(taken_at, t - now), detail)
-            for kind, (t, count, detail) in rt.events.items()
+            for kind, (t, count, detail) in runtime.events.items()
         },
-        raised=rt.raised,
-        report_moment=rt.moment.belief,
-        reported=dict(rt.reported),
+        raised=runtime.raised,
+        report_moment=runtime.moment.belief,
+        reported=dict(runtime.reported),
     )
 
 

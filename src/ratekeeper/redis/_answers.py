@@ -94,12 +94,12 @@ class ReserveAnswers:
 
     def _grant(self, remote: _RemotePool, cands: list[_RemoteWaiter], seqs: tuple[int, ...]) -> None:
         """Under the lock: the candidates a reserve granted (a prefix) leave the line, or give it back."""
-        rt = remote.runtime
+        runtime = remote.runtime
         for w, seq in zip(cands, seqs, strict=False):
             w.rseq = seq
             if w.state == _WAITING:
                 w.state = _GRANTED
-                rt.queued -= 1
+                runtime.queued -= 1
                 w.wake()
             else:  # left while the call was out: it never sent anything
                 self._parts.backend.send(self._parts.calls.release(remote.keys, w.rseq, "unsent", w.draws))
@@ -109,7 +109,7 @@ class ReserveAnswers:
         self, remote: _RemotePool, cands: list[_RemoteWaiter], reply: ReserveReply, now: float
     ) -> None:
         """Under the lock: when the head asks again, after a reserve's ``reply``; what it refused fails."""
-        rt = remote.runtime
+        runtime = remote.runtime
         granted = len(reply.seqs)
         if reply.status == "NOPOOL":
             remote.inited = False
@@ -123,7 +123,7 @@ class ReserveAnswers:
         else:
             remote.next_try = -math.inf
             try:
-                self.raise_for(rt, reply)
+                self.raise_for(runtime, reply)
             except SpendLimitReached as exc:
                 resets_at = exc.resets_at
                 self._parts.limiter._table.fail_waiters(lambda: SpendLimitReached(resets_at))
@@ -132,10 +132,10 @@ class ReserveAnswers:
                 if w.state == _WAITING:
                     w.state = _FAILED
                     w.error = exc
-                    rt.queued -= 1
+                    runtime.queued -= 1
                     w.wake()
 
-    def raise_for(self, rt: PoolRuntime, reply: ReserveReply) -> None:
+    def raise_for(self, runtime: PoolRuntime, reply: ReserveReply) -> None:
         """The error a reserve's SPEND or TOOBIG means (a spend cap is noted in the limiter first)."""
         status, why = reply.status, reply.reason
         if status == "SPEND":
@@ -147,22 +147,22 @@ class ReserveAnswers:
             raise SpendLimitReached(resets)
         if status == "TOOBIG":
             dim, amount, limit = why.split()
-            raise CapacityExceeded(rt.pool.name, dim, float(amount), float(limit))
+            raise CapacityExceeded(runtime.pool.name, dim, float(amount), float(limit))
 
     def went_down(self) -> None:
         """Under the lock: Redis failed; every waiter fails or moves to the fallback."""
         fallback = self._parts.backend.on_unavailable == "local"
         for remote in self._parts.remotes.values():
-            rt = remote.runtime
-            for w in rt.queue.waiting():
+            runtime = remote.runtime
+            for w in runtime.queue.waiting():
                 if fallback:
                     w.state = FALLBACK
                 else:
                     w.state = _FAILED
                     w.error = self._parts.backend.unavailable_error()
-                rt.queued -= 1
+                runtime.queued -= 1
                 w.wake()
-            rt.queue.clear()
+            runtime.queue.clear()
             remote.next_try = -math.inf
             remote.inited = False  # Redis may come back empty
 

@@ -95,13 +95,13 @@ class RemoteEngine:
 
     # ------------------------------------------------------------------ pools
 
-    def _remote(self, rt: PoolRuntime) -> _RemotePool:
-        """The local side of ``rt``'s shared pool (made on first use)."""
-        remote = self._pools.get(rt.pool.name)
+    def _remote(self, runtime: PoolRuntime) -> _RemotePool:
+        """The local side of ``runtime``'s shared pool (made on first use)."""
+        remote = self._pools.get(runtime.pool.name)
         if remote is None:
-            name = rt.pool.name
+            name = runtime.pool.name
             keys = self._backend.pool_keys(name)
-            remote = self._pools[name] = _RemotePool(rt, keys, self._feedback.burst_handler(rt))
+            remote = self._pools[name] = _RemotePool(runtime, keys, self._feedback.burst_handler(runtime))
         return remote
 
     def _init_call(self, remote: _RemotePool) -> ScriptCall:
@@ -204,16 +204,16 @@ class RemoteEngine:
             return self._fallback.acquire_nowait(model, demand)
         with limiter._lock:
             now = limiter._now()
-            rt, draws, credit = limiter._prepare(model, demand, now)
-            remote = self._remote(rt)
+            runtime, draws, credit = limiter._prepare(model, demand, now)
+            remote = self._remote(runtime)
             if remote.prefetch is not None:
                 permit = self._prefetches.admit(remote, model, draws, credit, now)
                 if permit is not None:
                     return permit
-            if rt.queued or remote.hold_until > now:
-                reason = rt.pool.pause_reason if remote.hold_until > now else "others are waiting"
+            if runtime.queued or remote.hold_until > now:
+                reason = runtime.pool.pause_reason if remote.hold_until > now else "others are waiting"
                 wait = max(0.0, remote.next_try - now, remote.hold_until - now)
-                raise WouldBlock(rt.pool.name, wait, reason)
+                raise WouldBlock(runtime.pool.name, wait, reason)
             w = _RemoteWaiter(draws, 0, next(limiter._seq), now)
         reply = self._reserve_now(remote, w)
         if reply is None:
@@ -221,9 +221,9 @@ class RemoteEngine:
         if reply.status == "NOPOOL":
             remote.inited = False
             return self.acquire_nowait(model, demand)
-        self._answers.raise_for(rt, reply)
+        self._answers.raise_for(runtime, reply)
         if not reply.seqs:
-            raise WouldBlock(rt.pool.name, reply.wait, reply.reason)
+            raise WouldBlock(runtime.pool.name, reply.wait, reply.reason)
         w.rseq = reply.seqs[0]
         w.state = _GRANTED
         return self._permit(remote, w, model, credit, queued=False)
@@ -254,15 +254,15 @@ class RemoteEngine:
         limiter = self._limiter
         with limiter._lock:
             now = limiter._now()
-            rt, draws, credit = limiter._prepare(model, demand, now)
-            remote = self._remote(rt)
+            runtime, draws, credit = limiter._prepare(model, demand, now)
+            remote = self._remote(runtime)
             if remote.prefetch is not None:
                 permit = self._prefetches.admit(remote, model, draws, credit, now)
                 if permit is not None:
                     return permit
             w = _RemoteWaiter(draws, priority, next(limiter._seq), now)
-            rt.queue.push(w)
-            rt.queued += 1
+            runtime.queue.push(w)
+            runtime.queued += 1
         deadline = math.inf if timeout is None else now + max(0.0, timeout)
         return remote, w, credit, deadline
 
@@ -275,22 +275,22 @@ class RemoteEngine:
         if w.state == _FAILED:
             assert w.error is not None
             raise w.error
-        rt = remote.runtime
-        is_head = rt.head() is w
+        runtime = remote.runtime
+        is_head = runtime.head() is w
         if is_head and not remote.driving and now >= remote.next_try and now >= remote.hold_until:
             remote.driving = True
-            return _WAITING, self._candidates(rt), 0.0
+            return _WAITING, self._candidates(runtime), 0.0
         if now >= deadline:
             self._abandon(remote, w)
-            raise AcquireTimeout(rt.pool.name, timeout if timeout is not None else 0.0)
+            raise AcquireTimeout(runtime.pool.name, timeout if timeout is not None else 0.0)
         until = deadline
         if is_head and not remote.driving:
             until = min(until, max(remote.next_try, remote.hold_until))
         return _WAITING, None, until
 
-    def _candidates(self, rt: PoolRuntime) -> list[_RemoteWaiter]:
+    def _candidates(self, runtime: PoolRuntime) -> list[_RemoteWaiter]:
         """Under the lock: the waiters one reserve tries, in line order (at most the window)."""
-        return rt.queue.first(self._window)  # type: ignore[return-value]
+        return runtime.queue.first(self._window)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ driving the line
 
@@ -371,14 +371,14 @@ class RemoteEngine:
 
     def _abandon(self, remote: _RemotePool, w: _RemoteWaiter) -> None:
         """Under the lock: a waiter leaves; what it held goes back, its place in line too."""
-        rt = remote.runtime
+        runtime = remote.runtime
         if w.state == _WAITING:
             w.state = _GONE
-            rt.queued -= 1
-            if rt.head() is None and remote.ticket and not remote.driving:
+            runtime.queued -= 1
+            if runtime.head() is None and remote.ticket and not remote.driving:
                 remote.ticket = False
                 self._backend.send(self._reserve_call(remote, []))  # n = 0: leave the line
-            head = rt.head()
+            head = runtime.head()
             if head is not None:
                 head.wake()
         elif w.state == _GRANTED and w.permit is None:
@@ -389,26 +389,26 @@ class RemoteEngine:
         self, remote: _RemotePool, w: _RemoteWaiter, model: str, credit: float, *, queued: bool = True
     ) -> Permit:
         limiter = self._limiter
-        rt = remote.runtime
+        runtime = remote.runtime
         with limiter._lock:
             now = limiter._now()
-            permit = Permit(limiter, rt, model, w.draws, credit, w.rseq, now)
+            permit = Permit(limiter, runtime, model, w.draws, credit, w.rseq, now)
             w.permit = permit
-            rt.in_flight[w.rseq] = permit
-            rt.granted += 1
-            rt.waits.add(now - w.enqueued_at)
-            rt.admitted.add(now, w.draws)
+            runtime.in_flight[w.rseq] = permit
+            runtime.granted += 1
+            runtime.waits.add(now - w.enqueued_at)
+            runtime.admitted.add(now, w.draws)
             if credit and limiter._account.wallet is not None:
                 limiter._account.wallet.charge(credit, now)
-            limiter._emit("grant", rt, now, {"waited": now - w.enqueued_at})  # a long wait is said at INFO
+            limiter._emit("grant", runtime, now, {"waited": now - w.enqueued_at})  # long: at INFO
         return permit
 
-    def _wake_head(self, rt: PoolRuntime) -> None:
+    def _wake_head(self, runtime: PoolRuntime) -> None:
         """Under the lock: capacity came back locally; the head may try again at once."""
-        remote = self._pools.get(rt.pool.name)
-        if remote is not None and rt.queued:
+        remote = self._pools.get(runtime.pool.name)
+        if remote is not None and runtime.queued:
             remote.next_try = -math.inf
-            head = rt.head()
+            head = runtime.head()
             if head is not None:
                 head.wake()
 
@@ -432,9 +432,9 @@ class RemoteEngine:
         """No fast path (see ``admit_plain``)."""
         return None
 
-    def wake(self, rt: PoolRuntime, now: float) -> None:
+    def wake(self, runtime: PoolRuntime, now: float) -> None:
         """Under the lock: re-plan the pool's line (the next round trip carries it)."""
-        self._wake_head(rt)
+        self._wake_head(runtime)
 
     # ------------------------------------------------------------------ feedback
 
@@ -452,19 +452,19 @@ class RemoteEngine:
 
     # ------------------------------------------------------------------ by hand
 
-    def set_limits(self, rt: PoolRuntime, limits: Mapping[str, float]) -> None:
+    def set_limits(self, runtime: PoolRuntime, limits: Mapping[str, float]) -> None:
         """Under the lock: ``Limiter.set_limits`` in remote mode (shared by every process)."""
-        remote = self._remote(rt)
+        remote = self._remote(runtime)
         args: list[str] = []
         for dim, value in limits.items():
             args += [dim, repr(float(value))]
         self._backend.send(self._calls.control(remote.keys.control, "limits", *args))
-        self._wake_head(rt)
+        self._wake_head(runtime)
 
-    def give_back(self, rt: PoolRuntime, amounts: Mapping[str, float]) -> None:
+    def give_back(self, runtime: PoolRuntime, amounts: Mapping[str, float]) -> None:
         """Under the lock: return amounts to a shared pool (``batch_finished``)."""
-        remote = self._remote(rt)
+        remote = self._remote(runtime)
         args = ("giveback", encode_draws(amounts), self._calls.op_ttl_ms)
         ident = self._backend.new_ident()
         self._backend.send(self._calls.control(remote.keys.control, *args, ident=ident))
-        self._wake_head(rt)
+        self._wake_head(runtime)

@@ -50,14 +50,14 @@ class LocalFallback:
                 )
             fallback = self._fallback
             if model in limiter._pools or model in SPECIAL:
-                rt = limiter._pools[model]
+                runtime = limiter._pools[model]
             else:
-                rt = limiter._table.runtime_for(model, now)
+                runtime = limiter._table.runtime_for(model, now)
         with fallback._lock:
-            if rt.pool.name not in fallback._pools:
-                fallback._pools[rt.pool.name] = _scaled(rt, backend.fallback_fraction, now)
+            if runtime.pool.name not in fallback._pools:
+                fallback._pools[runtime.pool.name] = _scaled(runtime, backend.fallback_fraction, now)
             if model not in SPECIAL:
-                fallback._model_pool[model] = rt.pool.name
+                fallback._model_pool[model] = runtime.pool.name
         return fallback
 
     def acquire_nowait(self, model: str, demand: Demand) -> Permit:
@@ -82,9 +82,9 @@ class LocalFallback:
         return fallback._engine.acquire_thread(model, demand, priority, timeout)
 
 
-def _scaled(rt: PoolRuntime, fraction: float, now: float) -> PoolRuntime:
+def _scaled(runtime: PoolRuntime, fraction: float, now: float) -> PoolRuntime:
     """A copy of a pool's configuration at ``fraction`` of every limit, buckets full."""
-    source = rt.pool
+    source = runtime.pool
     pool = Pool(source.name, {}, now=now, burst=source.burst)
     for dim, bucket in source.buckets.items():
         pool.limits[dim] = source.limits[dim] * fraction
@@ -94,4 +94,4 @@ def _scaled(rt: PoolRuntime, fraction: float, now: float) -> PoolRuntime:
             now=now,
             debt_limit=bucket.debt_limit * fraction,
         )
-    return PoolRuntime(pool, rt.rules)
+    return PoolRuntime(pool, runtime.rules)

@@ -119,12 +119,12 @@ class Feedback:
         if not limits:
             return False
         limiter = self._parts.limiter
-        rt = remote.runtime
-        pool = rt.pool
+        runtime = remote.runtime
+        pool = runtime.pool
         date = snap.server_date
         bound = math.inf
         floor = 0.0
-        since, extra = self._since(rt, permit)
+        since, extra = self._since(runtime, permit)
         args: list[str | int] = [since, "1" if limiter._learn else "0"]
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
@@ -134,8 +134,8 @@ class Feedback:
             # state), so the burst bound below divides by the limit in force
             new_limit = float(info.limit) if info.limit is not None and limiter._learn else 0.0
             if new_limit > 0 and _learns(pool, dim, new_limit) and pool.set_limit(dim, new_limit, now):
-                limiter._emit("limit_change", rt, now, {dim: info.limit})
-                self._parts.wake_head(rt)
+                limiter._emit("limit_change", runtime, now, {dim: info.limit})
+                self._parts.wake_head(runtime)
             margin = 0.0 if dim == "requests" else ROUNDING_MARGIN
             limit = repr(float(info.limit)) if info.limit is not None else ""
             target = repr(info.remaining - margin) if info.remaining is not None else ""
@@ -147,18 +147,18 @@ class Feedback:
                     age = max(0.0, now - permit.started_at)
                     bound = min(bound, burst_bound(info.remaining, info.reset, date, dim, pool, age))
         bound = fitted_burst(bound, floor)
-        calls.append(self._parts.calls.resync(remote.keys, args, self._resync_handler(rt)))
+        calls.append(self._parts.calls.resync(remote.keys, args, self._resync_handler(runtime)))
         if not (limiter._adaptive and bound < 1.0 and pool.fit_burst(bound, now)):
             return False
-        limiter._emit("burst_change", rt, now, {"burst": pool.burst, "from": "headers"})
+        limiter._emit("burst_change", runtime, now, {"burst": pool.burst, "from": "headers"})
         calls.append(
             self._parts.calls.control(
-                remote.keys.control, "fit", repr(bound), on_reply=self.burst_handler(rt)
+                remote.keys.control, "fit", repr(bound), on_reply=self.burst_handler(runtime)
             )
         )
         return True
 
-    def _since(self, rt: PoolRuntime, permit: Permit | None) -> tuple[int, dict[str, float]]:
+    def _since(self, runtime: PoolRuntime, permit: Permit | None) -> tuple[int, dict[str, float]]:
         """The observed request's reservation (-1: none) and what the server had not counted of it.
 
         A prefetched request's is its prefetch's, with what of the prefetch the server
@@ -168,11 +168,11 @@ class Feedback:
             return -1, {}
         entry = self._prefetches.admitted.get(permit.seq)
         if permit.seq >= 0:
-            return permit.seq, self._uncounted(rt, permit)
+            return permit.seq, self._uncounted(runtime, permit)
         if entry is None:
             return -1, {}
         c, fresh = entry
-        extra = self._uncounted(rt, permit)
+        extra = self._uncounted(runtime, permit)
         # fresh then, less what of it went back since (resync counts that as given back)
         for dim, amount in fresh.items():
             unseen = amount - c.given.get(dim, 0.0)
@@ -180,7 +180,7 @@ class Feedback:
                 extra[dim] = extra.get(dim, 0.0) + unseen
         return c.seq, extra
 
-    def _resync_handler(self, rt: PoolRuntime) -> Callable[[RawReply], None]:
+    def _resync_handler(self, runtime: PoolRuntime) -> Callable[[RawReply], None]:
         limiter = self._parts.limiter
 
         def done(raw: RawReply) -> None:
@@ -190,16 +190,16 @@ class Feedback:
                 for change in reply.changes:
                     dim, value = change.dimension, change.value
                     if change.kind == "limit":
-                        if rt.pool.set_limit(dim, value, now):  # not known here yet
-                            limiter._emit("limit_change", rt, now, {dim: value})
-                            self._parts.wake_head(rt)
+                        if runtime.pool.set_limit(dim, value, now):  # not known here yet
+                            limiter._emit("limit_change", runtime, now, {dim: value})
+                            self._parts.wake_head(runtime)
                     else:
-                        rt.resyncs += 1
-                        limiter._emit("resync", rt, now, {"dimension": dim, "delta": value})
+                        runtime.resyncs += 1
+                        limiter._emit("resync", runtime, now, {"dimension": dim, "delta": value})
 
         return done
 
-    def _uncounted(self, rt: PoolRuntime, permit: Permit) -> dict[str, float]:
+    def _uncounted(self, runtime: PoolRuntime, permit: Permit) -> dict[str, float]:
         """What the pool had charged at ``permit``'s grant that the server had not counted.
 
         Its own tokens if the server refused it, and this process's requests admitted
@@ -213,7 +213,7 @@ class Feedback:
                     extra[dim] = extra.get(dim, 0.0) + amount
         order = self._prefetches.order
         mine = order(permit)
-        for other in rt.in_flight.values():
+        for other in runtime.in_flight.values():
             if not other.sent and other is not permit and order(other) < mine:
                 for dim, amount in other._charged.items():
                     extra[dim] = extra.get(dim, 0.0) + amount
@@ -221,29 +221,29 @@ class Feedback:
 
     # ------------------------------------------------------------------ the shared burst
 
-    def burst_handler(self, rt: PoolRuntime) -> Callable[[RawReply], None]:
+    def burst_handler(self, runtime: PoolRuntime) -> Callable[[RawReply], None]:
         """A callback for a reply that carries the shared burst (settle, control fit): the mirror follows."""
 
         def done(raw: RawReply) -> None:
-            self._follow_burst(rt, BurstReply.parse(raw).burst)
+            self._follow_burst(runtime, BurstReply.parse(raw).burst)
 
         return done
 
-    def _follow_burst(self, rt: PoolRuntime, burst: float | None) -> None:
+    def _follow_burst(self, runtime: PoolRuntime, burst: float | None) -> None:
         if burst is None:
             return
         limiter = self._parts.limiter
         with limiter._lock:
-            if abs(burst - rt.pool.burst) > 1e-12:
+            if abs(burst - runtime.pool.burst) > 1e-12:
                 now = limiter._now()
-                rt.pool.set_burst(min(1.0, max(burst, 1.0 / 60.0)), now)
-                limiter._emit("burst_change", rt, now, {"burst": burst})
+                runtime.pool.set_burst(min(1.0, max(burst, 1.0 / 60.0)), now)
+                limiter._emit("burst_change", runtime, now, {"burst": burst})
 
-    def _pause_handler(self, rt: PoolRuntime) -> Callable[[RawReply], None]:
+    def _pause_handler(self, runtime: PoolRuntime) -> Callable[[RawReply], None]:
         def done(raw: RawReply) -> None:
             bursts = PauseReply.parse(raw).bursts
             if bursts:
-                self._follow_burst(rt, bursts[0])
+                self._follow_burst(runtime, bursts[0])
 
         return done
 
@@ -266,19 +266,19 @@ class Feedback:
         (by any process) before the pool's last shrink or fit.
         """
         limiter = self._parts.limiter
-        rt = remote.runtime
-        rt.rate_limited += 1
+        runtime = remote.runtime
+        runtime.rate_limited += 1
         predicted = permit is not None and not fitted and explained_by_remaining(snap, permit.reserved)
         if predicted:
-            rt.rate_limited_predicted += 1
+            runtime.rate_limited_predicted += 1
         retry = 1.0 if snap.retry_after is None else capped_pause(snap.retry_after, "a 429's retry-after")
         shrink = not predicted and not fitted and limiter._adaptive
         self._hold(remote, now + retry)
         if remote.prefetch is not None:
             self._prefetches.close(remote, remote.prefetch)
-        rt.pool.pause(now + retry, "429 rate_limit_error")
-        limiter._emit("pause", rt, now, {"seconds": retry, "reason": "429"})
-        limiter._emit("rate_limited", rt, now, {"predicted": predicted, "retry_after": retry})
+        runtime.pool.pause(now + retry, "429 rate_limit_error")
+        limiter._emit("pause", runtime, now, {"seconds": retry, "reason": "429"})
+        limiter._emit("rate_limited", runtime, now, {"predicted": predicted, "retry_after": retry})
         seq = self._prefetches.redis_seq(permit) if permit is not None else -1
         return self._parts.calls.control(
             remote.keys.control,
@@ -287,19 +287,19 @@ class Feedback:
             "429 rate_limit_error",
             "1" if shrink else "0",
             seq,
-            on_reply=self._pause_handler(rt),
+            on_reply=self._pause_handler(runtime),
         )
 
     def _on_529(self, remote: _RemotePool, snap: RateLimitSnapshot, now: float) -> ScriptCall:
-        rt = remote.runtime
-        rt.overloaded += 1
-        backoff = min(8.0, max(0.5, rt.overload_backoff * 2.0))
-        rt.overload_backoff = backoff
+        runtime = remote.runtime
+        runtime.overloaded += 1
+        backoff = min(8.0, max(0.5, runtime.overload_backoff * 2.0))
+        runtime.overload_backoff = backoff
         wait = backoff if snap.retry_after is None else capped_pause(snap.retry_after, "a 529's retry-after")
         self._hold(remote, now + wait)
-        rt.pool.pause(now + wait, "529 overloaded")
-        self._parts.limiter._emit("pause", rt, now, {"seconds": wait, "reason": "529"})
-        self._parts.limiter._emit("overloaded", rt, now, {"backoff": wait})
+        runtime.pool.pause(now + wait, "529 overloaded")
+        self._parts.limiter._emit("pause", runtime, now, {"seconds": wait, "reason": "529"})
+        self._parts.limiter._emit("overloaded", runtime, now, {"backoff": wait})
         return self._parts.calls.control(remote.keys.control, "pause", repr(wait), "529 overloaded", "0")
 
     def _on_rejected(

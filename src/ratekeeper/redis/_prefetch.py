@@ -39,13 +39,13 @@ class Prefetches:
         """
         c = remote.prefetch
         assert c is not None
-        rt = remote.runtime
-        if credit or now >= c.until or rt.queued or now < remote.hold_until:
+        runtime = remote.runtime
+        if credit or now >= c.until or runtime.queued or now < remote.hold_until:
             if not credit:
                 self.close(remote, c)
             return None
         left = c.left
-        limits = rt.pool.limits
+        limits = runtime.pool.limits
         for dim, amount in draws.items():
             if amount > 0.0:
                 have = left.get(dim)
@@ -60,15 +60,15 @@ class Prefetches:
         limiter = self._parts.limiter
         # local, negative, decreasing: Redis knows only the prefetch's seq
         seq = -1 - next(limiter._seq)
-        permit = Permit(limiter, rt, model, draws, 0.0, seq, now)
+        permit = Permit(limiter, runtime, model, draws, 0.0, seq, now)
         c.holders += 1
         self.admitted[seq] = (c, dict(fresh))
-        rt.in_flight[seq] = permit
-        rt.granted += 1
-        rt.waits.add(0.0)
-        rt.admitted.add(now, draws)
+        runtime.in_flight[seq] = permit
+        runtime.granted += 1
+        runtime.waits.add(0.0)
+        runtime.admitted.add(now, draws)
         if limiter._on_event is not None:
-            limiter._emit("grant", rt, now, {"waited": 0.0, "prefetched": True})
+            limiter._emit("grant", runtime, now, {"waited": 0.0, "prefetched": True})
         return permit
 
     def granted(self, remote: _RemotePool, grant: PrefetchGrant, now: float) -> None:

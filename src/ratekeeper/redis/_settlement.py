@@ -35,18 +35,18 @@ class Settlement:
         limiter = self._parts.limiter
         with limiter._lock:
             now = limiter._now()
-            rt = permit._runtime
-            remote = self._parts.remote_for(rt)
+            runtime = permit._runtime
+            remote = self._parts.remote_for(runtime)
             priority = permit.reserved.get("priority_input_tokens", 0.0) > 0.0
-            actual = rt.rules.settled_cost(usage, priority=priority, credits=credits)
+            actual = runtime.rules.settled_cost(usage, priority=priority, credits=credits)
             new = _draws(actual)
             diff = _diff(permit._charged, new)
             if diff:
-                rt.admitted.add(now, diff, -1.0)
+                runtime.admitted.add(now, diff, -1.0)
             limiter._account.settle_credits(permit.credits, credits, now)
             permit._charged = new
             permit._state = _SETTLED
-            rt.in_flight.pop(permit.seq, None)
+            runtime.in_flight.pop(permit.seq, None)
             entry = self._prefetches.admitted.pop(permit.seq, None)
             if entry is not None:
                 self._prefetches.refund(remote, entry[0], diff, done=True)
@@ -61,7 +61,7 @@ class Settlement:
                     on_reply=remote.on_burst,
                 )
                 self._parts.backend.send(call)
-            self._parts.wake_head(rt)
+            self._parts.wake_head(runtime)
         return actual
 
     def settle_plain(
@@ -91,15 +91,15 @@ class Settlement:
             extra = output - permit._charged.get("output_tokens", 0.0)
             if extra <= 0.0:
                 return
-            rt = permit._runtime
+            runtime = permit._runtime
             more = {"output_tokens": extra, "tokens": extra}
             if "priority_output_tokens" in permit._charged:
                 more["priority_output_tokens"] = extra
-            rt.admitted.add(limiter._now(), more)
+            runtime.admitted.add(limiter._now(), more)
             for dim, amount in more.items():
                 permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
             diff = {dim: -amount for dim, amount in more.items()}
-            remote = self._parts.remote_for(rt)
+            remote = self._parts.remote_for(runtime)
             entry = self._prefetches.admitted.get(permit.seq)
             if entry is not None:
                 self._prefetches.refund(remote, entry[0], diff, done=False)
@@ -116,7 +116,7 @@ class Settlement:
             if permit._state != _ACTIVE:
                 return
             now = limiter._now()
-            rt = permit._runtime
+            runtime = permit._runtime
             charged = permit._charged
             if not permit.sent:
                 mode, refund = "unsent", dict(charged)
@@ -125,16 +125,16 @@ class Settlement:
             else:
                 mode, refund = "kept", {}
             if refund:
-                rt.admitted.add(now, refund, -1.0)
+                runtime.admitted.add(now, refund, -1.0)
             if limiter._account.wallet is not None and permit.credits and (not permit.sent or refund):
                 limiter._account.wallet.give_back(permit.credits, now)
             permit._state = _RELEASED
-            rt.in_flight.pop(permit.seq, None)
-            remote = self._parts.remote_for(rt)
+            runtime.in_flight.pop(permit.seq, None)
+            remote = self._parts.remote_for(runtime)
             entry = self._prefetches.admitted.pop(permit.seq, None)
             if entry is not None:
                 self._prefetches.refund(remote, entry[0], refund, done=True, uncounted=True)
             else:
                 self._parts.backend.send(self._parts.calls.release(remote.keys, permit.seq, mode, charged))
             if refund:
-                self._parts.wake_head(rt)
+                self._parts.wake_head(runtime)
