@@ -21,8 +21,6 @@ KNOWN: dict[tuple[str, str], int] = {
     ("module", "core/_headers.py"): 821,
     ("module", "anthropic/_middleware.py"): 791,
     ("module", "gate/_limiter.py"): 707,
-    # the tier tables, as the spec gives them
-    ("module", "core/_presets.py"): 617,
     ("class", "gate/_limiter.py:Limiter"): 609,
     ("class", "gate/_local.py:LocalEngine"): 497,
     ("class", "redis/_engine.py:RemoteEngine"): 429,

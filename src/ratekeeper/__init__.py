@@ -20,6 +20,7 @@ from ratekeeper.core._headers import (
     parse_headers,
 )
 from ratekeeper.core._meta import meta
+from ratekeeper.core._model_ids import model_classes, register_model, resolve_model
 from ratekeeper.core._presets import (
     LONG_CONTEXT_BETA,
     LONG_CONTEXT_MIN_INPUT_TOKENS,
@@ -31,11 +32,8 @@ from ratekeeper.core._presets import (
     count_tokens_rpm,
     limits_for,
     long_context_limits,
-    model_classes,
     pool_for,
     preset_names,
-    register_model,
-    resolve_model,
     spend_cap,
 )
 from ratekeeper.core._stats import EventSummary, LimiterEvent, LimiterStatistics, PoolStatistics

@@ -26,7 +26,7 @@ from typing import Any, Final, final
 
 import attrs
 
-from ratekeeper.core._presets import MAX_REMEMBERED_IDS, _normalize, resolve_model
+from ratekeeper.core._model_ids import MAX_REMEMBERED_IDS, _normalize, resolve_model
 from ratekeeper.errors import ConfigurationError
 
 __all__ = [
