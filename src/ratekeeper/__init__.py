@@ -11,14 +11,7 @@ from typing import TYPE_CHECKING
 
 from ratekeeper.core._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
 from ratekeeper.core._bucket import TokenBucket
-from ratekeeper.core._headers import (
-    LimitInfo,
-    QuotaInfo,
-    RateLimitSnapshot,
-    UnifiedInfo,
-    UnifiedWindow,
-    parse_headers,
-)
+from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._meta import meta
 from ratekeeper.core._model_ids import model_classes, register_model, resolve_model
 from ratekeeper.core._presets import (
@@ -36,6 +29,7 @@ from ratekeeper.core._presets import (
     preset_names,
     spend_cap,
 )
+from ratekeeper.core._snapshot import LimitInfo, QuotaInfo, RateLimitSnapshot, UnifiedInfo, UnifiedWindow
 from ratekeeper.core._stats import EventSummary, LimiterEvent, LimiterStatistics, PoolStatistics
 from ratekeeper.errors import (
     AcquireTimeout,

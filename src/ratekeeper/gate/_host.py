@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from ratekeeper.core._accounting import Demand
     from ratekeeper.core._bucket import TokenBucket
-    from ratekeeper.core._headers import RateLimitSnapshot
+    from ratekeeper.core._snapshot import RateLimitSnapshot
     from ratekeeper.core._stats import LimiterEvent
     from ratekeeper.gate._clock import GateClock
     from ratekeeper.gate._engine import Engine

@@ -23,10 +23,10 @@ import sniffio
 
 from ratekeeper.core._accounting import AccountingRules, Demand, OutputRule
 from ratekeeper.core._bucket import TokenBucket
-from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._presets import batch_limits, count_tokens_rpm, limit_overrides, limits_for, spend_cap
 from ratekeeper.core._reading import first_of_next_month, unified_wait
+from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.core._stats import LimiterEvent, LimiterStatistics
 from ratekeeper.errors import (
     CapacityExceeded,
