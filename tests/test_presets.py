@@ -494,13 +494,13 @@ def test_remembered_answers_follow_registrations() -> None:
 
 
 def test_remembered_answers_are_bounded() -> None:
-    from ratekeeper.estimate import _body_scan
+    from ratekeeper.estimate import _profile
 
     for i in range(3 * _model_ids.MAX_REMEMBERED_IDS):
         assert resolve_model(f"claude-sonnet-4-5-2025{i:04d}") == "sonnet-4"
-        _body_scan.model_profile(f"claude-sonnet-4-5-2025{i:04d}")
+        _profile.model_profile(f"claude-sonnet-4-5-2025{i:04d}")
     assert len(_model_ids._resolved) <= _model_ids.MAX_REMEMBERED_IDS
-    assert len(_body_scan._profiles) <= _model_ids.MAX_REMEMBERED_IDS
+    assert len(_profile._profiles) <= _model_ids.MAX_REMEMBERED_IDS
 
 
 @pytest.mark.parametrize("bad", ["", "Has Space", "-x", "ü"])
