@@ -3,11 +3,14 @@
     git show 1c4ae0f:src/ratekeeper/core/_headers.py > /tmp/headers_before.py
     python benchmarks/headers_against.py /tmp/headers_before.py
 
-The module is self-contained (the standard library and attrs), so the other
-version is loaded from its file beside this one. Batches of the baseline
-(``{k.lower(): v}`` of the same headers), the other version and this one
-alternate; each figure is the fastest batch, in CPU microseconds a call, so
-that other processes on the machine weigh on all three alike.
+Up to the split into ``_headers``, ``_snapshot`` and ``_header_values`` the module
+was self-contained (the standard library and attrs), so such a version is loaded
+from its file beside this one; a later ``_headers.py`` loaded this way takes its
+converters and types from this checkout, so only its own code is compared.
+Batches of the baseline (``{k.lower(): v}`` of the same headers), the other
+version and this one alternate; each figure is the fastest batch, in CPU
+microseconds a call, so that other processes on the machine weigh on all three
+alike.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ from ratekeeper import (
     TokenEstimator,
     UnknownModelError,
 )
-from ratekeeper.estimate._body_scan import image_size, json_len
+from ratekeeper.estimate._body_fields import json_len
+from ratekeeper.estimate._media import image_size
 
 SONNET = "claude-sonnet-4-5"
 Body = dict[str, Any]

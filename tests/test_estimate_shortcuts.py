@@ -93,7 +93,7 @@ any_json = st.recursive(
 
 @given(any_json)
 def test_json_len_fast_paths_follow_the_general_rules(value: object) -> None:
-    from ratekeeper.estimate._body_scan import json_len
+    from ratekeeper.estimate._body_fields import json_len
 
     assert json_len(value, "v") == _json_len_reference(value)
 
@@ -101,7 +101,7 @@ def test_json_len_fast_paths_follow_the_general_rules(value: object) -> None:
 def test_json_len_still_refuses_deep_nesting() -> None:
     import pytest
 
-    from ratekeeper.estimate._body_scan import json_len
+    from ratekeeper.estimate._body_fields import json_len
 
     deep: Any = "x"
     for _ in range(250):

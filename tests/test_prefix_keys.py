@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ratekeeper import PromptCachePredictor
-from ratekeeper.estimate._body_scan import (
+from ratekeeper.estimate._body_scan import scan_body
+from ratekeeper.estimate._prefix_encoding import (
     _MAX_SHORT_TOKENS,
     _SEPARATOR,
     _STRING_TOKENS,
@@ -17,7 +18,6 @@ from ratekeeper.estimate._body_scan import (
     _encode_units,
     _framed,
     _framed_plain,
-    scan_body,
 )
 
 texts = st.text(max_size=120) | st.sampled_from(["", "\x00", "\x01", ",\x01,", '"', "\\", "é" * 60, "x" * 49])
@@ -91,7 +91,7 @@ def test_the_separator_keeps_its_token_after_the_memo_is_emptied() -> None:
 
 
 def test_remembered_long_strings_are_bounded_by_their_characters() -> None:
-    from ratekeeper.estimate._body_scan import _MAX_LONG_CHARS
+    from ratekeeper.estimate._prefix_encoding import _MAX_LONG_CHARS
 
     piece = _MAX_LONG_CHARS // 64
     for i in range(200):  # 200 strings of 1/64 of the bound: over three times what is kept

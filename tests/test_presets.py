@@ -35,7 +35,7 @@ from ratekeeper import (
     resolve_model,
     spend_cap,
 )
-from ratekeeper.core import _presets
+from ratekeeper.core import _model_ids, _presets
 
 # ---------------------------------------------------------------- the spec, transcribed
 
@@ -160,8 +160,8 @@ def _cells() -> list[tuple[str, str, Row, bool]]:
 
 @pytest.fixture(autouse=True)
 def _clean_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_presets, "_registered_ids", {})
-    monkeypatch.setattr(_presets, "_registered_patterns", [])
+    monkeypatch.setattr(_model_ids, "_registered_ids", {})
+    monkeypatch.setattr(_model_ids, "_registered_patterns", [])
 
 
 # ---------------------------------------------------------------- preset values
@@ -494,13 +494,13 @@ def test_remembered_answers_follow_registrations() -> None:
 
 
 def test_remembered_answers_are_bounded() -> None:
-    from ratekeeper.estimate import _body_scan
+    from ratekeeper.estimate import _profile
 
-    for i in range(3 * _presets.MAX_REMEMBERED_IDS):
+    for i in range(3 * _model_ids.MAX_REMEMBERED_IDS):
         assert resolve_model(f"claude-sonnet-4-5-2025{i:04d}") == "sonnet-4"
-        _body_scan.model_profile(f"claude-sonnet-4-5-2025{i:04d}")
-    assert len(_presets._resolved) <= _presets.MAX_REMEMBERED_IDS
-    assert len(_body_scan._profiles) <= _presets.MAX_REMEMBERED_IDS
+        _profile.model_profile(f"claude-sonnet-4-5-2025{i:04d}")
+    assert len(_model_ids._resolved) <= _model_ids.MAX_REMEMBERED_IDS
+    assert len(_profile._profiles) <= _model_ids.MAX_REMEMBERED_IDS
 
 
 @pytest.mark.parametrize("bad", ["", "Has Space", "-x", "ü"])

@@ -11,15 +11,9 @@ from typing import TYPE_CHECKING
 
 from ratekeeper.core._accounting import AccountingRules, Cost, Demand, OutputRule, Usage
 from ratekeeper.core._bucket import TokenBucket
-from ratekeeper.core._headers import (
-    LimitInfo,
-    QuotaInfo,
-    RateLimitSnapshot,
-    UnifiedInfo,
-    UnifiedWindow,
-    parse_headers,
-)
+from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._meta import meta
+from ratekeeper.core._model_ids import model_classes, register_model, resolve_model
 from ratekeeper.core._presets import (
     LONG_CONTEXT_BETA,
     LONG_CONTEXT_MIN_INPUT_TOKENS,
@@ -31,13 +25,11 @@ from ratekeeper.core._presets import (
     count_tokens_rpm,
     limits_for,
     long_context_limits,
-    model_classes,
     pool_for,
     preset_names,
-    register_model,
-    resolve_model,
     spend_cap,
 )
+from ratekeeper.core._snapshot import LimitInfo, QuotaInfo, RateLimitSnapshot, UnifiedInfo, UnifiedWindow
 from ratekeeper.core._stats import EventSummary, LimiterEvent, LimiterStatistics, PoolStatistics
 from ratekeeper.errors import (
     AcquireTimeout,

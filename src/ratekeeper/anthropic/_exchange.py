@@ -24,7 +24,8 @@ import httpx2
 from ratekeeper.anthropic._plan import _BATCH, _BATCH_CREATE, _MESSAGES, _path_of, _Plan, _Planner
 from ratekeeper.anthropic._stream import BodyOutcome, JsonMeter, Meter, SseMeter
 from ratekeeper.core._accounting import Usage
-from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._headers import parse_headers
+from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.errors import InsufficientCredits
 from ratekeeper.estimate._estimator import Estimate
 from ratekeeper.gate._limiter import Permit

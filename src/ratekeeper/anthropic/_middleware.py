@@ -41,8 +41,8 @@ from ratekeeper.anthropic._exchange import _Exchange, _Learner
 from ratekeeper.anthropic._plan import Counter, _route
 from ratekeeper.anthropic._stream import MeteredAsyncStream, MeteredSyncStream, run_deferred
 from ratekeeper.anthropic._wallet import CreditPrice, WalletPricing
-from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.core._meta import attach_meta
+from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.errors import ConfigurationError, InsufficientCredits
 from ratekeeper.estimate._body_scan import Scan
 from ratekeeper.estimate._estimator import TokenEstimator

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ratekeeper.core._headers import RateLimitSnapshot, parse_headers
+from ratekeeper.core._headers import parse_headers
+from ratekeeper.core._snapshot import RateLimitSnapshot
 
 __all__ = ["META_ATTRIBUTE", "attach_meta", "meta"]
 

@@ -16,8 +16,8 @@ import math
 from collections.abc import Mapping
 from typing import Final
 
-from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.core._pool import MIN_BURST, Pool
+from ratekeeper.core._snapshot import RateLimitSnapshot
 
 __all__ = [
     "ROUNDING_MARGIN",

@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 
-from ratekeeper.core import _presets
+from ratekeeper.core import _model_ids, _presets
 from ratekeeper.emulator._cache import PromptCache
 from ratekeeper.emulator._config import EmulatorConfig, PoolLimits
 from ratekeeper.emulator._generation import Timeline
@@ -105,7 +105,7 @@ class ServerState:
     def model_info(self, model: str) -> ModelInfo:
         """Resolve ``model`` to its pool (created on first use); raises ``UnknownModelError``."""
         cfg = self.config
-        cls = _presets.resolve_model(model)
+        cls = _model_ids.resolve_model(model)
         preset_limits = None
         if cfg.preset is not None:
             try:

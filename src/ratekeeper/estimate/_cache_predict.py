@@ -14,7 +14,8 @@ from typing import Any, Final, Protocol, final
 
 import attrs
 
-from ratekeeper.estimate._body_scan import TTL_SECONDS, Layout, bad, scan_body, token_counter
+from ratekeeper.estimate._body_fields import bad
+from ratekeeper.estimate._body_scan import TTL_SECONDS, Layout, scan_body, token_counter
 
 __all__ = ["CachePrediction", "PromptCachePredictor"]
 

@@ -19,8 +19,10 @@ import attrs
 
 from ratekeeper.core._accounting import Demand, Usage
 from ratekeeper.errors import ConfigurationError
-from ratekeeper.estimate._body_scan import Layout, Scan, bad, model_profile, scan_body, token_counter
+from ratekeeper.estimate._body_fields import bad
+from ratekeeper.estimate._body_scan import Layout, Scan, scan_body, token_counter
 from ratekeeper.estimate._cache_predict import CachePrediction, PromptCachePredictor
+from ratekeeper.estimate._profile import model_profile
 
 __all__ = ["Calibration", "Estimate", "TokenCounter", "TokenEstimator"]
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 from ratekeeper.core._bucket import TokenBucket
-from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.core._reading import first_of_next_month, unified_wait
+from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.core._stats import LimiterEvent
 from ratekeeper.errors import ConfigurationError, InsufficientCredits, SpendLimitReached
 from ratekeeper.gate._state import Permit, PoolRuntime

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ratekeeper.core._accounting import Cost, Demand, Usage
-    from ratekeeper.core._headers import RateLimitSnapshot
+    from ratekeeper.core._snapshot import RateLimitSnapshot
     from ratekeeper.gate._demand import Plain
     from ratekeeper.gate._state import Permit, PoolRuntime
 

@@ -19,9 +19,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, final
 
 from ratekeeper.core._accounting import AccountingRules, Demand, OutputRule
-from ratekeeper.core._headers import RateLimitSnapshot
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._presets import limit_overrides, spend_cap
+from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.core._stats import LimiterEvent, LimiterStatistics
 from ratekeeper.errors import (
     CapacityExceeded,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, final
 import anyio
 
 from ratekeeper.core._accounting import Cost, Demand
-from ratekeeper.core._headers import RateLimitSnapshot
+from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.errors import (
     AcquireTimeout,
     CapacityExceeded,

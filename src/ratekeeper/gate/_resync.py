@@ -22,7 +22,7 @@ from ratekeeper.core._feedback import (
     correction,
     response_estimate,
 )
-from ratekeeper.core._headers import LimitInfo, RateLimitSnapshot, parse_headers
+from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._reading import (
     ROUNDING_MARGIN,
     burst_bound,
@@ -31,6 +31,7 @@ from ratekeeper.core._reading import (
     explained_by_remaining,
     fitted_burst,
 )
+from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
 from ratekeeper.gate._state import _ACTIVE, Permit, PoolRuntime
 
 if TYPE_CHECKING:

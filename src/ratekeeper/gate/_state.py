@@ -20,8 +20,8 @@ import sniffio
 
 from ratekeeper.core._accounting import AccountingRules, Cost, OutputRule, Usage
 from ratekeeper.core._feedback import MomentEvidence, Readings
-from ratekeeper.core._headers import LimitInfo, RateLimitSnapshot
 from ratekeeper.core._pool import Pool
+from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
 from ratekeeper.core._stats import AdmittedWindow, Mark, WaitSamples, with_tokens
 from ratekeeper.errors import ConfigurationError
 from ratekeeper.gate._demand import _MAX_COUNT, _check_status, _usage_counts

@@ -37,7 +37,7 @@ from typing import final
 import anyio
 
 from ratekeeper.core._accounting import Demand
-from ratekeeper.core._headers import RateLimitSnapshot
+from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.errors import AcquireTimeout, WouldBlock
 from ratekeeper.gate._demand import Plain
 from ratekeeper.gate._limiter import Limiter

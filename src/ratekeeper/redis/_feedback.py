@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import final
 
-from ratekeeper.core._headers import LimitInfo, RateLimitSnapshot, parse_headers
+from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._reading import (
     ROUNDING_MARGIN,
@@ -24,6 +24,7 @@ from ratekeeper.core._reading import (
     fitted_burst,
     unified_wait,
 )
+from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
 from ratekeeper.gate._resync import _RESYNC_DIMS
 from ratekeeper.gate._state import Permit, PoolRuntime
 from ratekeeper.redis._ops import RawReply, ScriptCall
