@@ -30,15 +30,27 @@ class AcquireOwner(Protocol):
 class _Acquire:
     """``async with limiter.acquire(...)``; also usable as ``await`` for the bare permit."""
 
-    __slots__ = ("_args", "_limiter", "_permit", "_plain")
+    __slots__ = ("_demand", "_limiter", "_model", "_permit", "_plain", "_priority", "_timeout")
 
-    def __init__(self, limiter: AcquireOwner, args: tuple[Any, ...], plain: Plain | None = None) -> None:
+    def __init__(
+        self,
+        limiter: AcquireOwner,
+        model: str,
+        demand: Demand | None,
+        priority: int,
+        timeout: float | None,
+        plain: Plain | None = None,
+    ) -> None:
         # checked here, before anything is enqueued: a bad priority met in the queue's
         # ordering would raise there and leave its waiter behind, wedging the pool
-        if type(args[0]) is not str or type(args[2]) is not int or args[3] is not None:
-            _check_args(*args)
+        if type(model) is not str or type(priority) is not int or timeout is not None:
+            _check_args(model, demand, priority, timeout)
         self._limiter = limiter
-        self._args = args
+        self._model = model
+        # ``None`` only with ``plain``: the common request, whose Demand is built if it must wait
+        self._demand = demand
+        self._priority = priority
+        self._timeout = timeout
         self._plain = plain
         self._permit: Permit | None = None
 
@@ -48,28 +60,28 @@ class _Acquire:
         permit = None
         engine = limiter._engine
         if self._plain is not None:  # (no local: a waiter must not keep the tuple alive)
-            permit = engine.admit_plain(self._args[0], self._plain)
+            permit = engine.admit_plain(self._model, self._plain)
         else:
-            permit = engine.admit_at_once(*self._args)
+            permit = engine.admit_at_once(self._model, self._full_demand(), self._priority, self._timeout)
         if permit is None:
-            permit = await engine.acquire(*self._full_args())
+            permit = await engine.acquire(self._model, self._full_demand(), self._priority, self._timeout)
         self._permit = permit
         return permit
 
-    def _full_args(self) -> tuple[Any, ...]:
-        args = self._args
-        plain = self._plain
-        if args[1] is None and plain is not None:
-            demand = Demand(
+    def _full_demand(self) -> Demand:
+        demand = self._demand
+        if demand is None:
+            plain = self._plain
+            assert plain is not None
+            demand = self._demand = Demand(
                 input_tokens=plain[0],
                 max_tokens=plain[1],
                 cache_read_input_tokens=plain[2],
                 cache_creation_input_tokens=plain[3],
                 expected_output_tokens=plain[4],
             )
-            args = self._args = (args[0], demand, *args[2:])
             self._plain = None  # a waiter holds one form of its demand, not two
-        return args
+        return demand
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -79,12 +91,15 @@ class _Acquire:
             permit._engine.release(permit)
 
     def __await__(self) -> Any:
-        return self._limiter._engine.acquire(*self._full_args()).__await__()
+        engine = self._limiter._engine
+        return engine.acquire(self._model, self._full_demand(), self._priority, self._timeout).__await__()
 
     # The blocking form too, so the special endpoints (count_tokens, batches) can be
     # gated from threads: ``with limiter.acquire_count_tokens() as permit:``.
     def __enter__(self) -> Permit:
-        self._permit = _acquire_blocking(self._limiter._engine, *self._full_args())
+        engine = self._limiter._engine
+        demand = self._full_demand()
+        self._permit = _acquire_blocking(engine, self._model, demand, self._priority, self._timeout)
         return self._permit
 
     def __exit__(

@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, final
+from typing import Any, cast, final
 
 from ratekeeper.core._accounting import AccountingRules, Demand, OutputRule
 from ratekeeper.core._pool import Pool
@@ -221,7 +221,7 @@ class Limiter:
         )
         if plain is not None and service_tier != "priority" and credits == 0.0:
             # the common request: its checks are done, the Demand is built only if it must wait
-            return _Acquire(self, (model, None, priority, timeout), plain)
+            return _Acquire(self, model, None, priority, timeout, plain)
         demand = _demand(
             input_tokens,
             max_tokens,
@@ -231,7 +231,7 @@ class Limiter:
             service_tier,
             credits,
         )
-        return _Acquire(self, (model, demand, priority, timeout))
+        return _Acquire(self, model, demand, priority, timeout)
 
     def acquire_demand(
         self, model: str, demand: Demand, *, priority: int = 0, timeout: float | None = None
@@ -246,7 +246,7 @@ class Limiter:
                 demand.cache_creation_input_tokens,
                 demand.expected_output_tokens,
             )
-        return _Acquire(self, (model, demand, priority, timeout), plain)
+        return _Acquire(self, model, demand, priority, timeout, plain)
 
     def acquire_sync(
         self,
@@ -291,7 +291,7 @@ class Limiter:
         given = (input_tokens, max_tokens, cache_read_input_tokens, cache_creation_input_tokens, credits)
         if any(given) or expected_output_tokens is not None or service_tier is not None:
             raise ConfigurationError("acquire_sync: give either a Demand or the token keywords, not both")
-        return _Acquire(self, (model, demand, priority, timeout))
+        return _Acquire(self, model, demand, priority, timeout)
 
     def acquire_nowait(
         self,
@@ -396,7 +396,7 @@ class Limiter:
         """Gate a ``count_tokens`` call by its own RPM (the preset's, or ``rpm``)."""
         with self._lock:
             self._table.count_tokens(rpm, self._now())
-        return _Acquire(self, ("count_tokens", Demand(), 0, timeout))
+        return _Acquire(self, "count_tokens", Demand(), 0, timeout)
 
     def acquire_batch(self, requests: int, *, timeout: float | None = None) -> _Acquire:
         """Gate a Message Batches create call: the batch RPM and the queued-requests cap.
@@ -407,7 +407,8 @@ class Limiter:
         """
         with self._lock:
             self._table.batches(self._now())
-        return _Acquire(self, ("batches", _BatchDemand(requests), 0, timeout))
+        # (a marker, not a Demand: _prepare tells it apart before any accounting reads it)
+        return _Acquire(self, "batches", cast("Demand", _BatchDemand(requests)), 0, timeout)
 
     def batch_finished(self, requests: int) -> None:
         """A batch ended (or was cancelled): its requests leave the processing queue."""
