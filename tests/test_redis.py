@@ -7,7 +7,6 @@ tests run on real clocks with waits of a fraction of a second.
 
 from __future__ import annotations
 
-import itertools
 import struct
 import subprocess
 import sys
@@ -599,10 +598,12 @@ async def test_waiters_in_different_processes_go_in_arrival_order(
     for _ in range(10):
         a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
     granted: dict[str, float] = {}
+    order: dict[str, int] = {}
 
     async def take(limiter: Limiter, name: str) -> None:
         async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1) as permit:
             granted[name] = time.monotonic()
+            order[name] = permit.seq  # Redis's reservation counter: the order it granted them in
             permit.observe({}, status=200)
             permit.settle({"input_tokens": 1, "output_tokens": 1})  # sent: nothing comes back
 
@@ -611,10 +612,10 @@ async def test_waiters_in_different_processes_go_in_arrival_order(
         for name in names:
             tg.start_soon(take, a if name[0] == "a" else b, name)
             await anyio.sleep(0.01)
-    # one token every 0.1 s, and each goes to the oldest waiter of either process; two
-    # grants may share an instant when a poll comes late and two tokens are there
-    for older, younger in itertools.pairwise(names):
-        assert granted[older] <= granted[younger] + 0.03, (older, younger, granted)
+    # one token every 0.1 s, and each goes to the oldest waiter of either process (read from
+    # the grants' order in Redis: when each task resumes depends on the machine's load)
+    assert all(seq >= 0 for seq in order.values()), order  # none from a prefetch
+    assert [order[name] for name in names] == sorted(order.values()), order
     assert max(granted.values()) - min(granted.values()) > 0.4  # no burst beyond the limit
 
 

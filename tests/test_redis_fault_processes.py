@@ -168,14 +168,15 @@ def test_faults_mint_nothing_and_orphan_nothing(server: RedisServer, restart: bo
             totals[key] = totals.get(key, 0) + count
     # from the first grant to the last, by any process (time.time: one clock for all)
     span = last - first
-    allowed = RPM * BURST + RPM / 60 * span + 1  # (+1: grant times are read after the reply)
-    allowed += faults["restart"] * (RPM * BURST + WORKERS * IN_FLIGHT)
+    steady = RPM * BURST + RPM / 60 * span + 1  # (+1: grant times are read after the reply)
+    allowed = steady + faults["restart"] * (RPM * BURST + WORKERS * IN_FLIGHT)
     print(f"{WORKERS} processes, {span:.1f} s of grants, faults {faults}: {totals}; allowed {allowed:.0f}")
     assert faults["sleep"] >= 2, faults
     assert faults["pause"] >= 2, faults
     assert faults["restart"] == restart, faults
     assert totals["bad"] > 0, totals
-    assert totals["sent"] >= 0.5 * allowed, totals  # the run did run
+    # the run did run (against what the limit allows, not the bound a restart may add to)
+    assert totals["sent"] >= 0.5 * steady, (totals, steady)
     assert totals["sent"] <= allowed, (totals, allowed)
     assert admin.hlen(f"{TAG}:res:sonnet-4.x") == 0
     assert admin.zcard(f"{TAG}:lease:sonnet-4.x") == 0
