@@ -48,6 +48,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         "side: the SDK alone, ratekeeper, a requests-only limiter and a fixed-window token counter. "
         "No API key; minutes of traffic take seconds."
     )
+    # --help lists the groups in the order they are added
+    _server_arguments(p)
+    _workload_arguments(p)
+    _output_arguments(p)
+
+
+def _server_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``server`` group: the emulated server, how long it runs, and who else draws on its limits."""
     s = p.add_argument_group("server")
     s.add_argument("--preset", default="tier-1", help="tier-1..tier-4, start, build, scale (default: tier-1)")
     s.add_argument("--model", default="claude-sonnet-4-5", help="model id (default: claude-sonnet-4-5)")
@@ -97,6 +105,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="FRACTION",
         help="share of every limit used by other clients of the organization (default 0)",
     )
+
+
+def _workload_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``workload`` group: how many requests are sent, and what each one asks for."""
     w = p.add_argument_group("workload")
     w.add_argument(
         "--concurrency",
@@ -145,6 +157,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     w.add_argument("--stream", action="store_true", help="stream the responses")
     w.add_argument("--seed", type=int, default=0, help="seed of the workload and the emulator (default 0)")
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``output`` group: which strategies are compared, and how the comparison is shown."""
     o = p.add_argument_group("output")
     o.add_argument(
         "--strategies",
