@@ -21,8 +21,6 @@ KNOWN: dict[tuple[str, str], int] = {
     ("module", "core/_headers.py"): 821,
     # the tier tables, as the spec gives them
     ("module", "core/_presets.py"): 617,
-    # a figure: long, flat and read top to bottom
-    ("function", "simulate/_plot.py:figure"): 111,
     # the fast path, unrolled: its equivalence test holds it to the general one
     ("function", "core/_bucket.py:take_request"): 73,
     ("function", "estimate/_estimator.py:_from_scan"): 69,
