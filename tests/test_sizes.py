@@ -23,7 +23,6 @@ KNOWN: dict[tuple[str, str], int] = {
     ("module", "core/_presets.py"): 617,
     # the fast path, unrolled: its equivalence test holds it to the general one
     ("function", "core/_bucket.py:take_request"): 73,
-    ("function", "estimate/_estimator.py:_from_scan"): 69,
 }
 
 
