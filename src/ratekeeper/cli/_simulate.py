@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for annotations only: the simulation's dependencies load when it runs
+    from ratekeeper.simulate import Scenario, SimulationResult
 
 __all__ = ["configure", "run"]
 
@@ -48,6 +51,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         "side: the SDK alone, ratekeeper, a requests-only limiter and a fixed-window token counter. "
         "No API key; minutes of traffic take seconds."
     )
+    # --help lists the groups in the order they are added
+    _server_arguments(p)
+    _workload_arguments(p)
+    _output_arguments(p)
+
+
+def _server_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``server`` group: the emulated server, how long it runs, and who else draws on its limits."""
     s = p.add_argument_group("server")
     s.add_argument("--preset", default="tier-1", help="tier-1..tier-4, start, build, scale (default: tier-1)")
     s.add_argument("--model", default="claude-sonnet-4-5", help="model id (default: claude-sonnet-4-5)")
@@ -97,6 +108,10 @@ def configure(p: argparse.ArgumentParser) -> None:
         metavar="FRACTION",
         help="share of every limit used by other clients of the organization (default 0)",
     )
+
+
+def _workload_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``workload`` group: how many requests are sent, and what each one asks for."""
     w = p.add_argument_group("workload")
     w.add_argument(
         "--concurrency",
@@ -145,6 +160,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     w.add_argument("--stream", action="store_true", help="stream the responses")
     w.add_argument("--seed", type=int, default=0, help="seed of the workload and the emulator (default 0)")
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the ``output`` group: which strategies are compared, and how the comparison is shown."""
     o = p.add_argument_group("output")
     o.add_argument(
         "--strategies",
@@ -206,24 +225,14 @@ class _Progress:
             self._stream.flush()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``ratekeeper simulate``; returns the exit code."""
+def _scenario(args: argparse.Namespace, notes: list[str], prog: str) -> Scenario | None:
+    """The ``Scenario`` the arguments describe, or None once it has said on stderr why they describe none."""
     import attrs
 
-    from ratekeeper.errors import ConfigurationError, MissingDependency, RateKeeperError
+    from ratekeeper.errors import ConfigurationError
+    from ratekeeper.simulate import Scenario, Workload
+    from ratekeeper.simulate._run import concurrency_to_reach
 
-    prog = "ratekeeper simulate"
-    try:
-        from ratekeeper.simulate import Scenario, Workload, simulate
-        from ratekeeper.simulate._report import json_lines, render_rich, render_text
-        from ratekeeper.simulate._run import concurrency_to_reach
-    except ImportError as exc:
-        print(
-            f"{prog}: {exc.name or exc} is missing; install it with: pip install 'ratekeeper[cli]'",
-            file=sys.stderr,
-        )
-        return 2
-    notes: list[str] = []
     try:
         workload = Workload(
             model=args.model,
@@ -238,13 +247,14 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
         if args.concurrency is None:
+            # the workload above only sizes the requests; the preset's limits set how many workers
             chosen = concurrency_to_reach(args.preset, workload)
             workload = attrs.evolve(workload, concurrency=chosen)
             notes.append(
                 f"{chosen} workers: chosen for {args.preset} to ask for about twice what it allows "
                 "(--concurrency sets it)"
             )
-        scenario = Scenario(
+        return Scenario(
             preset=args.preset,
             workload=workload,
             minutes=args.minutes,
@@ -259,6 +269,26 @@ def run(args: argparse.Namespace) -> int:
         )
     except (ConfigurationError, ValueError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ratekeeper simulate``; returns the exit code."""
+    from ratekeeper.errors import MissingDependency, RateKeeperError
+
+    prog = "ratekeeper simulate"
+    try:
+        # the package checks the cli extra as it loads, so this is where a missing one shows
+        from ratekeeper.simulate import simulate
+    except ImportError as exc:
+        print(
+            f"{prog}: {exc.name or exc} is missing; install it with: pip install 'ratekeeper[cli]'",
+            file=sys.stderr,
+        )
+        return 2
+    notes: list[str] = []
+    scenario = _scenario(args, notes, prog)
+    if scenario is None:
         return 2
     if args.plot:  # fail before the run, not after it
         try:
@@ -277,20 +307,26 @@ def run(args: argparse.Namespace) -> int:
     except RateKeeperError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
-    wall = time.perf_counter() - started
+    _report(result, args, notes, time.perf_counter() - started)
+    return 0
+
+
+def _report(result: SimulationResult, args: argparse.Namespace, notes: list[str], wall: float) -> None:
+    """Print ``result`` as the arguments ask (JSON lines or a table), then write the plot if one is asked."""
+    from ratekeeper.simulate._report import json_lines, render_rich, render_text
+
     if args.json:
         for line in json_lines(result):
             print(line)
     else:
         try:
             render_rich(result, notes=notes)
-        except ImportError:
+        except ImportError:  # rich is optional here: plain text says the same
             print(render_text(result, notes=notes))
         runs = len(result.results)
-        print(f"({scenario.minutes:g} simulated minutes x {runs} strategies in {wall:.1f}s wall time)")
+        print(f"({result.scenario.minutes:g} simulated minutes x {runs} strategies in {wall:.1f}s wall time)")
     if args.plot:
         from ratekeeper.simulate._plot import plot
 
         path = plot(result, args.plot)
         print(f"plot written to {path}", file=sys.stderr)
-    return 0

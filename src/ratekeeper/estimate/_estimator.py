@@ -189,6 +189,25 @@ def _plain_usage(usage: object) -> tuple[int, int] | None:
     return uncached + written + read, output
 
 
+def _counted(
+    counter: TokenCounter, body: Mapping[str, Any], tokens: Callable[[int, int], int], estimated_total: int
+) -> tuple[int, Callable[[int, int], int]]:
+    """The exact counter's total for ``body``, and ``tokens`` scaled so the prefixes add up to it.
+
+    Raises ``ConfigurationError`` when the counter answers anything but a non-negative integer.
+    """
+    counted = counter(body)
+    if not isinstance(counted, int) or isinstance(counted, bool) or counted < 0:
+        raise bad("the token counter's result", "a non-negative integer", counted)
+
+    def layout_tokens(chars: int, fixed: int) -> int:
+        # The counter knows only the total: prefixes keep their estimated share,
+        # rounded down so a read is never predicted bigger than it is.
+        return counted * tokens(chars, fixed) // estimated_total if estimated_total else 0
+
+    return counted, layout_tokens
+
+
 def _rate(observations: int, floor: float) -> float:
     # 1/(n+1) is the running mean, which converges fastest from a cold start;
     # the floor turns it into an EWMA that keeps following a drifting ratio.
@@ -274,17 +293,9 @@ class TokenEstimator:
         total = tokens(scan.text_chars, scan.fixed_tokens)
         counted = None
         layout_tokens = tokens
-        if self._counter is not None:
-            counted = self._counter(body)
-            if not isinstance(counted, int) or isinstance(counted, bool) or counted < 0:
-                raise bad("the token counter's result", "a non-negative integer", counted)
-            estimated_total, total = total, counted
-
-            def layout_tokens(chars: int, fixed: int) -> int:
-                # The counter knows only the total: prefixes keep their estimated share,
-                # rounded down so a read is never predicted bigger than it is.
-                return counted * tokens(chars, fixed) // estimated_total if estimated_total else 0
-
+        if self._counter is not None:  # opt-in: without a counter no call is added per request
+            counted, layout_tokens = _counted(self._counter, body, tokens, total)
+            total, margin = counted, 1.0  # exact: no margin for estimation errors
         if scan.breakpoints:
             cache = self._predictor._predict(Layout.of(scan, layout_tokens), now)
         else:
@@ -301,8 +312,6 @@ class TokenEstimator:
             expected,
             priority,
         )
-        if counted is not None:
-            margin = 1.0  # exact: no margin for estimation errors
         reserved = demand
         if margin > 1.0 and fresh:
             reserved = _demand(
