@@ -256,9 +256,9 @@ def take_request(
     # level that passes its check stays >= -debt_limit once charged (the amount is
     # at most the debt limit, and is taken from a full bucket when above capacity).
     # A zero draw fits even a bucket in debt, as in ``Pool.wait_time``.
-    runtime, rl, rc = requests._t, requests._level, requests._capacity
-    if now > runtime:
-        rl += (now - runtime) * requests._rate
+    rt, rl, rc = requests._t, requests._level, requests._capacity
+    if now > rt:
+        rl += (now - rt) * requests._rate
     if (rl < 1.0 and rl < rc) or requests._debt_limit < 1.0:
         return None
     it, il, ic = inp._t, inp._level, inp._capacity
@@ -290,7 +290,7 @@ def take_request(
     requests._level = (rl if rl < rc else rc) - 1.0
     inp._level = (il if il < ic else ic) - input_tokens
     out._level = (ol if ol < oc else oc) - output_tokens
-    if now > runtime:
+    if now > rt:
         requests._t = now
     if now > it:
         inp._t = now
