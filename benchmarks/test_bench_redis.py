@@ -173,6 +173,7 @@ async def main():
     global done
     backend = RedisBackend(url, org=f"bench-throughput-{prefetch}", prefetch=prefetch)
     limiter = Limiter("tier-1", limits=HUGE, backend=backend)
+    print("ready", flush=True)
     start = float(sys.stdin.readline())  # every process starts on the same signal
     while time.time() < start:
         await anyio.sleep(0.001)
@@ -205,7 +206,10 @@ def test_throughput(benchmark: BenchmarkFixture, server: RedisServer, processes:
             subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             for _ in range(processes)
         ]
-        start = time.time() + 1.5 + 0.1 * processes  # after every interpreter has started
+        for p in procs:  # every interpreter started and set up, however loaded the machine
+            assert p.stdout is not None
+            assert p.stdout.readline().strip() == "ready"
+        start = time.time() + 0.2
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(json.dumps(start) + "\n")

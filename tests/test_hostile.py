@@ -89,11 +89,17 @@ class _Message:
     usage = Usage(input_tokens=5, output_tokens=5)
 
 
-@pytest.mark.parametrize("wrong", [_Message(), "usage", 7])
-def test_settle_rejects_what_is_not_a_usage_and_keeps_the_reservation(wrong: object) -> None:
+_MESSAGE_DICT = {"id": "msg_1", "type": "message", "usage": {"input_tokens": 5, "output_tokens": 5}}
+
+
+@pytest.mark.parametrize(
+    ("wrong", "named"),
+    [(_Message(), "_Message"), ("usage", "str"), (7, "int"), ({}, "keys: none"), (_MESSAGE_DICT, "keys: id")],
+)
+def test_settle_rejects_what_is_not_a_usage_and_keeps_the_reservation(wrong: object, named: str) -> None:
     limiter = Limiter("tier-1", clock=lambda: 0.0)
     permit = limiter.acquire_nowait(MODEL, input_tokens=1000, max_tokens=500)
-    with pytest.raises(TypeError, match=type(wrong).__name__):
+    with pytest.raises(TypeError, match=named):
         permit.settle(wrong)
     assert permit.active
     assert permit.settle({"input_tokens": 1000, "output_tokens": 500}).output_tokens == 500

@@ -535,7 +535,7 @@ class Permit:
             raise ConfigurationError("this permit is already settled")
         if self._state == _RELEASED:
             return Cost()
-        return engine.settle(self, Usage.from_any(usage), credits, wake=wake)
+        return engine.settle(self, _settled_usage(usage, self.reserved), credits, wake=wake)
 
     def release(self) -> None:
         """Give back what the request did not use, without a usage report.
@@ -551,6 +551,27 @@ class Permit:
     def __repr__(self) -> str:
         state = self._state.value
         return f"<Permit {self.pool} #{self.seq} {state} reserved={dict(self.reserved)}>"
+
+
+def _settled_usage(usage: object, reserved: Mapping[str, float]) -> Usage:
+    """``usage`` as a ``Usage`` for a settlement of a permit that ``reserved`` that much.
+
+    A mapping with neither count, for a permit that reserved tokens, is a mistake (``{}`` or
+    a message as a dict: read as zero usage, it would refund the whole reservation); a
+    batch's or count_tokens' permit, which reserved none, settles with ``{}``.
+    """
+    if (
+        isinstance(usage, Mapping)
+        and "input_tokens" not in usage
+        and "output_tokens" not in usage
+        and (reserved.get("input_tokens") or reserved.get("output_tokens"))
+    ):
+        keys = ", ".join(sorted(map(str, usage))[:8]) or "none"
+        raise TypeError(
+            "a usage mapping needs input_tokens or output_tokens (such as message['usage']),"
+            f" got a mapping with keys: {keys}"
+        )
+    return Usage.from_any(usage)
 
 
 def _drawn(permit: Permit) -> tuple[float, float]:
