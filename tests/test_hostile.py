@@ -12,7 +12,7 @@ import httpx2
 import pytest
 from anthropic_support import in_flight
 
-from ratekeeper import Limiter, Usage
+from ratekeeper import ConfigurationError, Limiter, Usage
 from ratekeeper.anthropic import wrap
 from ratekeeper.core._reading import MAX_PAUSE
 
@@ -207,10 +207,25 @@ def test_a_subscription_hold_is_capped_at_seven_days() -> None:
     assert 0 < limiter.statistics().pools[permit.pool].paused_for <= MAX_PAUSE
 
 
-@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "50"])
+@pytest.mark.parametrize("bad", [0, -1, math.nan, math.inf, "50", 10**400])
 def test_a_bad_limit_is_rejected_by_the_constructor_naming_its_key(bad: Any) -> None:
-    with pytest.raises(ValueError, match=r"limits\['sonnet-4'\]\['requests'\]"):
+    with pytest.raises(ConfigurationError, match=r"limits\['sonnet-4'\]\['requests'\]"):
         Limiter("tier-1", limits={"sonnet-4": {"requests": bad}})
+
+
+def test_limits_without_the_pool_level_are_rejected_naming_the_form() -> None:
+    with pytest.raises(ConfigurationError, match=r"limits\['requests'\] must map dimensions"):
+        Limiter("tier-1", limits={"requests": 0})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("bad", [0, math.nan, 10**400, "50"])
+def test_set_limits_rejects_a_bad_limit_and_changes_nothing(bad: Any) -> None:
+    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    pool = limiter.pool_of(MODEL)
+    before = limiter.statistics().pools[pool].limits
+    with pytest.raises(ConfigurationError, match=r"set_limits\(requests=...\)"):
+        limiter.set_limits(pool, requests=bad)
+    assert limiter.statistics().pools[pool].limits == before
 
 
 def test_observe_names_a_status_that_is_not_an_int() -> None:
@@ -259,3 +274,12 @@ def test_maps_keyed_by_input_are_bounded() -> None:
     assert len(limiter._model_runtime) <= MAX_REMEMBERED
     assert len(limiter._model_pool) <= MAX_REMEMBERED
     assert len(limiter._account.unified_warned) <= MAX_REMEMBERED
+    for i in range(MAX_REMEMBERED * 2):  # rejections: a hold per server-sent claim
+        limiter.observe(
+            {
+                "anthropic-ratelimit-unified-status": "rejected",
+                "anthropic-ratelimit-unified-reset": str(1_800_000_000 + i),
+                "anthropic-ratelimit-unified-representative-claim": f"claim-{i}",
+            }
+        )
+    assert len(limiter._account.unified_holds) <= MAX_REMEMBERED

@@ -179,6 +179,8 @@ class Limiter:
         State is brought up to date first, then the change applies, then the
         waiters that can now go are woken.
         """
+        for dim, value in limits.items():
+            _check_limit(f"set_limits({dim}=...)", value)
         with self._lock:
             now = self._now()
             runtime = self._pools.get(pool_or_model) or self._table.runtime_for(pool_or_model, now)
@@ -484,11 +486,25 @@ def _check_options(
         raise ConfigurationError(f"opening must be a number of seconds in (0, 60], got {opening!r}")
     Pool("check", {}, now=0.0, burst=burst)  # validates burst with the pool's own message
     for pool_name, dims in (limits or {}).items():
-        for dim, value in dict(dims).items():  # under the names the user wrote; not at first acquire
-            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise ConfigurationError(
-                    f"limits[{pool_name!r}][{dim!r}] must be a positive finite number, got {value!r}"
-                )
+        if not isinstance(dims, Mapping):  # limits={"requests": 50}: the pool level is missing
+            raise ConfigurationError(
+                f"limits[{pool_name!r}] must map dimensions to per-minute limits"
+                f" (limits={{'sonnet-4': {{'requests': 50}}}}), got {dims!r:.40}"
+            )
+        for dim, value in dims.items():  # under the names the user wrote; not at first acquire
+            _check_limit(f"limits[{pool_name!r}][{dim!r}]", value)
+
+
+def _check_limit(where: str, value: object) -> None:
+    """A per-minute limit is a positive finite number (a float: 10**400 is none)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        try:
+            ok = 0 < float(value) < math.inf  # type: ignore[arg-type]
+        except OverflowError:
+            ok = False
+    if not ok:
+        raise ConfigurationError(f"{where} must be a positive finite number, got {value!r:.40}")
 
 
 def _binder(backend: object) -> Callable[[Limiter], Engine] | None:
