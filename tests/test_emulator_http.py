@@ -160,6 +160,21 @@ def test_http_server_refuses_a_body_over_the_cap_unread(length: bytes) -> None:
     assert server.log == []
 
 
+@pytest.mark.parametrize(
+    "head",
+    [b"content-type: application/json\r\n", b"transfer-encoding: chunked\r\n"],
+    ids=["no length", "chunked"],
+)
+def test_http_server_refuses_a_post_without_a_content_length(head: bytes) -> None:
+    server = EmulatedServer(EmulatorConfig(latency=FAST))
+    with serve(server, port=0) as http:
+        answer = _raw_post(http.url, head, b'{"model": "claude-sonnet-4-5"}')
+    assert answer.startswith(b"HTTP/1.1 411 "), answer[:200]
+    assert b"content-length" in answer.split(b"\r\n\r\n", 1)[1]
+    assert answer.count(b"HTTP/1.1") == 1  # the body was not read as another request
+    assert server.log == []
+
+
 def test_http_server_takes_a_response_moment_report_when_it_sends() -> None:
     slow = LatencyModel(ttft=0.3, tokens_per_second=1000.0, jitter=0.0, error_delay=0.001)
     server = EmulatedServer(EmulatorConfig(latency=slow, report_moment="response"))

@@ -31,6 +31,8 @@ def is_loopback(host: str) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # a client that declares more body than it sends (or goes quiet) holds its thread this long
+    timeout = 30.0
     server: _HTTPServer
 
     def log_message(self, format: str, *args: object) -> None:
@@ -83,35 +85,36 @@ class _Handler(BaseHTTPRequestHandler):
         """The body's declared length, or ``None`` after refusing it unread.
 
         The body is read only once its length is known to be within the cap, so a
-        huge or lying ``content-length`` never makes the server buffer it.
+        huge or lying ``content-length`` never makes the server buffer it. A POST
+        must declare it: chunked bodies are not read here, and a body of unknown
+        length would be parsed as the next request.
         """
         cfg = self.server.owner.server.config
         cap = cfg.max_batch_bytes if "/batches" in self.path else cfg.max_request_bytes
-        raw = self.headers.get("content-length") or "0"
+        raw = self.headers.get("content-length")
+        if self.headers.get("transfer-encoding") is not None or (raw is None and self.command == "POST"):
+            self._refuse(411, "invalid_request_error", "A request body needs a content-length header.")
+            return None
         try:
-            length = int(raw)
+            length = int(raw or "0")
         except ValueError:
             length = -1
         if 0 <= length <= cap:
             return length
-        data = json.dumps(
-            {
-                "type": "error",
-                "error": {
-                    "type": "request_too_large",
-                    "message": f"Request exceeds the maximum allowed number of bytes ({cap}); "
-                    f"content-length was {raw!r}.",
-                },
-            }
-        ).encode()
-        self.close_connection = True  # the unread body must not be parsed as the next request
-        self.send_response_only(413)
+        message = f"Request exceeds the maximum allowed number of bytes ({cap}); content-length was {raw!r}."
+        self._refuse(413, "request_too_large", message)
+        return None
+
+    def _refuse(self, status: int, kind: str, message: str) -> None:
+        """Answer ``status`` and close: the unread body must not be parsed as the next request."""
+        data = json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+        self.close_connection = True
+        self.send_response_only(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
         self.send_header("connection", "close")
         self.end_headers()
         self.wfile.write(data)
-        return None
 
     def _stream(self, reply: Reply, arrival: float) -> None:
         owner = self.server.owner
