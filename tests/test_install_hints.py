@@ -28,3 +28,16 @@ def test_missing_extra_names_the_install_command(blocked: str, module: str, extr
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"{blocked} is not installed; install it with: pip install 'ratekeeper[{extra}]'"
+
+
+def test_simulate_without_its_extra_says_what_to_install_once() -> None:
+    code = (
+        "import sys; sys.modules['trio'] = None\n"
+        "from ratekeeper.cli._main import main\n"
+        "raise SystemExit(main(['simulate']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "ratekeeper simulate: trio is not installed; install it with: pip install 'ratekeeper[cli]'"
+    )

@@ -281,10 +281,9 @@ def run(args: argparse.Namespace) -> int:
         # the package checks the cli extra as it loads, so this is where a missing one shows
         from ratekeeper.simulate import simulate
     except ImportError as exc:
-        print(
-            f"{prog}: {exc.name or exc} is missing; install it with: pip install 'ratekeeper[cli]'",
-            file=sys.stderr,
-        )
+        # (a MissingDependency already says what to install; another ImportError, not yet)
+        hint = f"{exc.name or exc} is missing; install it with: pip install 'ratekeeper[cli]'"
+        print(f"{prog}: {exc if isinstance(exc, MissingDependency) else hint}", file=sys.stderr)
         return 2
     notes: list[str] = []
     scenario = _scenario(args, notes, prog)
