@@ -55,6 +55,25 @@ def test_a_queue_whose_waiters_leave_from_the_middle_stays_the_size_of_its_line(
     assert q.head() is head
 
 
+def test_levels_emptied_behind_the_head_do_not_pile_up() -> None:
+    """100,000 priorities appear behind a head that never moves and are granted from the middle.
+
+    An emptied level stays on the heap until it reaches the top; the compaction pass bounds
+    how many such levels are kept, as it bounds the waiters that left.
+    """
+    q: WaitQueue[W] = WaitQueue()
+    head = W(10**6)
+    q.push(head)
+    for i in range(100_000):
+        w = W(i)
+        q.push(w)
+        assert q.first(2) == [head, w]
+        w.state = WaiterState.GRANTED  # backfilled behind the head
+        assert len(q._levels) <= 2 * 2 + 64 + 1
+    assert q.head() is head
+    assert q.first(5) == [head]
+
+
 def test_waiting_is_a_copy_the_caller_may_change() -> None:
     q: WaitQueue[W] = WaitQueue()
     ws = [W(0) for _ in range(5)]
