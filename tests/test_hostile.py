@@ -11,6 +11,7 @@ import anyio
 import httpx2
 import pytest
 from anthropic_support import in_flight
+from limiter_support import drain_requests
 
 from ratekeeper import ConfigurationError, Limiter, Usage
 from ratekeeper.anthropic import wrap
@@ -136,6 +137,7 @@ def test_a_malformed_count_names_its_field(field: str, bad: Any, error: type[Exc
         ("priority", None, TypeError),
         ("priority", "high", TypeError),
         ("timeout", math.nan, ValueError),
+        ("timeout", 10**400, ValueError),
         ("timeout", "1", TypeError),
     ],
 )
@@ -159,6 +161,33 @@ async def test_a_bad_acquire_argument_fails_before_it_is_enqueued(
             tg.cancel_scope.cancel()
     first.release()
     assert limiter.statistics().pools[pool].queue_depth == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "timeout", [None, math.inf, 1e308, 30.0, 10**300], ids=["none", "inf", "1e308", "30", "10**300"]
+)
+async def test_a_wait_with_any_timeout_sleeps_instead_of_spinning(timeout: Any) -> None:
+    """A 0.1 s wait reads the clock a handful of times, whatever deadline it was given.
+
+    (A NaN timeout is refused above: no deadline ever passes, and the wait loop woke 26,188
+    times in one second.)
+    """
+    reads = 0
+
+    def clock() -> float:
+        nonlocal reads
+        reads += 1
+        return anyio.current_time()
+
+    limiter = Limiter("tier-1", clock=clock)
+    pool = limiter.pool_of(MODEL)
+    limiter.set_limits(pool, requests=600)  # ten a second: the next one waits 0.1 s
+    drain_requests(limiter, MODEL)
+    reads = 0
+    permit = await limiter.acquire(MODEL, input_tokens=1, max_tokens=1, timeout=timeout)
+    assert reads < 20
+    permit.release()
 
 
 async def _acquire_and_settle(limiter: Limiter) -> None:

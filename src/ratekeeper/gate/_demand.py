@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Final
 
@@ -10,6 +11,7 @@ from ratekeeper.errors import CapacityExceeded, ConfigurationError
 
 #: The largest token count ``record_output`` takes: one a float holds exactly.
 _MAX_COUNT: Final = 2**53
+_FLOAT_MAX: Final = sys.float_info.max
 
 #: An ordinary request's demand, checked: input, max_tokens, cache reads, cache writes,
 #: expected output (no priority tier, no credits). ``LocalEngine.admit_plain`` takes it.
@@ -58,6 +60,9 @@ def _check_args(model: object, demand: object, priority: object, timeout: object
             raise TypeError(f"timeout must be a number of seconds or None, got {type(timeout).__name__}")
         if timeout != timeout:  # NaN: no deadline ever passes, the wait would spin
             raise ValueError("timeout must be a number of seconds or None, got nan")
+        if isinstance(timeout, int) and not -_FLOAT_MAX <= timeout <= _FLOAT_MAX:
+            # the deadline is a float: past this, ``now + timeout`` raises OverflowError
+            raise ValueError("timeout must be a number of seconds or None, got an int too large for a float")
 
 
 def _demand(
