@@ -283,7 +283,7 @@ def test_an_unreadable_body_is_logged_without_its_text(caplog: pytest.LogCapture
 
     client = _client(limiter, handler)
     client.messages.create(model=MODEL, max_tokens=100, messages=HELLO, system=_system(secret))
-    assert "cannot estimate" in caplog.text
+    assert "cannot estimate this request (system[0].cache_control.ttl holds str)" in caplog.text
     assert "secret" not in caplog.text
 
 

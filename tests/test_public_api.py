@@ -15,6 +15,7 @@ EXPECTED = {
     "CachePrediction",
     "Calibration",
     "CapacityExceeded",
+    "BodyFieldError",
     "ConfigurationError",
     "Cost",
     "Demand",

@@ -34,6 +34,7 @@ from ratekeeper.core._stats import EventSummary, LimiterEvent, LimiterStatistics
 from ratekeeper.errors import (
     AcquireTimeout,
     BackendUnavailable,
+    BodyFieldError,
     CapacityExceeded,
     ConfigurationError,
     InsufficientCredits,
@@ -64,6 +65,7 @@ __all__ = [
     "BackendUnavailable",
     "BatchLimits",
     "BatchRequest",
+    "BodyFieldError",
     "CachePrediction",
     "Calibration",
     "CapacityExceeded",

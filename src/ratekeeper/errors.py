@@ -2,7 +2,8 @@
 
 RateKeeperError
 ├── ConfigurationError (also ValueError): bad arguments, unknown preset
-│   └── UnknownModelError (also LookupError): a model id no preset knows
+│   ├── UnknownModelError (also LookupError): a model id no preset knows
+│   └── BodyFieldError: a request body's field that cannot be read
 ├── UnknownPoolError (also KeyError): ``statistics()[name]`` of a pool not made yet
 ├── CapacityExceeded (also ValueError): a cost no bucket could ever admit
 ├── WouldBlock: ``acquire_nowait`` could not be granted at once
@@ -21,6 +22,7 @@ from typing import final
 __all__ = [
     "AcquireTimeout",
     "BackendUnavailable",
+    "BodyFieldError",
     "CapacityExceeded",
     "ConfigurationError",
     "InsufficientCredits",
@@ -39,6 +41,30 @@ class RateKeeperError(Exception):
 
 class ConfigurationError(RateKeeperError, ValueError):
     """An argument or configuration value is invalid."""
+
+
+@final
+class BodyFieldError(ConfigurationError):
+    """A request body's field cannot be read.
+
+    ``field`` is its path (``messages[2].content[0].text``) and ``found`` says what it
+    holds by kind only (a type's name, or "nested too deep"), never by value: a log line
+    built from these two cannot quote a prompt. The message itself may show the start of
+    the value, for the caller who made the body.
+
+    >>> from ratekeeper import TokenEstimator
+    >>> body = {"model": "claude-sonnet-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": 7}]}
+    >>> try:
+    ...     TokenEstimator().estimate(body, now=0.0)
+    ... except BodyFieldError as exc:
+    ...     print(exc.field, exc.found)
+    messages[0].content int
+    """
+
+    def __init__(self, field: str, found: str, message: str) -> None:
+        self.field = field
+        self.found = found
+        super().__init__(message)
 
 
 @final

@@ -23,7 +23,7 @@ import attrs
 
 from ratekeeper.anthropic._wallet import WalletPricing
 from ratekeeper.core._accounting import Demand
-from ratekeeper.errors import ConfigurationError, UnknownModelError
+from ratekeeper.errors import BodyFieldError, ConfigurationError, UnknownModelError
 from ratekeeper.estimate._body_scan import Scan, scan_body
 from ratekeeper.estimate._estimator import Estimate, TokenEstimator
 from ratekeeper.gate._limiter import Limiter
@@ -129,11 +129,14 @@ class _Planner:
         except UnknownModelError:
             raise
         except ConfigurationError as exc:
-            # a body the estimator can't read may still be one the API accepts
-            # the field path only: the value after ", got" may be a prompt's text
-            log.warning(
-                "cannot estimate this request (%s); reserving by its size", str(exc).split(", got ", 1)[0]
-            )
+            # a body the estimator can't read may still be one the API accepts; the log names
+            # the field and what kind of value it holds, never the value (it may be a prompt)
+            if isinstance(exc, BodyFieldError):
+                log.warning(
+                    "cannot estimate this request (%s holds %s); reserving by its size", exc.field, exc.found
+                )
+            else:
+                log.warning("cannot estimate this request (%s); reserving by its size", exc)
             demand = Demand(
                 input_tokens=len(json.dumps(body, default=str)) // 3, max_tokens=_max_tokens(body)
             )

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ratekeeper.errors import ConfigurationError
+from ratekeeper.errors import BodyFieldError
 
-__all__ = ["bad", "json_len"]
+__all__ = ["bad", "json_len", "not_json", "too_deep"]
 
 _MAX_TOKENS_LIMIT: Final = 1_000_000_000
 _MAX_DEPTH: Final = 200
@@ -23,8 +23,18 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def bad(path: str, expected: str, value: object) -> ConfigurationError:
-    return ConfigurationError(f"{path} must be {expected}, got {_show(value)}")
+def bad(path: str, expected: str, value: object) -> BodyFieldError:
+    """The error for a field at ``path`` that is not ``expected``: its kind is logged, never its value."""
+    return BodyFieldError(path, type(value).__name__, f"{path} must be {expected}, got {_show(value)}")
+
+
+def too_deep(path: str) -> BodyFieldError:
+    return BodyFieldError(path, "nested too deep", f"{path} is nested more than {_MAX_DEPTH} levels deep")
+
+
+def not_json(path: str, value: object) -> BodyFieldError:
+    kind = type(value).__name__
+    return BodyFieldError(path, kind, f"{path} holds a {kind}, which is not a JSON value")
 
 
 _SEQUENCES: Final = (list, tuple)  # a tuple of types: isinstance with a union is slower
@@ -47,7 +57,7 @@ def json_len(value: object, path: str, depth: int = 0) -> int:
     kind = type(value)
     if kind is dict or kind is list:  # the common containers, their str items inline
         if depth >= _MAX_DEPTH:
-            raise ConfigurationError(f"{path} is nested more than {_MAX_DEPTH} levels deep")
+            raise too_deep(path)
         items: Any = value
         if kind is dict:
             n = 2 * len(items) + 1 if items else 2  # braces, colons and commas
@@ -79,7 +89,7 @@ def json_len(value: object, path: str, depth: int = 0) -> int:
     if isinstance(value, float):
         return len(repr(value))
     if depth >= _MAX_DEPTH:
-        raise ConfigurationError(f"{path} is nested more than {_MAX_DEPTH} levels deep")
+        raise too_deep(path)
     if type(value) is dict or (type(value) is not list and isinstance(value, Mapping)):  # ABCs are slow
         n = 2 * len(value) + 1 if value else 2  # braces, colons and commas
         for k, v in value.items():
@@ -88,7 +98,7 @@ def json_len(value: object, path: str, depth: int = 0) -> int:
         return n
     if isinstance(value, _SEQUENCES):
         return max(len(value) + 1, 2) + sum(json_len(v, path, depth + 1) for v in value)
-    raise ConfigurationError(f"{path} holds a {type(value).__name__}, which is not a JSON value")
+    raise not_json(path, value)
 
 
 def _as_mapping(value: object, path: str) -> Mapping[str, Any]:

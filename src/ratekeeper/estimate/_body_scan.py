@@ -36,6 +36,7 @@ from ratekeeper.estimate._body_fields import (
     _text_len,
     bad,
     json_len,
+    too_deep,
 )
 from ratekeeper.estimate._media import (
     _PDF_PAGE_TOKENS,
@@ -269,7 +270,7 @@ class _Scanner:
         if not isinstance(content, _SEQUENCES):
             raise bad(path, "a string or a list of blocks", content)
         if depth >= _MAX_DEPTH:
-            raise ConfigurationError(f"{path} is nested more than {_MAX_DEPTH} levels deep")
+            raise too_deep(path)
         chars = fixed = 0
         for j, part in enumerate(content):
             bpath = f"{path}[{j}]"

@@ -14,8 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from ratekeeper.errors import ConfigurationError
-from ratekeeper.estimate._body_fields import _MAX_DEPTH, _SEQUENCES
+from ratekeeper.estimate._body_fields import _MAX_DEPTH, _SEQUENCES, not_json, too_deep
 
 # Built once: json.dumps with non-default arguments builds an encoder per call.
 _CANONICAL_JSON: Final = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
@@ -182,7 +181,7 @@ def _feed_checked(h: Any, value: object, path: str, depth: int = 0) -> None:
     elif value is None or isinstance(value, bool | int | float):
         h.update(b"v" + repr(value).encode() + b";")
     elif depth >= _MAX_DEPTH:
-        raise ConfigurationError(f"{path} is nested more than {_MAX_DEPTH} levels deep")
+        raise too_deep(path)
     elif isinstance(value, Mapping):
         items = sorted(((str(k), v) for k, v in value.items()), key=lambda kv: kv[0])
         h.update(b"{%d:" % len(items))
@@ -196,4 +195,4 @@ def _feed_checked(h: Any, value: object, path: str, depth: int = 0) -> None:
             _feed_checked(h, v, path, depth + 1)
         h.update(b"]")
     else:
-        raise ConfigurationError(f"{path} holds a {type(value).__name__}, which is not a JSON value")
+        raise not_json(path, value)
