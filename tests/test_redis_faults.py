@@ -94,6 +94,17 @@ def stored(server: RedisServer, pool: str = POOL) -> tuple[float, float]:
     return float(values[0]), float(values["requests.4"])
 
 
+def level(server: RedisServer, dim: str, pool: str = POOL) -> float:
+    """The stored level of ``dim`` (as of its last change)."""
+    raw = redis.Redis.from_url(server.url).hmget(f"{TAG}:pool:{pool}", ["v2", "dims"])
+    packed, dims = raw[0], raw[1]
+    assert isinstance(packed, bytes)
+    assert isinstance(dims, bytes)
+    names = list(range(8)) + [f"{d}.{i}" for d in dims.decode().split(",") for i in range(7)]
+    values = dict(zip(names, struct.unpack("<" + "d" * len(names), packed), strict=True))
+    return float(values[f"{dim}.4"])
+
+
 def reservations(server: RedisServer, pool: str = POOL) -> int:
     return int(client(server).hlen(f"{TAG}:res:{pool}"))
 
@@ -315,6 +326,49 @@ def test_a_cancel_that_arrives_first_makes_the_reserve_a_no_op(
     assert statuses(backend.run_sync([reserve])) == ["DUP"]
     assert reservations(server) == 0
     assert statuses(backend.run_sync(cancel)) == ["OK"]  # a second cancel: nothing to do
+
+
+@pytest.mark.parametrize("end", ["release", "settle"])
+def test_a_reservation_from_before_an_empty_restart_refunds_nothing_to_the_new_pool(
+    server: RedisServer, backends: list[RedisBackend], end: str
+) -> None:
+    """Redis restarts empty while a permit is out; the pool is made again, full, and drained.
+
+    The permit's end finds no record of it. Its caller's copy of the charge must not be
+    refunded: the new pool never charged it (before, one request was minted per permit).
+    """
+    limiter, backend = make(server, backends)
+    old = [limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=100) for _ in range(3)]
+    assert backend.flush()
+    server.restart()
+    until_up(backend)
+    dim = "requests" if end == "release" else "output_tokens"
+    taken = drain(limiter, max_tokens=1 if end == "release" else 1_000)  # made full, then emptied
+    assert backend.flush()
+    empty = level(server, dim)
+    for permit in old:
+        if end == "release":
+            permit.release()  # unsent: all of it would come back
+        else:
+            permit.settle({"input_tokens": 1, "output_tokens": 1})  # 99 output tokens back
+    assert backend.flush()
+    # only the refill (1 request, 333 output tokens a second) in the moment since
+    assert level(server, dim) < empty + (0.5 if end == "release" else 90)
+    for permit in taken:
+        permit.release()
+    assert backend.flush()
+
+
+def drain(limiter: Limiter, max_tokens: int) -> list[Any]:
+    """Take requests of ``max_tokens`` until the shared pool has no room for one more."""
+    from ratekeeper import WouldBlock
+
+    permits: list[Any] = []
+    while True:
+        try:
+            permits.append(limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=max_tokens))
+        except WouldBlock:
+            return permits
 
 
 def test_a_change_whose_id_may_be_forgotten_is_not_sent_again(

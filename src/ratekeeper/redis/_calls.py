@@ -47,7 +47,7 @@ class ScriptCalls:
                 repr(bucket.rate),
                 repr(bucket.debt_limit),
             ]
-        return ScriptCall("init", (keys.pool,), args, on_reply)
+        return ScriptCall("init", (keys.org, keys.pool), args, on_reply)
 
     def reserve(
         self,

@@ -244,6 +244,13 @@ local function set_limit(p, d, lim)
   return true
 end
 
+-- Whether reservation seq (its record gone) was charged to an earlier life of the pool at
+-- pool_key, so that its caller's copy must not be refunded (see init.lua's 'born').
+local function before_birth(pool_key, seq)
+  local born = tonumber(redis.call('HGET', pool_key, 'born') or '')
+  return born ~= nil and tonumber(seq) <= born
+end
+
 -- The last reservation seq handed out (-1: none yet).
 local function last_seq(org)
   return tonumber(redis.call('HGET', org, 'seq') or '-1')

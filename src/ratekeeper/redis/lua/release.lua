@@ -64,7 +64,12 @@ local p = load_pool(KEYS[2])
 if not p then
   return {'NOPOOL', fmt(now)}
 end
-local charged = parse_draws(stored or ARGV[3])
+local charged = {}
+if stored then
+  charged = parse_draws(stored)
+elseif not before_birth(KEYS[2], seq) then -- its lease expired: its charge stood
+  charged = parse_draws(ARGV[3])
+end
 local refund = {}
 if mode == 'unsent' then
   refund = charged

@@ -20,10 +20,23 @@ if KEYS[7] and not redis.call('SET', KEYS[7], '1', 'PX', tonumber(ARGV[7]), 'NX'
   return {'DUP', fmt(clock()), ''}
 end
 local diff = parse_draws(ARGV[3])
+local uncounted = parse_draws(ARGV[5])
+local recorded
 if mode ~= 'progress' then
-  redis.call('HDEL', KEYS[3], seq)
+  recorded = redis.call('HDEL', KEYS[3], seq) == 1
   redis.call('ZREM', KEYS[4], seq)
   redis.call('HDEL', KEYS[5], seq)
+else
+  recorded = redis.call('HEXISTS', KEYS[3], seq) == 1
+end
+if not recorded and before_birth(KEYS[2], seq) then
+  -- charged to an earlier life of the pool: its refunds would mint, its charges still count
+  for d, a in pairs(diff) do
+    if a > 0 then
+      diff[d] = nil
+    end
+  end
+  uncounted = {}
 end
 local p = load_pool(KEYS[2])
 if not p then
@@ -42,7 +55,6 @@ if timed then
   advance(p, now)
 end
 apply_diff(p, diff)
-local uncounted = parse_draws(ARGV[5])
 if next(uncounted) then
   add_uncounted(p, uncounted, KEYS[6], seq, clock(), tonumber(ARGV[6]) or 86400000)
 end
