@@ -235,6 +235,29 @@ async def test_a_failing_change_does_not_orphan_the_reserve_it_rode_with(
     assert backend.available()
 
 
+@pytest.mark.anyio
+async def test_a_reserve_that_fails_after_granting_is_cancelled(
+    server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """The notes key has the wrong type: reserve.lua has written the reservation when it fails.
+
+    That reservation has no owner; the caller cancels the reserve by its id, so it goes.
+    """
+    limiter, backend = make(server, backends)
+    limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1).release()  # creates the pool
+    assert backend.flush()
+    c = client(server)
+    c.set(f"{TAG}:notes:{POOL}", "not a hash")
+    with pytest.raises(BackendUnavailable, match="WRONGTYPE"):
+        limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+    with pytest.raises(BackendUnavailable, match="WRONGTYPE"):
+        async with limiter.acquire(SONNET, input_tokens=1, max_tokens=1):
+            pytest.fail("admitted")
+    backend.flush()  # the cancels (each fails at the notes again, after forgetting the record)
+    assert reservations(server) == 0
+    assert c.zcard(f"{TAG}:lease:{POOL}") == 0
+
+
 def test_flush_drops_a_failing_change_and_applies_the_others(
     server: RedisServer, backends: list[RedisBackend]
 ) -> None:

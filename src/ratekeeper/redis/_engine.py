@@ -245,7 +245,10 @@ class RemoteEngine:
             self._backend.put_back(calls[:-1])
             self._cancel(remote, calls[-1])
             raise
-        return self._answers.read(calls, results, sent)
+        reply = self._answers.read(calls, results, sent)
+        if reply is None:  # an error reply: the script may have granted before it failed
+            self._cancel(remote, calls[-1])
+        return reply
 
     def _enter_line(
         self, model: str, demand: Demand, priority: int, timeout: float | None
@@ -362,6 +365,8 @@ class RemoteEngine:
             self._cancel(remote, calls[-1])
         else:
             reply = self._answers.read(calls, results, sent)
+            if reply is None:  # an error reply: the script may have granted before it failed
+                self._cancel(remote, calls[-1])
         with self._limiter._lock:
             remote.driving = False
             if reply is None:

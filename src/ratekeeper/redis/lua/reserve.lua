@@ -202,6 +202,15 @@ if k >= 2 and n > 0 and status == 'OK' and not left_arrival and #others == 0 and
 end
 
 if #records > 0 then
+  -- the id's record of what was granted is written first: should a later write fail (a key
+  -- of the wrong type), the cancel its caller then sends finds the records that were made
+  if opkey then
+    local granted = {}
+    for i = 1, #records, 2 do
+      granted[#granted + 1] = records[i]
+    end
+    redis.call('SET', opkey, table.concat(granted, ','), 'PX', math.ceil(lease * 1000))
+  end
   redis.call('HSET', rkey, unpack(records))
   redis.call('ZADD', lkey, unpack(leases))
   -- these empty out and come back with traffic: their TTL is set whenever they are written
@@ -212,13 +221,6 @@ if #records > 0 then
     redis.call('PEXPIRE', nkey, key_ttl)
   end
   redis.call('HSET', org, 'seq', string.format('%d', seq))
-  if opkey then
-    local granted = {}
-    for i = 1, #records, 2 do
-      granted[#granted + 1] = records[i]
-    end
-    redis.call('SET', opkey, table.concat(granted, ','), 'PX', math.ceil(lease * 1000))
-  end
   if now + lease < p.lx then
     p.lx = now + lease
   end
