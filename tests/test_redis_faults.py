@@ -315,6 +315,54 @@ def test_every_change_sent_twice_applies_once(server: RedisServer, backends: lis
     assert backend.flush()
 
 
+def test_every_correction_sent_twice_applies_once(server: RedisServer, backends: list[RedisBackend]) -> None:
+    """Resyncs, pauses (with a burst halved), holds, the spend cap and limits set by hand.
+
+    Sent again after a reply that never came, each must change nothing. Before they had
+    ids, a second run re-applied each one later: a pause, a hold and the spend cap were
+    extended by the time between the two runs.
+    """
+    limiter, backend = make(server, backends, flush_delay=5.0)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+    assert backend.flush()
+    headers = {
+        "anthropic-ratelimit-requests-limit": "60",
+        "anthropic-ratelimit-requests-remaining": "20",
+        "retry-after": "30",
+    }
+    permit.observe(headers, status=429)  # resync.lua, then control.lua pause with a shrink
+    limiter.set_limits(POOL, requests=50.0)
+    reset = str(int(time.time()) + 3_600)
+    limiter.observe(
+        {"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": reset}
+    )
+    body = {
+        "type": "error",
+        "error": {"type": "rate_limit_error", "details": {"error_code": "enforced_spend_limit_reached"}},
+    }
+    limiter.observe({}, model=SONNET, status=429, body=body)
+    ops = backend.take_outbox()
+    assert {op.script for op in ops} >= {"resync", "control"}
+    assert sorted(str(op.args[0]) for op in ops if op.script == "control") == [
+        "hold",
+        "limits",
+        "pause",
+        "spend",
+    ]
+    assert all(op.ident for op in ops)
+    c = redis.Redis.from_url(server.url)  # bytes: the pool's levels are packed doubles
+
+    def state() -> tuple[Any, Any]:
+        return c.hgetall(f"{TAG}:pool:{POOL}"), c.hgetall(f"{TAG}:org")
+
+    first = backend.run_sync(ops)
+    assert "DUP" not in statuses(first)
+    after_one = state()
+    second = backend.run_sync(ops)
+    assert set(statuses(second)) == {"DUP"}
+    assert state() == after_one
+
+
 @pytest.mark.parametrize("prefetch", [0, 16])
 def test_a_reserve_whose_reply_timed_out_is_given_back(
     server: RedisServer, backends: list[RedisBackend], prefetch: int

@@ -107,12 +107,15 @@ def test_the_flusher_thread_outlives_a_batch_redis_refuses(
     limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
     limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # creates the pool: 599 left
     org, pool = backend.pool_keys(POOL).control
-    backend.send(ScriptCall("control", [org, pool], ["no-such-operation"]))  # an error reply
+    bad = ScriptCall("control", [org, pool], ["no-such-operation", 60_000], ident=backend.new_ident())
+    backend.send(bad)  # an error reply
     deadline = time.monotonic() + 2.0
     while "no-such-operation" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.01)
     assert "refused a control change" in caplog.text  # logged and dropped, alone
-    backend.send(ScriptCall("control", [org, pool], ["giveback", "requests=1"]))  # sent by the flusher
+    ident = backend.new_ident()
+    giveback = ScriptCall("control", [org, pool], ["giveback", 60_000, "requests=1"], ident=ident)
+    backend.send(giveback)  # sent by the flusher
     while level_of(redis_server, "requests") < 600 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert level_of(redis_server, "requests") == pytest.approx(600, abs=0.01)

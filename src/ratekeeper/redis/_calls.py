@@ -115,15 +115,18 @@ class ScriptCalls:
         return ScriptCall("settle", keys.settle, args, on_reply, self._backend.new_ident())
 
     def resync(self, keys: PoolKeys, args: list[str | int], on_reply: OnReply) -> ScriptCall:
-        """``resync.lua``: ``args`` are since, learn, then quadruples (dim, limit, target, extra)."""
-        return ScriptCall("resync", keys.settle, args, on_reply)
+        """``resync.lua``: ``args`` are since, learn, then quadruples (dim, limit, target, extra).
+
+        With an id, as every change: sent again after a reply that never came, it is a no-op.
+        """
+        full = [*args[:2], self.op_ttl_ms, *args[2:]]
+        return ScriptCall("resync", keys.settle, full, on_reply, self._backend.new_ident())
 
     def control(
-        self,
-        keys: tuple[str, ...],
-        *args: str | int,
-        on_reply: OnReply | None = None,
-        ident: str | None = None,
+        self, keys: tuple[str, ...], op: str, *args: str | int, on_reply: OnReply | None = None
     ) -> ScriptCall:
-        """``control.lua``: ``args`` are the operation and its own (see the script's head)."""
-        return ScriptCall("control", keys, args, on_reply, ident)
+        """``control.lua``: the operation ``op`` and its own ``args`` (see the script's head).
+
+        With an id, as every change: run again later, a pause or hold would last longer.
+        """
+        return ScriptCall("control", keys, (op, self.op_ttl_ms, *args), on_reply, self._backend.new_ident())

@@ -469,7 +469,5 @@ class RemoteEngine:
     def give_back(self, runtime: PoolRuntime, amounts: Mapping[str, float]) -> None:
         """Under the lock: return amounts to a shared pool (``batch_finished``)."""
         remote = self._remote(runtime)
-        args = ("giveback", encode_draws(amounts), self._calls.op_ttl_ms)
-        ident = self._backend.new_ident()
-        self._backend.send(self._calls.control(remote.keys.control, *args, ident=ident))
+        self._backend.send(self._calls.control(remote.keys.control, "giveback", encode_draws(amounts)))
         self._wake_head(runtime)

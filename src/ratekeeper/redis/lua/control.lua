@@ -1,7 +1,7 @@
 -- Control: pauses, holds, the spend cap, limits set by hand, give-backs.
 --
--- KEYS: org, then pool hashes
--- ARGV[1] is the operation:
+-- KEYS: org, then pool hashes, then the op's id key
+-- ARGV[1] is the operation, ARGV[2] how long the op's id is kept (ms), then its own:
 --   pause seconds reason shrink [seq]
 --                                 hold every pool in KEYS[2..] until now + seconds (a 429,
 --                                 a 529); shrink = '1' halves the burst (an unpredicted 429)
@@ -13,12 +13,17 @@
 --   hold seconds reason scope     an organization-wide subscription hold ('all' or a family)
 --   spend seconds resets_at       the monthly spend cap: every reserve fails until then
 --   limits dim value ...          set per-minute limits of KEYS[2] by hand
---   giveback draws op_ttl         return amounts to KEYS[2] (a batch left the queue); KEYS[3],
---                                 if given, is the op's id key: a give-back sent again after
---                                 a reply that never came returns {DUP, now}, changing nothing
--- Returns {status, now, burst...}.
+--   giveback draws                return amounts to KEYS[2] (a batch left the queue)
+-- Returns {status, now, burst...}. An op sent again after a reply that never came finds its
+-- id recorded and returns {DUP, now}, changing nothing (a pause run again later would
+-- last longer, a burst halved without a seq would be halved twice).
 local op = ARGV[1]
 local now = clock()
+local opkey = KEYS[#KEYS]
+if not redis.call('SET', opkey, '1', 'PX', tonumber(ARGV[2]), 'NX') then
+  return {'DUP', fmt(now)}
+end
+local last_pool = #KEYS - 1
 local out = {'OK', fmt(now)}
 
 local function keep_org(seconds)
@@ -32,16 +37,16 @@ local function keep_org(seconds)
 end
 
 if op == 'pause' then
-  local till = now + tonumber(ARGV[2])
-  for i = 2, #KEYS do
+  local till = now + tonumber(ARGV[3])
+  for i = 2, last_pool do
     local p = load_pool(KEYS[i])
     if p then
       advance(p, now)
       if till > p.paused then
-        p.paused, p.reason = till, ARGV[3]
+        p.paused, p.reason = till, ARGV[4]
       end
-      local seq = tonumber(ARGV[5] or '-1')
-      if ARGV[4] == '1' and (seq < 0 or seq > p.shrink) then
+      local seq = tonumber(ARGV[6] or '-1')
+      if ARGV[5] == '1' and (seq < 0 or seq > p.shrink) then
         set_burst(p, math.max(MIN_BURST, p.burst * 0.5))
         p.clean, p.shrink = now, last_seq(KEYS[1])
       end
@@ -50,15 +55,15 @@ if op == 'pause' then
     end
   end
 elseif op == 'hold' then
-  local till, scope = now + tonumber(ARGV[2]), ARGV[4]
+  local till, scope = now + tonumber(ARGV[3]), ARGV[5]
   local cur = tonumber(redis.call('HGET', KEYS[1], 'hold:' .. scope) or '0')
   if till > cur then
-    redis.call('HSET', KEYS[1], 'hold:' .. scope, fmt(till), 'hold_reason:' .. scope, ARGV[3])
-    keep_org(tonumber(ARGV[2]))
+    redis.call('HSET', KEYS[1], 'hold:' .. scope, fmt(till), 'hold_reason:' .. scope, ARGV[4])
+    keep_org(tonumber(ARGV[3]))
   end
 elseif op == 'spend' then
-  redis.call('HSET', KEYS[1], 'spend_until', fmt(now + tonumber(ARGV[2])), 'spend_resets', ARGV[3])
-  keep_org(tonumber(ARGV[2]))
+  redis.call('HSET', KEYS[1], 'spend_until', fmt(now + tonumber(ARGV[3])), 'spend_resets', ARGV[4])
+  keep_org(tonumber(ARGV[3]))
 else
   local p = load_pool(KEYS[2])
   if not p then
@@ -66,16 +71,13 @@ else
   end
   advance(p, now)
   if op == 'limits' then
-    for i = 2, #ARGV, 2 do
+    for i = 3, #ARGV, 2 do
       set_limit(p, ARGV[i], tonumber(ARGV[i + 1]))
     end
   elseif op == 'giveback' then
-    if KEYS[3] and not redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[3]), 'NX') then
-      return {'DUP', fmt(now)}
-    end
-    apply_diff(p, parse_draws(ARGV[2]))
+    apply_diff(p, parse_draws(ARGV[3]))
   elseif op == 'fit' then
-    local burst = math.max(MIN_BURST, math.min(1, tonumber(ARGV[2])))
+    local burst = math.max(MIN_BURST, math.min(1, tonumber(ARGV[3])))
     local fitted = burst < p.burst * 0.95
     if fitted then
       set_burst(p, burst)

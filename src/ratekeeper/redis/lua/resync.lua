@@ -1,13 +1,16 @@
 -- Resync: correct the shared buckets from one response's rate-limit headers.
 --
--- KEYS: org, pool, res, lease, notes, uncounted log
+-- KEYS: org, pool, res, lease, notes, uncounted log, then the op's id key (optional)
 -- ARGV: since (seq of the observed request: reservations admitted after it, by any
 --       process, were not seen by the server when it answered; -1: all in flight),
---       learn ('1': adopt the -limit headers), then quadruples: dim, limit ('' if absent),
+--       learn ('1': adopt the -limit headers), op_ttl (ms: how long the op's id is
+--       kept), then quadruples: dim, limit ('' if absent),
 --       target (-remaining minus the rounding margin, '' if absent), extra (what the
 --       caller knows the server had not counted though the pool had at the grant: the
 --       refused request's own tokens, its process's earlier requests not sent yet)
--- Returns {status, now, change...}: "limit:dim:value" and "level:dim:delta" (delta < 0).
+-- Returns {status, now, change...}: "limit:dim:value" and "level:dim:delta" (delta < 0);
+-- {DUP, now} if the op's id is recorded (sent again after a reply that never came: a
+-- second run would take the same report off twice).
 -- Levels only go down: a stale report must never let anyone admit more than the server.
 --
 -- The rule is the in-process limiter's. The report is of the server's buckets just after
@@ -24,6 +27,9 @@
 -- 'ver'), it does exactly that, which is safe.
 local since, learn = tonumber(ARGV[1]), ARGV[2] == '1'
 local now = clock()
+if KEYS[7] and not redis.call('SET', KEYS[7], '1', 'PX', tonumber(ARGV[3]), 'NX') then
+  return {'DUP', fmt(now)}
+end
 local p = load_pool(KEYS[2])
 if not p then
   return {'NOPOOL', fmt(now)}
@@ -33,7 +39,7 @@ advance(p, now)
 local out = {'OK', fmt(now)}
 local dirty = false
 if learn then
-  for i = 3, #ARGV, 4 do
+  for i = 4, #ARGV, 4 do
     local d, lim = ARGV[i], tonumber(ARGV[i + 1])
     if lim and lim > 0 then
       local ok
@@ -64,7 +70,7 @@ if since >= 0 then
 end
 local unseen = nil -- the fallback's: what reservations after the observed one hold
 local younger = note and uncounted_after(KEYS[6], ARGV[1]) or {} -- (ARGV: all the digits)
-for i = 3, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local d, target, extra = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]) or 0
   local b = p.b[d]
   if b and target then
