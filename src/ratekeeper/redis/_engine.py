@@ -117,11 +117,9 @@ class RemoteEngine:
         return self._calls.reserve(remote.keys, remote.scopes, candidates, queue=queue, prefetch=prefetch)
 
     def _cancel(self, remote: _RemotePool, reserve: ScriptCall) -> None:
-        """A reserve's reply never came: whatever it granted goes back once Redis answers.
+        """A reserve's reply never came, or was an error: what it granted goes back, unsent.
 
-        ``release.lua`` in 'cancel' mode reads what the reserve with this id granted (the
-        reservations, unsent: all of it returns) and marks the id used, so the reserve,
-        should it reach Redis only now, grants nothing.
+        (``release.lua`` 'cancel' marks the id used: a reserve arriving later grants nothing.)
         """
         if reserve.ident is None:
             return
