@@ -235,13 +235,11 @@ class RemoteEngine:
         sent = time.monotonic()
         try:
             results = self._backend.run_sync(calls)
-        except RedisDown:
+        except BaseException as exc:
             self._backend.put_back(calls[:-1])
             self._cancel(remote, calls[-1])
-            return None
-        except BaseException:
-            self._backend.put_back(calls[:-1])
-            self._cancel(remote, calls[-1])
+            if isinstance(exc, RedisDown):
+                return None
             raise
         reply = self._answers.read(calls, results, sent)
         if reply is None:  # an error reply: the script may have granted before it failed
