@@ -291,8 +291,8 @@ def test_wait_queue_at_100k_priorities(benchmark: BenchmarkFixture, levels: str)
     """The ``WaitQueue`` alone: 100,000 waiters pushed in random priority order, then drained.
 
     Distinct priorities cost a level's appearance and removal each (O(log p) on the heap);
-    a sorted list of the levels moved up to p machine words instead (24x one level here at
-    1c23e92, 14x with the heap: the rest is a deque per level).
+    a sorted list of the levels moved up to p machine words instead (21-22x one level here
+    at 1c23e92, 9.5-12x with the heap: the rest is a deque per level; docs/benchmarks.md).
     """
     import random
 
