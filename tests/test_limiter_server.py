@@ -584,6 +584,23 @@ def test_a_reset_before_the_date_shows_a_report_taken_before_the_answer() -> Non
     assert limiter.statistics()[POOL].report_moment == "admission"
 
 
+def test_a_settlement_at_the_reports_instant_of_a_request_granted_after_it_is_replayed() -> None:
+    """Granted after the reported request at the same instant, and settled then with more input
+    than estimated: the report, of the first admission, cannot hold that charge."""
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock, opening=60)
+    first = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+    second = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+    first.mark_sent()
+    second.mark_sent()
+    second.settle({"input_tokens": 601, "output_tokens": 10})
+    first.settle(
+        {"input_tokens": 100, "output_tokens": 10},
+        headers=headers(requests=(50, 49), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)),
+    )
+    assert levels(limiter)["input_tokens"] <= 30_000 - 100 - 601  # what the server has left
+
+
 def test_opening_spends_a_little_of_the_limit_until_the_first_report() -> None:
     clock = FakeClock()
     limiter = Limiter("tier-1", clock=clock, opening=5.0)  # 5 s of 30,000 ITPM: 2,500

@@ -313,9 +313,13 @@ class PoolRuntime:
             return None
         reached = len(changes) < _SENDS_KEPT
         for t, change, drawn_at, drawn_seq in reversed(changes):
-            if t <= t0:
+            if t < t0:
                 reached = True
                 break
+            if t == t0 and not (drawn_at == t0 and drawn_seq > seq):
+                # (at the report's instant, only the settlement of a request granted after it
+                # is certainly after it; any other may be in the report already)
+                continue
             if drawn_at < t0 or (drawn_at == t0 and drawn_seq <= seq):
                 # settled after the report, drawn before it: the report has the server's own count
                 # of it, and what the settlement changes of our estimates is not the server's
