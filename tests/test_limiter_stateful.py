@@ -147,7 +147,8 @@ class LimiterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock(1_000.0)
-        self.limiter = Limiter("tier-1", clock=self.clock, adaptive_burst=False)
+        # a full bucket from the start: the model below is the server's full-minute bucket
+        self.limiter = Limiter("tier-1", clock=self.clock, adaptive_burst=False, opening=60)
         # the machine drives the local engine's queue directly (a waiter without a task)
         engine = self.limiter._engine
         assert isinstance(engine, LocalEngine)

@@ -403,16 +403,14 @@ class PoolFeedback:
             runtime.readings.get(dim, NO_READINGS),
             latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
         )
-        if target > level and (
-            (dim in _PRODUCED and not runtime.reserves_max_tokens)
-            or (dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE)
-        ):
-            # Not lifted: output charged as it is produced is still to come (requests under
-            # way will draw it, and no report shows that yet); and a report read before
-            # its own request settles already counts that request's real input, which
-            # the settlement will give back again as our estimate's excess (a stream's
-            # report, at its first byte: its max_tokens reservation is the server's too).
-            target = level
+        if target > level:
+            # Lifted only as far as the traffic still to come leaves safe: output charged as it
+            # is produced (requests under way may each draw up to their max_tokens beyond what
+            # they reserved, and no report shows that yet); and a report read before its own
+            # request settles already counts that request's real input, which the settlement
+            # may give back again, up to its whole estimate (a stream's report, at its first
+            # byte: its max_tokens reservation is the server's too).
+            target = max(level, target - _still_to_come(runtime, dim, permit))
         if target > level:  # a reading refuted: what it took off comes back
             delta = bucket.resync(target, now, allow_increase=True)
         else:
@@ -539,6 +537,19 @@ def _note_evidence(
         tolerance=_EVIDENCE_TOLERANCE[dim],
         ceiling=limit,
     )
+
+
+def _still_to_come(runtime: PoolRuntime, dim: str, permit: Permit | None) -> float:
+    """The most ``dim`` may still lose that neither the report nor the model holds yet."""
+    held = 0.0
+    if dim in _PRODUCED and not runtime.reserves_max_tokens:
+        most = runtime.most_output
+        for other in runtime.in_flight.values():
+            held += max(0.0, most - other._charged.get("output_tokens", 0.0))
+    if dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE:
+        estimated = "priority_input_tokens" if dim.startswith("priority") else "input_tokens"
+        held += permit._charged.get(estimated, 0.0)
+    return held
 
 
 def _transit_cap(runtime: PoolRuntime) -> float:
