@@ -617,6 +617,28 @@ def test_a_settlement_at_the_reports_instant_of_a_request_granted_after_it_is_re
     assert levels(limiter)["input_tokens"] <= 30_000 - 100 - 601  # what the server has left
 
 
+def test_a_report_shown_older_than_its_answer_is_read_as_of_its_reset_at_the_latest() -> None:
+    """Not a report of the answer's moment (its reset is 8 s before the date): read as taken
+    anywhere from the admission to that reset, not as the lower of the two readings (40 left
+    now, as if taken at the answer)."""
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock, opening=60)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+    permit.mark_sent()
+    clock.advance(10)
+    permit.settle(
+        {"input_tokens": 100, "output_tokens": 10},
+        headers=headers(
+            requests=(50, 40),
+            date="Mon, 05 Jan 2026 00:00:10 GMT",
+            anthropic_ratelimit_requests_reset="2026-01-05T00:00:02Z",
+        ),
+    )
+    # 40 left then, and the refill since the latest it can have been: the reset, 2 s after
+    # the send, and 1.5 s for the headers' rounding to the second
+    assert levels(limiter)["requests"] == pytest.approx(40 + (10 - 2 - 1.5) * 50 / 60)
+
+
 def test_a_new_pool_holds_one_second_of_the_limit_until_a_report_shows_more() -> None:
     """A minute's limit may be enforced over one second: the first wave goes at the refill rate
     (a request larger than a second still goes alone into a full bucket), and a report of a
