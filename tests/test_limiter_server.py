@@ -618,11 +618,13 @@ def test_a_settlement_at_the_reports_instant_of_a_request_granted_after_it_is_re
 
 
 def test_a_report_shown_older_than_its_answer_is_read_as_of_its_reset_at_the_latest() -> None:
-    """Not a report of the answer's moment (its reset is 8 s before the date): read as taken
-    anywhere from the admission to that reset, not as the lower of the two readings (40 left
-    now, as if taken at the answer)."""
+    """Where the server is known to report either moment: a report whose reset is 8 s before
+    its date is not of the answer's moment, and is read as taken anywhere from the admission
+    to that reset, not as the lower of the two readings (40 left now, as if at the answer)."""
     clock = FakeClock()
     limiter = Limiter("tier-1", clock=clock, opening=60)
+    moment = limiter._pools[limiter.pool_of(SONNET)].moment
+    moment.refuted_admission = moment.refuted_response = 2  # both readings refuted: "mixed"
     permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
     permit.mark_sent()
     clock.advance(10)

@@ -210,8 +210,9 @@ class PoolFeedback:
         fitted, changed = self._fit_shape(runtime, limits, snap.server_date, permit, now)
         if permit is not None:
             self._check_room(runtime, permit, now)
-            if not own.refused and runtime.moment.belief != "admission":
-                # (once the reports are known to be of the admission, that reading serves)
+            if not own.refused and runtime.moment.belief == "mixed":
+                # (where the server is known to report either moment, each report by itself;
+                # otherwise the evidence soon decides the reading for all of them)
                 own.taken_by = taken_by(limits, snap.server_date, now)
         pool = runtime.pool
         for dim in _RESYNC_DIMS:
@@ -394,8 +395,9 @@ class PoolFeedback:
         if dim in _EVIDENCE_DIMS:
             _note_evidence(runtime, dim, lowest, response, own, now)
         if own.taken_by is not None and own.replay is not None:
-            # not a report of the answer's moment: what it shows is at least that bound
-            admission = response = max(own.bounded, min(admission, response))
+            # not a report of the answer's moment: in place of that reading, the bound (the
+            # admission reading stays, for when the reports turn out to be of the admission)
+            response = max(own.bounded, min(admission, response))
         # a refusal is answered as it arrives: its report is of then, either way
         order = float(own.seq)
         moments = ((admitted, order), (admitted, order) if own.refused else (now, order))
