@@ -286,7 +286,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="only the rows marked quick")
     parser.add_argument("--json", action="store_true", help="one JSON line per row and moment")
     parser.add_argument("--minutes", type=float, help="simulated minutes of every run (default: the row's)")
-    parser.add_argument("--opening", type=float, help="ratekeeper's Limiter(opening=SECONDS) (default: off)")
+    parser.add_argument("--opening", type=float, help="ratekeeper's Limiter(opening=SECONDS) (default: 1)")
     parser.add_argument("names", nargs="*", help="only rows whose name contains one of these")
     args = parser.parse_args(argv)
     rows = [

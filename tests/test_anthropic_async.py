@@ -261,7 +261,8 @@ async def test_connection_errors_give_everything_back(spy: Spy) -> None:
     def refuse(request: httpx2.Request) -> httpx2.Response:
         raise httpx2.ConnectError("connection refused", request=request)
 
-    limiter = Limiter("tier-1", clock=lambda: 0.0)  # a frozen clock: levels show every draw exactly
+    # a frozen clock: levels show every draw exactly
+    limiter = Limiter("tier-1", opening=60, clock=lambda: 0.0)
     client = anthropic.AsyncAnthropic(
         api_key="test",
         http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(refuse)),

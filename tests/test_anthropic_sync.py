@@ -94,7 +94,7 @@ def test_connection_errors_give_everything_back() -> None:
     def refuse(request: httpx2.Request) -> httpx2.Response:
         raise httpx2.ConnectError("connection refused", request=request)
 
-    limiter = Limiter("tier-1", clock=lambda: 0.0)
+    limiter = Limiter("tier-1", opening=60, clock=lambda: 0.0)
     client = anthropic.Anthropic(
         api_key="test",
         http_client=httpx2.Client(transport=httpx2.MockTransport(refuse)),

@@ -59,7 +59,7 @@ async def test_a_limiter_waits_the_same_under_any_offset(
     waited = []
     for offset in ("0", "-3e6", "7.25e8"):
         monkeypatch.setenv("RATEKEEPER_CLOCK_OFFSET", offset)
-        limiter = Limiter("tier-1", limits={"sonnet-4.x": {"requests": 60}})
+        limiter = Limiter("tier-1", opening=60, limits={"sonnet-4.x": {"requests": 60}})
         for _ in range(60):
             limiter.acquire_nowait("claude-sonnet-4-5").release()  # never sent: all given back
         for _ in range(60):

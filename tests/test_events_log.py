@@ -20,7 +20,7 @@ def info_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 def test_a_429_says_the_429_and_the_pause_at_info_with_fields(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ratekeeper")
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)
     permit.observe(headers(retry_after=12), status=429, body=RATE_LIMIT_BODY)
     by_kind = {r.event: r for r in info_lines(caplog)}  # type: ignore[attr-defined]
@@ -55,7 +55,7 @@ def test_a_limit_learned_from_the_headers_is_said_once(caplog: pytest.LogCapture
 def test_a_storm_of_429s_is_one_line_per_pool_and_kind_then_counted(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ratekeeper")
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permits = [limiter.acquire_nowait(SONNET, max_tokens=10) for _ in range(20)]
     for permit in permits:
         permit.observe(headers(retry_after=1), status=429, body=RATE_LIMIT_BODY)
@@ -106,7 +106,7 @@ def test_nothing_is_said_of_header_values_or_keys(caplog: pytest.LogCaptureFixtu
 
 def test_grant_events_fire_on_the_fast_path_too() -> None:
     events = Events()
-    limiter = Limiter("tier-1", clock=FakeClock(), on_event=events)
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock(), on_event=events)
     limiter.acquire_nowait(SONNET, max_tokens=10)  # the first: the general path (a new pool)
     limiter.acquire_nowait(SONNET, max_tokens=10)  # then _admit_plain
     grants = events.of("grant")
@@ -128,7 +128,7 @@ def test_a_hook_may_call_back_into_the_limiter() -> None:
     def hook(event: LimiterEvent) -> None:
         seen.append((event.kind, limiter.statistics()[POOL].in_flight))  # takes the lock
 
-    limiter = Limiter("tier-1", clock=FakeClock(), on_event=hook)
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock(), on_event=hook)
 
     def run() -> None:
         permit = limiter.acquire_nowait(SONNET, max_tokens=10)
@@ -147,7 +147,7 @@ def test_a_slow_hook_holds_up_no_other_thread() -> None:
             entered.set()
             go.wait(10)
 
-    limiter = Limiter("tier-1", clock=FakeClock(), on_event=hook)
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock(), on_event=hook)
     limiter.acquire_nowait(SONNET, max_tokens=10)
     slow = threading.Thread(target=lambda: limiter.set_limits(SONNET, requests=30), daemon=True)
     slow.start()

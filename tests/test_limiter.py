@@ -48,7 +48,7 @@ CAPACITY_MESSAGE = (
 
 
 async def test_max_tokens_above_tier1_otpm_fails_at_once(anyio_backend_name: str) -> None:
-    limiter = Limiter("tier-1")
+    limiter = Limiter("tier-1", opening=60)
     start = anyio.current_time()
     with pytest.raises(CapacityExceeded, match=CAPACITY_MESSAGE) as info:
         async with limiter.acquire(SONNET, input_tokens=1_000, max_tokens=64_000):
@@ -83,7 +83,7 @@ def test_capacity_error_is_the_same_for_nowait_and_threads() -> None:
 
 def test_a_cost_up_to_the_limit_is_possible_with_a_small_burst() -> None:
     clock = FakeClock()
-    limiter = Limiter("tier-1", burst=0.25, clock=clock)
+    limiter = Limiter("tier-1", opening=60, burst=0.25, clock=clock)
     permit = limiter.acquire_nowait(SONNET, max_tokens=8_000)  # the bucket holds 2,000: debt
     assert levels(limiter)["output_tokens"] == -6_000
     permit.release()
@@ -94,7 +94,8 @@ def test_a_cost_up_to_the_limit_is_possible_with_a_small_burst() -> None:
 
 
 async def test_uncontended_acquire_takes_every_dimension_and_settles() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())  # no refill between the steps, however slow the machine
+    # no refill between the steps, however slow the machine
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     async with limiter.acquire(SONNET, input_tokens=1_200, max_tokens=1_024) as permit:
         assert permit.pool == POOL
         assert permit.model == SONNET
@@ -117,7 +118,7 @@ async def test_uncontended_acquire_takes_every_dimension_and_settles() -> None:
 
 
 async def test_await_gives_the_bare_permit() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     permit = await limiter.acquire(SONNET, input_tokens=10, max_tokens=10)
     assert permit.active
     permit.release()
@@ -127,7 +128,7 @@ async def test_await_gives_the_bare_permit() -> None:
 
 def test_nowait_raises_would_block_with_the_retry_time() -> None:
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     limiter.acquire_nowait(SONNET, max_tokens=8_000)
     with pytest.raises(
         WouldBlock, match=r"^sonnet-4\.x: cannot admit the request now \(earliest in 7\.500s\)$"
@@ -149,7 +150,7 @@ async def test_timeout_zero_fails_at_once_without_queueing() -> None:
 def test_release_semantics() -> None:
     """Not sent: all back. Sent, error status: only the RPM token kept. Sent, 2xx, unsettled: all kept."""
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
 
     not_sent = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=2_000)
     not_sent.release()
@@ -174,7 +175,7 @@ def test_release_semantics() -> None:
 
 
 async def test_leaving_the_block_releases() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     with pytest.raises(RuntimeError, match=r"^connect failed$"):
         async with limiter.acquire(SONNET, input_tokens=1_000, max_tokens=2_000):
             raise RuntimeError("connect failed")
@@ -186,7 +187,7 @@ async def test_leaving_the_block_releases() -> None:
 
 
 def test_settle_refunds_and_charges_extra() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=4_000)
     assert levels(limiter) == {"requests": 49, "input_tokens": 29_000, "output_tokens": 4_000}
     cost = permit.settle({"input_tokens": 1_500, "output_tokens": 1_000, "cache_read_input_tokens": 900})
@@ -212,7 +213,7 @@ def test_settle_accepts_sdk_like_usage_objects() -> None:
 
 
 def test_settle_after_release_does_nothing() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=100)
     permit.release()
     assert permit.settle({"output_tokens": 5000}).output_tokens == 0
@@ -224,6 +225,7 @@ def test_priority_tier_settles_its_priority_output() -> None:
     limiter = Limiter(
         "tier-1",
         clock=FakeClock(),
+        opening=60,
         limits={POOL: {"priority_input_tokens": 10_000, "priority_output_tokens": 4_000}},
     )
     permit = limiter.acquire_nowait(SONNET, max_tokens=1_000, service_tier="priority")
@@ -233,7 +235,7 @@ def test_priority_tier_settles_its_priority_output() -> None:
 
 
 def test_record_output_charges_progressively_under_the_actual_rule() -> None:
-    limiter = Limiter("tier-1", output_rule="actual", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, output_rule="actual", clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=4_000, expected_output_tokens=500)
     assert levels(limiter)["output_tokens"] == 7_500
     permit.record_output(300)  # covered by the reservation
@@ -249,7 +251,7 @@ def test_record_output_charges_progressively_under_the_actual_rule() -> None:
 
 
 def test_record_output_under_the_max_tokens_rule_is_covered_by_the_reservation() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, max_tokens=2_000)
     permit.record_output(1_999)
     assert levels(limiter)["output_tokens"] == 6_000
@@ -282,7 +284,7 @@ async def test_other_model_classes_have_their_own_pools() -> None:
 
 def test_without_a_preset_limits_are_learned_from_headers() -> None:
     clock = FakeClock()
-    limiter = Limiter(clock=clock)
+    limiter = Limiter(opening=60, clock=clock)
     assert limiter.statistics().pools == {}
     permit = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=1_000)
     assert limiter.statistics()[POOL].limits == TIER1_FULL  # Tier 1 until told otherwise
@@ -329,7 +331,7 @@ def test_classes_tier1_does_not_list_start_from_the_newer_scheme() -> None:
 
 
 def test_limits_override_per_pool() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock(), limits={POOL: {"tokens": 20_000}})
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock(), limits={POOL: {"tokens": 20_000}})
     limiter.acquire_nowait(SONNET, input_tokens=15_000, max_tokens=4_000)
     assert levels(limiter)["tokens"] == 1_000
     with pytest.raises(WouldBlock):
@@ -356,7 +358,7 @@ async def test_batches_hold_their_queue_slots_until_finished() -> None:
 
 
 def test_wallet_refuses_what_it_cannot_cover() -> None:
-    limiter = Limiter("tier-1", wallet_balance=100, clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, wallet_balance=100, clock=FakeClock())
     with pytest.raises(
         InsufficientCredits, match=r"^the wallet holds 100 credits but the request reserves 150$"
     ):
@@ -387,7 +389,7 @@ def test_wallet_balance_learned_from_quota_headers() -> None:
 
 def test_a_final_quota_balance_already_holds_the_requests_charge() -> None:
     """observe() then settle(): the refund is not applied a second time on top of the reported balance."""
-    limiter = Limiter("tier-1", wallet_balance=1_000, clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, wallet_balance=1_000, clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, max_tokens=10, credits=30)
     later = limiter.acquire_nowait(SONNET, max_tokens=10, credits=40)  # admitted after: unseen
     assert limiter.statistics().wallet_balance == 930
@@ -411,7 +413,7 @@ def test_a_streams_reserved_balance_is_settled_from_the_proxys_reservation() -> 
 async def test_wallet_is_checked_again_when_a_waiter_is_granted() -> None:
     """Two queued requests that each fit the balance but not together: the second is refused."""
     clock = FakeClock()
-    limiter = Limiter("tier-1", wallet_balance=100, clock=clock)
+    limiter = Limiter("tier-1", opening=60, wallet_balance=100, clock=clock)
     blocker = limiter.acquire_nowait(SONNET, max_tokens=8_000)
     results: dict[str, object] = {}
 
@@ -440,7 +442,7 @@ async def test_wallet_is_checked_again_when_a_waiter_is_granted() -> None:
 
 def test_statistics_is_a_frozen_snapshot() -> None:
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permit = limiter.acquire_nowait(SONNET, input_tokens=3_000, max_tokens=800)
     snapshot = limiter.statistics()
     assert isinstance(snapshot, LimiterStatistics)
@@ -495,7 +497,7 @@ def test_repr_shows_live_state() -> None:
 def test_on_event_reports_and_a_broken_hook_does_not_break_admission() -> None:
     events = Events()
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock, on_event=events)
+    limiter = Limiter("tier-1", opening=60, clock=clock, on_event=events)
     permit = limiter.acquire_nowait(SONNET, max_tokens=10)
     permit.observe(headers(requests=(60, 10)))
     assert events.kinds() == ["limit_change", "resync"]
@@ -507,7 +509,7 @@ def test_on_event_reports_and_a_broken_hook_does_not_break_admission() -> None:
     def broken(event: object) -> None:
         raise RuntimeError("hook bug")
 
-    limiter = Limiter("tier-1", clock=clock, on_event=broken)
+    limiter = Limiter("tier-1", opening=60, clock=clock, on_event=broken)
     permit = limiter.acquire_nowait(SONNET, max_tokens=10)
     permit.observe(headers(requests=(60, 10)))
     permit.settle({"output_tokens": 1})

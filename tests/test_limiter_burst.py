@@ -61,7 +61,7 @@ def test_a_one_second_bucket_is_read_from_the_headers_before_any_429() -> None:
 
 def test_full_minute_headers_leave_the_burst_alone() -> None:
     clock = Clock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permit = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
     # 20,000 input tokens remaining, full in 20 s: 20,000 + 500/s * 20 s = 30,000, a minute's bucket
     permit.observe(
@@ -77,7 +77,7 @@ def test_full_minute_headers_leave_the_burst_alone() -> None:
 def test_stale_headers_of_a_long_request_leave_a_full_minute_burst_alone() -> None:
     """A non-streamed response's buckets were read when its request arrived, its date when it ended."""
     clock = Clock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permit = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
     clock.now += 12.0  # the request ran 12 s
     # Read at arrival: 20,000 input tokens left, full 20 s later; the date is 12 s on. Taken as
@@ -105,7 +105,7 @@ def test_stale_headers_of_a_long_request_leave_a_full_minute_burst_alone() -> No
 
 def test_a_reset_in_the_past_is_no_evidence() -> None:
     clock = Clock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permit = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
     permit.observe(
         headers(
@@ -119,7 +119,7 @@ def test_a_reset_in_the_past_is_no_evidence() -> None:
 
 def test_a_429_after_the_burst_was_fitted_does_not_halve_it_again() -> None:
     clock = Clock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permit = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
     tight = headers(
         requests=(0, "2026-01-05T00:00:11Z"),
@@ -177,7 +177,7 @@ def test_growth_stops_at_the_smallest_bucket_the_headers_showed() -> None:
 
 def test_a_report_of_more_left_than_the_burst_holds_widens_it() -> None:
     clock = Clock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permit = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
     permit.observe({"retry-after": "0"}, status=429)  # unexplained: the burst halves
     assert limiter.statistics()[POOL].burst == 0.5
@@ -207,6 +207,7 @@ def test_reports_whose_dimensions_disagree_on_the_bucket_settle_the_burst_once()
     limiter = Limiter(
         "tier-1",
         clock=clock,
+        opening=60,
         on_event=lambda event: changes.append(event.detail) if event.kind == "burst_change" else None,
     )
     report = headers(
@@ -237,7 +238,9 @@ def test_429s_others_caused_cut_the_share_of_the_refill_once_per_event() -> None
 
     clock = Clock()
     events: list[tuple[str, dict[str, float]]] = []
-    limiter = Limiter("tier-1", clock=clock, on_event=lambda e: events.append((e.kind, dict(e.detail))))
+    limiter = Limiter(
+        "tier-1", opening=60, clock=clock, on_event=lambda e: events.append((e.kind, dict(e.detail)))
+    )
     first = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
     second = limiter.acquire_nowait(SONNET, input_tokens=2000, max_tokens=1000)
     # the server had 1,000 input tokens left (another client took the rest); its bucket is a
@@ -307,7 +310,7 @@ def test_a_limit_set_by_hand_keeps_the_cut_share() -> None:
 def test_a_request_sent_long_after_its_grant_is_still_replayed_after_a_report() -> None:
     """The look back over recent sends reaches as far as the slowest grant-to-send seen."""
     clock = Clock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     first = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
     first.mark_sent()
     late = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)

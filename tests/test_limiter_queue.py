@@ -73,7 +73,7 @@ def release_one(permits: list[Permit]) -> None:
 
 
 async def test_fifo_within_a_priority_and_higher_priority_first() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     blockers = drain_requests(limiter)
     async with anyio.create_task_group() as tg:
         rec = Recorder(limiter, tg)
@@ -90,7 +90,7 @@ async def test_fifo_within_a_priority_and_higher_priority_first() -> None:
 
 
 async def test_head_goes_at_its_computed_time(anyio_backend_name: str) -> None:
-    limiter = Limiter("tier-1")
+    limiter = Limiter("tier-1", opening=60)
     start = anyio.current_time()
     limiter.acquire_nowait(SONNET, max_tokens=8_000)
     async with anyio.create_task_group() as tg:
@@ -109,7 +109,7 @@ async def test_head_goes_at_its_computed_time(anyio_backend_name: str) -> None:
 
 
 async def test_another_pool_never_waits_behind_this_one(anyio_backend_name: str) -> None:
-    limiter = Limiter("tier-1")
+    limiter = Limiter("tier-1", opening=60)
     limiter.acquire_nowait(SONNET, max_tokens=8_000)
     async with anyio.create_task_group() as tg:
         rec = Recorder(limiter, tg)
@@ -141,7 +141,7 @@ async def test_backfill_lets_small_requests_pass_only_when_the_head_is_not_delay
     input tokens wait behind the head.
     """
     clock = None if anyio_backend_name == "trio" else FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     start = anyio.current_time()
     limiter.acquire_nowait(SONNET, input_tokens=25_000, max_tokens=10)
     async with anyio.create_task_group() as tg:
@@ -163,7 +163,7 @@ async def test_backfill_lets_small_requests_pass_only_when_the_head_is_not_delay
 
 async def test_a_stream_of_small_requests_does_not_starve_a_large_head(anyio_backend_name: str) -> None:
     """Small requests keep coming every 0.25 s; each would take input tokens the head is waiting for."""
-    limiter = Limiter("tier-1")
+    limiter = Limiter("tier-1", opening=60)
     start = anyio.current_time()
     limiter.acquire_nowait(SONNET, input_tokens=25_000, max_tokens=10)
     async with anyio.create_task_group() as tg:
@@ -240,7 +240,7 @@ async def test_a_grant_wakes_only_the_granted_waiter_and_the_head(monkeypatch: p
 
 
 async def test_set_limits_wakes_waiters_at_once(anyio_backend_name: str) -> None:
-    limiter = Limiter("tier-1")
+    limiter = Limiter("tier-1", opening=60)
     limiter.acquire_nowait(SONNET, max_tokens=8_000)
     async with anyio.create_task_group() as tg:
         rec = Recorder(limiter, tg)
@@ -271,7 +271,7 @@ async def test_a_limit_lowered_below_a_waiters_cost_fails_it_at_once() -> None:
 
 
 async def test_a_429_makes_the_head_replan(anyio_backend_name: str) -> None:
-    limiter = Limiter("tier-1", adaptive_burst=False)
+    limiter = Limiter("tier-1", opening=60, adaptive_burst=False)
     start = anyio.current_time()
     sent = limiter.acquire_nowait(SONNET, max_tokens=8_000)
     async with anyio.create_task_group() as tg:
@@ -286,7 +286,7 @@ async def test_a_429_makes_the_head_replan(anyio_backend_name: str) -> None:
 
 
 async def test_learning_a_higher_limit_lets_waiters_go_at_once(anyio_backend_name: str) -> None:
-    limiter = Limiter()
+    limiter = Limiter(opening=60)
     first = limiter.acquire_nowait(SONNET, max_tokens=8_000)
     async with anyio.create_task_group() as tg:
         rec = Recorder(limiter, tg)
@@ -304,8 +304,8 @@ async def test_learning_a_higher_limit_lets_waiters_go_at_once(anyio_backend_nam
 
 async def test_cancelling_a_thousand_waiters_leaves_the_buckets_exactly_as_before() -> None:
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
-    reference = Limiter("tier-1", clock=clock)  # the same requests, without the waiters
+    limiter = Limiter("tier-1", opening=60, clock=clock)
+    reference = Limiter("tier-1", opening=60, clock=clock)  # the same requests, without the waiters
     blockers = drain_requests(limiter)
     reference_blockers = drain_requests(reference)
     async with anyio.create_task_group() as tg:
@@ -328,7 +328,7 @@ async def test_cancelling_a_thousand_waiters_leaves_the_buckets_exactly_as_befor
 
 
 async def test_timeout_leaves_nothing_reserved(anyio_backend_name: str) -> None:
-    limiter = Limiter("tier-1")
+    limiter = Limiter("tier-1", opening=60)
     start = anyio.current_time()
     limiter.acquire_nowait(SONNET, max_tokens=8_000)
     timeout = 5.0 if anyio_backend_name == "trio" else 0.02

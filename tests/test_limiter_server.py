@@ -28,7 +28,7 @@ from limiter_support import (
     unified_headers,
 )
 
-from ratekeeper import Limiter, Permit, SpendLimitReached, WouldBlock
+from ratekeeper import ConfigurationError, Limiter, Permit, SpendLimitReached, WouldBlock
 
 pytestmark = pytest.mark.anyio
 
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.anyio
 
 def test_foreign_traffic_seen_only_through_headers_is_respected() -> None:
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permit = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=1_000)
     # another process spent most of the minute: the server has far less than we think
     permit.observe(headers(requests=(50, 20), input_tokens=(30_000, 10_000), output_tokens=(8_000, 2_000)))
@@ -73,7 +73,7 @@ def test_resync_raises_to_what_the_server_provably_holds() -> None:
 def test_a_report_read_before_its_request_settles_lifts_no_input() -> None:
     """It already counts the request's real input, which the settlement would give back again
     as our estimate's excess; a request and a max_tokens reservation are the server's too."""
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=1_000)
     permit.observe(headers(requests=(50, 50), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)))
     assert levels(limiter) == {"requests": 50, "input_tokens": 20_000, "output_tokens": 7_500}
@@ -81,7 +81,7 @@ def test_a_report_read_before_its_request_settles_lifts_no_input() -> None:
 
 
 def test_resync_counts_own_requests_admitted_later_as_unseen() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     first = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=1_000)
     limiter.acquire_nowait(SONNET, input_tokens=2_000, max_tokens=500)  # after first: unseen by it
     # first's response: the server saw first (and 17,000 of foreign input) but not the second
@@ -95,7 +95,7 @@ def test_resync_counts_own_requests_admitted_later_as_unseen() -> None:
 
 def test_resync_counts_requests_finished_since_as_spent() -> None:
     """A later request that already finished is no longer in flight, but the report predates it too."""
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     slow = limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=100)
     quick = limiter.acquire_nowait(SONNET, input_tokens=8_000, max_tokens=100)
     quick.observe({})
@@ -107,7 +107,7 @@ def test_resync_counts_requests_finished_since_as_spent() -> None:
 
 def test_a_refused_requests_headers_leave_it_out() -> None:
     """A 429's remaining does not count the refused request: giving its tokens back must not over-credit."""
-    limiter = Limiter("tier-1", clock=FakeClock(), adaptive_burst=False)
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock(), adaptive_burst=False)
     permit = limiter.acquire_nowait(SONNET, input_tokens=20_000, max_tokens=10)
     # another client left 15,000: too few for this one, so the server refuses it outright
     permit.observe(headers(input_tokens=(30_000, 15_000), retry_after=1), status=429, body=RATE_LIMIT_BODY)
@@ -116,7 +116,7 @@ def test_a_refused_requests_headers_leave_it_out() -> None:
 
 
 def test_resync_counts_earlier_requests_not_sent_yet_as_unseen() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     early = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=10)  # admitted, not sent yet
     sent = limiter.acquire_nowait(SONNET, input_tokens=5_000, max_tokens=10)
     sent.mark_sent()
@@ -128,7 +128,7 @@ def test_resync_counts_earlier_requests_not_sent_yet_as_unseen() -> None:
 
 
 def test_an_earlier_request_given_back_unsent_is_no_news_to_the_server() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     early = limiter.acquire_nowait(SONNET, input_tokens=10_000, max_tokens=10)
     sent = limiter.acquire_nowait(SONNET, input_tokens=5_000, max_tokens=10)
     sent.mark_sent()
@@ -142,7 +142,7 @@ def test_resync_orders_by_admission_not_by_arrival_in_the_queue() -> None:
 
     async def main() -> None:
         clock = FakeClock()
-        limiter = Limiter("tier-1", clock=clock)
+        limiter = Limiter("tier-1", opening=60, clock=clock)
         # sent well before everything else: the report below has seen it
         limiter.acquire_nowait(SONNET, input_tokens=25_000, max_tokens=10).mark_sent()
         clock.advance(1)
@@ -184,7 +184,7 @@ def test_resync_orders_by_admission_not_by_arrival_in_the_queue() -> None:
 
 async def test_a_long_retry_after_pauses_only_its_pool(anyio_backend_name: str) -> None:
     """A subscription 429 with retry-after 7999 s holds Sonnet; Haiku keeps flowing."""
-    limiter = Limiter("tier-1")
+    limiter = Limiter("tier-1", opening=60)
     start = anyio.current_time()
     granted: list[float] = []
     async with limiter.acquire(SONNET, input_tokens=100, max_tokens=100) as permit:
@@ -227,7 +227,7 @@ def test_a_refusal_event_lengthens_the_transit_once_per_event() -> None:
     """
     clock = FakeClock()
     events = Events()
-    limiter = Limiter("tier-1", clock=clock, on_event=events)
+    limiter = Limiter("tier-1", opening=60, clock=clock, on_event=events)
     empty = headers(requests=(50, 0), retry_after=1)
     first = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
     same_wave = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
@@ -254,7 +254,7 @@ def test_on_a_short_bucket_the_transit_learned_stays_a_small_share_of_it() -> No
     """
     clock = FakeClock()
     events = Events()
-    limiter = Limiter("tier-1", clock=clock, on_event=events)
+    limiter = Limiter("tier-1", opening=60, clock=clock, on_event=events)
     for _ in range(4):
         clock.advance(120)
         permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
@@ -277,7 +277,7 @@ def test_an_unpredicted_429_shrinks_the_burst_and_clean_traffic_grows_it_back() 
     """Measured: 0.5 after the 429, then x1.25 per 60 clean seconds: back to 1.0 after 240 s."""
     clock = FakeClock()
     events = Events()
-    limiter = Limiter("tier-1", clock=clock, on_event=events)
+    limiter = Limiter("tier-1", opening=60, clock=clock, on_event=events)
     permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100)
     permit.observe(headers(retry_after=1), status=429, body=RATE_LIMIT_BODY)
     permit.release()
@@ -301,7 +301,7 @@ def test_an_unpredicted_429_shrinks_the_burst_and_clean_traffic_grows_it_back() 
 
 def test_a_burst_of_429s_from_one_event_shrinks_the_burst_once() -> None:
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permits = [limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=100) for _ in range(10)]
     for permit in permits:  # all sent before the server said no
         permit.observe(headers(retry_after=5), status=429, body=RATE_LIMIT_BODY)
@@ -313,7 +313,7 @@ def test_a_burst_of_429s_from_one_event_shrinks_the_burst_once() -> None:
 
 
 def test_a_predicted_429_does_not_shrink_the_burst() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, input_tokens=5_000, max_tokens=100)
     permit.observe(headers(input_tokens=(30_000, 2_000), retry_after=3), status=429, body=RATE_LIMIT_BODY)
     stats = limiter.statistics()[POOL]
@@ -325,7 +325,7 @@ def test_a_predicted_429_does_not_shrink_the_burst() -> None:
 def test_a_shrunk_burst_still_charges_a_whole_request() -> None:
     """After two shrinks the OTPM bucket holds 2,000; an 8,000 request leaves 6,000 of debt."""
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     for _ in range(2):
         permit = limiter.acquire_nowait(SONNET, max_tokens=1)
         permit.observe(headers(retry_after=1), status=429, body=RATE_LIMIT_BODY)
@@ -344,7 +344,7 @@ async def test_a_429_whose_headers_show_room_lets_no_waiter_in_before_its_pause(
     but the pause it carries comes first: a waiter let in by the lift would be sent into the
     retry-after."""
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock, adaptive_burst=False)
+    limiter = Limiter("tier-1", opening=60, clock=clock, adaptive_burst=False)
     spent = limiter.acquire_nowait(SONNET, max_tokens=8_000)  # the output bucket, all of it
     spent.settle({"input_tokens": 0, "output_tokens": 8_000})
     clock.advance(1.0)  # long enough for the server to have seen it
@@ -382,7 +382,7 @@ def test_a_429_without_retry_after_pauses_a_second() -> None:
 
 
 async def test_529_backs_off_without_touching_limits_or_burst(anyio_backend_name: str) -> None:
-    limiter = Limiter("tier-1")
+    limiter = Limiter("tier-1", opening=60)
     start = anyio.current_time()
     permit = limiter.acquire_nowait(SONNET, max_tokens=10)
     before = limiter.statistics()[POOL]
@@ -508,7 +508,7 @@ async def test_unified_rejected_holds_until_the_unified_reset(anyio_backend_name
 
 def test_unified_allowed_warning_emits_one_event_per_window() -> None:
     events = Events()
-    limiter = Limiter("tier-1", clock=FakeClock(), on_event=events)
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock(), on_event=events)
     for _ in range(3):
         permit = limiter.acquire_nowait(HAIKU, max_tokens=1)
         permit.observe(unified_headers("allowed_warning"))
@@ -537,8 +537,8 @@ def test_unified_allowed_does_nothing() -> None:
 def test_warmup_ramps_admission_up() -> None:
     """60 s of slow start from 10%: requests admitted per 10 s grow, then match the plain limit."""
     clock = FakeClock()
-    limiter = Limiter("tier-1", warmup=60, clock=clock)
-    plain = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, warmup=60, clock=clock)
+    plain = Limiter("tier-1", opening=60, clock=clock)
     counts: list[int] = []
     plain_counts: list[int] = []
     for _window in range(12):
@@ -598,6 +598,123 @@ def test_opening_spends_a_little_of_the_limit_until_the_first_report() -> None:
     )
     assert levels(limiter)["input_tokens"] == 27_500
     limiter.acquire_nowait(SONNET, input_tokens=20_000, max_tokens=10)
+
+
+def test_a_settlement_at_the_reports_instant_of_a_request_granted_after_it_is_replayed() -> None:
+    """Granted after the reported request at the same instant, and settled then with more input
+    than estimated: the report, of the first admission, cannot hold that charge."""
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock, opening=60)
+    first = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+    second = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+    first.mark_sent()
+    second.mark_sent()
+    second.settle({"input_tokens": 601, "output_tokens": 10})
+    first.settle(
+        {"input_tokens": 100, "output_tokens": 10},
+        headers=headers(requests=(50, 49), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)),
+    )
+    assert levels(limiter)["input_tokens"] <= 30_000 - 100 - 601  # what the server has left
+
+
+def test_a_report_shown_older_than_its_answer_is_read_as_of_its_reset_at_the_latest() -> None:
+    """Where the server is known to report either moment: a report whose reset is 8 s before
+    its date is not of the answer's moment, and is read as taken anywhere from the admission
+    to that reset, not as the lower of the two readings (40 left now, as if at the answer)."""
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock, opening=60)
+    moment = limiter._pools[limiter.pool_of(SONNET)].moment
+    moment.refuted_admission = moment.refuted_response = 2  # both readings refuted: "mixed"
+    permit = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+    permit.mark_sent()
+    clock.advance(10)
+    permit.settle(
+        {"input_tokens": 100, "output_tokens": 10},
+        headers=headers(
+            requests=(50, 40),
+            date="Mon, 05 Jan 2026 00:00:10 GMT",
+            anthropic_ratelimit_requests_reset="2026-01-05T00:00:02Z",
+        ),
+    )
+    # 40 left then, and the refill since the latest it can have been: the reset, 2 s after
+    # the send, and 1.5 s for the headers' rounding to the second
+    assert levels(limiter)["requests"] == pytest.approx(40 + (10 - 2 - 1.5) * 50 / 60)
+
+
+def test_a_new_pool_holds_one_second_of_the_limit_until_a_report_shows_more() -> None:
+    """A minute's limit may be enforced over one second: the first wave goes at the refill rate
+    (a request larger than a second still goes alone into a full bucket), and a report of a
+    full-minute bucket opens the whole of it."""
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock)  # 1 s of 30,000 ITPM: 500; of 50 RPM: one request
+    first = limiter.acquire_nowait(SONNET, input_tokens=2_000, max_tokens=10)
+    assert limiter.statistics()[POOL].capacity["input_tokens"] == 500
+    with pytest.raises(WouldBlock):
+        limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10)
+    first.mark_sent()
+    clock.advance(1)
+    first.settle(
+        {"input_tokens": 2_000, "output_tokens": 10},
+        headers=headers(requests=(50, 49), input_tokens=(30_000, 28_000), output_tokens=(8_000, 8_000)),
+    )
+    assert levels(limiter)["input_tokens"] == 27_500
+    for _ in range(5):
+        limiter.acquire_nowait(SONNET, input_tokens=5_000, max_tokens=10)
+
+
+def test_a_report_of_no_more_than_a_second_keeps_the_pace() -> None:
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=400, max_tokens=100)
+    permit.mark_sent()
+    clock.advance(0.5)
+    permit.settle(
+        {"input_tokens": 400, "output_tokens": 100},
+        headers=headers(requests=(50, 0), input_tokens=(30_000, 0), output_tokens=(8_000, 0)),
+    )
+    capacity = limiter.statistics()[POOL].capacity
+    assert capacity == {"requests": 1.0, "input_tokens": 500.0, "output_tokens": 8_000 / 60}
+
+
+def test_a_streams_report_lifts_input_less_its_own_estimate() -> None:
+    """Read at the first byte, before the settlement that may give the estimate's excess back."""
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=2_000, max_tokens=100)
+    permit.mark_sent()
+    clock.advance(0.5)
+    permit.observe(headers(requests=(50, 49), input_tokens=(30_000, 28_000), output_tokens=(8_000, 8_000)))
+    assert levels(limiter)["input_tokens"] == 27_500 - 2_000
+    permit.settle({"input_tokens": 1_500, "output_tokens": 100})  # the estimate was 500 over
+    assert levels(limiter)["input_tokens"] == 27_500 - 2_000 + 500
+
+
+def test_under_the_real_time_rule_a_report_lifts_output_less_what_requests_under_way_may_produce() -> None:
+    clock = FakeClock()
+    limiter = Limiter("tier-1", clock=clock, output_rule="actual")
+    first = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=1_000)
+    first.mark_sent()
+    clock.advance(1.2)  # one request a second until a report shows more
+    under_way = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=1_000)  # reserves no output
+    under_way.mark_sent()
+    clock.advance(2)
+    first.settle(
+        {"input_tokens": 100, "output_tokens": 300},
+        headers=headers(requests=(50, 48), input_tokens=(30_000, 30_000), output_tokens=(8_000, 8_000)),
+    )
+    # the report less its rounding, less the 1,000 the request under way may still produce
+    assert levels(limiter)["output_tokens"] == pytest.approx(8_000 - 500 - 1_000)
+
+
+def test_opening_with_a_backend_is_refused() -> None:
+    """A backend's corrections only lower a level: a pool opened at one second would stay there."""
+
+    class Backend:
+        def _bind_limiter(self, limiter: Limiter) -> object:
+            raise AssertionError("not reached")
+
+    with pytest.raises(ConfigurationError, match="opening cannot be given with a backend"):
+        Limiter("tier-1", opening=1.0, backend=Backend())
 
 
 def test_opening_is_checked() -> None:

@@ -42,6 +42,8 @@ which no client can know. Nor does the modelled server go below zero
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import math
 import threading
 from collections.abc import Mapping
@@ -59,6 +61,13 @@ from ratekeeper.gate._state import Waiter, WaiterState
 
 LIMITS = {"requests": 50.0, "input_tokens": 30_000.0, "output_tokens": 8_000.0}
 DIMS = tuple(LIMITS)
+#: The server's time at the machine's clock 0 (its ``date`` and ``-reset`` headers).
+EPOCH = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
+RESET_HEADERS = {
+    "requests": "anthropic-ratelimit-requests-reset",
+    "input_tokens": "anthropic-ratelimit-input-tokens-reset",
+    "output_tokens": "anthropic-ratelimit-output-tokens-reset",
+}
 EPS = 1e-6
 
 
@@ -106,6 +115,7 @@ class Held:
     refused: bool  # the server has no room for it (we had not heard of the other client yet): a 429
     server_held: dict[str, float]  # what the modelled server holds for it
     status: int | None = None
+    at: float = math.nan  # when it was granted (and reached the server)
 
 
 @dataclass
@@ -147,7 +157,8 @@ class LimiterMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock(1_000.0)
-        self.limiter = Limiter("tier-1", clock=self.clock, adaptive_burst=False)
+        # a full bucket from the start: the model below is the server's full-minute bucket
+        self.limiter = Limiter("tier-1", clock=self.clock, adaptive_burst=False, opening=60)
         # the machine drives the local engine's queue directly (a waiter without a task)
         engine = self.limiter._engine
         assert isinstance(engine, LocalEngine)
@@ -207,6 +218,7 @@ class LimiterMachine(RuleBasedStateMachine):
             step=self.step,
             refused=refused,
             server_held=server_held,
+            at=now,
         )
 
     def _server(self, amounts: Mapping[str, float], sign: float) -> None:
@@ -255,7 +267,7 @@ class LimiterMachine(RuleBasedStateMachine):
         self.held[id(permit)] = held
         return permit
 
-    def _respond(self, held: Held, status: int, retry: int, late: bool = False) -> None:
+    def _respond(self, held: Held, status: int, retry: int, late: bool = False, dated: bool = False) -> None:
         # a refusal is answered at once: its report is of its admission either way
         at_response = status != 429 and (self.moment == "response" or (self.moment == "mixed" and late))
         snap = {d: b.at(self.now()) for d, b in self.server.items()} if at_response else held.snapshot
@@ -265,6 +277,12 @@ class LimiterMachine(RuleBasedStateMachine):
             output_tokens=(8_000, max(0, round_thousand(snap["output_tokens"]))),
             retry_after=retry if status == 429 else None,
         )
+        if dated:  # the answer's date and each bucket's reset, seen from the report's moment
+            taken = self.now() if at_response else held.at
+            hdrs["date"] = http_date(self.now())
+            for dim, name in RESET_HEADERS.items():
+                full = taken + max(0.0, LIMITS[dim] - snap[dim]) / self.server[dim].rate
+                hdrs[name] = rfc3339(full)
         held.status = status
         held.permit.observe(hdrs, status=status, body=RATE_LIMIT_BODY if status == 429 else None)
         self.reported_step = max(self.reported_step, self.step if at_response else held.step)
@@ -387,15 +405,17 @@ class LimiterMachine(RuleBasedStateMachine):
         status=st.sampled_from([200, 200, 200, 500, 429]),
         retry=st.integers(1, 30),
         late=st.booleans(),
+        dated=st.booleans(),
     )
-    def respond(self, permit: Permit, status: int, retry: int, late: bool) -> None:
+    def respond(self, permit: Permit, status: int, retry: int, late: bool, dated: bool) -> None:
         """The response to an earlier request, with headers as the server had it at the moment
-        this machine's server reports (``moment``; for ``mixed``, at the response if ``late``)."""
+        this machine's server reports (``moment``; for ``mixed``, at the response if ``late``),
+        ``dated``: with the answer's date and the buckets' resets (to the second, cut down)."""
         held = self.held.get(id(permit))
         if held is None or held.status is not None or not permit.active:
             return
         self.step += 1
-        self._respond(held, status, retry, late)
+        self._respond(held, status, retry, late, dated)
         self._after()
 
     def _adopt(self) -> None:
@@ -555,6 +575,16 @@ class LimiterMachine(RuleBasedStateMachine):
         assert (stats.queue_depth, stats.in_flight) == (0, 0)
         assert stats.levels == pytest.approx(LIMITS)
         assert not self.rt.in_flight
+
+
+def http_date(t: float) -> str:
+    """``t`` on the machine's clock as an HTTP date, cut down to the second, as servers send it."""
+    return email.utils.format_datetime(EPOCH + dt.timedelta(seconds=math.floor(t)), usegmt=True)
+
+
+def rfc3339(t: float) -> str:
+    """``t`` as an RFC 3339 ``-reset``, cut down to the second (the earliest it can read)."""
+    return (EPOCH + dt.timedelta(seconds=math.floor(t))).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def round_thousand(x: float) -> int:

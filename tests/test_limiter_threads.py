@@ -42,7 +42,7 @@ class Gauge:
 
 def small_pool_limiter() -> Limiter:
     # 60 RPM with a 10-second burst: 10 requests at once, one more a second
-    return Limiter("tier-1", burst=1 / 6, limits={POOL: {"requests": 60}})
+    return Limiter("tier-1", burst=1 / 6, limits={POOL: {"requests": 60}}, opening=60)
 
 
 def thread_worker(limiter: Limiter, gauge: Gauge) -> None:
@@ -150,7 +150,7 @@ async def test_anyio_worker_threads_wait_in_the_event_loop() -> None:
 
 
 def test_a_waiting_thread_is_woken_by_another_thread() -> None:
-    limiter = Limiter("tier-1", clock=FakeClock())
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     blocker = limiter.acquire_nowait(SONNET, max_tokens=8_000)
     got: list[float] = []
 

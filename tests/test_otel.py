@@ -36,7 +36,7 @@ def collect(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any]
 def test_counters_histogram_and_gauges_of_a_limiter() -> None:
     reader = InMemoryMetricReader()
     metrics = Metrics(meter_provider=MeterProvider(metric_readers=[reader]))
-    limiter = metrics.watch(Limiter("tier-1", clock=FakeClock(), on_event=metrics))
+    limiter = metrics.watch(Limiter("tier-1", opening=60, clock=FakeClock(), on_event=metrics))
     permits = [limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=10) for _ in range(3)]
     permits[0].observe(headers(retry_after=5), status=429, body=RATE_LIMIT_BODY)
     got = collect(reader)

@@ -51,8 +51,11 @@ def test_the_whole_limit_whatever_moment_the_headers_describe(moment: str) -> No
     used to lower the output bucket by the 63 reservations admitted meanwhile (counted
     twice), and nothing gave them back: 62.4% of what the server could admit, against the
     SDK alone's 91.4%. Measured since: 91.6% (admission), 91.0% (response), 89.0% (mixed).
+    (``opening=60``: that burst of 64 at once, a full bucket from the start; the default
+    paces the first wave until the first report, see the feedback matrix.)
     """
     scenario = Scenario(
+        opening=60,
         preset="tier-2",
         minutes=1.0,
         report_moment=moment,
@@ -109,6 +112,31 @@ def test_one_second_enforcement_meets_429s_in_the_first_wave_and_rarely_after() 
     assert r.requests_failed == 0
     assert r.rate_limited <= 25
     assert r.goodput_fraction >= 0.65
+
+
+@pytest.mark.parametrize(
+    ("interval", "concurrency", "stream", "share"),
+    [(1.0, 16, False, 0.02), (5.0, 32, True, 0.01)],
+    ids=["1s", "5s-streamed"],
+)
+def test_short_buckets_meet_no_429_wave_before_the_first_report(
+    interval: float, concurrency: int, stream: bool, share: float
+) -> None:
+    """Issue 12's short-bucket rows, one minute of Tier 2: the bucket's size is unknown until
+    the first answer. With a full bucket from the start the first wave met 15 429s of 96
+    requests (1 s) and 25 of 150 (5 s, streamed); paced at one second of the limit until a
+    report shows more, 1 of 99 and none: within the issue's 2% and 1%."""
+    scenario = Scenario(
+        preset="tier-2",
+        minutes=1.0,
+        enforcement_interval=interval,
+        report_moment="admission",
+        strategies="ratekeeper",
+        workload=Workload(concurrency=concurrency, max_tokens=1024, stream=stream),
+    )
+    r = simulate(scenario)["ratekeeper"]
+    assert r.requests_failed == 0
+    assert r.rate_limited <= share * r.requests_ok
 
 
 def test_the_sdk_alone_meets_429s(short: SimulationResult) -> None:

@@ -14,7 +14,7 @@ from ratekeeper import EventSummary, Limiter, UnknownPoolError
 
 def test_utilization_is_a_share_of_what_was_on_offer_never_above_one() -> None:
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)  # 50 requests per minute, a full bucket to start
+    limiter = Limiter("tier-1", clock=clock, opening=60)  # 50 requests per minute, a full bucket to start
     for _ in range(50):
         limiter.acquire_nowait(SONNET, max_tokens=1).settle({"output_tokens": 1})
     clock.advance(30)  # 25 more refill in
@@ -65,7 +65,7 @@ def test_a_pool_not_made_yet_is_a_clear_error() -> None:
 
 def test_str_says_the_snapshot_in_lines() -> None:
     clock = FakeClock()
-    limiter = Limiter("tier-1", clock=clock)
+    limiter = Limiter("tier-1", opening=60, clock=clock)
     permit = limiter.acquire_nowait(SONNET, input_tokens=3_000, max_tokens=800)
     permit.observe(headers(retry_after=12), status=429, body=RATE_LIMIT_BODY)
     clock.advance(2)

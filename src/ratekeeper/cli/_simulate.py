@@ -98,8 +98,8 @@ def _server_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive(float),
         default=None,
         metavar="SECONDS",
-        help="ratekeeper spends only this many seconds of the limit before the first response "
-        "shows the server's bucket (Limiter(opening=...); default: a full bucket)",
+        help="ratekeeper's buckets hold this many seconds of the limit until a response shows "
+        "the server's bucket (Limiter(opening=...); default 1; 60: a full bucket from the start)",
     )
     s.add_argument(
         "--foreign-traffic",

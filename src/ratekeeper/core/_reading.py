@@ -2,7 +2,8 @@
 
 The limiter (``_limiter``) and its Redis mode (``_remote``) read responses the
 same way through these: how big the server's bucket can be (``burst_bound``,
-``fitted_burst``), whether a 429 is explained by what the report shows left
+``fitted_burst``), the latest moment a report older than its answer can
+describe (``taken_by``), whether a 429 is explained by what the report shows left
 (``explained_by_remaining``), how long a subscription rejection holds
 (``unified_wait``), when a monthly spend cap resets, and the fields of an
 error body.
@@ -17,22 +18,26 @@ from collections.abc import Mapping
 from typing import Final
 
 from ratekeeper.core._pool import MIN_BURST, Pool
-from ratekeeper.core._snapshot import RateLimitSnapshot
+from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
 
 __all__ = [
-    "ROUNDING_MARGIN",
     "MAX_PAUSE",
+    "RESET_ROUNDING",
+    "ROUNDING_MARGIN",
     "burst_bound",
     "capped_pause",
     "error_fields",
     "explained_by_remaining",
     "first_of_next_month",
     "fitted_burst",
+    "taken_by",
     "unified_wait",
 ]
 
 #: Token ``-remaining`` headers are rounded to the nearest thousand.
 ROUNDING_MARGIN: Final = 500.0
+#: ``date`` and ``-reset`` are given to the second: a reset this far before the date is real.
+RESET_ROUNDING: Final = 1.5
 
 #: The longest pause a response can impose, in seconds: 7 days, the longest window the
 #: server has (the subscription's weekly limits). A ``retry-after`` of 10**9 s or a reset in
@@ -123,6 +128,21 @@ def fitted_burst(upper: float, lower: float) -> float:
     if upper <= 2.0 * MIN_BURST * (1.0 + 1e-9) and lower <= MIN_BURST * (1.0 + 1e-9):
         return MIN_BURST
     return upper
+
+
+def taken_by(limits: Mapping[str, LimitInfo], date: _dt.datetime | None, now: float) -> float | None:
+    """The latest instant (our clock) a report can describe, if it is shown older than its answer.
+
+    Each ``-reset`` is when its bucket is full again, seen from the moment the report
+    describes: that moment is no later than the earliest of them. A reset well before the
+    ``date`` (the answer's sending, to the second) shows the report is not of the answer's
+    moment; None when none does.
+    """
+    resets = [info.reset for info in limits.values() if info.reset is not None]
+    if date is None or not resets:
+        return None
+    before = (date - min(resets)).total_seconds()
+    return now - before + RESET_ROUNDING if before > RESET_ROUNDING else None
 
 
 def first_of_next_month(moment: _dt.datetime) -> _dt.datetime:

@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, cast, final
+from typing import Any, Final, cast, final
 
 from ratekeeper.core._accounting import AccountingRules, Demand, OutputRule
 from ratekeeper.core._pool import Pool
@@ -46,9 +46,13 @@ from ratekeeper.gate._pool_table import PoolTable
 from ratekeeper.gate._state import Permit, PoolRuntime
 from ratekeeper.gate._statistics import pool_statistics
 
-__all__ = ["Limiter", "Permit"]
+__all__ = ["DEFAULT_OPENING", "Limiter", "Permit"]
 
 log = logging.getLogger("ratekeeper")
+
+#: Seconds of the limit a new pool holds until a report shows the server's bucket: "60 RPM
+#: may be enforced as 1 request per second" is the shortest interval the documentation names.
+DEFAULT_OPENING: Final = 1.0
 
 
 @final
@@ -77,11 +81,12 @@ class Limiter:
     did not predict and grows it back after ``burst_recovery`` clean seconds),
     ``warmup`` (seconds of slow start from ``warmup_floor`` of the rate),
     ``wallet_balance`` (credits of a prepaid wallet), ``opening`` (seconds
-    of the limit a new pool spends before its first response's headers show
-    how much the server holds: a server may enforce a minute's limit over
-    a few seconds, so a minute's burst at once can meet 429s; the first
-    report lifts the level to what the server holds; default: a full
-    bucket), ``clock`` (a
+    of the limit a new pool's buckets hold until a response's headers show
+    the server's: a minute's limit may be enforced over a second, where a
+    minute's burst at once meets a wave of 429s; the report widens the
+    buckets and lifts the levels to what the server holds; default 1, the
+    shortest interval documented; 60: a full bucket from the start; none
+    with a ``backend``), ``clock`` (a
     zero-argument function returning seconds; default: the event loop's clock
     in async code, ``time.monotonic`` in threads), ``on_event`` (called with a
     ``LimiterEvent`` for grants, pauses, resyncs, 429s..., once the limiter's
@@ -114,6 +119,7 @@ class Limiter:
         bind = _binder(backend)
         self._rules = _rules_of(rules, output_rule)
         _check_options(preset, warmup, warmup_floor, backfill_window, opening, burst, limits)
+        opening = _opening(opening, bind is not None)
         self._preset = preset
         self._burst = burst
         self._adaptive = adaptive_burst
@@ -348,6 +354,8 @@ class Limiter:
         runtime = self._table.runtime_for(model, now)
         cost = runtime.rules.admission_cost(demand)
         draws = _draws(cost)
+        if demand.max_tokens > runtime.most_output and not runtime.reserves_max_tokens:
+            runtime.most_output = float(demand.max_tokens)
         try:
             runtime.pool.check(draws)
         except CapacityExceeded as exc:
@@ -462,6 +470,22 @@ def _rules_of(rules: AccountingRules | None, output_rule: OutputRule | str | Non
                 f"unknown output_rule {output_rule!r}; choose one of: {choices}"
             ) from None
     return rules or AccountingRules(output_rule=output_rule or OutputRule.MAX_TOKENS)
+
+
+def _opening(opening: float | None, backend: bool) -> float | None:
+    """The opening new pools get: ``DEFAULT_OPENING`` unless given; none with a backend.
+
+    A backend's corrections only lower a level, so a pool it opened at one second would
+    stay there: it starts from the full bucket, as it always has.
+    """
+    if not backend:
+        return DEFAULT_OPENING if opening is None else opening
+    if opening is not None:
+        raise ConfigurationError(
+            "opening cannot be given with a backend: its corrections only lower a level,"
+            " so a pool would never open past it"
+        )
+    return None
 
 
 def _check_options(

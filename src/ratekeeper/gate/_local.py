@@ -188,7 +188,12 @@ class LocalEngine:
             if runtime.cache_reads_count:
                 input_tokens += cache_read
             inp = float(input_tokens + cache_write)
-            out = float(max_tokens) if runtime.reserves_max_tokens else float(min(expected or 0, max_tokens))
+            if runtime.reserves_max_tokens:
+                out = float(max_tokens)
+            else:
+                out = float(min(expected or 0, max_tokens))
+                if max_tokens > runtime.most_output:
+                    runtime.most_output = float(max_tokens)
             if runtime.pool.take_plain(inp, out, now) is None:
                 return None
             if inp or out:

@@ -17,7 +17,7 @@ import attrs
 
 from ratekeeper.core._accounting import AccountingRules
 from ratekeeper.core._bucket import TokenBucket
-from ratekeeper.core._pool import Pool
+from ratekeeper.core._pool import MIN_BURST, Pool
 from ratekeeper.core._presets import batch_limits, count_tokens_rpm, limits_for
 from ratekeeper.errors import UnknownModelError
 from ratekeeper.gate._account import MAX_REMEMBERED, unified_targets
@@ -95,16 +95,18 @@ class PoolTable:
         self, name: str, limits: Mapping[str, float], rules: AccountingRules, now: float
     ) -> PoolRuntime:
         scale = self._warm_scale(now)
-        pool = Pool(name, limits, now=now, burst=self._burst, rate_scale=scale)
+        burst = self._burst
+        if self._opening is not None:
+            # How much the server's bucket holds is not known before its first report, and a
+            # minute's limit may be enforced over as little as one second: until a report shows
+            # more (``widen_burst``), the buckets hold ``opening`` seconds of the limit, so the
+            # first wave is paced at the refill rate (a request larger than that goes alone,
+            # into a full bucket, as the server's own would take it) instead of sent at once.
+            burst = min(burst, max(MIN_BURST, self._opening / 60.0))
+        pool = Pool(name, limits, now=now, burst=burst, rate_scale=scale)
         if scale < 1.0:
             for bucket in pool.buckets.values():
                 bucket.set_level(bucket.capacity * scale, now)
-        if self._opening is not None:
-            # how much the server's bucket holds is not known before its first report: the
-            # first wave spends only ``opening`` seconds of the limit, whatever the interval it
-            # is enforced over; that report then lifts the level to what the server holds
-            for dim, bucket in pool.buckets.items():
-                bucket.set_level(min(bucket.level_at(now), pool.limits[dim] * self._opening / 60.0), now)
         runtime = PoolRuntime(pool, rules, now)
         self.pools[name] = runtime
         for claim, until in self._holds.items():

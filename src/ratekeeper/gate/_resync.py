@@ -24,12 +24,14 @@ from ratekeeper.core._feedback import (
 )
 from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._reading import (
+    RESET_ROUNDING,
     ROUNDING_MARGIN,
     burst_bound,
     capped_pause,
     error_fields,
     explained_by_remaining,
     fitted_burst,
+    taken_by,
 )
 from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
 from ratekeeper.gate._state import _ACTIVE, Permit, PoolRuntime
@@ -60,8 +62,6 @@ TRANSIT_SHARE_OF_BUCKET: Final = 0.05
 _ESTIMATED: Final = frozenset({"input_tokens", "tokens", "priority_input_tokens"})
 #: The dimensions output draws on.
 _PRODUCED: Final = frozenset({"output_tokens", "tokens", "priority_output_tokens"})
-#: ``date`` and ``-reset`` are given to the second: a reset this far before the date is real.
-_RESET_ROUNDING: Final = 1.5
 #: Header dimension names that map onto pool buckets.
 _RESYNC_DIMS: Final = (
     "requests",
@@ -96,6 +96,7 @@ class _OwnTraffic:
 
     __slots__ = (
         "admitted",
+        "bounded",
         "counted_since",
         "early",
         "early_maybe",
@@ -104,6 +105,7 @@ class _OwnTraffic:
         "replay",
         "seq",
         "since",
+        "taken_by",
         "transit",
         "unsent",
         "unsent_maybe",
@@ -122,6 +124,8 @@ class _OwnTraffic:
         self.admitted = 0.0
         self.seq = -1
         self.transit = 0.0
+        self.taken_by: float | None = None
+        self.bounded = -math.inf
 
 
 @final
@@ -206,6 +210,10 @@ class PoolFeedback:
         fitted, changed = self._fit_shape(runtime, limits, snap.server_date, permit, now)
         if permit is not None:
             self._check_room(runtime, permit, now)
+            if not own.refused and runtime.moment.belief == "mixed":
+                # (where the server is known to report either moment, each report by itself;
+                # otherwise the evidence soon decides the reading for all of them)
+                own.taken_by = taken_by(limits, snap.server_date, now)
         pool = runtime.pool
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
@@ -324,7 +332,7 @@ class PoolFeedback:
                     # (a response of unknown age bounds nothing)
                     age = max(0.0, now - permit.started_at)
                     upper = min(upper, burst_bound(info.remaining, info.reset, date, dim, pool, age))
-                    if not stale and (date - info.reset).total_seconds() > _RESET_ROUNDING:
+                    if not stale and (date - info.reset).total_seconds() > RESET_ROUNDING:
                         stale = True
         if stale and not (
             permit is not None and permit.response_status is not None and permit.response_status >= 400
@@ -358,18 +366,23 @@ class PoolFeedback:
         # (what was sent within a round trip before this request may reach the server
         # after it: requests sent together arrive in any order)
         if own.replay is not None:
-            admission = admission_estimate(
-                lowest - then_maybe,
-                admitted,
-                now,
-                # at one instant, what gives back first: a bucket full then throws
-                # it away, as the server's may have (the other order could mint)
-                sorted(((t, c.get(dim, 0.0)) for t, c in own.replay), key=_gives_back_first),
-                rate=bucket.rate,
-                capacity=bucket.capacity,
-                pending=own.unsent.get(dim, 0.0),
-                late=transit,
-            )
+            # at one instant, what gives back first: a bucket full then throws it away, as
+            # the server's may have (the other order could mint)
+            replay = sorted(((t, c.get(dim, 0.0)) for t, c in own.replay), key=_gives_back_first)
+            pending = own.unsent.get(dim, 0.0)
+
+            def estimate(late: float) -> float:
+                return admission_estimate(
+                    lowest - then_maybe, admitted, now, replay, rate=bucket.rate, capacity=bucket.capacity,
+                    pending=pending, late=late,
+                )  # fmt: skip
+
+            admission = estimate(transit)
+            if own.taken_by is not None:
+                # a report shown older than its answer was taken between the admission and
+                # its earliest reset: with the refill counted from the latest it can have
+                # been, safe anywhere in between, whatever the server does with others
+                own.bounded = estimate(max(transit, own.taken_by - admitted))
         else:  # the rings do not reach back to the admission: all refill first, the safe side
             admission = (
                 min(lowest + bucket.rate * max(0.0, now - admitted - transit), bucket.capacity)
@@ -381,6 +394,10 @@ class PoolFeedback:
         response = response_estimate(lowest, own.unsent.get(dim, 0.0) + now_maybe)
         if dim in _EVIDENCE_DIMS:
             _note_evidence(runtime, dim, lowest, response, own, now)
+        if own.taken_by is not None and own.replay is not None:
+            # not a report of the answer's moment: in place of that reading, the bound (the
+            # admission reading stays, for when the reports turn out to be of the admission)
+            response = max(own.bounded, min(admission, response))
         # a refusal is answered as it arrives: its report is of then, either way
         order = float(own.seq)
         moments = ((admitted, order), (admitted, order) if own.refused else (now, order))
@@ -403,16 +420,14 @@ class PoolFeedback:
             runtime.readings.get(dim, NO_READINGS),
             latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
         )
-        if target > level and (
-            (dim in _PRODUCED and not runtime.reserves_max_tokens)
-            or (dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE)
-        ):
-            # Not lifted: output charged as it is produced is still to come (requests under
-            # way will draw it, and no report shows that yet); and a report read before
-            # its own request settles already counts that request's real input, which
-            # the settlement will give back again as our estimate's excess (a stream's
-            # report, at its first byte: its max_tokens reservation is the server's too).
-            target = level
+        if target > level:
+            # Lifted only as far as the traffic still to come leaves safe: output charged as it
+            # is produced (requests under way may each draw up to their max_tokens beyond what
+            # they reserved, and no report shows that yet); and a report read before its own
+            # request settles already counts that request's real input, which the settlement
+            # may give back again, up to its whole estimate (a stream's report, at its first
+            # byte: its max_tokens reservation is the server's too).
+            target = max(level, target - _still_to_come(runtime, dim, permit))
         if target > level:  # a reading refuted: what it took off comes back
             delta = bucket.resync(target, now, allow_increase=True)
         else:
@@ -539,6 +554,19 @@ def _note_evidence(
         tolerance=_EVIDENCE_TOLERANCE[dim],
         ceiling=limit,
     )
+
+
+def _still_to_come(runtime: PoolRuntime, dim: str, permit: Permit | None) -> float:
+    """The most ``dim`` may still lose that neither the report nor the model holds yet."""
+    held = 0.0
+    if dim in _PRODUCED and not runtime.reserves_max_tokens:
+        most = runtime.most_output
+        for other in runtime.in_flight.values():
+            held += max(0.0, most - other._charged.get("output_tokens", 0.0))
+    if dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE:
+        estimated = "priority_input_tokens" if dim.startswith("priority") else "input_tokens"
+        held += permit._charged.get(estimated, 0.0)
+    return held
 
 
 def _transit_cap(runtime: PoolRuntime) -> float:

@@ -167,6 +167,7 @@ class PoolRuntime:
         "granted",
         "in_flight",
         "moment",
+        "most_output",
         "next_wake",
         "overload_backoff",
         "overloaded",
@@ -200,18 +201,15 @@ class PoolRuntime:
         self.rules = rules
         self.cache_reads_count = rules.cache_reads_count
         self.reserves_max_tokens = rules.output_rule is OutputRule.MAX_TOKENS
+        self.most_output = 0.0  # the largest max_tokens asked under the real-time output rule
         # by priority, FIFO within one; those that left are dropped when met (see WaitQueue)
         self.queue: WaitQueue[Waiter] = WaitQueue()
         self.queued = 0
         self.in_flight: dict[int, Permit] = {}
         self.next_wake = math.inf
-        self.granted = 0
-        self.rate_limited = 0
-        self.rate_limited_predicted = 0
-        self.overloaded = 0
+        self.granted = self.rate_limited = self.rate_limited_predicted = self.overloaded = 0
         self.overload_backoff = 0.0
-        self.resyncs = 0
-        self.raised = 0
+        self.resyncs = self.raised = 0
         # the quickest answer seen from sending to its headers: no request travels longer
         self.fastest = math.inf
         # the longest a request has been shown to take to reach the server (0: nothing shown;
@@ -313,9 +311,13 @@ class PoolRuntime:
             return None
         reached = len(changes) < _SENDS_KEPT
         for t, change, drawn_at, drawn_seq in reversed(changes):
-            if t <= t0:
+            if t < t0:
                 reached = True
                 break
+            if t == t0 and not (drawn_at == t0 and drawn_seq > seq):
+                # (at the report's instant, only the settlement of a request granted after it
+                # is certainly after it; any other may be in the report already)
+                continue
             if drawn_at < t0 or (drawn_at == t0 and drawn_seq <= seq):
                 # settled after the report, drawn before it: the report has the server's own count
                 # of it, and what the settlement changes of our estimates is not the server's

@@ -97,9 +97,10 @@ class Scenario:
     non-streamed headers describe (``admission``, ``response`` or ``mixed``:
     see :class:`~ratekeeper.emulator.EmulatorConfig`). ``opening`` is given to
     ratekeeper's limiter (``Limiter(opening=...)``: seconds of the limit its
-    first wave spends before the first report). ``uplink`` is the longest time a
-    request takes to reach the server after it is sent (each draws its own, from 0
-    to ``uplink``: see :class:`~ratekeeper.emulator.LatencyModel`). After ``minutes`` no new request starts;
+    buckets hold until a report shows the server's; ``None``: the limiter's default).
+    ``uplink`` is the longest time a request takes to reach the server after it is sent
+    (each draws its own, from 0 to ``uplink``: see :class:`~ratekeeper.emulator.LatencyModel`).
+    After ``minutes`` no new request starts;
     requests under way get up to ``drain_seconds`` to finish.
     """
 

@@ -51,7 +51,7 @@ class StrategyContext:
     output_rule: OutputRule
     http_client: httpx2.AsyncClient
     max_retries: int = 2
-    #: ratekeeper's ``Limiter(opening=...)``
+    #: ratekeeper's ``Limiter(opening=...)`` (``None``: its default)
     opening: float | None = None
 
 
