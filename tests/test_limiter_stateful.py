@@ -46,8 +46,9 @@ import datetime as dt
 import email.utils
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -603,3 +604,59 @@ class MixedMomentMachine(LimiterMachine):
 TestLimiterMachine = LimiterMachine.TestCase
 TestResponseMomentMachine = ResponseMomentMachine.TestCase
 TestMixedMomentMachine = MixedMomentMachine.TestCase
+
+
+def test_permits_never_marked_sent_do_not_refute_the_right_reading() -> None:
+    """A sequence the response-moment machine found: the limiter's levels went above the server's.
+
+    This client never calls ``mark_sent``; its server counts each request at admission. Read
+    as unsent, the requests in flight made a report after one of them settled look as if the
+    server had gained what it had counted all along: two dimensions "refuted" the response
+    reading at once, the limiter took the reports as of the admission, and lifted input to
+    a full bucket while another client had just drawn 501 tokens from the server's.
+    """
+
+    def demand(max_tokens: int = 0) -> Demand:
+        return Demand(
+            input_tokens=0, max_tokens=max_tokens, cache_read_input_tokens=0, cache_creation_input_tokens=0
+        )
+
+    m = ResponseMomentMachine()
+
+    def check() -> None:
+        m.levels_match_the_model()
+        m.never_more_than_the_server_has()
+        m.requests_per_window_within_capacity_plus_rate()
+
+    def nobody_else() -> None:
+        m.another_client(input_tokens=0, output_tokens=0, requests=0)
+
+    permits: list[Any] = []  # (admit_now returns a permit, or hypothesis' empty bundle)
+    steps: list[Callable[[], object]] = [
+        lambda: m.time_passes(seconds=0.05),
+        lambda: permits.append(m.admit_now(demand=demand())),
+        nobody_else,
+        lambda: m.time_passes(seconds=0.05),
+        lambda: permits.append(m.admit_now(demand=demand())),
+        lambda: permits.append(m.admit_now(demand=demand())),
+        nobody_else,
+        lambda: m.time_passes(seconds=0.05),
+        lambda: permits.append(m.admit_now(demand=demand(1067))),
+        nobody_else,
+        lambda: m.time_passes(seconds=3.0),
+        lambda: m.queue(demand=demand(834), priority=0),
+        lambda: m.respond(permit=permits[1], status=200, retry=1, late=False, dated=False),
+        lambda: m.settle(permit=permits[3], extra_input=0, output_share=0.0),
+        *[lambda: m.time_passes(seconds=0.05)] * 6,
+        lambda: m.respond(permit=permits[0], status=200, retry=1, late=False, dated=False),
+        lambda: m.queue(demand=demand(), priority=0),
+        lambda: permits.append(m.admit_now(demand=demand())),
+        lambda: m.another_client(input_tokens=501, output_tokens=0, requests=0),
+        lambda: m.settle(permit=permits[4], extra_input=0, output_share=0.0),
+        lambda: m.respond(permit=permits[2], status=200, retry=1, late=False, dated=False),
+    ]
+    check()
+    for step in steps:
+        step()
+        check()
+    m.teardown()

@@ -91,7 +91,10 @@ class _OwnTraffic:
     the request (``early_maybe``) or after it (``late_maybe``), and within ``transit`` of now
     (``unsent_maybe``): may or may not be counted. ``since``: spent since the grant;
     ``counted_since``: what the server counted of it; ``replay``: the changes to replay on
-    the report (``None``: the rings do not reach back that far).
+    the report (``None``: the rings do not reach back that far). ``early_unmarked``: the
+    part of ``early`` (as ``unsent`` is all) from permits never marked sent, which a client
+    that does not call ``mark_sent`` may well have sent: the corrections count them the safe
+    way, the evidence of the moment as a blur.
     """
 
     __slots__ = (
@@ -100,6 +103,7 @@ class _OwnTraffic:
         "counted_since",
         "early",
         "early_maybe",
+        "early_unmarked",
         "late_maybe",
         "refused",
         "replay",
@@ -116,6 +120,7 @@ class _OwnTraffic:
         self.counted_since: dict[str, float] = {}
         self.early: dict[str, float] = {}
         self.early_maybe: dict[str, float] = {}
+        self.early_unmarked: dict[str, float] = {}
         self.late_maybe: dict[str, float] = {}
         self.unsent: dict[str, float] = {}
         self.unsent_maybe: dict[str, float] = {}
@@ -264,6 +269,7 @@ class PoolFeedback:
                 _add(own.unsent, other._charged)
                 if other.seq < seq:  # drawn in the model before this request, never sent
                     _add(own.early, other._charged)
+                    _add(own.early_unmarked, other._charged)
         oldest = min(admitted, now) - transit
         floor = oldest - runtime.look_back()
         for t, other_seq, charged, granted in reversed(runtime.sends):
@@ -536,12 +542,17 @@ def _note_evidence(
         return
     then = own.early.get(dim, 0.0)
     then_maybe = own.early_maybe.get(dim, 0.0)
-    now_maybe = own.unsent_maybe.get(dim, 0.0)
+    # permits never marked sent: only the client knows whether it sent them (a client of
+    # acquire and settle alone never says), so either way they are a blur here; read as
+    # unsent, a report after one of them settled looks like the server gained what it had
+    # counted all along, and refutes the right reading
+    then_maybe += own.early_unmarked.get(dim, 0.0)
+    now_maybe = own.unsent_maybe.get(dim, 0.0) + own.unsent.get(dim, 0.0)
     limit = runtime.pool.limits[dim]
     after_maybe = own.late_maybe.get(dim, 0.0)
     runtime.moment.note(
         dim,
-        lowest - then + (after_maybe - then_maybe) / 2,
+        lowest - then + own.early_unmarked.get(dim, 0.0) + (after_maybe - then_maybe) / 2,
         response + now_maybe / 2,
         admission_blur=(then_maybe + after_maybe) / 2,
         response_blur=now_maybe / 2,
