@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from limiter_support import FakeClock
 
 from ratekeeper import Limiter, Usage
+from ratekeeper.core._feedback import _Series
 from ratekeeper.core._pool import Pool
 
 LIMITS = st.fixed_dictionaries(
@@ -156,3 +157,46 @@ def test_fast_and_general_limiters_end_in_the_same_state(
     assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
     assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
     assert fast_state[2] == general_state[2]  # in flight
+
+
+def _series_breaks_by_loop(
+    points: list[tuple[float, float, float]],
+    t0: float,
+    ceiling: float,
+    point: tuple[float, float, float, float],
+) -> bool:
+    """The admission reading's test as it was written: every kept point compared in turn."""
+    at, value, blur, tolerance = point
+    low, high = value - blur, value + blur
+    broken = at >= t0 and low > ceiling + tolerance
+    for t, lo, hi in points[-32:]:
+        if (t <= at and low > hi + tolerance) or (t >= at and lo > high + tolerance):
+            broken = True
+            break
+    points.append((at, low, high))
+    return broken
+
+
+SERIES_VALUE = st.one_of(
+    st.sampled_from([0.0, 1.0, 99.5, 100.0, math.inf, -math.inf, math.nan]),
+    st.floats(-200.0, 200.0, allow_nan=False),
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.sampled_from([0.0, 1.0, 5.0, math.nan]), st.floats(0.0, 10.0)),
+            SERIES_VALUE,
+            st.sampled_from([0.0, 0.5, 3.0]),
+            st.sampled_from([1.01, 2001.0]),
+        ),
+        max_size=80,
+    )
+)
+def test_series_columns_break_where_the_loop_does(points: list[tuple[float, float, float, float]]) -> None:
+    """The min()/max() shortcuts over the kept points answer as the loop over them did, nan included."""
+    series = _Series(0.0, 0.0, 1.0, 100.0)
+    kept: list[tuple[float, float, float]] = []
+    for point in points:
+        assert series.admission_breaks(*point) == _series_breaks_by_loop(kept, 0.0, 100.0, point)
