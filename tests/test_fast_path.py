@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from limiter_support import FakeClock
 
-from ratekeeper import Limiter, Usage
+from ratekeeper import Demand, Limiter, Usage
 from ratekeeper.core._feedback import _Series
 from ratekeeper.core._pool import Pool
 
@@ -200,3 +200,41 @@ def test_series_columns_break_where_the_loop_does(points: list[tuple[float, floa
     kept: list[tuple[float, float, float]] = []
     for point in points:
         assert series.admission_breaks(*point) == _series_breaks_by_loop(kept, 0.0, 100.0, point)
+
+
+@given(TRAFFIC)
+def test_a_threads_acquire_takes_the_fast_path_to_the_same_state(
+    traffic: list[tuple[float, int, int, int, bool]],
+) -> None:
+    """``acquire_sync`` with a ``Demand``, outside any event loop, admitted by ``admit_plain``
+    (as a task's acquire is) or, with that refused, by the general path: the same end."""
+    results = []
+    for fast in (True, False):
+        clock = FakeClock()
+        limiter = Limiter("tier-1", clock=clock)
+        if not fast:
+            limiter._engine.admit_plain = lambda model, plain: None  # type: ignore[method-assign]
+        admitted = []
+        for dt, inp, max_tokens, produced, settle in traffic:
+            clock.advance(dt)
+            demand = Demand(input_tokens=inp, max_tokens=max_tokens)
+            try:
+                with limiter.acquire_sync("claude-sonnet-4-5", demand, timeout=0.0) as permit:
+                    admitted.append(("ok", permit.seq, dict(permit.reserved)))
+                    permit.mark_sent()
+                    if settle:
+                        permit.settle(Usage(input_tokens=inp, output_tokens=min(produced, max_tokens)))
+            except Exception as exc:
+                admitted.append((type(exc).__name__, 0, {}))
+        stats = limiter.statistics().pools.get("sonnet-4.x")
+        results.append(
+            (admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight))
+        )
+    (fast_admitted, fast_state), (general_admitted, general_state) = results
+    assert fast_admitted == general_admitted
+    if fast_state is None or general_state is None:
+        assert fast_state is general_state
+        return
+    assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
+    assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
+    assert fast_state[2] == general_state[2]  # in flight

@@ -98,8 +98,9 @@ class _Acquire:
     # gated from threads: ``with limiter.acquire_count_tokens() as permit:``.
     def __enter__(self) -> Permit:
         engine = self._limiter._engine
+        plain = self._plain
         demand = self._full_demand()
-        self._permit = _acquire_blocking(engine, self._model, demand, self._priority, self._timeout)
+        self._permit = _acquire_blocking(engine, self._model, demand, self._priority, self._timeout, plain)
         return self._permit
 
     def __exit__(
@@ -111,7 +112,7 @@ class _Acquire:
 
 
 def _acquire_blocking(
-    engine: Engine, model: str, demand: Demand, priority: int, timeout: float | None
+    engine: Engine, model: str, demand: Demand, priority: int, timeout: float | None, plain: Plain | None = None
 ) -> Permit:
     """Wait for a permit from a thread: in the event loop from an anyio worker thread, else on it."""
     try:
@@ -125,4 +126,6 @@ def _acquire_blocking(
     except RuntimeError as exc:
         if "not running in a worker thread" not in str(exc).lower() and "event loop" not in str(exc):
             raise
+    if plain is not None and (permit := engine.admit_plain(model, plain)) is not None:
+        return permit  # uncontended: the fast path a task's acquire takes (see __aenter__)
     return engine.acquire_thread(model, demand, priority, timeout)
