@@ -6,10 +6,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, final
 
 import anyio
-import sniffio
 
 from ratekeeper.core._accounting import Demand
 from ratekeeper.errors import ConfigurationError
+from ratekeeper.gate._clock import in_async_context
 from ratekeeper.gate._demand import Plain, _check_args
 from ratekeeper.gate._state import _ACTIVE, Permit
 
@@ -112,14 +112,15 @@ class _Acquire:
 
 
 def _acquire_blocking(
-    engine: Engine, model: str, demand: Demand, priority: int, timeout: float | None, plain: Plain | None = None
+    engine: Engine,
+    model: str,
+    demand: Demand,
+    priority: int,
+    timeout: float | None,
+    plain: Plain | None = None,
 ) -> Permit:
     """Wait for a permit from a thread: in the event loop from an anyio worker thread, else on it."""
-    try:
-        sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        pass
-    else:
+    if in_async_context():
         raise ConfigurationError("acquire_sync blocks; in async code use `async with limiter.acquire(...)`")
     try:
         return anyio.from_thread.run(engine.acquire, model, demand, priority, timeout)
