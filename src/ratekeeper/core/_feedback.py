@@ -172,11 +172,17 @@ def correction(
     >>> target, r.offsets
     (9.0, (-6.0, 0.0))
     """
-    values = []
-    for i in (0, 1):
-        estimate, at, held = estimates[i], moments[i], min(capacity, level + readings.offsets[i])
-        values.append(min(capacity, estimate) if at > readings.moments[i] else min(held, estimate))
-    adm, resp = values
+    # (both readings alike, unrolled: this runs for every dimension of every response)
+    (adm_estimate, resp_estimate), (adm_at, resp_at) = estimates, moments
+    (adm_offset, resp_offset), (adm_seen, resp_seen) = readings.offsets, readings.moments
+    if adm_at > adm_seen:
+        adm = min(capacity, adm_estimate)
+    else:
+        adm = min(min(capacity, level + adm_offset), adm_estimate)
+    if resp_at > resp_seen:
+        resp = min(capacity, resp_estimate)
+    else:
+        resp = min(min(capacity, level + resp_offset), resp_estimate)
     if belief == "admission":
         target = adm
     elif belief == "response":
@@ -186,10 +192,7 @@ def correction(
     if target != target:  # nan: no estimate
         return level, readings
     seen = moments if latest is None else latest
-    return target, Readings(
-        (adm - target, resp - target),
-        (max(seen[0], readings.moments[0]), max(seen[1], readings.moments[1])),
-    )
+    return target, Readings((adm - target, resp - target), (max(seen[0], adm_seen), max(seen[1], resp_seen)))
 
 
 @final

@@ -78,6 +78,9 @@ _EVIDENCE_DIMS: Final = frozenset({"requests", "output_tokens"})
 _EVIDENCE_TOLERANCE: Final = {"requests": 1.01, "output_tokens": 2 * ROUNDING_MARGIN + 1.0}
 
 
+#: ``error_fields`` of no body.
+_NO_ERROR: Final = (None, None, "")
+
 #: A report's two readings of one level (at the admission, at the answer) and their moments.
 _Readings: TypeAlias = tuple[float, float, tuple[tuple[float, float], tuple[float, float]]]
 
@@ -152,8 +155,11 @@ class PoolFeedback:
         permit: Permit | None,
         runtime: PoolRuntime | None,
     ) -> RateLimitSnapshot:
-        snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
-        error_type, error_code, message = error_fields(body)
+        if type(headers) is RateLimitSnapshot:  # the middleware's, parsed already: no clock read
+            snap = headers
+        else:
+            snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
+        error_type, error_code, message = error_fields(body) if body is not None else _NO_ERROR
         with self._lock:
             now = self._now()
             skew = snap.clock_skew or 0.0
@@ -364,7 +370,7 @@ class PoolFeedback:
                 now,
                 # at one instant, what gives back first: a bucket full then throws
                 # it away, as the server's may have (the other order could mint)
-                sorted(((t, c.get(dim, 0.0)) for t, c in own.replay), key=_gives_back_first),
+                sorted([(t, c.get(dim, 0.0)) for t, c in own.replay], key=_gives_back_first),
                 rate=bucket.rate,
                 capacity=bucket.capacity,
                 pending=own.unsent.get(dim, 0.0),
