@@ -10,7 +10,9 @@ leave the same state for the same traffic.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -231,6 +233,49 @@ def test_a_threads_acquire_takes_the_fast_path_to_the_same_state(
             (admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight))
         )
     (fast_admitted, fast_state), (general_admitted, general_state) = results
+    assert fast_admitted == general_admitted
+    if fast_state is None or general_state is None:
+        assert fast_state is general_state
+        return
+    assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
+    assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
+    assert fast_state[2] == general_state[2]  # in flight
+
+
+@given(TRAFFIC)
+def test_an_awaited_acquire_takes_the_fast_path_to_the_same_state(
+    traffic: list[tuple[float, int, int, int, bool]],
+) -> None:
+    """``await limiter.acquire_demand(...)`` (as the async middleware does), admitted by
+    ``admit_plain`` as ``async with`` is, or with that refused by the general path: the same end."""
+
+    async def run(fast: bool) -> tuple[list[tuple[str, int, dict[str, float]]], Any]:
+        clock = FakeClock()
+        limiter = Limiter("tier-1", clock=clock)
+        if not fast:
+            limiter._engine.admit_plain = lambda model, plain: None  # type: ignore[method-assign]
+        admitted: list[tuple[str, int, dict[str, float]]] = []
+        for dt, inp, max_tokens, produced, settle in traffic:
+            clock.advance(dt)
+            demand = Demand(input_tokens=inp, max_tokens=max_tokens)
+            try:
+                permit = await limiter.acquire_demand("claude-sonnet-4-5", demand, timeout=0.0)
+            except Exception as exc:
+                admitted.append((type(exc).__name__, 0, {}))
+                continue
+            admitted.append(("ok", permit.seq, dict(permit.reserved)))
+            permit.mark_sent()
+            if settle:
+                permit.settle(Usage(input_tokens=inp, output_tokens=min(produced, max_tokens)))
+            else:
+                permit.release()
+        stats = limiter.statistics().pools.get("sonnet-4.x")
+        return admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight)
+
+    (fast_admitted, fast_state), (general_admitted, general_state) = (
+        anyio.run(run, True),
+        anyio.run(run, False),
+    )
     assert fast_admitted == general_admitted
     if fast_state is None or general_state is None:
         assert fast_state is general_state

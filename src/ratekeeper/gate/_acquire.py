@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, final
 
@@ -92,6 +93,11 @@ class _Acquire:
 
     def __await__(self) -> Any:
         engine = self._limiter._engine
+        if self._plain is not None:
+            # uncontended: admitted as ``__aenter__`` admits, without a coroutine
+            permit = engine.admit_plain(self._model, self._plain)
+            if permit is not None:
+                return _at_once(permit)
         return engine.acquire(self._model, self._full_demand(), self._priority, self._timeout).__await__()
 
     # The blocking form too, so the special endpoints (count_tokens, batches) can be
@@ -109,6 +115,13 @@ class _Acquire:
         permit = self._permit
         if permit is not None and permit._state == _ACTIVE:
             permit._engine.release(permit)
+
+
+def _at_once(permit: Permit) -> Generator[Any, None, Permit]:
+    """What ``await`` takes for a permit already granted: it returns at once, as a coroutine
+    that never suspends would."""
+    return permit
+    yield  # (unreachable: a generator, so ``await`` can take it)
 
 
 def _acquire_blocking(
