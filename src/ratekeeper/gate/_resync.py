@@ -303,33 +303,40 @@ class PoolFeedback:
         dimensions tells a shorter enforcement interval before any 429 does.
         """
         pool = runtime.pool
+        lim = self._lim
+        pool_limits, buckets = pool.limits, pool.buckets  # (set_limit changes these in place)
         changed = False
         upper = math.inf
         burst_floor = 0.0
         stale = False  # a bucket full again before the answer was sent: not a report of then
+        scale = math.nan  # read at the first limit learned: the same for every dimension here
+        # (a response of unknown age bounds nothing)
+        age = max(0.0, now - permit.started_at) if permit is not None and date is not None else None
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
                 continue
-            if info.limit is not None and info.limit > 0 and self._lim._learn:
+            limit = info.limit
+            if limit is not None and limit > 0 and lim._learn:
                 if dim == "tokens":
-                    combined = pool.limits.get("input_tokens", 0.0) + pool.limits.get("output_tokens", 0.0)
-                    learn = dim in pool.limits or info.limit < combined
+                    combined = pool_limits.get("input_tokens", 0.0) + pool_limits.get("output_tokens", 0.0)
+                    learn = dim in pool_limits or limit < combined
                 else:
-                    learn = dim in pool.limits or dim.startswith("priority")
-                scale = self._lim._warm_scale(now) * runtime.share
-                if learn and pool.set_limit(dim, float(info.limit), now, rate_scale=scale):
+                    learn = dim in pool_limits or dim.startswith("priority")
+                if scale != scale:
+                    scale = lim._warm_scale(now) * runtime.share
+                if learn and pool.set_limit(dim, float(limit), now, rate_scale=scale):
                     changed = True
                     self._fail_impossible(runtime)
-                    self._lim._emit("limit_change", runtime, now, {dim: info.limit})
-            if info.remaining is not None and dim in pool.limits and pool.buckets[dim].rate > 0.0:
-                lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
+                    lim._emit("limit_change", runtime, now, {dim: limit})
+            remaining = info.remaining
+            if remaining is not None and dim in pool_limits and buckets[dim].rate > 0.0:
+                lowest = remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
                 # the server's bucket holds at least what it reports left
-                burst_floor = max(burst_floor, lowest / pool.limits[dim])
-                if permit is not None and info.reset is not None and date is not None:
-                    # (a response of unknown age bounds nothing)
-                    age = max(0.0, now - permit.started_at)
-                    upper = min(upper, burst_bound(info.remaining, info.reset, date, dim, pool, age))
+                burst_floor = max(burst_floor, lowest / pool_limits[dim])
+                if age is not None and info.reset is not None:
+                    assert date is not None
+                    upper = min(upper, burst_bound(remaining, info.reset, date, dim, pool, age))
                     if not stale and (date - info.reset).total_seconds() > _RESET_ROUNDING:
                         stale = True
         if stale and not (
