@@ -352,7 +352,9 @@ class TokenEstimator:
             counts = actual.total_input_tokens, actual.output_tokens
         total, output = counts
         with self._lock:
-            learned = self._learned.setdefault(estimate.family, _Learned())
+            learned = self._learned.get(estimate.family)
+            if learned is None:  # (not setdefault: it would build one for every response)
+                learned = self._learned[estimate.family] = _Learned()
             text = estimate.text_tokens
             if total > 0 and text >= 1.0:
                 seen = max(total - estimate.fixed_tokens, 1) / text
