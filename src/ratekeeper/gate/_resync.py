@@ -343,18 +343,22 @@ class PoolFeedback:
             permit is not None and permit.response_status is not None and permit.response_status >= 400
         ):
             runtime.moment.reset_before_date()
-        fitted = False
-        upper = fitted_burst(upper, burst_floor)
+        fitted, resized = self._fit_burst(runtime, fitted_burst(upper, burst_floor), burst_floor, now)
+        return fitted, changed or resized
+
+    def _fit_burst(self, runtime: PoolRuntime, upper: float, lower: float, now: float) -> tuple[bool, bool]:
+        """Fit the burst to the bucket size a report bounds: (shrunk to it, resized at all)."""
+        pool = runtime.pool
         if self._lim._adaptive and upper < 1.0 and pool.fit_burst(upper, now):
-            fitted = changed = True
             runtime.shrink_seq = next(self._seq)
             self._lim._emit("burst_change", runtime, now, {"burst": pool.burst, "from": "headers"})
-        elif self._lim._adaptive and burst_floor <= upper and pool.widen_burst(burst_floor, now):
+            return True, True
+        if self._lim._adaptive and lower <= upper and pool.widen_burst(lower, now):
             # (not when another dimension of the same report bounds the bucket below that: one
             # burst serves them all, and widening past the bound would shrink on the next report)
-            changed = True
             self._lim._emit("burst_change", runtime, now, {"burst": pool.burst, "from": "headers"})
-        return fitted, changed
+            return False, True
+        return False, False
 
     def _readings(
         self, runtime: PoolRuntime, dim: str, lowest: float, own: _OwnTraffic, now: float
