@@ -375,13 +375,16 @@ class PoolFeedback:
         # (what was sent within a round trip before this request may reach the server
         # after it: requests sent together arrive in any order)
         if own.replay is not None:
+            events = [(t, c.get(dim, 0.0)) for t, c in own.replay]
+            if len(events) > 1:
+                # at one instant, what gives back first: a bucket full then throws
+                # it away, as the server's may have (the other order could mint)
+                events.sort(key=_gives_back_first)
             admission = admission_estimate(
                 lowest - then_maybe,
                 admitted,
                 now,
-                # at one instant, what gives back first: a bucket full then throws
-                # it away, as the server's may have (the other order could mint)
-                sorted([(t, c.get(dim, 0.0)) for t, c in own.replay], key=_gives_back_first),
+                events,
                 rate=bucket.rate,
                 capacity=bucket.capacity,
                 pending=own.unsent.get(dim, 0.0),
