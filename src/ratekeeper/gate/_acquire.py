@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, final
@@ -135,11 +136,13 @@ def _acquire_blocking(
     """Wait for a permit from a thread: in the event loop from an anyio worker thread, else on it."""
     if in_async_context():
         raise ConfigurationError("acquire_sync blocks; in async code use `async with limiter.acquire(...)`")
-    try:
-        return anyio.from_thread.run(engine.acquire, model, demand, priority, timeout)
-    except RuntimeError as exc:
-        if "not running in a worker thread" not in str(exc).lower() and "event loop" not in str(exc):
-            raise
+    # (an anyio worker thread is never the main thread: there anyio could only raise, ~2 us)
+    if threading.current_thread() is not threading.main_thread():
+        try:
+            return anyio.from_thread.run(engine.acquire, model, demand, priority, timeout)
+        except RuntimeError as exc:
+            if "not running in a worker thread" not in str(exc).lower() and "event loop" not in str(exc):
+                raise
     if plain is not None and (permit := engine.admit_plain(model, plain)) is not None:
         return permit  # uncontended: the fast path a task's acquire takes (see __aenter__)
     return engine.acquire_thread(model, demand, priority, timeout)
