@@ -151,3 +151,21 @@ def test_remembered_url_paths_are_bounded() -> None:
     for i in range(3000):
         assert _plan._path_of(f"http://x/v1/messages/batches/b{i}?q=1") == f"/v1/messages/batches/b{i}"
     assert len(_plan._paths) <= _plan._MAX_PATHS
+
+
+def test_remembered_routes_are_bounded_and_read_the_body_each_time() -> None:
+    from types import SimpleNamespace
+
+    from ratekeeper.anthropic import _plan
+
+    for i in range(3000):
+        batch = SimpleNamespace(url=f"http://x/v1/messages/batches/b{i}", method="GET", json=None)
+        assert _plan._route(batch) == _plan._BATCH  # type: ignore[arg-type]
+    assert len(_plan._routes) <= _plan._MAX_PATHS
+    url = "http://x/v1/messages"
+    priced = SimpleNamespace(url=url, method="POST", json={"model": MODEL})
+    unpriced = SimpleNamespace(url=url, method="POST", json={"messages": []})
+    for _ in range(2):  # a remembered URL still has its body looked at
+        assert _plan._route(priced) == _plan._MESSAGES  # type: ignore[arg-type]
+        assert _plan._route(unpriced) is None  # type: ignore[arg-type]
+    assert _plan._route(SimpleNamespace(url=url, method="GET", json=None)) is None  # type: ignore[arg-type]

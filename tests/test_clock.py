@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import time
 
 import anyio
 import pytest
+import sniffio
 
 from ratekeeper import Limiter
-from ratekeeper.gate._clock import GateClock
+from ratekeeper.gate._clock import GateClock, in_async_context
 
 pytestmark = pytest.mark.anyio
 
@@ -88,3 +90,40 @@ def test_a_thread_reads_monotonic_time_when_trio_is_not_imported() -> None:
     env = {**os.environ, "RATEKEEPER_CLOCK_OFFSET": "0"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def _sniffed() -> bool:
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
+
+
+async def test_in_async_context_says_what_sniffio_says_in_a_task_and_its_worker_thread() -> None:
+    assert in_async_context() is _sniffed() is True
+    seen = await anyio.to_thread.run_sync(lambda: (in_async_context(), _sniffed()))
+    assert seen[0] is seen[1]
+
+
+def test_in_async_context_says_what_sniffio_says_outside_a_task() -> None:
+    assert in_async_context() is _sniffed() is False
+    token = sniffio.current_async_library_cvar.set("some-library")
+    try:
+        assert in_async_context() is _sniffed() is True
+    finally:
+        sniffio.current_async_library_cvar.reset(token)
+    sniffio.thread_local.name = "another"
+    try:
+        assert in_async_context() is _sniffed() is True
+    finally:
+        sniffio.thread_local.name = None
+    loop = asyncio.new_event_loop()  # a loop's callback: a running loop, but no task
+    seen: list[tuple[bool, bool]] = []
+    try:
+        loop.call_soon(lambda: seen.append((in_async_context(), _sniffed())))
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert seen == [(False, False)]

@@ -10,13 +10,16 @@ leave the same state for the same traffic.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from limiter_support import FakeClock
 
-from ratekeeper import Limiter, Usage
+from ratekeeper import Demand, Limiter, Usage
+from ratekeeper.core._feedback import _Series
 from ratekeeper.core._pool import Pool
 
 LIMITS = st.fixed_dictionaries(
@@ -149,6 +152,130 @@ def test_fast_and_general_limiters_end_in_the_same_state(
             (admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight))
         )
     (fast_admitted, fast_state), (general_admitted, general_state) = results
+    assert fast_admitted == general_admitted
+    if fast_state is None or general_state is None:
+        assert fast_state is general_state
+        return
+    assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
+    assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
+    assert fast_state[2] == general_state[2]  # in flight
+
+
+def _series_breaks_by_loop(
+    points: list[tuple[float, float, float]],
+    t0: float,
+    ceiling: float,
+    point: tuple[float, float, float, float],
+) -> bool:
+    """The admission reading's test as it was written: every kept point compared in turn."""
+    at, value, blur, tolerance = point
+    low, high = value - blur, value + blur
+    broken = at >= t0 and low > ceiling + tolerance
+    for t, lo, hi in points[-32:]:
+        if (t <= at and low > hi + tolerance) or (t >= at and lo > high + tolerance):
+            broken = True
+            break
+    points.append((at, low, high))
+    return broken
+
+
+SERIES_VALUE = st.one_of(
+    st.sampled_from([0.0, 1.0, 99.5, 100.0, math.inf, -math.inf, math.nan]),
+    st.floats(-200.0, 200.0, allow_nan=False),
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.sampled_from([0.0, 1.0, 5.0, math.nan]), st.floats(0.0, 10.0)),
+            SERIES_VALUE,
+            st.sampled_from([0.0, 0.5, 3.0]),
+            st.sampled_from([1.01, 2001.0]),
+        ),
+        max_size=80,
+    )
+)
+def test_series_columns_break_where_the_loop_does(points: list[tuple[float, float, float, float]]) -> None:
+    """The min()/max() shortcuts over the kept points answer as the loop over them did, nan included."""
+    series = _Series(0.0, 0.0, 1.0, 100.0)
+    kept: list[tuple[float, float, float]] = []
+    for point in points:
+        assert series.admission_breaks(*point) == _series_breaks_by_loop(kept, 0.0, 100.0, point)
+
+
+@given(TRAFFIC)
+def test_a_threads_acquire_takes_the_fast_path_to_the_same_state(
+    traffic: list[tuple[float, int, int, int, bool]],
+) -> None:
+    """``acquire_sync`` with a ``Demand``, outside any event loop, admitted by ``admit_plain``
+    (as a task's acquire is) or, with that refused, by the general path: the same end."""
+    results = []
+    for fast in (True, False):
+        clock = FakeClock()
+        limiter = Limiter("tier-1", clock=clock)
+        if not fast:
+            limiter._engine.admit_plain = lambda model, plain: None  # type: ignore[method-assign]
+        admitted = []
+        for dt, inp, max_tokens, produced, settle in traffic:
+            clock.advance(dt)
+            demand = Demand(input_tokens=inp, max_tokens=max_tokens)
+            try:
+                with limiter.acquire_sync("claude-sonnet-4-5", demand, timeout=0.0) as permit:
+                    admitted.append(("ok", permit.seq, dict(permit.reserved)))
+                    permit.mark_sent()
+                    if settle:
+                        permit.settle(Usage(input_tokens=inp, output_tokens=min(produced, max_tokens)))
+            except Exception as exc:
+                admitted.append((type(exc).__name__, 0, {}))
+        stats = limiter.statistics().pools.get("sonnet-4.x")
+        results.append(
+            (admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight))
+        )
+    (fast_admitted, fast_state), (general_admitted, general_state) = results
+    assert fast_admitted == general_admitted
+    if fast_state is None or general_state is None:
+        assert fast_state is general_state
+        return
+    assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
+    assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
+    assert fast_state[2] == general_state[2]  # in flight
+
+
+@given(TRAFFIC)
+def test_an_awaited_acquire_takes_the_fast_path_to_the_same_state(
+    traffic: list[tuple[float, int, int, int, bool]],
+) -> None:
+    """``await limiter.acquire_demand(...)`` (as the async middleware does), admitted by
+    ``admit_plain`` as ``async with`` is, or with that refused by the general path: the same end."""
+
+    async def run(fast: bool) -> tuple[list[tuple[str, int, dict[str, float]]], Any]:
+        clock = FakeClock()
+        limiter = Limiter("tier-1", clock=clock)
+        if not fast:
+            limiter._engine.admit_plain = lambda model, plain: None  # type: ignore[method-assign]
+        admitted: list[tuple[str, int, dict[str, float]]] = []
+        for dt, inp, max_tokens, produced, settle in traffic:
+            clock.advance(dt)
+            demand = Demand(input_tokens=inp, max_tokens=max_tokens)
+            try:
+                permit = await limiter.acquire_demand("claude-sonnet-4-5", demand, timeout=0.0)
+            except Exception as exc:
+                admitted.append((type(exc).__name__, 0, {}))
+                continue
+            admitted.append(("ok", permit.seq, dict(permit.reserved)))
+            permit.mark_sent()
+            if settle:
+                permit.settle(Usage(input_tokens=inp, output_tokens=min(produced, max_tokens)))
+            else:
+                permit.release()
+        stats = limiter.statistics().pools.get("sonnet-4.x")
+        return admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight)
+
+    (fast_admitted, fast_state), (general_admitted, general_state) = (
+        anyio.run(run, True),
+        anyio.run(run, False),
+    )
     assert fast_admitted == general_admitted
     if fast_state is None or general_state is None:
         assert fast_state is general_state

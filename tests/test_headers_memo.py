@@ -1,5 +1,5 @@
 """parse_headers' shortcuts say what a full reading says: the unified family remembered by its
-texts, and an httpx ``Headers`` read through ``multi_items()``."""
+texts, and an httpx ``Headers`` read from its raw pairs."""
 
 from __future__ import annotations
 

@@ -35,7 +35,6 @@ from collections.abc import Mapping
 from typing import Any, Final, TypeVar, final
 
 import anthropic
-import sniffio
 
 from ratekeeper.anthropic._exchange import _Exchange, _Learner
 from ratekeeper.anthropic._plan import Counter, _route
@@ -46,6 +45,7 @@ from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.errors import ConfigurationError, InsufficientCredits
 from ratekeeper.estimate._body_scan import Scan
 from ratekeeper.estimate._estimator import TokenEstimator
+from ratekeeper.gate._clock import in_async_context
 from ratekeeper.gate._limiter import Limiter
 
 __all__ = ["RateLimitMiddleware", "wrap"]
@@ -152,7 +152,7 @@ class RateLimitMiddleware(_Learner, anthropic.Middleware):
         route = _route(request)
         if route is None:
             return call_next(request)
-        if _in_event_loop():
+        if in_async_context():
             # the user called the sync client, not acquire_sync: name the fix in their terms
             raise ConfigurationError(
                 "a sync Anthropic client would block the running event loop while it waits for "
@@ -273,14 +273,6 @@ def _unbound() -> ConfigurationError:
 
 def _count_args(body: Mapping[str, Any]) -> dict[str, Any]:
     return {key: body[key] for key in _COUNT_FIELDS if key in body}
-
-
-def _in_event_loop() -> bool:
-    try:
-        sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return False
-    return True
 
 
 # wrap()'s default limiters, one per (credential digest, base URL): limits belong to the

@@ -58,9 +58,29 @@ def _path_of(url: str) -> str:
     return path
 
 
+# (url, method) -> what _url_route says of them: the same few again and again; bounded
+_routes: dict[tuple[str, str], str | None] = {}
+
+
 def _route(request: anthropic.APIRequest) -> str | None:
-    path = _path_of(request.url).rstrip("/")
-    method = request.method.lower()
+    key = (request.url, request.method)
+    try:
+        route = _routes[key]
+    except KeyError:
+        route = _url_route(_path_of(key[0]).rstrip("/"), key[1].lower())
+        if len(_routes) >= _MAX_PATHS:
+            _routes.clear()  # batch ids and the like make new URLs
+        _routes[key] = route
+    if route == _MESSAGES:
+        body = request.json
+        if (type(body) is dict or isinstance(body, Mapping)) and isinstance(body.get("model"), str):
+            return _MESSAGES
+        return None  # nothing to price: let the API answer it (a 400)
+    return route
+
+
+def _url_route(path: str, method: str) -> str | None:
+    """The route of a path and a lowercased method, before the body is looked at."""
     if path.endswith("/messages/batches") and method == "post":
         return _BATCH_CREATE
     if "/messages/batches" in path:
@@ -70,10 +90,7 @@ def _route(request: anthropic.APIRequest) -> str | None:
     if path.endswith("/messages/count_tokens"):
         return _COUNT
     if path.endswith("/messages"):
-        body = request.json
-        if isinstance(body, Mapping) and isinstance(body.get("model"), str):
-            return _MESSAGES
-        return None  # nothing to price: let the API answer it (a 400)
+        return _MESSAGES
     return None
 
 
@@ -188,9 +205,9 @@ class _Planner:
         self, request: anthropic.APIRequest, route: str
     ) -> tuple[Mapping[str, Any] | None, int | None]:
         """The body to count exactly (None: don't), and its count if already known."""
-        body = request.json
         if route != _MESSAGES or (self._counter is None and not self._count_tokens):
             return None, None
+        body = request.json
         if not isinstance(body, Mapping):
             return None, None
         with self._lock:

@@ -172,11 +172,17 @@ def correction(
     >>> target, r.offsets
     (9.0, (-6.0, 0.0))
     """
-    values = []
-    for i in (0, 1):
-        estimate, at, held = estimates[i], moments[i], min(capacity, level + readings.offsets[i])
-        values.append(min(capacity, estimate) if at > readings.moments[i] else min(held, estimate))
-    adm, resp = values
+    # (both readings alike, unrolled: this runs for every dimension of every response)
+    (adm_estimate, resp_estimate), (adm_at, resp_at) = estimates, moments
+    (adm_offset, resp_offset), (adm_seen, resp_seen) = readings.offsets, readings.moments
+    if adm_at > adm_seen:
+        adm = min(capacity, adm_estimate)
+    else:
+        adm = min(min(capacity, level + adm_offset), adm_estimate)
+    if resp_at > resp_seen:
+        resp = min(capacity, resp_estimate)
+    else:
+        resp = min(min(capacity, level + resp_offset), resp_estimate)
     if belief == "admission":
         target = adm
     elif belief == "response":
@@ -186,10 +192,7 @@ def correction(
     if target != target:  # nan: no estimate
         return level, readings
     seen = moments if latest is None else latest
-    return target, Readings(
-        (adm - target, resp - target),
-        (max(seen[0], readings.moments[0]), max(seen[1], readings.moments[1])),
-    )
+    return target, Readings((adm - target, resp - target), (max(seen[0], adm_seen), max(seen[1], resp_seen)))
 
 
 @final
@@ -322,7 +325,7 @@ _POINTS: Final = 32
 
 @final
 class _Series:
-    __slots__ = ("ceiling", "lowest_response", "points", "rate", "spent0", "t0")
+    __slots__ = ("_his", "_los", "_nans", "_ts", "ceiling", "lowest_response", "rate", "spent0", "t0")
 
     def __init__(self, t0: float, spent0: float, rate: float, ceiling: float) -> None:
         self.t0 = t0
@@ -331,17 +334,35 @@ class _Series:
         self.ceiling = ceiling
         # the highest each reading's value can be, at the lowest point so far
         self.lowest_response = math.inf
-        # (instant, lowest, highest) of the latest admission-reading values
-        self.points: deque[tuple[float, float, float]] = deque(maxlen=_POINTS)
+        # (instant, lowest, highest) of the latest admission-reading values, as three columns
+        # so the usual test (every point earlier than the new one) is a min() in C, not a loop
+        self._ts: deque[float] = deque(maxlen=_POINTS)
+        self._los: deque[float] = deque(maxlen=_POINTS)
+        self._his: deque[float] = deque(maxlen=_POINTS)
+        # how many of the points kept hold a nan, which min() and max() do not order
+        self._nans = 0
 
     def admission_breaks(self, at: float, value: float, blur: float, tolerance: float) -> bool:
         """Add a point; True if it and an earlier one rise with time (the series cannot)."""
         low, high = value - blur, value + blur
         # (before t0 the level can have been above the ceiling less the traffic since)
         broken = at >= self.t0 and low > self.ceiling + tolerance
-        for t, lo, hi in self.points:
-            if (t <= at and low > hi + tolerance) or (t >= at and lo > high + tolerance):
-                broken = True
-                break
-        self.points.append((at, low, high))
+        ts, los, his = self._ts, self._los, self._his
+        if not broken and ts:
+            if not self._nans and max(ts) < at:  # answers in order: every point is earlier
+                broken = low > min(his) + tolerance
+            elif not self._nans and min(ts) > at:
+                broken = max(los) > high + tolerance
+            else:
+                for t, lo, hi in zip(ts, los, his, strict=True):
+                    if (t <= at and low > hi + tolerance) or (t >= at and lo > high + tolerance):
+                        broken = True
+                        break
+        if len(ts) == _POINTS and (ts[0] != ts[0] or los[0] != los[0] or his[0] != his[0]):
+            self._nans -= 1  # about to fall out of the window
+        if at != at or low != low or high != high:
+            self._nans += 1
+        ts.append(at)
+        los.append(low)
+        his.append(high)
         return broken

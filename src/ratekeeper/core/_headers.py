@@ -188,12 +188,14 @@ def _collect(headers: _RawHeaders) -> tuple[dict[str, str], set[str]]:
             return lowered, set()
         items: Iterable[object] = headers.items()
     elif type(headers).__module__.partition(".")[0] in _HTTPX_MODULES:
-        # an httpx/httpx2 ``Headers`` (a response's): its pairs as decoded text, one list built
-        # in C, instead of ``items()``, which joins repeats in Python. With no name repeated
-        # (even in another case) the two say the same; otherwise ``items()`` as before.
-        pairs = headers.multi_items()  # type: ignore[union-attr]
-        lowered = {name.lower(): value for name, value in pairs}
-        if len(lowered) == len(pairs) and _str_items(lowered):
+        # an httpx/httpx2 ``Headers`` (a response's): its raw pairs decoded as ``items()``
+        # decodes them (``encoding``, read once: ``multi_items()`` reads it twice a header),
+        # instead of ``items()``, which joins repeats in Python. With no name repeated (even
+        # in another case) the two say the same; otherwise ``items()`` as before.
+        encoding = headers.encoding  # type: ignore[union-attr]
+        raw = headers.raw  # type: ignore[union-attr]
+        lowered = {name.decode(encoding).lower(): value.decode(encoding) for name, value in raw}
+        if len(lowered) == len(raw) and _str_items(lowered):
             return lowered, set()
         items = headers.items()  # type: ignore[union-attr]
     elif isinstance(headers, Mapping):

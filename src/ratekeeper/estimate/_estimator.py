@@ -177,16 +177,16 @@ def _plain_usage(usage: object) -> tuple[int, int] | None:
     if type(usage) is not dict:
         return None
     get = usage.get
-    values = [get(name) for name in _USAGE_COUNTS]
-    if not all(map(_plain_count, values)):
-        return None
+    uncached, written, read, output = values = [get(name) for name in _USAGE_COUNTS]
+    for value in values:  # _plain_count inlined: four calls a response
+        if value is not None and (type(value) is not int or not 0 <= value <= _PLAIN_COUNT):
+            return None
     split = get("cache_creation")
     if split is not None and (
         type(split) is not dict or not all(_plain_count(split.get(n)) for n in _SPLIT_COUNTS)
     ):
         return None
-    uncached, written, read, output = (value or 0 for value in values)
-    return uncached + written + read, output
+    return (uncached or 0) + (written or 0) + (read or 0), output or 0
 
 
 def _counted(
@@ -352,7 +352,9 @@ class TokenEstimator:
             counts = actual.total_input_tokens, actual.output_tokens
         total, output = counts
         with self._lock:
-            learned = self._learned.setdefault(estimate.family, _Learned())
+            learned = self._learned.get(estimate.family)
+            if learned is None:  # (not setdefault: it would build one for every response)
+                learned = self._learned[estimate.family] = _Learned()
             text = estimate.text_tokens
             if total > 0 and text >= 1.0:
                 seen = max(total - estimate.fixed_tokens, 1) / text

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, final
 
 import anyio
-import sniffio
 
 from ratekeeper.core._accounting import Demand
 from ratekeeper.errors import ConfigurationError
+from ratekeeper.gate._clock import in_async_context
 from ratekeeper.gate._demand import Plain, _check_args
 from ratekeeper.gate._state import _ACTIVE, Permit
 
@@ -92,14 +94,20 @@ class _Acquire:
 
     def __await__(self) -> Any:
         engine = self._limiter._engine
+        if self._plain is not None:
+            # uncontended: admitted as ``__aenter__`` admits, without a coroutine
+            permit = engine.admit_plain(self._model, self._plain)
+            if permit is not None:
+                return _at_once(permit)
         return engine.acquire(self._model, self._full_demand(), self._priority, self._timeout).__await__()
 
     # The blocking form too, so the special endpoints (count_tokens, batches) can be
     # gated from threads: ``with limiter.acquire_count_tokens() as permit:``.
     def __enter__(self) -> Permit:
         engine = self._limiter._engine
+        plain = self._plain
         demand = self._full_demand()
-        self._permit = _acquire_blocking(engine, self._model, demand, self._priority, self._timeout)
+        self._permit = _acquire_blocking(engine, self._model, demand, self._priority, self._timeout, plain)
         return self._permit
 
     def __exit__(
@@ -110,19 +118,31 @@ class _Acquire:
             permit._engine.release(permit)
 
 
+def _at_once(permit: Permit) -> Generator[Any, None, Permit]:
+    """What ``await`` takes for a permit already granted: it returns at once, as a coroutine
+    that never suspends would."""
+    return permit
+    yield  # (unreachable: a generator, so ``await`` can take it)
+
+
 def _acquire_blocking(
-    engine: Engine, model: str, demand: Demand, priority: int, timeout: float | None
+    engine: Engine,
+    model: str,
+    demand: Demand,
+    priority: int,
+    timeout: float | None,
+    plain: Plain | None = None,
 ) -> Permit:
     """Wait for a permit from a thread: in the event loop from an anyio worker thread, else on it."""
-    try:
-        sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        pass
-    else:
+    if in_async_context():
         raise ConfigurationError("acquire_sync blocks; in async code use `async with limiter.acquire(...)`")
-    try:
-        return anyio.from_thread.run(engine.acquire, model, demand, priority, timeout)
-    except RuntimeError as exc:
-        if "not running in a worker thread" not in str(exc).lower() and "event loop" not in str(exc):
-            raise
+    # (an anyio worker thread is never the main thread: there anyio could only raise, ~2 us)
+    if threading.current_thread() is not threading.main_thread():
+        try:
+            return anyio.from_thread.run(engine.acquire, model, demand, priority, timeout)
+        except RuntimeError as exc:
+            if "not running in a worker thread" not in str(exc).lower() and "event loop" not in str(exc):
+                raise
+    if plain is not None and (permit := engine.admit_plain(model, plain)) is not None:
+        return permit  # uncontended: the fast path a task's acquire takes (see __aenter__)
     return engine.acquire_thread(model, demand, priority, timeout)

@@ -299,7 +299,7 @@ class Limiter:
         given = (input_tokens, max_tokens, cache_read_input_tokens, cache_creation_input_tokens, credits)
         if any(given) or expected_output_tokens is not None or service_tier is not None:
             raise ConfigurationError("acquire_sync: give either a Demand or the token keywords, not both")
-        return _Acquire(self, model, demand, priority, timeout)
+        return self.acquire_demand(model, demand, priority=priority, timeout=timeout)
 
     def acquire_nowait(
         self,

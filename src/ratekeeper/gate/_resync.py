@@ -78,6 +78,9 @@ _EVIDENCE_DIMS: Final = frozenset({"requests", "output_tokens"})
 _EVIDENCE_TOLERANCE: Final = {"requests": 1.01, "output_tokens": 2 * ROUNDING_MARGIN + 1.0}
 
 
+#: ``error_fields`` of no body.
+_NO_ERROR: Final = (None, None, "")
+
 #: A report's two readings of one level (at the admission, at the answer) and their moments.
 _Readings: TypeAlias = tuple[float, float, tuple[tuple[float, float], tuple[float, float]]]
 
@@ -161,8 +164,11 @@ class PoolFeedback:
         permit: Permit | None,
         runtime: PoolRuntime | None,
     ) -> RateLimitSnapshot:
-        snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
-        error_type, error_code, message = error_fields(body)
+        if type(headers) is RateLimitSnapshot:  # the middleware's, parsed already: no clock read
+            snap = headers
+        else:
+            snap = parse_headers(headers, received_at=_dt.datetime.now(_dt.UTC))  # type: ignore[arg-type]
+        error_type, error_code, message = error_fields(body) if body is not None else _NO_ERROR
         with self._lock:
             now = self._now()
             skew = snap.clock_skew or 0.0
@@ -311,51 +317,62 @@ class PoolFeedback:
         dimensions tells a shorter enforcement interval before any 429 does.
         """
         pool = runtime.pool
+        lim = self._lim
+        pool_limits, buckets = pool.limits, pool.buckets  # (set_limit changes these in place)
         changed = False
         upper = math.inf
         burst_floor = 0.0
         stale = False  # a bucket full again before the answer was sent: not a report of then
+        scale = math.nan  # read at the first limit learned: the same for every dimension here
+        # (a response of unknown age bounds nothing)
+        age = max(0.0, now - permit.started_at) if permit is not None and date is not None else None
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None:
                 continue
-            if info.limit is not None and info.limit > 0 and self._lim._learn:
+            limit = info.limit
+            if limit is not None and limit > 0 and lim._learn:
                 if dim == "tokens":
-                    combined = pool.limits.get("input_tokens", 0.0) + pool.limits.get("output_tokens", 0.0)
-                    learn = dim in pool.limits or info.limit < combined
+                    combined = pool_limits.get("input_tokens", 0.0) + pool_limits.get("output_tokens", 0.0)
+                    learn = dim in pool_limits or limit < combined
                 else:
-                    learn = dim in pool.limits or dim.startswith("priority")
-                scale = self._lim._warm_scale(now) * runtime.share
-                if learn and pool.set_limit(dim, float(info.limit), now, rate_scale=scale):
+                    learn = dim in pool_limits or dim.startswith("priority")
+                if scale != scale:
+                    scale = lim._warm_scale(now) * runtime.share
+                if learn and pool.set_limit(dim, float(limit), now, rate_scale=scale):
                     changed = True
                     self._fail_impossible(runtime)
-                    self._lim._emit("limit_change", runtime, now, {dim: info.limit})
-            if info.remaining is not None and dim in pool.limits and pool.buckets[dim].rate > 0.0:
-                lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
+                    lim._emit("limit_change", runtime, now, {dim: limit})
+            remaining = info.remaining
+            if remaining is not None and dim in pool_limits and buckets[dim].rate > 0.0:
+                lowest = remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
                 # the server's bucket holds at least what it reports left
-                burst_floor = max(burst_floor, lowest / pool.limits[dim])
-                if permit is not None and info.reset is not None and date is not None:
-                    # (a response of unknown age bounds nothing)
-                    age = max(0.0, now - permit.started_at)
-                    upper = min(upper, burst_bound(info.remaining, info.reset, date, dim, pool, age))
+                burst_floor = max(burst_floor, lowest / pool_limits[dim])
+                if age is not None and info.reset is not None:
+                    assert date is not None
+                    upper = min(upper, burst_bound(remaining, info.reset, date, dim, pool, age))
                     if not stale and (date - info.reset).total_seconds() > RESET_ROUNDING:
                         stale = True
         if stale and not (
             permit is not None and permit.response_status is not None and permit.response_status >= 400
         ):
             runtime.moment.reset_before_date()
-        fitted = False
-        upper = fitted_burst(upper, burst_floor)
+        fitted, resized = self._fit_burst(runtime, fitted_burst(upper, burst_floor), burst_floor, now)
+        return fitted, changed or resized
+
+    def _fit_burst(self, runtime: PoolRuntime, upper: float, lower: float, now: float) -> tuple[bool, bool]:
+        """Fit the burst to the bucket size a report bounds: (shrunk to it, resized at all)."""
+        pool = runtime.pool
         if self._lim._adaptive and upper < 1.0 and pool.fit_burst(upper, now):
-            fitted = changed = True
             runtime.shrink_seq = next(self._seq)
             self._lim._emit("burst_change", runtime, now, {"burst": pool.burst, "from": "headers"})
-        elif self._lim._adaptive and burst_floor <= upper and pool.widen_burst(burst_floor, now):
+            return True, True
+        if self._lim._adaptive and lower <= upper and pool.widen_burst(lower, now):
             # (not when another dimension of the same report bounds the bucket below that: one
             # burst serves them all, and widening past the bound would shrink on the next report)
-            changed = True
             self._lim._emit("burst_change", runtime, now, {"burst": pool.burst, "from": "headers"})
-        return fitted, changed
+            return False, True
+        return False, False
 
     def _readings(
         self, runtime: PoolRuntime, dim: str, lowest: float, own: _OwnTraffic, now: float
@@ -372,14 +389,16 @@ class PoolFeedback:
         # (what was sent within a round trip before this request may reach the server
         # after it: requests sent together arrive in any order)
         if own.replay is not None:
-            # at one instant, what gives back first: a bucket full then throws it away, as
-            # the server's may have (the other order could mint)
-            replay = sorted(((t, c.get(dim, 0.0)) for t, c in own.replay), key=_gives_back_first)
+            events = [(t, c.get(dim, 0.0)) for t, c in own.replay]
+            if len(events) > 1:
+                # at one instant, what gives back first: a bucket full then throws
+                # it away, as the server's may have (the other order could mint)
+                events.sort(key=_gives_back_first)
             pending = own.unsent.get(dim, 0.0)
 
             def estimate(late: float) -> float:
                 return admission_estimate(
-                    lowest - then_maybe, admitted, now, replay, rate=bucket.rate, capacity=bucket.capacity,
+                    lowest - then_maybe, admitted, now, events, rate=bucket.rate, capacity=bucket.capacity,
                     pending=pending, late=late,
                 )  # fmt: skip
 
