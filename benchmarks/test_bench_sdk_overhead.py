@@ -136,7 +136,9 @@ def handler(request: httpx2.Request) -> httpx2.Response:
     headers = _headers()
     if b'"stream":true' in request.content.replace(b" ", b""):
         headers["content-type"] = "text/event-stream"
-        return httpx2.Response(200, headers=headers, content=SSE_BODY)
+        # a stream, as a real transport gives it: a body in memory would never reach the
+        # wrapper's stream meter (it reads a body already read as JSON)
+        return httpx2.Response(200, headers=headers, stream=httpx2.ByteStream(SSE_BODY))
     return httpx2.Response(200, headers=headers, content=JSON_BODY)
 
 
@@ -253,6 +255,23 @@ def measure(rounds: int = 15, per_round: int = 40) -> list[Result]:
     ]
     results.append(_measure_sync(rounds, per_round))
     return results
+
+
+def test_the_streamed_answer_is_metered() -> None:
+    """The stream scenario settles on the usage its events carry, not on a failed JSON read.
+
+    The pool's use over the last minute counts the 500 tokens the answer produced; a permit
+    released with its reservation kept would count its ``max_tokens`` (1,024).
+    """
+    import anyio
+
+    limiter = Limiter("tier-4", clock=lambda: 0.0)
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(handler))
+    client = anthropic.AsyncAnthropic(api_key="test", http_client=http, base_url="http://mock", max_retries=0)
+    anyio.run(_stream, wrap(client, limiter))
+    pool = next(iter(limiter.statistics().pools.values()))
+    assert pool.in_flight == 0
+    assert pool.used["output_tokens"] == 500
 
 
 def test_sdk_overhead_runs() -> None:
