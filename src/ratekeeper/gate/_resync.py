@@ -34,7 +34,17 @@ from ratekeeper.core._reading import (
     taken_by,
 )
 from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
-from ratekeeper.gate._state import _ACTIVE, Permit, PoolRuntime
+from ratekeeper.gate._own_traffic import (
+    EVIDENCE_DIMS,
+    MAX_TRANSIT,
+    OwnTraffic,
+    add,
+    note_evidence,
+    own_traffic,
+    still_to_come,
+    transit_cap,
+)
+from ratekeeper.gate._state import Permit, PoolRuntime
 
 if TYPE_CHECKING:
     from ratekeeper.gate._host import GateHost
@@ -48,20 +58,6 @@ SHARE_DECREASE: Final = 0.7
 SHARE_STEP: Final = 0.02
 SHARE_STEP_EVERY: Final = 5.0
 MIN_SHARE: Final = 0.25
-#: The longest a request is taken to travel to the server (in case no answer came quickly):
-#: one the server may not have received yet is not counted in a report taken at its response.
-MAX_TRANSIT: Final = 0.25
-#: How long a request can be taken to travel once refusals showed MAX_TRANSIT is too short (a
-#: slow network, a sender stalled between its send and the wire): doubled on each such event.
-MAX_LEARNED_TRANSIT: Final = 4.0
-#: A learned transit is at most this share of the pool's bucket (in seconds of refill): where
-#: buckets are short, the refusals are the bucket's (the burst answers them), and a transit near
-#: the bucket's length would leave most of each report's refill uncounted.
-TRANSIT_SHARE_OF_BUCKET: Final = 0.05
-#: The dimensions our own draws on are estimates until settled (the server counts the real input).
-_ESTIMATED: Final = frozenset({"input_tokens", "tokens", "priority_input_tokens"})
-#: The dimensions output draws on.
-_PRODUCED: Final = frozenset({"output_tokens", "tokens", "priority_output_tokens"})
 #: Header dimension names that map onto pool buckets.
 _RESYNC_DIMS: Final = (
     "requests",
@@ -71,11 +67,6 @@ _RESYNC_DIMS: Final = (
     "priority_input_tokens",
     "priority_output_tokens",
 )
-#: The dimensions whose reports show which moment they describe: the client's own traffic is
-#: known exactly there (a request is one request; a max_tokens reservation is what the server
-#: reserves too), so only the reports' rounding blurs them. Input is estimated: it would not.
-_EVIDENCE_DIMS: Final = frozenset({"requests", "output_tokens"})
-_EVIDENCE_TOLERANCE: Final = {"requests": 1.01, "output_tokens": 2 * ROUNDING_MARGIN + 1.0}
 
 
 #: ``error_fields`` of no body.
@@ -83,57 +74,6 @@ _NO_ERROR: Final = (None, None, "")
 
 #: A report's two readings of one level (at the admission, at the answer) and their moments.
 _Readings: TypeAlias = tuple[float, float, tuple[tuple[float, float], tuple[float, float]]]
-
-
-@final
-class _OwnTraffic:
-    """This client's own traffic a report may not hold, per dimension, from ``_own_traffic``.
-
-    ``early``: drawn in the model and not counted by the server when the request reached
-    it; ``unsent``: drawn and not sent now. Sent within ``transit`` of the admission, before
-    the request (``early_maybe``) or after it (``late_maybe``), and within ``transit`` of now
-    (``unsent_maybe``): may or may not be counted. ``since``: spent since the grant;
-    ``counted_since``: what the server counted of it; ``replay``: the changes to replay on
-    the report (``None``: the rings do not reach back that far). ``early_unmarked``: the
-    part of ``early`` (as ``unsent`` is all) from permits never marked sent, which a client
-    that does not call ``mark_sent`` may well have sent: the corrections count them the safe
-    way, the evidence of the moment as a blur.
-    """
-
-    __slots__ = (
-        "admitted",
-        "bounded",
-        "counted_since",
-        "early",
-        "early_maybe",
-        "early_unmarked",
-        "late_maybe",
-        "refused",
-        "replay",
-        "seq",
-        "since",
-        "taken_by",
-        "transit",
-        "unsent",
-        "unsent_maybe",
-    )
-
-    def __init__(self, since: dict[str, float]) -> None:
-        self.since = since
-        self.counted_since: dict[str, float] = {}
-        self.early: dict[str, float] = {}
-        self.early_maybe: dict[str, float] = {}
-        self.early_unmarked: dict[str, float] = {}
-        self.late_maybe: dict[str, float] = {}
-        self.unsent: dict[str, float] = {}
-        self.unsent_maybe: dict[str, float] = {}
-        self.replay: list[tuple[float, Mapping[str, float]]] | None = None
-        self.refused = False
-        self.admitted = 0.0
-        self.seq = -1
-        self.transit = 0.0
-        self.taken_by: float | None = None
-        self.bounded = -math.inf
 
 
 @final
@@ -213,11 +153,11 @@ class PoolFeedback:
             return False, False
         runtime.note_reported(limits)
         if permit is not None:
-            own = self._own_traffic(runtime, permit, now)
+            own = own_traffic(runtime, permit, now)
         else:  # a response of unknown age: all in flight is unseen
-            own = _OwnTraffic(since={})
+            own = OwnTraffic(since={})
             for other in runtime.in_flight.values():
-                _add(own.since, other._charged)
+                add(own.since, other._charged)
         fitted, changed = self._fit_shape(runtime, limits, snap.server_date, permit, now)
         if permit is not None:
             self._check_room(runtime, permit, now)
@@ -242,65 +182,6 @@ class PoolFeedback:
                 readings = unknown, unknown, NO_READINGS.moments
             changed = self._correct(runtime, dim, readings, permit, now) or changed
         return fitted, changed
-
-    def _own_traffic(self, runtime: PoolRuntime, permit: Permit, now: float) -> _OwnTraffic:
-        """What a report of ``permit``'s request cannot hold of this client's own traffic.
-
-        A request sent within ``transit`` of a moment may or may not have reached the
-        server by then: those are kept apart (``*_maybe``) so each reading counts them the
-        safe way and the evidence of the moment as a blur either way.
-        """
-        own = _OwnTraffic(since=runtime.spent_since(permit._mark))
-        own.refused = permit.response_status is not None and permit.response_status >= 400
-        if own.refused:
-            # refused: the server never took its tokens, and release() will give them back
-            for dim, amount in permit._charged.items():
-                if dim != "requests":
-                    own.early[dim] = own.early.get(dim, 0.0) + amount
-                    own.unsent[dim] = own.unsent.get(dim, 0.0) + amount
-        # a report taken as its answer left counts every request sent a round trip before
-        # now, and a round trip is no longer than the quickest answer took
-        sent_at = permit.sent_at
-        if sent_at == sent_at:
-            runtime.fastest = min(runtime.fastest, now - sent_at)
-        else:
-            sent_at = permit.started_at
-        own.transit = transit = max(
-            min(runtime.fastest, MAX_TRANSIT), min(runtime.transit, _transit_cap(runtime))
-        )
-        own.admitted = admitted = sent_at
-        own.seq = seq = permit.seq
-        for other in runtime.in_flight.values():
-            if not other.sent:
-                _add(own.unsent, other._charged)
-                if other.seq < seq:  # drawn in the model before this request, never sent
-                    _add(own.early, other._charged)
-                    _add(own.early_unmarked, other._charged)
-        oldest = min(admitted, now) - transit
-        floor = oldest - runtime.look_back()
-        for t, other_seq, charged, granted in reversed(runtime.sends):
-            if granted < floor:
-                break
-            if t < oldest or other_seq == seq:  # most of them: tested before a look-up
-                continue
-            held = runtime.in_flight.get(other_seq)
-            if held is not None and not held.sent:
-                continue
-            if t > now - transit:
-                _add(own.unsent_maybe, charged)
-            if abs(t - admitted) <= transit:
-                _add(own.early_maybe if other_seq < seq else own.late_maybe, charged)
-            elif t > admitted and other_seq < seq:  # reached the server after this request
-                _add(own.early, charged)
-        own.replay = runtime.changes_since(admitted, seq)
-        # ``since`` is everything we charged (or refunded) since this request was granted, in
-        # flight or done; what was given back since without the server ever counting it stays
-        # in (if admitted before this request, the server never had it; if after, counting it
-        # lowers more than needed: safe)
-        own.counted_since = runtime.admitted.since(permit._mark[0])
-        if own.refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
-            runtime.moment.restart(now)
-        return own
 
     def _fit_shape(
         self,
@@ -375,7 +256,7 @@ class PoolFeedback:
         return False, False
 
     def _readings(
-        self, runtime: PoolRuntime, dim: str, lowest: float, own: _OwnTraffic, now: float
+        self, runtime: PoolRuntime, dim: str, lowest: float, own: OwnTraffic, now: float
     ) -> _Readings:
         """The level now if the report was of the admission, and if of the answer; with their moments.
 
@@ -417,8 +298,8 @@ class PoolFeedback:
             )
         now_maybe = own.unsent_maybe.get(dim, 0.0)
         response = response_estimate(lowest, own.unsent.get(dim, 0.0) + now_maybe)
-        if dim in _EVIDENCE_DIMS:
-            _note_evidence(runtime, dim, lowest, response, own, now)
+        if dim in EVIDENCE_DIMS:
+            note_evidence(runtime, dim, lowest, response, own, now)
         if own.taken_by is not None and own.replay is not None:
             # not a report of the answer's moment: in place of that reading, the bound (the
             # admission reading stays, for when the reports turn out to be of the admission)
@@ -452,7 +333,7 @@ class PoolFeedback:
             # request settles already counts that request's real input, which the settlement
             # may give back again, up to its whole estimate (a stream's report, at its first
             # byte: its max_tokens reservation is the server's too).
-            target = max(level, target - _still_to_come(runtime, dim, permit))
+            target = max(level, target - still_to_come(runtime, dim, permit))
         if target > level:  # a reading refuted: what it took off comes back
             delta = bucket.resync(target, now, allow_increase=True)
         else:
@@ -513,7 +394,7 @@ class PoolFeedback:
             # (it then counts refill the server had already given). Allow them longer, once per
             # event; the cost is a little refill per report not counted on.
             runtime.transit_seq = next(self._seq)
-            longer = min(_transit_cap(runtime), max(2.0 * MAX_TRANSIT, 2.0 * runtime.transit))
+            longer = min(transit_cap(runtime), max(2.0 * MAX_TRANSIT, 2.0 * runtime.transit))
             if longer > runtime.transit:
                 runtime.transit = longer
                 self._lim._emit("transit_change", runtime, now, {"transit": longer})
@@ -549,65 +430,5 @@ class PoolFeedback:
                 self._lim._emit("burst_change", runtime, now, {"burst": runtime.pool.burst})
 
 
-def _note_evidence(
-    runtime: PoolRuntime, dim: str, lowest: float, response: float, own: _OwnTraffic, now: float
-) -> None:
-    """Note what a report shows of the moment it describes, where our own traffic is known exactly.
-
-    (Requests always; output only where its max_tokens reservation is the server's too.
-    Not for a refusal: it is answered as it arrives, and either reading fits it.)
-    """
-    if own.refused or not (dim == "requests" or runtime.reserves_max_tokens):
-        return
-    then = own.early.get(dim, 0.0)
-    then_maybe = own.early_maybe.get(dim, 0.0)
-    # permits never marked sent: only the client knows whether it sent them (a client of
-    # acquire and settle alone never says), so either way they are a blur here; read as
-    # unsent, a report after one of them settled looks like the server gained what it had
-    # counted all along, and refutes the right reading
-    then_maybe += own.early_unmarked.get(dim, 0.0)
-    now_maybe = own.unsent_maybe.get(dim, 0.0) + own.unsent.get(dim, 0.0)
-    limit = runtime.pool.limits[dim]
-    after_maybe = own.late_maybe.get(dim, 0.0)
-    runtime.moment.note(
-        dim,
-        lowest - then + own.early_unmarked.get(dim, 0.0) + (after_maybe - then_maybe) / 2,
-        response + now_maybe / 2,
-        admission_blur=(then_maybe + after_maybe) / 2,
-        response_blur=now_maybe / 2,
-        admitted_at=own.admitted,
-        now=now,
-        # what the server counted of ours: refusals and unsent given back
-        spent=runtime.counted_total(dim),
-        spent_since=own.counted_since.get(dim, 0.0),
-        rate=limit / 60.0,
-        tolerance=_EVIDENCE_TOLERANCE[dim],
-        ceiling=limit,
-    )
-
-
-def _still_to_come(runtime: PoolRuntime, dim: str, permit: Permit | None) -> float:
-    """The most ``dim`` may still lose that neither the report nor the model holds yet."""
-    held = 0.0
-    if dim in _PRODUCED and not runtime.reserves_max_tokens:
-        most = runtime.most_output
-        for other in runtime.in_flight.values():
-            held += max(0.0, most - other._charged.get("output_tokens", 0.0))
-    if dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE:
-        estimated = "priority_input_tokens" if dim.startswith("priority") else "input_tokens"
-        held += permit._charged.get(estimated, 0.0)
-    return held
-
-
-def _transit_cap(runtime: PoolRuntime) -> float:
-    """The longest transit a pool may learn: MAX_LEARNED_TRANSIT, less on a short bucket."""
-    return min(MAX_LEARNED_TRANSIT, TRANSIT_SHARE_OF_BUCKET * 60.0 * runtime.pool.burst)
-
-
 def _gives_back_first(event: tuple[float, float]) -> tuple[float, float]:
     return event[0], -event[1]
-
-
-def _add(totals: dict[str, float], amounts: Mapping[str, float]) -> None:
-    for dim, amount in amounts.items():
-        totals[dim] = totals.get(dim, 0.0) + amount
