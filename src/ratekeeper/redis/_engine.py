@@ -104,12 +104,6 @@ class RemoteEngine:
             remote = self._pools[name] = _RemotePool(runtime, keys, self._feedback.burst_handler(runtime))
         return remote
 
-    def _init_call(self, remote: _RemotePool) -> ScriptCall:
-        def done(reply: RawReply) -> None:
-            remote.inited = True
-
-        return self._calls.init(remote.keys, remote.runtime.pool, done)
-
     def _reserve_call(
         self, remote: _RemotePool, cands: list[_RemoteWaiter], queue: bool = True, prefetch: int = 0
     ) -> ScriptCall:
@@ -232,7 +226,7 @@ class RemoteEngine:
         """``acquire_nowait``'s round trip: the reserve's reply, or None if Redis is to count as down."""
         calls = self._backend.take_outbox()
         if not remote.inited:
-            calls.append(self._init_call(remote))
+            calls.append(_init_call(self._calls, remote))
         calls.append(self._reserve_call(remote, [w], queue=False))
         sent = time.monotonic()
         try:
@@ -340,7 +334,7 @@ class RemoteEngine:
     def _drive_calls(self, remote: _RemotePool, cands: list[_RemoteWaiter]) -> list[ScriptCall]:
         calls = self._backend.take_outbox()
         if not remote.inited:
-            calls.append(self._init_call(remote))
+            calls.append(_init_call(self._calls, remote))
         prefetch = self._backend.prefetch if remote.prefetch is None else 0
         calls.append(self._reserve_call(remote, cands, prefetch=prefetch))
         return calls
@@ -471,3 +465,12 @@ class RemoteEngine:
         remote = self._remote(runtime)
         self._backend.send(self._calls.control(remote.keys.control, "giveback", encode_draws(amounts)))
         self._wake_head(runtime)
+
+
+def _init_call(calls: ScriptCalls, remote: _RemotePool) -> ScriptCall:
+    """``init.lua`` for ``remote``'s pool; once it has answered, the pool is known to exist."""
+
+    def done(reply: RawReply) -> None:
+        remote.inited = True
+
+    return calls.init(remote.keys, remote.runtime.pool, done)
