@@ -7,6 +7,7 @@ tests run on real clocks with waits of a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import subprocess
 import sys
@@ -34,11 +35,13 @@ from ratekeeper import (
     WouldBlock,
 )
 from ratekeeper.core._reading import MAX_PAUSE
+from ratekeeper.gate._resync import own_traffic
 from ratekeeper.redis._ops import ScriptCall
 
 SONNET = "claude-sonnet-4-5"
 POOL = "sonnet-4.x"
 LIMITS = {POOL: {"requests": 60.0, "input_tokens": 100_000.0, "output_tokens": 20_000.0}}
+BIG = {POOL: {"requests": 600.0, "input_tokens": 1_000_000.0, "output_tokens": 200_000.0}}
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -490,6 +493,62 @@ def test_resync_does_not_count_refunds_of_requests_granted_after_the_observed_on
     observed.observe(rpm_headers(49), status=200)
     assert backend.flush()
     assert level(redis_server, "requests") == pytest.approx(49, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("reported", "moment"),
+    [
+        # every report counts all ten, the first request's as the ninth's: of the answers
+        ([(0, 50), (4, 50), (8, 50)], "response"),
+        # each counts those admitted up to its own, and a later answer shows more left:
+        # of the admissions (read at the answers, they would go up with the traffic)
+        ([(8, 51), (4, 55), (0, 59)], "admission"),
+    ],
+)
+def test_each_process_learns_the_moment_its_reports_describe(
+    redis_server: RedisServer,
+    backends: list[RedisBackend],
+    reported: list[tuple[int, int]],
+    moment: str,
+) -> None:
+    """The local limiter's evidence of the moment, read from this process's own traffic."""
+    t = [1000.0]
+    backend = RedisBackend(redis_server.url, org="acme", prefetch=0)
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=LIMITS, backend=backend, clock=lambda: t[0])
+    permits = []
+    for _ in range(10):
+        permit = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+        permit.mark_sent()
+        permits.append(permit)
+        t[0] += 0.5  # sent half a second apart: no two can pass each other on the way
+    assert limiter.statistics()[POOL].report_moment == "unknown"
+    for k, remaining in reported:
+        t[0] += 1.0
+        permits[k].observe(rpm_headers(remaining), status=200)
+    assert limiter.statistics()[POOL].report_moment == moment
+
+
+@pytest.mark.parametrize("prefetch", [0, 9])
+def test_own_traffic_is_read_in_grant_order_across_redis_and_prefetched_seqs(
+    redis_server: RedisServer, backends: list[RedisBackend], prefetch: int
+) -> None:
+    """A prefetched request's seq is local and negative (and decreasing): Redis's seq orders
+    its prefetch among the reservations, then the local one within it, as they were granted."""
+    backend = RedisBackend(redis_server.url, org="acme", prefetch=prefetch, prefetch_ttl=60.0)
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=BIG, backend=backend)
+    demand = Demand(input_tokens=1, max_tokens=1)
+    with contextlib.ExitStack() as stack:
+        permits = [stack.enter_context(limiter.acquire_sync(SONNET, demand)) for _ in range(10)]
+        assert all(p.seq < 0 for p in permits[1:]) == bool(prefetch)
+        for k in (0, 3, 4, 5, 6, 7, 8, 9):
+            permits[k].mark_sent()
+        # granted before the sixth and not sent: the second and the third, nothing else
+        own = own_traffic(permits[5]._runtime, permits[5], limiter._now(), replay=False)
+        assert own.early.get("requests") == 2
+        own = own_traffic(permits[0]._runtime, permits[0], limiter._now(), replay=False)
+        assert own.early.get("requests", 0.0) == 0
 
 
 def test_learned_limits_are_shared(redis_server: RedisServer, backends: list[RedisBackend]) -> None:

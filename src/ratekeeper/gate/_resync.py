@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final, TypeAlias, final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, final
 
 from ratekeeper.core._feedback import (
     NO_READINGS,
@@ -37,7 +37,7 @@ from ratekeeper.gate._state import _ACTIVE, Permit, PoolRuntime
 if TYPE_CHECKING:
     from ratekeeper.gate._host import GateHost
 
-__all__ = ["PoolFeedback"]
+__all__ = ["PoolFeedback", "note_evidence", "own_traffic"]
 
 #: The share of the refill rate a pool counts on: cut by this factor on a 429 that the server's
 #: report explains but the model did not foresee, raised by SHARE_STEP every SHARE_STEP_EVERY
@@ -84,7 +84,7 @@ _Readings: TypeAlias = tuple[float, float, tuple[tuple[float, float], tuple[floa
 
 @final
 class _OwnTraffic:
-    """This client's own traffic a report may not hold, per dimension, from ``_own_traffic``.
+    """This client's own traffic a report may not hold, per dimension, from ``own_traffic``.
 
     ``early``: drawn in the model and not counted by the server when the request reached
     it; ``unsent``: drawn and not sent now. Sent within ``transit`` of the admission, before
@@ -198,7 +198,7 @@ class PoolFeedback:
             return False, False
         runtime.note_reported(limits)
         if permit is not None:
-            own = self._own_traffic(runtime, permit, now)
+            own = own_traffic(runtime, permit, now)
         else:  # a response of unknown age: all in flight is unseen
             own = _OwnTraffic(since={})
             for other in runtime.in_flight.values():
@@ -223,64 +223,6 @@ class PoolFeedback:
                 readings = unknown, unknown, NO_READINGS.moments
             changed = self._correct(runtime, dim, readings, permit, now) or changed
         return fitted, changed
-
-    def _own_traffic(self, runtime: PoolRuntime, permit: Permit, now: float) -> _OwnTraffic:
-        """What a report of ``permit``'s request cannot hold of this client's own traffic.
-
-        A request sent within ``transit`` of a moment may or may not have reached the
-        server by then: those are kept apart (``*_maybe``) so each reading counts them the
-        safe way and the evidence of the moment as a blur either way.
-        """
-        own = _OwnTraffic(since=runtime.spent_since(permit._mark))
-        own.refused = permit.response_status is not None and permit.response_status >= 400
-        if own.refused:
-            # refused: the server never took its tokens, and release() will give them back
-            for dim, amount in permit._charged.items():
-                if dim != "requests":
-                    own.early[dim] = own.early.get(dim, 0.0) + amount
-                    own.unsent[dim] = own.unsent.get(dim, 0.0) + amount
-        # a report taken as its answer left counts every request sent a round trip before
-        # now, and a round trip is no longer than the quickest answer took
-        sent_at = permit.sent_at
-        if sent_at == sent_at:
-            runtime.fastest = min(runtime.fastest, now - sent_at)
-        else:
-            sent_at = permit.started_at
-        own.transit = transit = max(
-            min(runtime.fastest, MAX_TRANSIT), min(runtime.transit, _transit_cap(runtime))
-        )
-        own.admitted = admitted = sent_at
-        own.seq = seq = permit.seq
-        for other in runtime.in_flight.values():
-            if not other.sent:
-                _add(own.unsent, other._charged)
-                if other.seq < seq:  # drawn in the model before this request, never sent
-                    _add(own.early, other._charged)
-        oldest = min(admitted, now) - transit
-        floor = oldest - runtime.look_back()
-        for t, other_seq, charged, granted in reversed(runtime.sends):
-            if granted < floor:
-                break
-            if t < oldest or other_seq == seq:  # most of them: tested before a look-up
-                continue
-            held = runtime.in_flight.get(other_seq)
-            if held is not None and not held.sent:
-                continue
-            if t > now - transit:
-                _add(own.unsent_maybe, charged)
-            if abs(t - admitted) <= transit:
-                _add(own.early_maybe if other_seq < seq else own.late_maybe, charged)
-            elif t > admitted and other_seq < seq:  # reached the server after this request
-                _add(own.early, charged)
-        own.replay = runtime.changes_since(admitted, seq)
-        # ``since`` is everything we charged (or refunded) since this request was granted, in
-        # flight or done; what was given back since without the server ever counting it stays
-        # in (if admitted before this request, the server never had it; if after, counting it
-        # lowers more than needed: safe)
-        own.counted_since = runtime.admitted.since(permit._mark[0])
-        if own.refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
-            runtime.moment.restart(now)
-        return own
 
     def _fit_shape(
         self,
@@ -380,7 +322,7 @@ class PoolFeedback:
         now_maybe = own.unsent_maybe.get(dim, 0.0)
         response = response_estimate(lowest, own.unsent.get(dim, 0.0) + now_maybe)
         if dim in _EVIDENCE_DIMS:
-            _note_evidence(runtime, dim, lowest, response, own, now)
+            note_evidence(runtime, dim, lowest, response, own, now)
         # a refusal is answered as it arrives: its report is of then, either way
         order = float(own.seq)
         moments = ((admitted, order), (admitted, order) if own.refused else (now, order))
@@ -509,7 +451,74 @@ class PoolFeedback:
                 self._lim._emit("burst_change", runtime, now, {"burst": runtime.pool.burst})
 
 
-def _note_evidence(
+def own_traffic(runtime: PoolRuntime, permit: Permit, now: float, *, replay: bool = True) -> _OwnTraffic:
+    """What a report of ``permit``'s request cannot hold of this client's own traffic.
+
+    A request sent within ``transit`` of a moment may or may not have reached the
+    server by then: those are kept apart (``*_maybe``) so each reading counts them the
+    safe way and the evidence of the moment as a blur either way.
+    """
+    own = _OwnTraffic(since=runtime.spent_since(permit._mark))
+    own.refused = permit.response_status is not None and permit.response_status >= 400
+    if own.refused:
+        # refused: the server never took its tokens, and release() will give them back
+        for dim, amount in permit._charged.items():
+            if dim != "requests":
+                own.early[dim] = own.early.get(dim, 0.0) + amount
+                own.unsent[dim] = own.unsent.get(dim, 0.0) + amount
+    # a report taken as its answer left counts every request sent a round trip before
+    # now, and a round trip is no longer than the quickest answer took
+    sent_at = permit.sent_at
+    if sent_at == sent_at:
+        runtime.fastest = min(runtime.fastest, now - sent_at)
+    else:
+        sent_at = permit.started_at
+    own.transit = transit = max(
+        min(runtime.fastest, MAX_TRANSIT), min(runtime.transit, _transit_cap(runtime))
+    )
+    own.admitted = admitted = sent_at
+    own.seq = seq = permit.seq
+    order = _order(permit)
+    for other in runtime.in_flight.values():
+        if not other.sent:
+            _add(own.unsent, other._charged)
+            if _order(other) < order:  # drawn in the model before this request, never sent
+                _add(own.early, other._charged)
+    oldest = min(admitted, now) - transit
+    floor = oldest - runtime.look_back()
+    for t, other_seq, charged, granted, other_order in reversed(runtime.sends):
+        if granted < floor:
+            break
+        if t < oldest or other_seq == seq:  # most of them: tested before a look-up
+            continue
+        held = runtime.in_flight.get(other_seq)
+        if held is not None and not held.sent:
+            continue
+        if t > now - transit:
+            _add(own.unsent_maybe, charged)
+        if abs(t - admitted) <= transit:
+            _add(own.early_maybe if other_order < order else own.late_maybe, charged)
+        elif t > admitted and other_order < order:  # reached the server after this request
+            _add(own.early, charged)
+    if replay:
+        own.replay = runtime.changes_since(admitted, seq)
+    # ``since`` is everything we charged (or refunded) since this request was granted, in
+    # flight or done; what was given back since without the server ever counting it stays
+    # in (if admitted before this request, the server never had it; if after, counting it
+    # lowers more than needed: safe)
+    own.counted_since = runtime.admitted.since(permit._mark[0])
+    if own.refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
+        runtime.moment.restart(now)
+    return own
+
+
+def _order(permit: Permit) -> Any:
+    """Where ``permit``'s grant stands among the others (see ``PoolRuntime.sends``)."""
+    send = permit._send
+    return permit.seq if send is None else send[4]
+
+
+def note_evidence(
     runtime: PoolRuntime, dim: str, lowest: float, response: float, own: _OwnTraffic, now: float
 ) -> None:
     """Note what a report shows of the moment it describes, where our own traffic is known exactly.

@@ -220,9 +220,9 @@ class PoolRuntime:
         self.transit_seq = -1
         # the dimensions whose bucket was found smaller than a request's reservation (said once)
         self.too_small: set[str] = set()
-        # [sent at, seq, charges, granted at] of the latest requests granted (sent at = granted
-        # at until marked sent): what reached the server after a report's moment, and what may
-        # not have reached it yet; bounded
+        # [sent at, seq, charges, granted at, grant order (see note_grant)] of the latest grants
+        # (sent at = granted at until marked sent): what reached the server after a report's
+        # moment, and what may not have reached it yet; bounded
         self.sends: deque[list[Any]] = deque(maxlen=_SENDS_KEPT)
         self.send_delay = 0.0  # the longest grant-to-send seen: how far back look_back() goes
         # (time, {dim: change}) of what settlements (and output charged as it is produced) did
@@ -270,9 +270,14 @@ class PoolRuntime:
                 uncounted[dim] = uncounted.get(dim, 0.0) - sign * amount
             self.uncounted = uncounted
 
-    def note_grant(self, permit: Permit, now: float) -> None:
-        """Remember a grant in ``sends`` (its send time is its grant's until ``mark_sent``)."""
-        entry = [now, permit.seq, dict(permit._charged), now]
+    def note_grant(self, permit: Permit, now: float, order: object = None) -> None:
+        """Remember a grant in ``sends`` (its send time is its grant's until ``mark_sent``).
+
+        ``order``: where the grant stands among the others (default: its seq; in remote mode
+        (Redis seq, place within a prefetch), as a prefetched request's local seq does not
+        compare with Redis's).
+        """
+        entry = [now, permit.seq, dict(permit._charged), now, permit.seq if order is None else order]
         permit._send = entry
         self.sends.append(entry)
 
@@ -291,7 +296,7 @@ class PoolRuntime:
         under = max(self.shortfalls, default=0.0) + _SHORTFALL_SLACK
         oldest = t0 - self.look_back()
         reached = len(sends) < _SENDS_KEPT
-        for t, other, charged, granted in reversed(sends):
+        for t, other, charged, granted, _ in reversed(sends):
             if granted < oldest:
                 reached = True
                 break

@@ -393,7 +393,7 @@ class RemoteEngine:
             now = limiter._now()
             permit = Permit(limiter, runtime, model, w.draws, credit, w.rseq, now)
             w.permit = permit
-            runtime.in_flight[w.rseq] = permit
+            self._prefetches.track(runtime, permit, now)
             runtime.granted += 1
             runtime.waits.add(now - w.enqueued_at)
             runtime.admitted.add(now, w.draws)

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import final
 
+from ratekeeper.core._feedback import response_estimate
 from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._reading import (
@@ -25,7 +26,7 @@ from ratekeeper.core._reading import (
     unified_wait,
 )
 from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
-from ratekeeper.gate._resync import _RESYNC_DIMS
+from ratekeeper.gate._resync import _RESET_ROUNDING, _RESYNC_DIMS, note_evidence, own_traffic
 from ratekeeper.gate._state import Permit, PoolRuntime
 from ratekeeper.redis._ops import RawReply, ScriptCall
 from ratekeeper.redis._pools import SPECIAL, EngineParts, _RemotePool
@@ -123,8 +124,7 @@ class Feedback:
         runtime = remote.runtime
         pool = runtime.pool
         date = snap.server_date
-        bound = math.inf
-        floor = 0.0
+        bound, floor = math.inf, 0.0
         since, extra = self._since(runtime, permit)
         args: list[str | int] = [since, "1" if limiter._learn else "0"]
         for dim in _RESYNC_DIMS:
@@ -148,6 +148,7 @@ class Feedback:
                     age = max(0.0, now - permit.started_at)
                     bound = min(bound, burst_bound(info.remaining, info.reset, date, dim, pool, age))
         bound = fitted_burst(bound, floor)
+        _note_moment(runtime, limits, date, permit, now)
         calls.append(self._parts.calls.resync(remote.keys, args, self._resync_handler(runtime)))
         if not (limiter._adaptive and bound < 1.0 and pool.fit_burst(bound, now)):
             return False
@@ -325,6 +326,41 @@ class Feedback:
             remote = self._parts.remote_for(runtime)
             calls.append(self._parts.calls.control(remote.keys.control, "pause", repr(wait), reason, "0"))
         return calls
+
+
+def _note_moment(
+    runtime: PoolRuntime,
+    limits: Mapping[str, LimitInfo],
+    date: _dt.datetime | None,
+    permit: Permit | None,
+    now: float,
+) -> None:
+    """What the report shows of the moment it describes, read from this process's own traffic.
+
+    The local limiter's evidence (``gate._resync``), on the requests bucket only: other
+    processes only ever draw on it (a request the server counted stays counted), so under
+    the right reading the series still never goes up. On a token bucket their settlements
+    give back, which this process does not see: a rise there would refute nothing.
+    """
+    if permit is None:  # a report of unknown age shows nothing of it
+        return
+    own = own_traffic(runtime, permit, now, replay=False)
+    refused = permit.response_status is not None and permit.response_status >= 400
+    info = limits.get("requests")
+    if info is not None and info.remaining is not None and "requests" in runtime.pool.limits:
+        lowest = float(info.remaining)
+        unsent = own.unsent.get("requests", 0.0) + own.unsent_maybe.get("requests", 0.0)
+        note_evidence(runtime, "requests", lowest, response_estimate(lowest, unsent), own, now)
+    if refused or date is None:
+        return
+    buckets = runtime.pool.buckets
+    for dim in _RESYNC_DIMS:
+        info = limits.get(dim)
+        if info is None or info.reset is None or info.remaining is None or dim not in buckets:
+            continue
+        if buckets[dim].rate > 0.0 and (date - info.reset).total_seconds() > _RESET_ROUNDING:
+            runtime.moment.reset_before_date()  # full again before the answer left: not of then
+            return
 
 
 def _learns(pool: Pool, dim: str, limit: float) -> bool:
