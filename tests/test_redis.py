@@ -551,6 +551,111 @@ def test_own_traffic_is_read_in_grant_order_across_redis_and_prefetched_seqs(
         assert own.early.get("requests", 0.0) == 0
 
 
+def _sent_permits(
+    limiter: Limiter,
+    stack: contextlib.ExitStack,
+    n: int,
+    sent: int | None = None,
+    t: list[float] | None = None,
+) -> list[Any]:
+    """``n`` permits of one request each, the first ``sent`` of them (all by default) sent.
+
+    ``t``: the limiter's clock, moved half a second after each grant and send, so that no
+    two can pass each other on the way (they would blur what the reports show of their moment).
+    """
+    demand = Demand(input_tokens=1, max_tokens=1)
+    permits = []
+    for k in range(n):
+        permit = stack.enter_context(limiter.acquire_sync(SONNET, demand))
+        if k < (n if sent is None else sent):
+            permit.mark_sent()
+        permits.append(permit)
+        if t is not None:
+            t[0] += 0.5
+    return permits
+
+
+def _clocked(
+    server: RedisServer, made: list[RedisBackend], **options: Any
+) -> tuple[Limiter, RedisBackend, list[float]]:
+    """``make``, with a limiter clock the test moves (Redis keeps its own time)."""
+    t = [1000.0]
+    backend = RedisBackend(server.url, org="acme", **options)
+    made.append(backend)
+    return Limiter("tier-1", limits=LIMITS, backend=backend, clock=lambda: t[0]), backend, t
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_reports_shown_to_be_of_the_answer_give_back_what_the_admission_reading_took_twice(
+    redis_server: RedisServer, backends: list[RedisBackend], prefetch: int
+) -> None:
+    """Read as of the grant, a report of the answer counts twice what was admitted meanwhile."""
+    a, a_backend, t = _clocked(redis_server, backends, prefetch=prefetch, prefetch_ttl=60.0)
+    b, b_backend = make(redis_server, backends, prefetch=0)
+    with contextlib.ExitStack() as stack:
+        # (with prefetch: through Redis with three more, those three, again: all handed out)
+        mine = _sent_permits(a, stack, 8, t=t)
+        if prefetch:
+            assert [p.seq < 0 for p in mine] == [False, True, True, True] * 2
+        _sent_permits(b, stack, 10)
+        assert b_backend.flush()
+        time.sleep(0.4)  # well before the answers: the server has all eighteen
+        # each answer's report counts all eighteen: 42 left. The first is read as of its
+        # grant (the moment is not known yet): the 17 admitted since are counted again
+        mine[0].observe(rpm_headers(42), status=200)
+        assert a_backend.flush()
+        assert level(redis_server, "requests") < 30
+        # the fourth and the eighth say the same: as of their admissions they would have
+        # said more. Taken as the answers left, the level is the report's
+        for k in (3, 7):
+            t[0] += 1.0
+            mine[k].observe(rpm_headers(42), status=200)
+        assert a_backend.flush()
+        assert a.statistics()[POOL].report_moment == "response"
+        assert level(redis_server, "requests") == pytest.approx(42, abs=0.05)
+
+
+def test_a_report_of_the_answer_lifts_nothing_the_server_may_not_have_counted(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """Requests not sent, and sent too late to be in it, anywhere: taken off the report."""
+    a, a_backend, t = _clocked(redis_server, backends, prefetch=0)
+    b, b_backend = make(redis_server, backends, prefetch=0)
+    with contextlib.ExitStack() as stack:
+        mine = _sent_permits(a, stack, 10, t=t)
+        theirs = _sent_permits(b, stack, 10, sent=5)
+        assert b_backend.flush()
+        time.sleep(0.4)
+        # the server has fifteen: 45 left, in every report
+        for k in (0, 3, 6):
+            t[0] += 1.0
+            mine[k].observe(rpm_headers(45), status=200)
+        assert a_backend.flush()
+        assert a.statistics()[POOL].report_moment == "response"
+        for permit in theirs[5:7]:  # sent now: maybe after the next report's moment
+            permit.mark_sent()
+        assert b_backend.flush()
+        t[0] += 1.0
+        mine[8].observe(rpm_headers(45), status=200)
+        assert a_backend.flush()
+        # three never sent, two perhaps not there yet: 40, not 45
+        assert level(redis_server, "requests") == pytest.approx(40, abs=0.05)
+
+
+def test_a_send_is_counted_once_in_its_reservations_record(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends, prefetch=0)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+    permit.mark_sent()
+    permit.mark_sent()  # (twice: a second would make an unsent request of a prefetch look sent)
+    assert backend.flush()
+    (record,) = client(redis_server).hvals(RES)
+    assert draws_of(str(record))["~sent"] == 1
+    assert client(redis_server).zcard("{ratekeeper:acme}:sent:" + POOL) == 1
+    permit.release()
+
+
 def test_learned_limits_are_shared(redis_server: RedisServer, backends: list[RedisBackend]) -> None:
     a, a_backend = make(redis_server, backends)
     b, _ = make(redis_server, backends)

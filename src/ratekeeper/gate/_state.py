@@ -168,6 +168,7 @@ class PoolRuntime:
         "in_flight",
         "moment",
         "next_wake",
+        "on_sent",
         "overload_backoff",
         "overloaded",
         "pool",
@@ -216,8 +217,7 @@ class PoolRuntime:
         self.fastest = math.inf
         # the longest a request has been shown to take to reach the server (0: nothing shown;
         # grown on refusals the reports did not foresee), and the grant order it was set at
-        self.transit = 0.0
-        self.transit_seq = -1
+        self.transit, self.transit_seq = 0.0, -1
         # the dimensions whose bucket was found smaller than a request's reservation (said once)
         self.too_small: set[str] = set()
         # [sent at, seq, charges, granted at, grant order (see note_grant)] of the latest grants
@@ -251,8 +251,9 @@ class PoolRuntime:
         # the fraction of each refill this client counts on: others may be drawing too
         # (lowered by 429s the model did not foresee, raised back by clean traffic)
         self.share = 1.0
-        self.share_seq = -1
-        self.share_since = -math.inf
+        self.share_seq, self.share_since = -1, -math.inf
+        # the engine's, if it must hear of each send (remote mode: Redis counts what was sent)
+        self.on_sent: Callable[[Permit], None] | None = None
         # for statistics(): by kind of event, when the last was, how many, its detail
         self.events: dict[str, tuple[float, int, Mapping[str, Any]]] = {}
 
@@ -465,6 +466,7 @@ class Permit:
 
     def mark_sent(self) -> None:
         """Record that the request is leaving for the server (its RPM token is spent)."""
+        first = not self.sent
         self.sent = True
         self.sent_at = now = self._limiter._now()
         send = self._send
@@ -473,6 +475,9 @@ class Permit:
             runtime = self._runtime
             if now - send[3] > runtime.send_delay:
                 runtime.send_delay = now - send[3]
+        on_sent = self._runtime.on_sent
+        if on_sent is not None and first:  # (once: Redis adds up the sends)
+            on_sent(self)
 
     def record_output(self, output_tokens: int) -> None:
         """Charge output produced so far (cumulative), as a stream runs.

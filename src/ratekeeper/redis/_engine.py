@@ -82,7 +82,7 @@ class RemoteEngine:
         parts = EngineParts(limiter, backend, self._calls, self._pools, self._remote, self._wake_head)
         self._prefetches = Prefetches(parts)
         self._answers = ReserveAnswers(parts, self._prefetches, self._clock)
-        self._feedback = Feedback(parts, self._prefetches)
+        self._feedback = Feedback(parts, self._prefetches, self._clock)
         # the permit side is the settlement's (settle, settle_plain, settle_observing,
         # progress, release), handed out as this engine's own
         self._settlement = settlement = Settlement(parts, self._prefetches)
@@ -102,6 +102,7 @@ class RemoteEngine:
             name = runtime.pool.name
             keys = self._backend.pool_keys(name)
             remote = self._pools[name] = _RemotePool(runtime, keys, self._feedback.burst_handler(runtime))
+            runtime.on_sent = self._settlement.sent
         return remote
 
     def _reserve_call(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import final
 
@@ -28,6 +29,7 @@ from ratekeeper.core._reading import (
 from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
 from ratekeeper.gate._resync import _RESET_ROUNDING, _RESYNC_DIMS, note_evidence, own_traffic
 from ratekeeper.gate._state import Permit, PoolRuntime
+from ratekeeper.redis._answers import RedisClock
 from ratekeeper.redis._ops import RawReply, ScriptCall
 from ratekeeper.redis._pools import SPECIAL, EngineParts, _RemotePool
 from ratekeeper.redis._prefetch import Prefetches
@@ -40,9 +42,10 @@ __all__ = ["Feedback"]
 class Feedback:
     """One engine's feedback: what a response says, to the shared state and the local mirror."""
 
-    def __init__(self, parts: EngineParts, prefetches: Prefetches) -> None:
+    def __init__(self, parts: EngineParts, prefetches: Prefetches, clock: RedisClock) -> None:
         self._parts = parts
         self._prefetches = prefetches
+        self._clock = clock
 
     def observe(
         self,
@@ -148,7 +151,7 @@ class Feedback:
                     age = max(0.0, now - permit.started_at)
                     bound = min(bound, burst_bound(info.remaining, info.reset, date, dim, pool, age))
         bound = fitted_burst(bound, floor)
-        _note_moment(runtime, limits, date, permit, now)
+        args[2:2] = self._reading(runtime, limits, date, permit, now)
         calls.append(self._parts.calls.resync(remote.keys, args, self._resync_handler(runtime)))
         if not (limiter._adaptive and bound < 1.0 and pool.fit_burst(bound, now)):
             return False
@@ -159,6 +162,33 @@ class Feedback:
             )
         )
         return True
+
+    def _reading(
+        self,
+        runtime: PoolRuntime,
+        limits: Mapping[str, LimitInfo],
+        date: _dt.datetime | None,
+        permit: Permit | None,
+        now: float,
+    ) -> list[str]:
+        """``resync.lua``'s moment and cutoff: 'response' once this process's reports show it.
+
+        Only then does the report lift the shared requests bucket (``core._feedback``: the
+        reading believed, once the other is refuted; until then the admission rule, which
+        only lowers, is the lower of the two). The cutoff is when the answer arrived in
+        Redis time, less a request's way to the server (the local limiter's ``transit``: a
+        request sent before it is in a report taken as the answer left) and less how far
+        the clock's mapping may be off. A refusal is answered as it arrives: not of then.
+        """
+        transit = _note_moment(runtime, limits, date, permit, now)
+        offset = self._clock.offset
+        if transit is None or offset is None or runtime.moment.belief != "response":
+            return ["", ""]
+        assert permit is not None
+        if permit.response_status is not None and permit.response_status >= 400:
+            return ["", ""]
+        cutoff = time.monotonic() + offset - transit - self._clock.error
+        return ["response", repr(cutoff)] if math.isfinite(cutoff) else ["", ""]
 
     def _since(self, runtime: PoolRuntime, permit: Permit | None) -> tuple[int, dict[str, float]]:
         """The observed request's reservation (-1: none) and what the server had not counted of it.
@@ -196,7 +226,11 @@ class Feedback:
                             limiter._emit("limit_change", runtime, now, {dim: value})
                             self._parts.wake_head(runtime)
                     else:
-                        runtime.resyncs += 1
+                        if value > 0.0:  # the response rule lifted it: whoever waits may fit
+                            runtime.raised += 1
+                            self._parts.wake_head(runtime)
+                        else:
+                            runtime.resyncs += 1
                         limiter._emit("resync", runtime, now, {"dimension": dim, "delta": value})
 
         return done
@@ -334,16 +368,17 @@ def _note_moment(
     date: _dt.datetime | None,
     permit: Permit | None,
     now: float,
-) -> None:
+) -> float | None:
     """What the report shows of the moment it describes, read from this process's own traffic.
 
     The local limiter's evidence (``gate._resync``), on the requests bucket only: other
     processes only ever draw on it (a request the server counted stays counted), so under
     the right reading the series still never goes up. On a token bucket their settlements
-    give back, which this process does not see: a rise there would refute nothing.
+    give back, which this process does not see: a rise there would refute nothing. Returns
+    how long a request may take to reach the server (None: the report's age is unknown).
     """
     if permit is None:  # a report of unknown age shows nothing of it
-        return
+        return None
     own = own_traffic(runtime, permit, now, replay=False)
     refused = permit.response_status is not None and permit.response_status >= 400
     info = limits.get("requests")
@@ -352,7 +387,7 @@ def _note_moment(
         unsent = own.unsent.get("requests", 0.0) + own.unsent_maybe.get("requests", 0.0)
         note_evidence(runtime, "requests", lowest, response_estimate(lowest, unsent), own, now)
     if refused or date is None:
-        return
+        return own.transit
     buckets = runtime.pool.buckets
     for dim in _RESYNC_DIMS:
         info = limits.get(dim)
@@ -360,7 +395,8 @@ def _note_moment(
             continue
         if buckets[dim].rate > 0.0 and (date - info.reset).total_seconds() > _RESET_ROUNDING:
             runtime.moment.reset_before_date()  # full again before the answer left: not of then
-            return
+            break
+    return own.transit
 
 
 def _learns(pool: Pool, dim: str, limit: float) -> bool:
