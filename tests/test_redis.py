@@ -642,6 +642,37 @@ def test_a_report_of_the_answer_lifts_nothing_the_server_may_not_have_counted(
         assert level(redis_server, "requests") == pytest.approx(40, abs=0.05)
 
 
+def test_reports_of_both_moments_lift_to_the_lower_of_the_two_readings(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """Once the reports have shown both moments, each is read both ways and the lower wins."""
+    a, a_backend, t = _clocked(redis_server, backends, prefetch=0)
+    b, b_backend = make(redis_server, backends, prefetch=0)
+    with contextlib.ExitStack() as stack:
+        mine = _sent_permits(a, stack, 10, t=t)
+        _sent_permits(b, stack, 10, sent=8)
+        assert b_backend.flush()
+        time.sleep(0.4)
+        # the server has eighteen: 42 left, as the answers leave; then one shows more left
+        # than it can have had at its answer (of its admission, then)
+        for k, remaining in ((0, 42), (4, 42), (8, 42), (9, 45)):
+            t[0] += 1.0
+            mine[k].observe(rpm_headers(remaining), status=200)
+        assert a_backend.flush()
+        assert a.statistics()[POOL].report_moment == "mixed"
+        assert level(redis_server, "requests") < 38
+        time.sleep(0.4)
+        # a request on its own: as of its admission or of its answer, the server has 42
+        # less the two not sent. The admission rule alone would keep the level where it is
+        alone = _sent_permits(a, stack, 1, t=t)[0]
+        assert a_backend.flush()
+        time.sleep(1.2)  # (no less than the limiter's clock moves: its ages are read in Redis time)
+        t[0] += 0.5
+        alone.observe(rpm_headers(42), status=200)
+        assert a_backend.flush()
+        assert level(redis_server, "requests") == pytest.approx(40, abs=0.05)
+
+
 def test_a_send_is_counted_once_in_its_reservations_record(
     redis_server: RedisServer, backends: list[RedisBackend]
 ) -> None:

@@ -115,8 +115,8 @@ class ScriptCalls:
         return ScriptCall("settle", keys.settle, args, on_reply, self._backend.new_ident())
 
     def resync(self, keys: PoolKeys, args: list[str | int], on_reply: OnReply) -> ScriptCall:
-        """``resync.lua``: ``args`` are since, learn, moment, cutoff, then quadruples
-        (dim, limit, target, extra).
+        """``resync.lua``: ``args`` are since, learn, moment, cutoff, since_sent, admitted_by,
+        own, then quadruples (dim, limit, target, extra).
 
         With an id, as every change: sent again after a reply that never came, it is a no-op.
         """

@@ -171,24 +171,36 @@ class Feedback:
         permit: Permit | None,
         now: float,
     ) -> list[str]:
-        """``resync.lua``'s moment and cutoff: 'response' once this process's reports show it.
+        """``resync.lua``'s moment, cutoff, span of the admission and the observed request's part.
 
-        Only then does the report lift the shared requests bucket (``core._feedback``: the
-        reading believed, once the other is refuted; until then the admission rule, which
-        only lowers, is the lower of the two). The cutoff is when the answer arrived in
-        Redis time, less a request's way to the server (the local limiter's ``transit``: a
-        request sent before it is in a report taken as the answer left) and less how far
-        the clock's mapping may be off. A refusal is answered as it arrives: not of then.
+        'response' once this process's reports show they are of the answers, 'either' once
+        they show both moments (``core._feedback``: the reading believed once the other is
+        refuted, else the lower of the two); only then does a report lift the shared
+        requests bucket (until then the admission rule, which only lowers, is the lower of
+        the two). The cutoff is when the answer arrived in Redis time, less a request's way
+        to the server (the local limiter's ``transit``: a request sent before it is in a
+        report taken as the answer left), the admission within that way of the send; each
+        less (or plus) how far the clock's mapping may be off. A refusal is answered as it
+        arrives: not of then.
         """
         transit = _note_moment(runtime, limits, date, permit, now)
         offset = self._clock.offset
-        if transit is None or offset is None or runtime.moment.belief != "response":
-            return ["", ""]
+        belief = runtime.moment.belief
+        if transit is None or offset is None or belief not in ("response", "mixed"):
+            return ["", "", "", "", ""]
         assert permit is not None
         if permit.response_status is not None and permit.response_status >= 400:
-            return ["", ""]
-        cutoff = time.monotonic() + offset - transit - self._clock.error
-        return ["response", repr(cutoff)] if math.isfinite(cutoff) else ["", ""]
+            return ["", "", "", "", ""]
+        error = self._clock.error
+        redis_now = time.monotonic() + offset
+        marked = permit.sent_at == permit.sent_at
+        sent = redis_now - max(0.0, now - (permit.sent_at if marked else permit.started_at))
+        cutoff = redis_now - transit - error
+        if not math.isfinite(cutoff):
+            return ["", "", "", "", ""]
+        own = "all" if permit.seq >= 0 else ("" if marked else "one")
+        mode = "response" if belief == "response" else "either"
+        return [mode, repr(cutoff), repr(sent - transit - error), repr(sent + transit + error), own]
 
     def _since(self, runtime: PoolRuntime, permit: Permit | None) -> tuple[int, dict[str, float]]:
         """The observed request's reservation (-1: none) and what the server had not counted of it.

@@ -4,9 +4,12 @@
 -- ARGV: since (seq of the observed request: reservations admitted after it, by any
 --       process, were not seen by the server when it answered; -1: all in flight),
 --       learn ('1': adopt the -limit headers), op_ttl (ms: how long the op's id is
---       kept), moment ('response': the caller's reports have shown they are taken as the
---       answer leaves, see below; '' otherwise), cutoff (with 'response': the earliest that
---       moment can be, in Redis time, less a request's way to the server), then
+--       kept), moment ('response' or 'either': the caller's reports have shown they are
+--       taken as the answer leaves, or both ways, see below; '' otherwise), cutoff (the
+--       earliest that answer's moment can be, in Redis time, less a request's way to the
+--       server), since_sent and admitted_by (the observed request's send less, and plus,
+--       that way: the span its admission lies in), own ('all': the observed reservation is
+--       the observed request alone; 'one': a prefetch's, one of its requests unmarked), then
 --       quadruples: dim, limit ('' if absent),
 --       target (-remaining minus the rounding margin, '' if absent), extra (what the
 --       caller knows the server had not counted though the pool had at the grant: the
@@ -35,8 +38,14 @@
 -- record's requests less its count of sends, sent.lua) and every send Redis heard of after
 -- the cutoff (it may have reached the server after the report's moment); the level goes to
 -- the report less those, down or up. A request is one request: no refund the server made
--- is still to come to Redis. A report whose cutoff is older than the latest such one only
--- lowers (others may have drawn since), and one older than the log of sends reads nothing.
+-- is still to come to Redis. The observed request itself is in the report (it was answered).
+-- With moment 'either' (the reports are of both moments), the lower of that and the
+-- report read as of the admission, as the larger of two bounds: the admission rule's, and
+-- the report with the refill from the latest the admission can have been (clamped at the
+-- capacity, before any draw: the safe order), less every request not sent and every send
+-- heard of after since_sent. Under each reading, a report of a moment older than the latest
+-- one a level was read from only lowers (others may have drawn since: 'rcut' and 'acut' in
+-- the pool's hash), and one older than the log of sends reads nothing.
 local since, learn = tonumber(ARGV[1]), ARGV[2] == '1'
 local now = clock()
 if KEYS[8] and not redis.call('SET', KEYS[8], '1', 'PX', tonumber(ARGV[3]), 'NX') then
@@ -51,7 +60,7 @@ advance(p, now)
 local out = {'OK', fmt(now)}
 local dirty = false
 if learn then
-  for i = 6, #ARGV, 4 do
+  for i = 9, #ARGV, 4 do
     local d, lim = ARGV[i], tonumber(ARGV[i + 1])
     if lim and lim > 0 then
       local ok
@@ -80,63 +89,97 @@ if since >= 0 then
     end
   end
 end
-local cutoff = tonumber(ARGV[5])
-local response = ARGV[4] == 'response' and cutoff ~= nil and cutoff <= now
-  and cutoff > now - SENT_LOG_SECONDS + 1
-local latest = tonumber(redis.call('HGET', KEYS[2], 'rcut') or '') or -math.huge
+local mode, cutoff, since_sent, admitted_by = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local own = ARGV[8]
+local horizon = now - SENT_LOG_SECONDS + 1
+local response = (mode == 'response' or mode == 'either') and cutoff ~= nil and cutoff <= now and cutoff > horizon
+if mode == 'either' and not (since_sent and admitted_by and since_sent > horizon) then
+  response = false
+end
+-- the latest moment a report set the level from, under each reading: an older one only lowers
+local held = redis.call('HMGET', KEYS[2], 'rcut', 'acut')
+local latest, latest_adm = tonumber(held[1] or '') or -math.huge, tonumber(held[2] or '') or -math.huge
 
--- The response rule's: the requests the shared model holds that the server may not have
--- counted at the report's moment.
-local function not_counted()
-  local n = 0
-  local flat = redis.call('HGETALL', KEYS[3])
-  for j = 2, #flat, 2 do
-    local t = parse_draws(flat[j])
-    local unsent = (t['requests'] or 0) - (t[SENT] or 0)
-    if unsent > 0 then
-      n = n + unsent
+-- The response rule's: the requests the shared model holds that the server had not
+-- counted by then (not sent; sent, as Redis heard, after ``after``), less the observed one.
+local unsent = nil
+local function not_counted(after)
+  if not unsent then
+    unsent = 0
+    local flat = redis.call('HGETALL', KEYS[3])
+    for j = 1, #flat, 2 do
+      if not (own == 'all' and flat[j] == ARGV[1]) then
+        local t = parse_draws(flat[j + 1])
+        local u = (t['requests'] or 0) - (t[SENT] or 0)
+        if own == 'one' and flat[j] == ARGV[1] then
+          u = u - 1
+        end
+        if u > 0 then
+          unsent = unsent + u
+        end
+      end
     end
   end
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. fmt(cutoff), '+inf')) do
-    n = n + (tonumber(string.match(m, '|([^|]*)$')) or 0)
+  local n = unsent
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. fmt(after), '+inf')) do
+    if not (own == 'all' and string.match(m, '^([^:]*):') == ARGV[1]) then
+      n = n + (tonumber(string.match(m, '|([^|]*)$')) or 0)
+    end
   end
   return n
 end
 
-local unseen = nil -- the fallback's: what reservations after the observed one hold
 local younger = note and uncounted_after(KEYS[6], ARGV[1]) or {} -- (ARGV: all the digits)
-for i = 6, #ARGV, 4 do
+
+-- The admission rule's level for bucket b: a bound on the server's under that reading
+-- (the model's own level where the model was not ahead of the server at the grant).
+local unseen_at = nil
+local function admission_rule(d, b, at, target, extra)
+  if at then
+    local given = b.unc - at[2] - (younger[d] or 0)
+    local ahead = at[1] + extra + given - target - (b.low - at[3])
+    return ahead > 0 and b.lvl - ahead or b.lvl
+  end
+  if not unseen_at then
+    unseen_at = {}
+    local flat = redis.call('HGETALL', KEYS[3])
+    for j = 1, #flat, 2 do
+      if tonumber(flat[j]) > since then
+        for dd, a in pairs(parse_draws(flat[j + 1])) do
+          unseen_at[dd] = (unseen_at[dd] or 0) + a
+        end
+      end
+    end
+  end
+  return target - (unseen_at[d] or 0)
+end
+for i = 9, #ARGV, 4 do
   local d, target, extra = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]) or 0
   local b = p.b[d]
   if b and target then
     local at = note and note[d]
-    local t = math.huge
+    local t
     local lifts = false
     if d == 'requests' and response then
-      t = target - not_counted()
-      lifts = cutoff >= latest
-      if lifts then
-        redis.call('HSET', KEYS[2], 'rcut', fmt(cutoff))
+      t = target - not_counted(cutoff)
+      if cutoff < latest and t > b.lvl then
+        t = b.lvl
       end
-    elseif at then
-      local given = b.unc - at[2] - (younger[d] or 0)
-      local ahead = at[1] + extra + given - target - (b.low - at[3])
-      if ahead > 0 then
-        t = b.lvl - ahead
-      end
-    else
-      if not unseen then
-        unseen = {}
-        local flat = redis.call('HGETALL', KEYS[3])
-        for j = 1, #flat, 2 do
-          if tonumber(flat[j]) > since then
-            for dd, a in pairs(parse_draws(flat[j + 1])) do
-              unseen[dd] = (unseen[dd] or 0) + a
-            end
-          end
+      if mode == 'either' then
+        local refilled = math.min(b.cap, target + b.rate * math.max(0, now - admitted_by))
+        local adm = math.max(refilled - not_counted(since_sent), admission_rule(d, b, at, target, extra))
+        if since_sent < latest_adm and adm > b.lvl then
+          adm = b.lvl
         end
+        if adm < t then
+          t = adm
+        end
+        redis.call('HSET', KEYS[2], 'acut', fmt(math.max(since_sent, latest_adm)))
       end
-      t = target - (unseen[d] or 0)
+      lifts = true
+      redis.call('HSET', KEYS[2], 'rcut', fmt(math.max(cutoff, latest)))
+    else
+      t = admission_rule(d, b, at, target, extra)
     end
     if t < -b.debt then
       t = -b.debt

@@ -22,7 +22,8 @@ if cur then
   t[SENT] = (t[SENT] or 0) + n
   redis.call('HSET', KEYS[1], seq, encode_draws(t))
 end
-redis.call('ZADD', KEYS[2], now, (KEYS[3] or (fmt(now) .. ':' .. seq)) .. '|' .. fmt(n))
+-- (seq:id|n: resync leaves out the observed request's own send, which its answer shows arrived)
+redis.call('ZADD', KEYS[2], now, seq .. ':' .. (KEYS[3] or fmt(now)) .. '|' .. fmt(n))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. fmt(now - SENT_LOG_SECONDS))
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
 return {'OK', fmt(now)}
