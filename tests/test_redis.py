@@ -673,6 +673,42 @@ def test_reports_of_both_moments_lift_to_the_lower_of_the_two_readings(
         assert level(redis_server, "requests") == pytest.approx(40, abs=0.05)
 
 
+def test_reports_shown_to_be_of_the_admission_give_back_what_the_server_never_counted(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """Read as of the admissions, the reports lift the level too: refill, and the model's excess."""
+    a, a_backend = make(redis_server, backends, prefetch=0)
+    b, b_backend = make(redis_server, backends, prefetch=0)
+    for _ in range(5):  # sent, but lost on the way: the server never saw them, the model keeps them
+        lost = b.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+        lost.mark_sent()
+        lost.release()
+    assert b_backend.flush()
+    mine = []
+    for _ in range(10):  # apart: none can pass another on the way
+        permit = a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+        permit.mark_sent()
+        mine.append(permit)
+        time.sleep(0.3)
+    # each report is of its admission: the tenth saw ten gone, the sixth six, the second two
+    # (later answers showing more left than earlier ones: not of the answers)
+    for k in (9, 5, 1):
+        mine[k].observe(rpm_headers(59 - k), status=200)
+    assert a_backend.flush()
+    assert a.statistics()[POOL].report_moment == "admission"
+    assert level(redis_server, "requests") < 48.5  # (older admissions than the tenth: they only lower)
+    # one more, reported as of its admission: eleven gone, and the refill since. The model
+    # has five more gone (and the same refill): it comes up to the report
+    mine.append(a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1))
+    mine[-1].mark_sent()
+    time.sleep(0.3)
+    mine[-1].observe(rpm_headers(49), status=200)
+    assert a_backend.flush()
+    assert 49 <= level(redis_server, "requests") <= 53.5  # (the server's: 49 and up to 4 refilled)
+    for permit in mine:
+        permit.release()
+
+
 def test_a_send_is_counted_once_in_its_reservations_record(
     redis_server: RedisServer, backends: list[RedisBackend]
 ) -> None:

@@ -173,34 +173,34 @@ class Feedback:
     ) -> list[str]:
         """``resync.lua``'s moment, cutoff, span of the admission and the observed request's part.
 
-        'response' once this process's reports show they are of the answers, 'either' once
-        they show both moments (``core._feedback``: the reading believed once the other is
-        refuted, else the lower of the two); only then does a report lift the shared
-        requests bucket (until then the admission rule, which only lowers, is the lower of
-        the two). The cutoff is when the answer arrived in Redis time, less a request's way
-        to the server (the local limiter's ``transit``: a request sent before it is in a
-        report taken as the answer left), the admission within that way of the send; each
-        less (or plus) how far the clock's mapping may be off. A refusal is answered as it
-        arrives: not of then.
+        The moment is what this process's reports have shown (``core._feedback``: the
+        reading believed once the other is refuted, else the lower of the two: 'either'
+        once both were); only once it is known does a report lift the shared requests
+        bucket (until then the admission rule, which only lowers, is the lower of the two).
+        The cutoff is when the answer arrived in Redis time, less a request's way to the
+        server (the local limiter's ``transit``: a request sent before it is in a report
+        taken as the answer left), the admission within that way of the send; each less
+        (or plus) how far the clock's mapping may be off. Every report moves the latest
+        moments on; a refusal is answered as it arrives: of then, whatever the moment.
         """
         transit = _note_moment(runtime, limits, date, permit, now)
         offset = self._clock.offset
-        belief = runtime.moment.belief
-        if transit is None or offset is None or belief not in ("response", "mixed"):
+        if transit is None or offset is None:
             return ["", "", "", "", ""]
         assert permit is not None
-        if permit.response_status is not None and permit.response_status >= 400:
-            return ["", "", "", "", ""]
         error = self._clock.error
         redis_now = time.monotonic() + offset
         marked = permit.sent_at == permit.sent_at
         sent = redis_now - max(0.0, now - (permit.sent_at if marked else permit.started_at))
-        cutoff = redis_now - transit - error
+        cutoff, since_sent = redis_now - transit - error, sent - transit - error
         if not math.isfinite(cutoff):
             return ["", "", "", "", ""]
         own = "all" if permit.seq >= 0 else ("" if marked else "one")
-        mode = "response" if belief == "response" else "either"
-        return [mode, repr(cutoff), repr(sent - transit - error), repr(sent + transit + error), own]
+        belief = runtime.moment.belief
+        if permit.response_status is not None and permit.response_status >= 400:
+            belief, cutoff = "unknown", since_sent  # (answered as it arrived: of then)
+        mode = {"unknown": "", "mixed": "either"}.get(belief, belief)
+        return [mode, repr(cutoff), repr(since_sent), repr(sent + transit + error), own]
 
     def _since(self, runtime: PoolRuntime, permit: Permit | None) -> tuple[int, dict[str, float]]:
         """The observed request's reservation (-1: none) and what the server had not counted of it.

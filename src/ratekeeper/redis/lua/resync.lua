@@ -4,8 +4,8 @@
 -- ARGV: since (seq of the observed request: reservations admitted after it, by any
 --       process, were not seen by the server when it answered; -1: all in flight),
 --       learn ('1': adopt the -limit headers), op_ttl (ms: how long the op's id is
---       kept), moment ('response' or 'either': the caller's reports have shown they are
---       taken as the answer leaves, or both ways, see below; '' otherwise), cutoff (the
+--       kept), moment ('response', 'admission' or 'either': what the caller's reports have
+--       shown of the moment they are taken at, see below; '' not known yet), cutoff (the
 --       earliest that answer's moment can be, in Redis time, less a request's way to the
 --       server), since_sent and admitted_by (the observed request's send less, and plus,
 --       that way: the span its admission lies in), own ('all': the observed reservation is
@@ -39,8 +39,9 @@
 -- the cutoff (it may have reached the server after the report's moment); the level goes to
 -- the report less those, down or up. A request is one request: no refund the server made
 -- is still to come to Redis. The observed request itself is in the report (it was answered).
--- With moment 'either' (the reports are of both moments), the lower of that and the
--- report read as of the admission, as the larger of two bounds: the admission rule's, and
+-- With moment 'admission', the requests bucket goes (down or up) to the report read as of
+-- the admission, and with 'either' (the reports are of both moments) to the lower of the two
+-- readings; as of the admission it is the larger of two bounds: the admission rule's, and
 -- the report with the refill from the latest the admission can have been (clamped at the
 -- capacity, before any draw: the safe order), less every request not sent and every send
 -- heard of after since_sent. Under each reading, a report of a moment older than the latest
@@ -93,8 +94,10 @@ local mode, cutoff, since_sent, admitted_by = ARGV[4], tonumber(ARGV[5]), tonumb
 local own = ARGV[8]
 local horizon = now - SENT_LOG_SECONDS + 1
 local response = (mode == 'response' or mode == 'either') and cutoff ~= nil and cutoff <= now and cutoff > horizon
-if mode == 'either' and not (since_sent and admitted_by and since_sent > horizon) then
-  response = false
+local admission = (mode == 'admission' or mode == 'either') and since_sent ~= nil and admitted_by ~= nil
+  and since_sent > horizon and since_sent <= now
+if mode == 'either' and not (response and admission) then
+  response, admission = false, false
 end
 -- the latest moment a report set the level from, under each reading: an older one only lowers
 local held = redis.call('HMGET', KEYS[2], 'rcut', 'acut')
@@ -160,12 +163,15 @@ for i = 9, #ARGV, 4 do
     local at = note and note[d]
     local t
     local lifts = false
-    if d == 'requests' and response then
-      t = target - not_counted(cutoff)
-      if cutoff < latest and t > b.lvl then
-        t = b.lvl
+    if d == 'requests' and (response or admission) then
+      t = math.huge
+      if response then
+        t = target - not_counted(cutoff)
+        if cutoff < latest and t > b.lvl then
+          t = b.lvl
+        end
       end
-      if mode == 'either' then
+      if admission then
         local refilled = math.min(b.cap, target + b.rate * math.max(0, now - admitted_by))
         local adm = math.max(refilled - not_counted(since_sent), admission_rule(d, b, at, target, extra))
         if since_sent < latest_adm and adm > b.lvl then
@@ -174,10 +180,8 @@ for i = 9, #ARGV, 4 do
         if adm < t then
           t = adm
         end
-        redis.call('HSET', KEYS[2], 'acut', fmt(math.max(since_sent, latest_adm)))
       end
       lifts = true
-      redis.call('HSET', KEYS[2], 'rcut', fmt(math.max(cutoff, latest)))
     else
       t = admission_rule(d, b, at, target, extra)
     end
@@ -194,6 +198,22 @@ for i = 9, #ARGV, 4 do
       dirty = true
     end
   end
+end
+-- every report moves the latest moments on (the core's: a report of unknown age is of
+-- now at the latest, and so no report of before it lifts)
+local seen, seen_adm = latest, latest_adm
+if since < 0 then
+  seen, seen_adm = math.max(latest, now), math.max(latest_adm, now)
+else
+  if cutoff and cutoff <= now and cutoff > seen then
+    seen = cutoff
+  end
+  if since_sent and since_sent <= now and since_sent > seen_adm then
+    seen_adm = since_sent
+  end
+end
+if seen > latest or seen_adm > latest_adm then
+  redis.call('HSET', KEYS[2], 'rcut', fmt(seen), 'acut', fmt(seen_adm))
 end
 if dirty or p.lx_changed then
   save_pool(p)
