@@ -7,6 +7,7 @@ tests run on real clocks with waits of a fraction of a second.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import subprocess
 import sys
@@ -34,11 +35,13 @@ from ratekeeper import (
     WouldBlock,
 )
 from ratekeeper.core._reading import MAX_PAUSE
+from ratekeeper.gate._own_traffic import own_traffic
 from ratekeeper.redis._ops import ScriptCall
 
 SONNET = "claude-sonnet-4-5"
 POOL = "sonnet-4.x"
 LIMITS = {POOL: {"requests": 60.0, "input_tokens": 100_000.0, "output_tokens": 20_000.0}}
+BIG = {POOL: {"requests": 600.0, "input_tokens": 1_000_000.0, "output_tokens": 200_000.0}}
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -490,6 +493,234 @@ def test_resync_does_not_count_refunds_of_requests_granted_after_the_observed_on
     observed.observe(rpm_headers(49), status=200)
     assert backend.flush()
     assert level(redis_server, "requests") == pytest.approx(49, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("reported", "moment"),
+    [
+        # every report counts all ten, the first request's as the ninth's: of the answers
+        ([(0, 50), (4, 50), (8, 50)], "response"),
+        # each counts those admitted up to its own, and a later answer shows more left:
+        # of the admissions (read at the answers, they would go up with the traffic)
+        ([(8, 51), (4, 55), (0, 59)], "admission"),
+    ],
+)
+def test_each_process_learns_the_moment_its_reports_describe(
+    redis_server: RedisServer,
+    backends: list[RedisBackend],
+    reported: list[tuple[int, int]],
+    moment: str,
+) -> None:
+    """The local limiter's evidence of the moment, read from this process's own traffic."""
+    t = [1000.0]
+    backend = RedisBackend(redis_server.url, org="acme", prefetch=0)
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=LIMITS, backend=backend, clock=lambda: t[0])
+    permits = []
+    for _ in range(10):
+        permit = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+        permit.mark_sent()
+        permits.append(permit)
+        t[0] += 0.5  # sent half a second apart: no two can pass each other on the way
+    assert limiter.statistics()[POOL].report_moment == "unknown"
+    for k, remaining in reported:
+        t[0] += 1.0
+        permits[k].observe(rpm_headers(remaining), status=200)
+    assert limiter.statistics()[POOL].report_moment == moment
+
+
+@pytest.mark.parametrize("prefetch", [0, 9])
+def test_own_traffic_is_read_in_grant_order_across_redis_and_prefetched_seqs(
+    redis_server: RedisServer, backends: list[RedisBackend], prefetch: int
+) -> None:
+    """A prefetched request's seq is local and negative (and decreasing): Redis's seq orders
+    its prefetch among the reservations, then the local one within it, as they were granted."""
+    backend = RedisBackend(redis_server.url, org="acme", prefetch=prefetch, prefetch_ttl=60.0)
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=BIG, backend=backend)
+    demand = Demand(input_tokens=1, max_tokens=1)
+    with contextlib.ExitStack() as stack:
+        permits = [stack.enter_context(limiter.acquire_sync(SONNET, demand)) for _ in range(10)]
+        assert all(p.seq < 0 for p in permits[1:]) == bool(prefetch)
+        for k in (0, 3, 4, 5, 6, 7, 8, 9):
+            permits[k].mark_sent()
+        # granted before the sixth and not sent: the second and the third, nothing else
+        own = own_traffic(permits[5]._runtime, permits[5], limiter._now(), replay=False)
+        assert own.early.get("requests") == 2
+        own = own_traffic(permits[0]._runtime, permits[0], limiter._now(), replay=False)
+        assert own.early.get("requests", 0.0) == 0
+
+
+def _sent_permits(
+    limiter: Limiter,
+    stack: contextlib.ExitStack,
+    n: int,
+    sent: int | None = None,
+    t: list[float] | None = None,
+) -> list[Any]:
+    """``n`` permits of one request each, the first ``sent`` of them (all by default) sent.
+
+    ``t``: the limiter's clock, moved half a second after each grant and send, so that no
+    two can pass each other on the way (they would blur what the reports show of their moment).
+    """
+    demand = Demand(input_tokens=1, max_tokens=1)
+    permits = []
+    for k in range(n):
+        permit = stack.enter_context(limiter.acquire_sync(SONNET, demand))
+        if k < (n if sent is None else sent):
+            permit.mark_sent()
+        permits.append(permit)
+        if t is not None:
+            t[0] += 0.5
+    return permits
+
+
+def _clocked(
+    server: RedisServer, made: list[RedisBackend], **options: Any
+) -> tuple[Limiter, RedisBackend, list[float]]:
+    """``make``, with a limiter clock the test moves (Redis keeps its own time)."""
+    t = [1000.0]
+    backend = RedisBackend(server.url, org="acme", **options)
+    made.append(backend)
+    return Limiter("tier-1", limits=LIMITS, backend=backend, clock=lambda: t[0]), backend, t
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_reports_shown_to_be_of_the_answer_give_back_what_the_admission_reading_took_twice(
+    redis_server: RedisServer, backends: list[RedisBackend], prefetch: int
+) -> None:
+    """Read as of the grant, a report of the answer counts twice what was admitted meanwhile."""
+    a, a_backend, t = _clocked(redis_server, backends, prefetch=prefetch, prefetch_ttl=60.0)
+    b, b_backend = make(redis_server, backends, prefetch=0)
+    with contextlib.ExitStack() as stack:
+        # (with prefetch: through Redis with three more, those three, again: all handed out)
+        mine = _sent_permits(a, stack, 8, t=t)
+        if prefetch:
+            assert [p.seq < 0 for p in mine] == [False, True, True, True] * 2
+        _sent_permits(b, stack, 10)
+        assert b_backend.flush()
+        time.sleep(0.4)  # well before the answers: the server has all eighteen
+        # each answer's report counts all eighteen: 42 left. The first is read as of its
+        # grant (the moment is not known yet): the 17 admitted since are counted again
+        mine[0].observe(rpm_headers(42), status=200)
+        assert a_backend.flush()
+        assert level(redis_server, "requests") < 30
+        # the fourth and the eighth say the same: as of their admissions they would have
+        # said more. Taken as the answers left, the level is the report's
+        for k in (3, 7):
+            t[0] += 1.0
+            mine[k].observe(rpm_headers(42), status=200)
+        assert a_backend.flush()
+        assert a.statistics()[POOL].report_moment == "response"
+        assert level(redis_server, "requests") == pytest.approx(42, abs=0.05)
+
+
+def test_a_report_of_the_answer_lifts_nothing_the_server_may_not_have_counted(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """Requests not sent, and sent too late to be in it, anywhere: taken off the report."""
+    a, a_backend, t = _clocked(redis_server, backends, prefetch=0)
+    b, b_backend = make(redis_server, backends, prefetch=0)
+    with contextlib.ExitStack() as stack:
+        mine = _sent_permits(a, stack, 10, t=t)
+        theirs = _sent_permits(b, stack, 10, sent=5)
+        assert b_backend.flush()
+        time.sleep(0.4)
+        # the server has fifteen: 45 left, in every report
+        for k in (0, 3, 6):
+            t[0] += 1.0
+            mine[k].observe(rpm_headers(45), status=200)
+        assert a_backend.flush()
+        assert a.statistics()[POOL].report_moment == "response"
+        for permit in theirs[5:7]:  # sent now: maybe after the next report's moment
+            permit.mark_sent()
+        assert b_backend.flush()
+        t[0] += 1.0
+        mine[8].observe(rpm_headers(45), status=200)
+        assert a_backend.flush()
+        # three never sent, two perhaps not there yet: 40, not 45
+        assert level(redis_server, "requests") == pytest.approx(40, abs=0.05)
+
+
+def test_reports_of_both_moments_lift_to_the_lower_of_the_two_readings(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """Once the reports have shown both moments, each is read both ways and the lower wins."""
+    a, a_backend, t = _clocked(redis_server, backends, prefetch=0)
+    b, b_backend = make(redis_server, backends, prefetch=0)
+    with contextlib.ExitStack() as stack:
+        mine = _sent_permits(a, stack, 10, t=t)
+        _sent_permits(b, stack, 10, sent=8)
+        assert b_backend.flush()
+        time.sleep(0.4)
+        # the server has eighteen: 42 left, as the answers leave; then one shows more left
+        # than it can have had at its answer (of its admission, then)
+        for k, remaining in ((0, 42), (4, 42), (8, 42), (9, 45)):
+            t[0] += 1.0
+            mine[k].observe(rpm_headers(remaining), status=200)
+        assert a_backend.flush()
+        assert a.statistics()[POOL].report_moment == "mixed"
+        assert level(redis_server, "requests") < 38
+        time.sleep(0.4)
+        # a request on its own: as of its admission or of its answer, the server has 42
+        # less the two not sent. The admission rule alone would keep the level where it is
+        alone = _sent_permits(a, stack, 1, t=t)[0]
+        assert a_backend.flush()
+        time.sleep(1.2)  # (no less than the limiter's clock moves: its ages are read in Redis time)
+        t[0] += 0.5
+        alone.observe(rpm_headers(42), status=200)
+        assert a_backend.flush()
+        assert level(redis_server, "requests") == pytest.approx(40, abs=0.05)
+
+
+def test_reports_shown_to_be_of_the_admission_give_back_what_the_server_never_counted(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """Read as of the admissions, the reports lift the level too: refill, and the model's excess."""
+    a, a_backend = make(redis_server, backends, prefetch=0)
+    b, b_backend = make(redis_server, backends, prefetch=0)
+    for _ in range(5):  # sent, but lost on the way: the server never saw them, the model keeps them
+        lost = b.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+        lost.mark_sent()
+        lost.release()
+    assert b_backend.flush()
+    mine = []
+    for _ in range(10):  # apart: none can pass another on the way
+        permit = a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+        permit.mark_sent()
+        mine.append(permit)
+        time.sleep(0.3)
+    # each report is of its admission: the tenth saw ten gone, the sixth six, the second two
+    # (later answers showing more left than earlier ones: not of the answers)
+    for k in (9, 5, 1):
+        mine[k].observe(rpm_headers(59 - k), status=200)
+    assert a_backend.flush()
+    assert a.statistics()[POOL].report_moment == "admission"
+    assert level(redis_server, "requests") < 48.5  # (older admissions than the tenth: they only lower)
+    # one more, reported as of its admission: eleven gone, and the refill since. The model
+    # has five more gone (and the same refill): it comes up to the report
+    mine.append(a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1))
+    mine[-1].mark_sent()
+    time.sleep(0.3)
+    mine[-1].observe(rpm_headers(49), status=200)
+    assert a_backend.flush()
+    assert 49 <= level(redis_server, "requests") <= 53.5  # (the server's: 49 and up to 4 refilled)
+    for permit in mine:
+        permit.release()
+
+
+def test_a_send_is_counted_once_in_its_reservations_record(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    limiter, backend = make(redis_server, backends, prefetch=0)
+    permit = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
+    permit.mark_sent()
+    permit.mark_sent()  # (twice: a second would make an unsent request of a prefetch look sent)
+    assert backend.flush()
+    (record,) = client(redis_server).hvals(RES)
+    assert draws_of(str(record))["~sent"] == 1
+    assert client(redis_server).zcard("{ratekeeper:acme}:sent:" + POOL) == 1
+    permit.release()
 
 
 def test_learned_limits_are_shared(redis_server: RedisServer, backends: list[RedisBackend]) -> None:

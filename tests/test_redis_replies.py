@@ -120,8 +120,10 @@ def test_a_malformed_reply_names_its_script_and_what_is_wrong(
 
 
 def test_pool_keys_name_what_each_script_takes() -> None:
-    keys = PoolKeys(*(f"k{i}" for i in range(8)))
-    assert keys.every == ("k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7")
+    keys = PoolKeys(*(f"k{i}" for i in range(9)))
+    assert keys.every == ("k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8")
     assert keys.reserve == keys.every[:7]
     assert keys.settle == (*keys.every[:4], "k6", "k7")
+    assert keys.resync == (*keys.settle, "k8")
+    assert keys.sent == ("k2", "k8")
     assert keys.control == ("k0", "k1")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Final, final
+from typing import Any, Final, final
 
 from ratekeeper.core._reading import ROUNDING_MARGIN
 from ratekeeper.gate._state import _ACTIVE, Permit, PoolRuntime
@@ -99,7 +99,7 @@ class OwnTraffic:
         self.bounded = -math.inf
 
 
-def own_traffic(runtime: PoolRuntime, permit: Permit, now: float) -> OwnTraffic:
+def own_traffic(runtime: PoolRuntime, permit: Permit, now: float, *, replay: bool = True) -> OwnTraffic:
     """What a report of ``permit``'s request cannot hold of this client's own traffic.
 
     A request sent within ``transit`` of a moment may or may not have reached the
@@ -124,15 +124,16 @@ def own_traffic(runtime: PoolRuntime, permit: Permit, now: float) -> OwnTraffic:
     own.transit = transit = max(min(runtime.fastest, MAX_TRANSIT), min(runtime.transit, transit_cap(runtime)))
     own.admitted = admitted = sent_at
     own.seq = seq = permit.seq
+    order = _order(permit)
     for other in runtime.in_flight.values():
         if not other.sent:
             add(own.unsent, other._charged)
-            if other.seq < seq:  # drawn in the model before this request, never sent
+            if _order(other) < order:  # drawn in the model before this request, never sent
                 add(own.early, other._charged)
                 add(own.early_unmarked, other._charged)
     oldest = min(admitted, now) - transit
     floor = oldest - runtime.look_back()
-    for t, other_seq, charged, granted in reversed(runtime.sends):
+    for t, other_seq, charged, granted, other_order in reversed(runtime.sends):
         if granted < floor:
             break
         if t < oldest or other_seq == seq:  # most of them: tested before a look-up
@@ -143,10 +144,11 @@ def own_traffic(runtime: PoolRuntime, permit: Permit, now: float) -> OwnTraffic:
         if t > now - transit:
             add(own.unsent_maybe, charged)
         if abs(t - admitted) <= transit:
-            add(own.early_maybe if other_seq < seq else own.late_maybe, charged)
-        elif t > admitted and other_seq < seq:  # reached the server after this request
+            add(own.early_maybe if other_order < order else own.late_maybe, charged)
+        elif t > admitted and other_order < order:  # reached the server after this request
             add(own.early, charged)
-    own.replay = runtime.changes_since(admitted, seq)
+    if replay:
+        own.replay = runtime.changes_since(admitted, seq)
     # ``since`` is everything we charged (or refunded) since this request was granted, in
     # flight or done; what was given back since without the server ever counting it stays
     # in (if admitted before this request, the server never had it; if after, counting it
@@ -155,6 +157,12 @@ def own_traffic(runtime: PoolRuntime, permit: Permit, now: float) -> OwnTraffic:
     if own.refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
         runtime.moment.restart(now)
     return own
+
+
+def _order(permit: Permit) -> Any:
+    """Where ``permit``'s grant stands among the others (see ``PoolRuntime.sends``)."""
+    send = permit._send
+    return permit.seq if send is None else send[4]
 
 
 def note_evidence(

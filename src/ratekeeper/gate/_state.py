@@ -169,6 +169,7 @@ class PoolRuntime:
         "moment",
         "most_output",
         "next_wake",
+        "on_sent",
         "overload_backoff",
         "overloaded",
         "pool",
@@ -214,13 +215,12 @@ class PoolRuntime:
         self.fastest = math.inf
         # the longest a request has been shown to take to reach the server (0: nothing shown;
         # grown on refusals the reports did not foresee), and the grant order it was set at
-        self.transit = 0.0
-        self.transit_seq = -1
+        self.transit, self.transit_seq = 0.0, -1
         # the dimensions whose bucket was found smaller than a request's reservation (said once)
         self.too_small: set[str] = set()
-        # [sent at, seq, charges, granted at] of the latest requests granted (sent at = granted
-        # at until marked sent): what reached the server after a report's moment, and what may
-        # not have reached it yet; bounded
+        # [sent at, seq, charges, granted at, grant order (see note_grant)] of the latest grants
+        # (sent at = granted at until marked sent): what reached the server after a report's
+        # moment, and what may not have reached it yet; bounded
         self.sends: deque[list[Any]] = deque(maxlen=_SENDS_KEPT)
         self.send_delay = 0.0  # the longest grant-to-send seen: how far back look_back() goes
         # (time, {dim: change}) of what settlements (and output charged as it is produced) did
@@ -249,8 +249,9 @@ class PoolRuntime:
         # the fraction of each refill this client counts on: others may be drawing too
         # (lowered by 429s the model did not foresee, raised back by clean traffic)
         self.share = 1.0
-        self.share_seq = -1
-        self.share_since = -math.inf
+        self.share_seq, self.share_since = -1, -math.inf
+        # the engine's, if it must hear of each send (remote mode: Redis counts what was sent)
+        self.on_sent: Callable[[Permit], None] | None = None
         # for statistics(): by kind of event, when the last was, how many, its detail
         self.events: dict[str, tuple[float, int, Mapping[str, Any]]] = {}
 
@@ -268,9 +269,14 @@ class PoolRuntime:
                 uncounted[dim] = uncounted.get(dim, 0.0) - sign * amount
             self.uncounted = uncounted
 
-    def note_grant(self, permit: Permit, now: float) -> None:
-        """Remember a grant in ``sends`` (its send time is its grant's until ``mark_sent``)."""
-        entry = [now, permit.seq, dict(permit._charged), now]
+    def note_grant(self, permit: Permit, now: float, order: object = None) -> None:
+        """Remember a grant in ``sends`` (its send time is its grant's until ``mark_sent``).
+
+        ``order``: where the grant stands among the others (default: its seq; in remote mode
+        (Redis seq, place within a prefetch), as a prefetched request's local seq does not
+        compare with Redis's).
+        """
+        entry = [now, permit.seq, dict(permit._charged), now, permit.seq if order is None else order]
         permit._send = entry
         self.sends.append(entry)
 
@@ -289,7 +295,7 @@ class PoolRuntime:
         under = max(self.shortfalls, default=0.0) + _SHORTFALL_SLACK
         oldest = t0 - self.look_back()
         reached = len(sends) < _SENDS_KEPT
-        for t, other, charged, granted in reversed(sends):
+        for t, other, charged, granted, _ in reversed(sends):
             if granted < oldest:
                 reached = True
                 break
@@ -462,6 +468,7 @@ class Permit:
 
     def mark_sent(self) -> None:
         """Record that the request is leaving for the server (its RPM token is spent)."""
+        first = not self.sent
         self.sent = True
         self.sent_at = now = self._limiter._now()
         send = self._send
@@ -470,6 +477,9 @@ class Permit:
             runtime = self._runtime
             if now - send[3] > runtime.send_delay:
                 runtime.send_delay = now - send[3]
+        on_sent = self._runtime.on_sent
+        if on_sent is not None and first:  # (once: Redis adds up the sends)
+            on_sent(self)
 
     def record_output(self, output_tokens: int) -> None:
         """Charge output produced so far (cumulative), as a stream runs.

@@ -47,6 +47,11 @@ class RedisClock:
             self._best_rtt = rtt
             self.offset = redis_now - (sent + received) / 2.0
 
+    @property
+    def error(self) -> float:
+        """How far ``offset`` may be off, at most: the round trip it was read from (inf: none yet)."""
+        return self._best_rtt
+
     def arrival(self, w: _RemoteWaiter) -> str:
         """``w``'s arrival in Redis time, as reserve.lua reads it ('': not known, Redis uses its now)."""
         offset = self.offset

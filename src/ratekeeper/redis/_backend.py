@@ -167,7 +167,7 @@ class RedisBackend:
         return f"{self.tag}:org"
 
     def pool_keys(self, pool: str) -> PoolKeys:
-        """Every key one pool's scripts touch (org, pool, res, lease, q, qd, notes, unc)."""
+        """Every key one pool's scripts touch (org, pool, res, lease, q, qd, notes, unc, sent)."""
         t = self.tag
         return PoolKeys(
             org=f"{t}:org",
@@ -178,6 +178,7 @@ class RedisBackend:
             line_needs=f"{t}:qd:{pool}",
             notes=f"{t}:notes:{pool}",
             uncounted=f"{t}:unc:{pool}",
+            sends=f"{t}:sent:{pool}",
         )
 
     def op_key(self, ident: str) -> str:

@@ -82,7 +82,7 @@ class RemoteEngine:
         parts = EngineParts(limiter, backend, self._calls, self._pools, self._remote, self._wake_head)
         self._prefetches = Prefetches(parts)
         self._answers = ReserveAnswers(parts, self._prefetches, self._clock)
-        self._feedback = Feedback(parts, self._prefetches)
+        self._feedback = Feedback(parts, self._prefetches, self._clock)
         # the permit side is the settlement's (settle, settle_plain, settle_observing,
         # progress, release), handed out as this engine's own
         self._settlement = settlement = Settlement(parts, self._prefetches)
@@ -102,13 +102,8 @@ class RemoteEngine:
             name = runtime.pool.name
             keys = self._backend.pool_keys(name)
             remote = self._pools[name] = _RemotePool(runtime, keys, self._feedback.burst_handler(runtime))
+            runtime.on_sent = self._settlement.sent
         return remote
-
-    def _init_call(self, remote: _RemotePool) -> ScriptCall:
-        def done(reply: RawReply) -> None:
-            remote.inited = True
-
-        return self._calls.init(remote.keys, remote.runtime.pool, done)
 
     def _reserve_call(
         self, remote: _RemotePool, cands: list[_RemoteWaiter], queue: bool = True, prefetch: int = 0
@@ -230,7 +225,7 @@ class RemoteEngine:
         """``acquire_nowait``'s round trip: the reserve's reply, or None if Redis is to count as down."""
         calls = self._backend.take_outbox()
         if not remote.inited:
-            calls.append(self._init_call(remote))
+            calls.append(_init_call(self._calls, remote))
         calls.append(self._reserve_call(remote, [w], queue=False))
         sent = time.monotonic()
         try:
@@ -336,7 +331,7 @@ class RemoteEngine:
     def _drive_calls(self, remote: _RemotePool, cands: list[_RemoteWaiter]) -> list[ScriptCall]:
         calls = self._backend.take_outbox()
         if not remote.inited:
-            calls.append(self._init_call(remote))
+            calls.append(_init_call(self._calls, remote))
         prefetch = self._backend.prefetch if remote.prefetch is None else 0
         calls.append(self._reserve_call(remote, cands, prefetch=prefetch))
         return calls
@@ -395,7 +390,7 @@ class RemoteEngine:
             now = limiter._now()
             permit = Permit(limiter, runtime, model, w.draws, credit, w.rseq, now)
             w.permit = permit
-            runtime.in_flight[w.rseq] = permit
+            self._prefetches.track(runtime, permit, now)
             runtime.granted += 1
             runtime.waits.add(now - w.enqueued_at)
             runtime.admitted.add(now, w.draws)
@@ -467,3 +462,12 @@ class RemoteEngine:
         remote = self._remote(runtime)
         self._backend.send(self._calls.control(remote.keys.control, "giveback", encode_draws(amounts)))
         self._wake_head(runtime)
+
+
+def _init_call(calls: ScriptCalls, remote: _RemotePool) -> ScriptCall:
+    """``init.lua`` for ``remote``'s pool; once it has answered, the pool is known to exist."""
+
+    def done(reply: RawReply) -> None:
+        remote.inited = True
+
+    return calls.init(remote.keys, remote.runtime.pool, done)

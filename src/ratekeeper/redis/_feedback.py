@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import final
 
+from ratekeeper.core._feedback import response_estimate
 from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._reading import (
+    RESET_ROUNDING,
     ROUNDING_MARGIN,
     burst_bound,
     capped_pause,
@@ -25,8 +28,10 @@ from ratekeeper.core._reading import (
     unified_wait,
 )
 from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
+from ratekeeper.gate._own_traffic import note_evidence, own_traffic
 from ratekeeper.gate._resync import _RESYNC_DIMS
 from ratekeeper.gate._state import Permit, PoolRuntime
+from ratekeeper.redis._answers import RedisClock
 from ratekeeper.redis._ops import RawReply, ScriptCall
 from ratekeeper.redis._pools import SPECIAL, EngineParts, _RemotePool
 from ratekeeper.redis._prefetch import Prefetches
@@ -39,9 +44,10 @@ __all__ = ["Feedback"]
 class Feedback:
     """One engine's feedback: what a response says, to the shared state and the local mirror."""
 
-    def __init__(self, parts: EngineParts, prefetches: Prefetches) -> None:
+    def __init__(self, parts: EngineParts, prefetches: Prefetches, clock: RedisClock) -> None:
         self._parts = parts
         self._prefetches = prefetches
+        self._clock = clock
 
     def observe(
         self,
@@ -123,8 +129,7 @@ class Feedback:
         runtime = remote.runtime
         pool = runtime.pool
         date = snap.server_date
-        bound = math.inf
-        floor = 0.0
+        bound, floor = math.inf, 0.0
         since, extra = self._since(runtime, permit)
         args: list[str | int] = [since, "1" if limiter._learn else "0"]
         for dim in _RESYNC_DIMS:
@@ -148,6 +153,7 @@ class Feedback:
                     age = max(0.0, now - permit.started_at)
                     bound = min(bound, burst_bound(info.remaining, info.reset, date, dim, pool, age))
         bound = fitted_burst(bound, floor)
+        args[2:2] = self._reading(runtime, limits, date, permit, now)
         calls.append(self._parts.calls.resync(remote.keys, args, self._resync_handler(runtime)))
         if not (limiter._adaptive and bound < 1.0 and pool.fit_burst(bound, now)):
             return False
@@ -158,6 +164,45 @@ class Feedback:
             )
         )
         return True
+
+    def _reading(
+        self,
+        runtime: PoolRuntime,
+        limits: Mapping[str, LimitInfo],
+        date: _dt.datetime | None,
+        permit: Permit | None,
+        now: float,
+    ) -> list[str]:
+        """``resync.lua``'s moment, cutoff, span of the admission and the observed request's part.
+
+        The moment is what this process's reports have shown (``core._feedback``: the
+        reading believed once the other is refuted, else the lower of the two: 'either'
+        once both were); only once it is known does a report lift the shared requests
+        bucket (until then the admission rule, which only lowers, is the lower of the two).
+        The cutoff is when the answer arrived in Redis time, less a request's way to the
+        server (the local limiter's ``transit``: a request sent before it is in a report
+        taken as the answer left), the admission within that way of the send; each less
+        (or plus) how far the clock's mapping may be off. Every report moves the latest
+        moments on; a refusal is answered as it arrives: of then, whatever the moment.
+        """
+        transit = _note_moment(runtime, limits, date, permit, now)
+        offset = self._clock.offset
+        if transit is None or offset is None:
+            return ["", "", "", "", ""]
+        assert permit is not None
+        error = self._clock.error
+        redis_now = time.monotonic() + offset
+        marked = permit.sent_at == permit.sent_at
+        sent = redis_now - max(0.0, now - (permit.sent_at if marked else permit.started_at))
+        cutoff, since_sent = redis_now - transit - error, sent - transit - error
+        if not math.isfinite(cutoff):
+            return ["", "", "", "", ""]
+        own = "all" if permit.seq >= 0 else ("" if marked else "one")
+        belief = runtime.moment.belief
+        if permit.response_status is not None and permit.response_status >= 400:
+            belief, cutoff = "unknown", since_sent  # (answered as it arrived: of then)
+        mode = {"unknown": "", "mixed": "either"}.get(belief, belief)
+        return [mode, repr(cutoff), repr(since_sent), repr(sent + transit + error), own]
 
     def _since(self, runtime: PoolRuntime, permit: Permit | None) -> tuple[int, dict[str, float]]:
         """The observed request's reservation (-1: none) and what the server had not counted of it.
@@ -195,7 +240,11 @@ class Feedback:
                             limiter._emit("limit_change", runtime, now, {dim: value})
                             self._parts.wake_head(runtime)
                     else:
-                        runtime.resyncs += 1
+                        if value > 0.0:  # the response rule lifted it: whoever waits may fit
+                            runtime.raised += 1
+                            self._parts.wake_head(runtime)
+                        else:
+                            runtime.resyncs += 1
                         limiter._emit("resync", runtime, now, {"dimension": dim, "delta": value})
 
         return done
@@ -325,6 +374,43 @@ class Feedback:
             remote = self._parts.remote_for(runtime)
             calls.append(self._parts.calls.control(remote.keys.control, "pause", repr(wait), reason, "0"))
         return calls
+
+
+def _note_moment(
+    runtime: PoolRuntime,
+    limits: Mapping[str, LimitInfo],
+    date: _dt.datetime | None,
+    permit: Permit | None,
+    now: float,
+) -> float | None:
+    """What the report shows of the moment it describes, read from this process's own traffic.
+
+    The local limiter's evidence (``gate._resync``), on the requests bucket only: other
+    processes only ever draw on it (a request the server counted stays counted), so under
+    the right reading the series still never goes up. On a token bucket their settlements
+    give back, which this process does not see: a rise there would refute nothing. Returns
+    how long a request may take to reach the server (None: the report's age is unknown).
+    """
+    if permit is None:  # a report of unknown age shows nothing of it
+        return None
+    own = own_traffic(runtime, permit, now, replay=False)
+    refused = permit.response_status is not None and permit.response_status >= 400
+    info = limits.get("requests")
+    if info is not None and info.remaining is not None and "requests" in runtime.pool.limits:
+        lowest = float(info.remaining)
+        unsent = own.unsent.get("requests", 0.0) + own.unsent_maybe.get("requests", 0.0)
+        note_evidence(runtime, "requests", lowest, response_estimate(lowest, unsent), own, now)
+    if refused or date is None:
+        return own.transit
+    buckets = runtime.pool.buckets
+    for dim in _RESYNC_DIMS:
+        info = limits.get(dim)
+        if info is None or info.reset is None or info.remaining is None or dim not in buckets:
+            continue
+        if buckets[dim].rate > 0.0 and (date - info.reset).total_seconds() > RESET_ROUNDING:
+            runtime.moment.reset_before_date()  # full again before the answer left: not of then
+            break
+    return own.transit
 
 
 def _learns(pool: Pool, dim: str, limit: float) -> bool:

@@ -94,10 +94,11 @@ class PoolKeys:
     line_needs: str  #: participant -> its ticket's expiry and its oldest waiter's needs
     notes: str  #: seq -> the pool right after its grant, for resync
     uncounted: str  #: the log of refunds the server never counted
+    sends: str  #: the log of sends, scored by when Redis heard of each
 
     @property
     def every(self) -> tuple[str, ...]:
-        """All eight, in the order above."""
+        """All nine, in the order above."""
         return attrs.astuple(self)
 
     @property
@@ -117,6 +118,16 @@ class PoolKeys:
     def settle(self) -> tuple[str, ...]:
         """What ``settle.lua``, ``release.lua`` and ``resync.lua`` touch."""
         return (self.org, self.pool, self.reservations, self.leases, self.notes, self.uncounted)
+
+    @property
+    def resync(self) -> tuple[str, ...]:
+        """``resync.lua``'s: ``settle``'s, then the log of sends."""
+        return (*self.settle, self.sends)
+
+    @property
+    def sent(self) -> tuple[str, str]:
+        """``sent.lua``'s: the reservations, then the log of sends."""
+        return (self.reservations, self.sends)
 
     @property
     def control(self) -> tuple[str, str]:

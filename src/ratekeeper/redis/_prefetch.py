@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import final
 
-from ratekeeper.gate._state import Permit
+from ratekeeper.gate._state import Permit, PoolRuntime
 from ratekeeper.redis._pools import EngineParts, Prefetch, _RemotePool
 from ratekeeper.redis._replies import PrefetchGrant
 
@@ -63,7 +63,7 @@ class Prefetches:
         permit = Permit(limiter, runtime, model, draws, 0.0, seq, now)
         c.holders += 1
         self.admitted[seq] = (c, dict(fresh))
-        runtime.in_flight[seq] = permit
+        self.track(runtime, permit, now)
         runtime.granted += 1
         runtime.waits.add(0.0)
         runtime.admitted.add(now, draws)
@@ -168,6 +168,11 @@ class Prefetches:
                 c.fresh[dim] += amount
         if any(v < 0.0 for v in left.values()):
             self.close(remote, c)  # it owes Redis more than it holds: settle up
+
+    def track(self, runtime: PoolRuntime, permit: Permit, now: float) -> None:
+        """Under the lock: ``permit`` is in flight, noted in its grant order (see ``order``)."""
+        runtime.in_flight[permit.seq] = permit
+        runtime.note_grant(permit, now, self.order(permit))
 
     def redis_seq(self, permit: Permit) -> int:
         """The Redis reservation a permit's request belongs to (-1: not known any more)."""

@@ -109,6 +109,15 @@ class Settlement:
                 )
                 self._parts.backend.send(call)
 
+    def sent(self, permit: Permit) -> None:
+        """``Permit.mark_sent`` in remote mode: Redis counts the send (see ``sent.lua``)."""
+        seq = self._prefetches.redis_seq(permit)
+        requests = permit._charged.get("requests", 0.0)
+        if seq < 0 or not requests:  # (a prefetch's request that is done: its record is too)
+            return
+        remote = self._parts.remote_for(permit._runtime)
+        self._parts.backend.send(self._parts.calls.sent(remote.keys, seq, requests))
+
     def release(self, permit: Permit) -> None:
         """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
         limiter = self._parts.limiter

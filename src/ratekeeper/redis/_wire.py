@@ -29,7 +29,7 @@ __all__ = ["Transport"]
 
 log = logging.getLogger("ratekeeper")
 
-SCRIPTS: Final = ("reserve", "settle", "release", "resync", "control", "init")
+SCRIPTS: Final = ("reserve", "settle", "release", "resync", "control", "init", "sent")
 
 
 def load_scripts() -> dict[str, tuple[str, str]]:

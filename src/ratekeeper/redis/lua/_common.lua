@@ -169,6 +169,11 @@ local function add_uncounted(p, refunds, unc_key, seq, now, key_ttl)
   end
 end
 
+-- A record's count of its requests sent (sent.lua), beside its draws: no bucket has the name.
+local SENT = '~sent'
+-- How long the log of sends (sent.lua) keeps each: a report read against it is younger.
+local SENT_LOG_SECONDS = 120
+
 -- What the log holds of reservations granted after seq ``since``, per dimension.
 local function uncounted_after(unc_key, since)
   local out = {}

@@ -1,21 +1,26 @@
 -- Resync: correct the shared buckets from one response's rate-limit headers.
 --
--- KEYS: org, pool, res, lease, notes, uncounted log, then the op's id key (optional)
+-- KEYS: org, pool, res, lease, notes, uncounted log, sent log, then the op's id key (optional)
 -- ARGV: since (seq of the observed request: reservations admitted after it, by any
 --       process, were not seen by the server when it answered; -1: all in flight),
 --       learn ('1': adopt the -limit headers), op_ttl (ms: how long the op's id is
---       kept), then quadruples: dim, limit ('' if absent),
+--       kept), moment ('response', 'admission' or 'either': what the caller's reports have
+--       shown of the moment they are taken at, see below; '' not known yet), cutoff (the
+--       earliest that answer's moment can be, in Redis time, less a request's way to the
+--       server), since_sent and admitted_by (the observed request's send less, and plus,
+--       that way: the span its admission lies in), own ('all': the observed reservation is
+--       the observed request alone; 'one': a prefetch's, one of its requests unmarked), then
+--       quadruples: dim, limit ('' if absent),
 --       target (-remaining minus the rounding margin, '' if absent), extra (what the
 --       caller knows the server had not counted though the pool had at the grant: the
 --       refused request's own tokens, its process's earlier requests not sent yet)
--- Returns {status, now, change...}: "limit:dim:value" and "level:dim:delta" (delta < 0);
--- {DUP, now} if the op's id is recorded (sent again after a reply that never came: a
--- second run would take the same report off twice).
--- Levels only go down: a stale report must never let anyone admit more than the server.
+-- Returns {status, now, change...}: "limit:dim:value" and "level:dim:delta"; {DUP, now} if
+-- the op's id is recorded (sent again after a reply that never came: a second run would
+-- take the same report off twice).
 --
--- The rule is the in-process limiter's. The report is of the server's buckets just after
--- the observed request's grant; the note reserve.lua kept of the pool right then says by
--- how much the shared model was ahead of the server at that moment:
+-- The admission rule (every bucket, unless below): the report is of the server's buckets
+-- just after the observed request's grant; the note reserve.lua kept of the pool right
+-- then says by how much the shared model was ahead of the server at that moment:
 --   ahead = level at grant + extra + (unc now - unc then - of younger ones) - target
 --           - (low now - low then)
 -- (unc: given back since without the server ever counting it, less what of that belonged
@@ -24,10 +29,27 @@
 -- to the report itself, less what was admitted since, would also throw away the refill
 -- since the grant, which the model counted like the server: seconds of it for a long
 -- request. Without a note (a prefetched request, a lease purged, a capacity changed since:
--- 'ver'), it does exactly that, which is safe.
+-- 'ver'), it does exactly that, which is safe. It only ever lowers: read at the answer,
+-- the report already holds what was admitted during it, which this rule takes off again.
+--
+-- The response rule (requests only, with moment 'response'): the report is of the server
+-- when the answer left, after every request that reached it by then. What the shared model
+-- has charged and the server may not have counted then is every request not sent (a
+-- record's requests less its count of sends, sent.lua) and every send Redis heard of after
+-- the cutoff (it may have reached the server after the report's moment); the level goes to
+-- the report less those, down or up. A request is one request: no refund the server made
+-- is still to come to Redis. The observed request itself is in the report (it was answered).
+-- With moment 'admission', the requests bucket goes (down or up) to the report read as of
+-- the admission, and with 'either' (the reports are of both moments) to the lower of the two
+-- readings; as of the admission it is the larger of two bounds: the admission rule's, and
+-- the report with the refill from the latest the admission can have been (clamped at the
+-- capacity, before any draw: the safe order), less every request not sent and every send
+-- heard of after since_sent. Under each reading, a report of a moment older than the latest
+-- one a level was read from only lowers (others may have drawn since: 'rcut' and 'acut' in
+-- the pool's hash), and one older than the log of sends reads nothing.
 local since, learn = tonumber(ARGV[1]), ARGV[2] == '1'
 local now = clock()
-if KEYS[7] and not redis.call('SET', KEYS[7], '1', 'PX', tonumber(ARGV[3]), 'NX') then
+if KEYS[8] and not redis.call('SET', KEYS[8], '1', 'PX', tonumber(ARGV[3]), 'NX') then
   return {'DUP', fmt(now)}
 end
 local p = load_pool(KEYS[2])
@@ -39,7 +61,7 @@ advance(p, now)
 local out = {'OK', fmt(now)}
 local dirty = false
 if learn then
-  for i = 4, #ARGV, 4 do
+  for i = 9, #ARGV, 4 do
     local d, lim = ARGV[i], tonumber(ARGV[i + 1])
     if lim and lim > 0 then
       local ok
@@ -68,33 +90,100 @@ if since >= 0 then
     end
   end
 end
-local unseen = nil -- the fallback's: what reservations after the observed one hold
+local mode, cutoff, since_sent, admitted_by = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local own = ARGV[8]
+local horizon = now - SENT_LOG_SECONDS + 1
+local response = (mode == 'response' or mode == 'either') and cutoff ~= nil and cutoff <= now and cutoff > horizon
+local admission = (mode == 'admission' or mode == 'either') and since_sent ~= nil and admitted_by ~= nil
+  and since_sent > horizon and since_sent <= now
+if mode == 'either' and not (response and admission) then
+  response, admission = false, false
+end
+-- the latest moment a report set the level from, under each reading: an older one only lowers
+local held = redis.call('HMGET', KEYS[2], 'rcut', 'acut')
+local latest, latest_adm = tonumber(held[1] or '') or -math.huge, tonumber(held[2] or '') or -math.huge
+
+-- The response rule's: the requests the shared model holds that the server had not
+-- counted by then (not sent; sent, as Redis heard, after ``after``), less the observed one.
+local unsent = nil
+local function not_counted(after)
+  if not unsent then
+    unsent = 0
+    local flat = redis.call('HGETALL', KEYS[3])
+    for j = 1, #flat, 2 do
+      if not (own == 'all' and flat[j] == ARGV[1]) then
+        local t = parse_draws(flat[j + 1])
+        local u = (t['requests'] or 0) - (t[SENT] or 0)
+        if own == 'one' and flat[j] == ARGV[1] then
+          u = u - 1
+        end
+        if u > 0 then
+          unsent = unsent + u
+        end
+      end
+    end
+  end
+  local n = unsent
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. fmt(after), '+inf')) do
+    if not (own == 'all' and string.match(m, '^([^:]*):') == ARGV[1]) then
+      n = n + (tonumber(string.match(m, '|([^|]*)$')) or 0)
+    end
+  end
+  return n
+end
+
 local younger = note and uncounted_after(KEYS[6], ARGV[1]) or {} -- (ARGV: all the digits)
-for i = 4, #ARGV, 4 do
+
+-- The admission rule's level for bucket b: a bound on the server's under that reading
+-- (the model's own level where the model was not ahead of the server at the grant).
+local unseen_at = nil
+local function admission_rule(d, b, at, target, extra)
+  if at then
+    local given = b.unc - at[2] - (younger[d] or 0)
+    local ahead = at[1] + extra + given - target - (b.low - at[3])
+    return ahead > 0 and b.lvl - ahead or b.lvl
+  end
+  if not unseen_at then
+    unseen_at = {}
+    local flat = redis.call('HGETALL', KEYS[3])
+    for j = 1, #flat, 2 do
+      if tonumber(flat[j]) > since then
+        for dd, a in pairs(parse_draws(flat[j + 1])) do
+          unseen_at[dd] = (unseen_at[dd] or 0) + a
+        end
+      end
+    end
+  end
+  return target - (unseen_at[d] or 0)
+end
+for i = 9, #ARGV, 4 do
   local d, target, extra = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]) or 0
   local b = p.b[d]
   if b and target then
     local at = note and note[d]
-    local t = math.huge
-    if at then
-      local given = b.unc - at[2] - (younger[d] or 0)
-      local ahead = at[1] + extra + given - target - (b.low - at[3])
-      if ahead > 0 then
-        t = b.lvl - ahead
-      end
-    else
-      if not unseen then
-        unseen = {}
-        local flat = redis.call('HGETALL', KEYS[3])
-        for j = 1, #flat, 2 do
-          if tonumber(flat[j]) > since then
-            for dd, a in pairs(parse_draws(flat[j + 1])) do
-              unseen[dd] = (unseen[dd] or 0) + a
-            end
-          end
+    local t
+    local lifts = false
+    if d == 'requests' and (response or admission) then
+      t = math.huge
+      if response then
+        t = target - not_counted(cutoff)
+        if cutoff < latest and t > b.lvl then
+          t = b.lvl
         end
       end
-      t = target - (unseen[d] or 0)
+      if admission then
+        local refilled = math.min(b.cap, target + b.rate * math.max(0, now - admitted_by))
+        local adm = math.max(refilled - not_counted(since_sent), admission_rule(d, b, at, target, extra))
+        if since_sent < latest_adm and adm > b.lvl then
+          adm = b.lvl
+        end
+        if adm < t then
+          t = adm
+        end
+      end
+      lifts = true
+    else
+      t = admission_rule(d, b, at, target, extra)
     end
     if t < -b.debt then
       t = -b.debt
@@ -102,13 +191,29 @@ for i = 4, #ARGV, 4 do
     if t > b.cap then
       t = b.cap
     end
-    if t < b.lvl then
+    if t < b.lvl or (lifts and t > b.lvl) then
       out[#out + 1] = 'level:' .. d .. ':' .. fmt(t - b.lvl)
-      b.low = b.low + (b.lvl - t)
+      b.low = b.low + (b.lvl - t) -- (a lift too: the admission rule reads it as a change of the model)
       b.lvl = t
       dirty = true
     end
   end
+end
+-- every report moves the latest moments on (the core's: a report of unknown age is of
+-- now at the latest, and so no report of before it lifts)
+local seen, seen_adm = latest, latest_adm
+if since < 0 then
+  seen, seen_adm = math.max(latest, now), math.max(latest_adm, now)
+else
+  if cutoff and cutoff <= now and cutoff > seen then
+    seen = cutoff
+  end
+  if since_sent and since_sent <= now and since_sent > seen_adm then
+    seen_adm = since_sent
+  end
+end
+if seen > latest or seen_adm > latest_adm then
+  redis.call('HSET', KEYS[2], 'rcut', fmt(seen), 'acut', fmt(seen_adm))
 end
 if dirty or p.lx_changed then
   save_pool(p)
