@@ -76,6 +76,8 @@ class Row:
     concurrency: int = 32
     max_tokens: int = 1024
     stream: bool = False
+    #: The preset ratekeeper is told, if not ``preset``: it learns the limits from the headers.
+    limiter_preset: str | None = None
     #: Simulated minutes: long enough that the SDK alone reaches the limit (``--minutes`` overrides).
     minutes: float = 1.0
 
@@ -84,6 +86,7 @@ class Row:
         return Scenario(
             opening=opening,
             preset=self.preset,
+            limiter_preset=self.limiter_preset,
             minutes=minutes,
             enforcement_interval=self.enforcement_interval,
             foreign_traffic=self.foreign_traffic,
@@ -96,6 +99,8 @@ class Row:
     def flags(self, moment: str, minutes: float, opening: float | None = None) -> str:
         """The ``ratekeeper simulate`` flags that run this row under ``moment``."""
         parts = [f"--preset {self.preset}", f"--minutes {minutes:g}", f"--concurrency {self.concurrency}"]
+        if self.limiter_preset is not None:
+            parts.append(f"--limiter-preset {self.limiter_preset}")
         if opening is not None:
             parts.append(f"--opening {opening:g}")
         parts.append(f"--max-tokens {self.max_tokens}")
@@ -119,6 +124,13 @@ class Row:
 ROWS: Final = (
     Row("full-minute, 64 concurrent", FULL_MINUTE, quick=True, concurrency=64),
     Row("full-minute, 32 concurrent", FULL_MINUTE, quick=False, minutes=5.0),
+    Row(
+        "limits learned (told tier-1), 32 concurrent",
+        FULL_MINUTE,
+        quick=False,
+        limiter_preset="tier-1",
+        minutes=5.0,
+    ),
     Row(
         "tier-1 full-minute, 8 concurrent",
         FULL_MINUTE,
@@ -171,7 +183,7 @@ class Cell:
         rk = self.result["ratekeeper"]
         out = []
         if self.ratio < t.min_ratio:
-            out.append(f"ratio {self.ratio:.2f} < {t.min_ratio:.2f}")
+            out.append(f"ratio {self.ratio:.3f} < {t.min_ratio:.2f}")
         if rk.goodput_fraction < t.min_goodput:
             out.append(f"goodput {100 * rk.goodput_fraction:.0f}% < {100 * t.min_goodput:.0f}%")
         if t.max_429s is not None and rk.rate_limited > t.max_429s:

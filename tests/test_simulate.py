@@ -192,6 +192,23 @@ def test_foreign_traffic_and_open_loop_arrivals() -> None:
     assert r.goodput_fraction < 0.7 + 0.05  # others use 30% of every limit
 
 
+def test_a_limiter_told_a_lower_tier_learns_the_servers_limits() -> None:
+    """Told Tier 1 on a Tier 2 server: its OTPM alone would be 8,000 of the server's 90,000."""
+    scenario = Scenario(
+        preset="tier-2",
+        limiter_preset="tier-1",
+        minutes=1.0,
+        strategies="ratekeeper",
+        workload=Workload(concurrency=32, max_tokens=1024),
+    )
+    r = simulate(scenario)["ratekeeper"]
+    assert r.requests_failed == 0
+    assert r.rate_limited == 0
+    assert r.goodput_fraction > 0.5  # told limits alone: at most (8,000 + 8,000) / (90,000 + 90,000)
+    with pytest.raises(ConfigurationError, match="tier-9"):
+        Scenario(preset="tier-2", limiter_preset="tier-9")
+
+
 # ---------------------------------------------------------------------- the workload
 
 

@@ -102,6 +102,13 @@ def _server_arguments(p: argparse.ArgumentParser) -> None:
         "the server's bucket (Limiter(opening=...); default 1; 60: a full bucket from the start)",
     )
     s.add_argument(
+        "--limiter-preset",
+        default=None,
+        metavar="PRESET",
+        help="the preset ratekeeper's limiter is told instead of --preset, as by a user who does "
+        "not know their tier: it learns the server's limits from the headers (default: --preset)",
+    )
+    s.add_argument(
         "--foreign-traffic",
         type=_fraction(),
         default=0.0,
@@ -263,6 +270,7 @@ def _scenario(args: argparse.Namespace, notes: list[str], prog: str) -> Scenario
             foreign_traffic=args.foreign_traffic,
             report_moment=args.report_moment,
             opening=args.opening,
+            limiter_preset=args.limiter_preset,
             uplink=args.uplink,
             strategies=args.strategies,
             max_retries=args.max_retries,

@@ -98,6 +98,9 @@ class Scenario:
     see :class:`~ratekeeper.emulator.EmulatorConfig`). ``opening`` is given to
     ratekeeper's limiter (``Limiter(opening=...)``: seconds of the limit its
     buckets hold until a report shows the server's; ``None``: the limiter's default).
+    ``limiter_preset``, if given, is the preset ratekeeper's limiter is told instead of
+    ``preset`` (a user who does not know their tier): it learns the server's limits from
+    the ``-limit`` headers. The other strategies are told ``preset``.
     ``uplink`` is the longest time a request takes to reach the server after it is sent
     (each draws its own, from 0 to ``uplink``: see :class:`~ratekeeper.emulator.LatencyModel`).
     After ``minutes`` no new request starts;
@@ -112,6 +115,7 @@ class Scenario:
     foreign_traffic: float = 0.0
     report_moment: str = "admission"
     opening: float | None = None
+    limiter_preset: str | None = None
     uplink: float = 0.0
     strategies: tuple[str, ...] = attrs.field(default=DEFAULT_STRATEGIES, converter=_strategies)
     max_retries: int = 2
@@ -147,6 +151,8 @@ class Scenario:
         if self.max_retries < 0:
             raise ConfigurationError(f"max_retries must be >= 0, got {self.max_retries!r}")
         limits_for(self.preset, self.workload.model)  # an unknown preset or model fails here, clearly
+        if self.limiter_preset is not None:
+            limits_for(self.limiter_preset, self.workload.model)
 
     @property
     def duration(self) -> float:
@@ -254,6 +260,7 @@ class _Run:
                 http_client=http,
                 max_retries=sc.max_retries,
                 opening=sc.opening,
+                limiter_preset=sc.limiter_preset,
             )
             send = make_sender(self.strategy, ctx)
             async with anyio.create_task_group() as outer:

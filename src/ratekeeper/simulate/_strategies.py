@@ -53,6 +53,8 @@ class StrategyContext:
     max_retries: int = 2
     #: ratekeeper's ``Limiter(opening=...)`` (``None``: its default)
     opening: float | None = None
+    #: the preset ratekeeper's limiter is told, if not ``preset`` (it learns the rest)
+    limiter_preset: str | None = None
 
 
 def _client(ctx: StrategyContext) -> anthropic.AsyncAnthropic:
@@ -106,7 +108,8 @@ def _sdk(ctx: StrategyContext) -> Sender:
 def _ratekeeper(ctx: StrategyContext) -> Sender:
     from ratekeeper.anthropic import wrap
 
-    limiter = Limiter(ctx.preset, output_rule=ctx.output_rule, opening=ctx.opening)
+    preset = ctx.preset if ctx.limiter_preset is None else ctx.limiter_preset
+    limiter = Limiter(preset, output_rule=ctx.output_rule, opening=ctx.opening)
     client = _on_loop(wrap(_client(ctx), limiter))
 
     async def send(plan: RequestPlan) -> None:
