@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import anyio
 
-from ratekeeper import Limiter, LimiterEvent, WouldBlock
+from ratekeeper import Limiter, LimiterEvent, Permit, WouldBlock
 
 SONNET = "claude-sonnet-4-5"
 OPUS = "claude-opus-4-1"
@@ -105,14 +105,15 @@ def levels(limiter: Limiter, pool: str = POOL) -> dict[str, float]:
     return dict(limiter.statistics()[pool].levels)
 
 
-def drain_requests(limiter: Limiter, model: str = SONNET) -> list[object]:
-    """Take every request token of the model's pool with tiny requests; return the permits."""
+def drain_requests(limiter: Limiter, model: str = SONNET, *, max_tokens: int = 1) -> list[Permit]:
+    """Take requests of ``max_tokens`` until one would wait (every request token, with the
+    default tiny ones); return the permits."""
     # (until one would wait, not while statistics() shows a token: on a pool that refills
     # faster than a statistics() call takes on a loaded machine, that never ends)
-    permits: list[object] = []
+    permits: list[Permit] = []
     while True:
         try:
-            permits.append(limiter.acquire_nowait(model, input_tokens=1, max_tokens=1))
+            permits.append(limiter.acquire_nowait(model, input_tokens=1, max_tokens=max_tokens))
         except WouldBlock:
             return permits
 

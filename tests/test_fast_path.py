@@ -115,6 +115,24 @@ TRAFFIC = st.lists(
 )
 
 
+def _end_state(limiter: Limiter) -> Any:
+    """The Sonnet pool's levels, utilization and permits in flight (None: never made)."""
+    stats = limiter.statistics().pools.get("sonnet-4.x")
+    return None if stats is None else (stats.levels, stats.utilization, stats.in_flight)
+
+
+def _assert_same_end(fast: tuple[Any, Any], general: tuple[Any, Any]) -> None:
+    """Both runs admitted the same, and end in the same state (to the float's rounding)."""
+    (fast_admitted, fast_state), (general_admitted, general_state) = fast, general
+    assert fast_admitted == general_admitted
+    if fast_state is None or general_state is None:
+        assert fast_state is general_state
+        return
+    assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
+    assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
+    assert fast_state[2] == general_state[2]  # in flight
+
+
 @given(TRAFFIC)
 def test_fast_and_general_limiters_end_in_the_same_state(
     traffic: list[tuple[float, int, int, int, bool]],
@@ -147,18 +165,8 @@ def test_fast_and_general_limiters_end_in_the_same_state(
                 permit.settle(usage) if fast else permit.settle(usage, credits=0.0)
             else:
                 permit.release()
-        stats = limiter.statistics().pools.get("sonnet-4.x")
-        results.append(
-            (admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight))
-        )
-    (fast_admitted, fast_state), (general_admitted, general_state) = results
-    assert fast_admitted == general_admitted
-    if fast_state is None or general_state is None:
-        assert fast_state is general_state
-        return
-    assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
-    assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
-    assert fast_state[2] == general_state[2]  # in flight
+        results.append((admitted, _end_state(limiter)))
+    _assert_same_end(*results)
 
 
 def _series_breaks_by_loop(
@@ -228,18 +236,8 @@ def test_a_threads_acquire_takes_the_fast_path_to_the_same_state(
                         permit.settle(Usage(input_tokens=inp, output_tokens=min(produced, max_tokens)))
             except Exception as exc:
                 admitted.append((type(exc).__name__, 0, {}))
-        stats = limiter.statistics().pools.get("sonnet-4.x")
-        results.append(
-            (admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight))
-        )
-    (fast_admitted, fast_state), (general_admitted, general_state) = results
-    assert fast_admitted == general_admitted
-    if fast_state is None or general_state is None:
-        assert fast_state is general_state
-        return
-    assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
-    assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
-    assert fast_state[2] == general_state[2]  # in flight
+        results.append((admitted, _end_state(limiter)))
+    _assert_same_end(*results)
 
 
 @given(TRAFFIC)
@@ -269,17 +267,6 @@ def test_an_awaited_acquire_takes_the_fast_path_to_the_same_state(
                 permit.settle(Usage(input_tokens=inp, output_tokens=min(produced, max_tokens)))
             else:
                 permit.release()
-        stats = limiter.statistics().pools.get("sonnet-4.x")
-        return admitted, None if stats is None else (stats.levels, stats.utilization, stats.in_flight)
+        return admitted, _end_state(limiter)
 
-    (fast_admitted, fast_state), (general_admitted, general_state) = (
-        anyio.run(run, True),
-        anyio.run(run, False),
-    )
-    assert fast_admitted == general_admitted
-    if fast_state is None or general_state is None:
-        assert fast_state is general_state
-        return
-    assert fast_state[0] == pytest.approx(general_state[0], rel=1e-12, abs=1e-9)  # levels
-    assert fast_state[1] == pytest.approx(general_state[1], rel=1e-12, abs=1e-12)  # utilization
-    assert fast_state[2] == general_state[2]  # in flight
+    _assert_same_end(anyio.run(run, True), anyio.run(run, False))

@@ -84,7 +84,7 @@ async def test_fifo_within_a_priority_and_higher_priority_first() -> None:
         await rec.start("low", priority=-1, max_tokens=1)
         assert limiter.statistics()[POOL].queue_depth == 6
         for granted in range(1, 7):
-            release_one(blockers)  # type: ignore[arg-type]
+            release_one(blockers)
             await settle_soon(lambda n=granted: len(rec.order) == n)  # type: ignore[misc]
     assert rec.order == ["urgent", "a", "b", "c", "d", "low"]
 
@@ -232,7 +232,7 @@ async def test_a_grant_wakes_only_the_granted_waiter_and_the_head(monkeypatch: p
             rec.spawn(f"w{i}", hold=True)
         await settle_soon(queued(limiter, 200))
         wakes.clear()
-        release_one(blockers)  # type: ignore[arg-type]
+        release_one(blockers)
         await settle_soon(lambda: len(rec.order) == 1)
         assert len(wakes) <= 2  # the granted waiter, and the new head re-planning its timer
         assert len(set(map(id, wakes))) == len(wakes)
@@ -318,8 +318,8 @@ async def test_cancelling_a_thousand_waiters_leaves_the_buckets_exactly_as_befor
         assert stats.levels == levels(reference)
         # some waiters are granted and cancelled before they ever run again
         for _ in range(5):
-            release_one(blockers)  # type: ignore[arg-type]
-            release_one(reference_blockers)  # type: ignore[arg-type]
+            release_one(blockers)
+            release_one(reference_blockers)
         tg.cancel_scope.cancel()
     after = limiter.statistics()[POOL]
     assert after.queue_depth == 0

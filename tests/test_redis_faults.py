@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import pytest
 import redis
+from limiter_support import drain_requests
 from redis_server import RedisServer
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
@@ -85,24 +86,24 @@ def requests_level(server: RedisServer, pool: str = POOL) -> float:
 
 def stored(server: RedisServer, pool: str = POOL) -> tuple[float, float]:
     """(Redis time of the stored levels, the requests level then)."""
-    raw = redis.Redis.from_url(server.url).hmget(f"{TAG}:pool:{pool}", ["v2", "dims"])
-    packed, dims = raw[0], raw[1]
-    assert isinstance(packed, bytes)
-    assert isinstance(dims, bytes)
-    names = list(range(8)) + [f"{d}.{i}" for d in dims.decode().split(",") for i in range(7)]
-    values = dict(zip(names, struct.unpack("<" + "d" * len(names), packed), strict=True))
+    values = _pool_values(server, pool)
     return float(values[0]), float(values["requests.4"])
 
 
 def level(server: RedisServer, dim: str, pool: str = POOL) -> float:
     """The stored level of ``dim`` (as of its last change)."""
+    return float(_pool_values(server, pool)[f"{dim}.4"])
+
+
+def _pool_values(server: RedisServer, pool: str) -> dict[int | str, float]:
+    """The pool's packed doubles by name: its 8 header fields, then ``dim.i`` per dimension."""
     raw = redis.Redis.from_url(server.url).hmget(f"{TAG}:pool:{pool}", ["v2", "dims"])
     packed, dims = raw[0], raw[1]
     assert isinstance(packed, bytes)
     assert isinstance(dims, bytes)
-    names = list(range(8)) + [f"{d}.{i}" for d in dims.decode().split(",") for i in range(7)]
-    values = dict(zip(names, struct.unpack("<" + "d" * len(names), packed), strict=True))
-    return float(values[f"{dim}.4"])
+    names: list[int | str] = list(range(8))
+    names += [f"{d}.{i}" for d in dims.decode().split(",") for i in range(7)]
+    return dict(zip(names, struct.unpack("<" + "d" * len(names), packed), strict=True))
 
 
 def reservations(server: RedisServer, pool: str = POOL) -> int:
@@ -414,7 +415,9 @@ def test_a_reservation_from_before_an_empty_restart_refunds_nothing_to_the_new_p
     server.restart()
     until_up(backend)
     dim = "requests" if end == "release" else "output_tokens"
-    taken = drain(limiter, max_tokens=1 if end == "release" else 1_000)  # made full, then emptied
+    taken = drain_requests(
+        limiter, SONNET, max_tokens=1 if end == "release" else 1_000
+    )  # made full, then emptied
     assert backend.flush()
     empty = level(server, dim)
     for permit in old:
@@ -425,21 +428,9 @@ def test_a_reservation_from_before_an_empty_restart_refunds_nothing_to_the_new_p
     assert backend.flush()
     # only the refill (1 request, 333 output tokens a second) in the moment since
     assert level(server, dim) < empty + (0.5 if end == "release" else 90)
-    for permit in taken:
-        permit.release()
+    for held in taken:
+        held.release()
     assert backend.flush()
-
-
-def drain(limiter: Limiter, max_tokens: int) -> list[Any]:
-    """Take requests of ``max_tokens`` until the shared pool has no room for one more."""
-    from ratekeeper import WouldBlock
-
-    permits: list[Any] = []
-    while True:
-        try:
-            permits.append(limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=max_tokens))
-        except WouldBlock:
-            return permits
 
 
 def test_a_change_whose_id_may_be_forgotten_is_not_sent_again(
