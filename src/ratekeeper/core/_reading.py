@@ -30,6 +30,7 @@ __all__ = [
     "explained_by_remaining",
     "first_of_next_month",
     "fitted_burst",
+    "reset_before_date",
     "taken_by",
     "unified_wait",
 ]
@@ -45,6 +46,22 @@ RESET_ROUNDING: Final = 1.5
 MAX_PAUSE: Final = 7 * 24 * 3600.0
 
 _log = logging.getLogger("ratekeeper")
+
+
+def reset_before_date(limits: Mapping[str, LimitInfo], date: _dt.datetime, pool: Pool) -> bool:
+    """Whether a bucket of ``pool`` the report shows was full again before the answer's ``date``.
+
+    Beyond the second's rounding of both, such a report was not taken as the answer left (at
+    the request's admission, say). Only buckets that refill and that the report gives both
+    ``-remaining`` and ``-reset`` for can show it.
+    """
+    buckets = pool.buckets
+    for dim, info in limits.items():
+        if info.reset is None or info.remaining is None or dim not in buckets:
+            continue
+        if buckets[dim].rate > 0.0 and (date - info.reset).total_seconds() > RESET_ROUNDING:
+            return True
+    return False
 
 
 def capped_pause(seconds: float, what: str) -> float:

@@ -24,13 +24,13 @@ from ratekeeper.core._feedback import (
 )
 from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._reading import (
-    RESET_ROUNDING,
     ROUNDING_MARGIN,
     burst_bound,
     capped_pause,
     error_fields,
     explained_by_remaining,
     fitted_burst,
+    reset_before_date,
     taken_by,
 )
 from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
@@ -203,7 +203,6 @@ class PoolFeedback:
         changed = False
         upper = math.inf
         burst_floor = 0.0
-        stale = False  # a bucket full again before the answer was sent: not a report of then
         scale = math.nan  # read at the first limit learned: the same for every dimension here
         # (a response of unknown age bounds nothing)
         age = max(0.0, now - permit.started_at) if permit is not None and date is not None else None
@@ -232,12 +231,9 @@ class PoolFeedback:
                 if age is not None and info.reset is not None:
                     assert date is not None
                     upper = min(upper, burst_bound(remaining, info.reset, date, dim, pool, age))
-                    if not stale and (date - info.reset).total_seconds() > RESET_ROUNDING:
-                        stale = True
-        if stale and not (
-            permit is not None and permit.response_status is not None and permit.response_status >= 400
-        ):
-            runtime.moment.reset_before_date()
+        refused = permit is not None and permit.response_status is not None and permit.response_status >= 400
+        if permit is not None and date is not None and not refused and reset_before_date(limits, date, pool):
+            runtime.moment.reset_before_date()  # full again before the answer left: not of then
         fitted, resized = self._fit_burst(runtime, fitted_burst(upper, burst_floor), burst_floor, now)
         return fitted, changed or resized
 

@@ -18,13 +18,13 @@ from ratekeeper.core._feedback import response_estimate
 from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._pool import Pool
 from ratekeeper.core._reading import (
-    RESET_ROUNDING,
     ROUNDING_MARGIN,
     burst_bound,
     capped_pause,
     error_fields,
     explained_by_remaining,
     fitted_burst,
+    reset_before_date,
     unified_wait,
 )
 from ratekeeper.core._snapshot import LimitInfo, RateLimitSnapshot
@@ -400,16 +400,8 @@ def _note_moment(
         lowest = float(info.remaining)
         unsent = own.unsent.get("requests", 0.0) + own.unsent_maybe.get("requests", 0.0)
         note_evidence(runtime, "requests", lowest, response_estimate(lowest, unsent), own, now)
-    if refused or date is None:
-        return own.transit
-    buckets = runtime.pool.buckets
-    for dim in _RESYNC_DIMS:
-        info = limits.get(dim)
-        if info is None or info.reset is None or info.remaining is None or dim not in buckets:
-            continue
-        if buckets[dim].rate > 0.0 and (date - info.reset).total_seconds() > RESET_ROUNDING:
-            runtime.moment.reset_before_date()  # full again before the answer left: not of then
-            break
+    if not refused and date is not None and reset_before_date(limits, date, runtime.pool):
+        runtime.moment.reset_before_date()  # full again before the answer left: not of then
     return own.transit
 
 
