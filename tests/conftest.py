@@ -6,6 +6,7 @@ import os
 import random
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 # a real redis-server on a free port, for the Redis backend's tests
 from redis_server import redis_server  # noqa: F401
@@ -15,6 +16,13 @@ from trio.testing import MockClock
 # as trio's SystemClock does: the shift changes nothing the gate does, so a stray
 # time.monotonic() mixed with its times is what fails. Set it to reproduce a run.
 os.environ.setdefault("RATEKEEPER_CLOCK_OFFSET", f"{random.choice((-1, 1)) * random.uniform(1e4, 1e7):.3f}")
+
+
+# Hypothesis times each example (200 ms by default) and checks how fast data is drawn: both
+# are wall-clock assertions, and a loaded CI machine fails them at random. Speed is measured in
+# benchmarks/, so the suite asks neither.
+settings.register_profile("ratekeeper", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ratekeeper")
 
 
 def pytest_report_header() -> str:
