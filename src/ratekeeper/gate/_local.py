@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, final
 import anyio
 
 from ratekeeper.core._accounting import Cost, Demand
+from ratekeeper.core._bucket import take_request
 from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.errors import (
     AcquireTimeout,
@@ -46,6 +47,7 @@ from ratekeeper.gate._state import (
     Waiter,
     _placeholder,
     bind_async,
+    plain_permit,
 )
 
 if TYPE_CHECKING:
@@ -194,7 +196,16 @@ class LocalEngine:
                 out = float(min(expected or 0, max_tokens))
                 if max_tokens > runtime.most_output:
                     runtime.most_output = float(max_tokens)
-            if runtime.pool.take_plain(inp, out, now) is None:
+            pool = runtime.pool  # pool.take_plain(inp, out, now), unrolled
+            if pool.paused_until > now:
+                return None
+            requests, in_bucket, out_bucket, tokens = pool.plain or pool.plain_buckets()
+            if (
+                requests is None
+                or in_bucket is None
+                or out_bucket is None
+                or take_request(requests, in_bucket, out_bucket, tokens, inp, out, now) is None
+            ):
                 return None
             if inp or out:
                 draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out, "tokens": inp + out}
@@ -202,13 +213,17 @@ class LocalEngine:
                 draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
             runtime.waits.add(0.0)
             seq = next(self._seq)
-            runtime.admitted.add_request(now, 1.0, inp, out)  # runtime.record(now, draws), unrolled
-            permit = Permit(self._lim, runtime, model, draws, 0.0, seq, now)
+            admitted = runtime.admitted  # runtime.record(now, draws), unrolled
+            if now >= admitted.next_snapshot:
+                admitted.snapshot(now)
+            admitted.requests += 1.0
+            admitted.input_tokens += inp
+            admitted.output_tokens += out
+            permit = plain_permit(self._lim, runtime, model, draws, seq, now)
             runtime.in_flight[seq] = permit
             runtime.granted += 1
             if self._lim._on_event is not None:
                 self._lim._emit("grant", runtime, now, {"waited": 0.0})
-            runtime.note_grant(permit, now)
             return permit
         finally:
             lock.release()

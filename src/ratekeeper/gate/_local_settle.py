@@ -154,8 +154,7 @@ class LocalSettlement:
         if permit._state != _ACTIVE:
             return
         with self._lock:
-            charged = permit._charged.get("output_tokens", 0.0)
-            extra = output - charged
+            extra = output - permit._charged.get("output_tokens", 0.0)
             if extra <= 0.0:
                 return
             now = self._now()
@@ -166,8 +165,10 @@ class LocalSettlement:
             runtime.pool.take(more, now)
             runtime.record(now, more)
             runtime.changes.append((now, {d: -a for d, a in more.items()}, math.inf, math.inf))
+            charged = dict(permit._charged)  # a new dict: the permit's reservation may share the old one
             for dim, amount in more.items():
-                permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
+                charged[dim] = charged.get(dim, 0.0) + amount
+            permit._charged = charged
 
     def release(self, permit: Permit) -> None:
         """Give back what the request did not use (see ``Permit.release``)."""
@@ -188,10 +189,10 @@ class LocalSettlement:
         if refund:
             runtime.pool.give_back(refund, now)
             runtime.record(now, refund, -1.0, counted=False)
-            if permit._send is not None:  # refused (or never sent): it drew nothing but the request
-                drew = permit._send[2]
-                for dim in refund:
-                    drew.pop(dim, None)
+            send = permit._send
+            if send is not None:  # refused (or never sent): it drew nothing but the request
+                # (a new dict: the permit's reservation and charge may share the old one)
+                send[2] = {dim: amount for dim, amount in send[2].items() if dim not in refund}
         if self._account.wallet is not None and permit.credits and (not permit.sent or refund):
             self._account.wallet.give_back(permit.credits, now)
         permit._state = _RELEASED
