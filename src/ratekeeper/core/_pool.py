@@ -42,9 +42,9 @@ class Pool:
 
     __slots__ = (
         "_burst",
-        "_ceiling",
-        "_clean_since",
         "buckets",
+        "ceiling",
+        "clean_since",
         "limits",
         "name",
         "pause_reason",
@@ -68,9 +68,10 @@ class Pool:
         self.buckets: dict[str, TokenBucket] = {}
         self.paused_until = -math.inf
         self.pause_reason = ""
-        self._clean_since = now
-        # the largest burst the headers allow (fit_burst, widen_burst); 1.0 until they show less
-        self._ceiling = 1.0
+        #: since when no 429 has cut the burst (``grow_burst`` waits for ``clean_for`` of it)
+        self.clean_since = now
+        #: the largest burst the headers allow (fit_burst, widen_burst); 1.0 until they show less
+        self.ceiling = 1.0
         #: the buckets of an ordinary request (requests, input, output, tokens), found by
         #: ``plain_buckets`` at the first call; None again whenever a bucket is replaced
         self.plain: tuple[TokenBucket | None, ...] | None = None
@@ -303,12 +304,12 @@ class Pool:
         True if the burst shrank.
         """
         burst = max(MIN_BURST, min(1.0, burst))
-        if burst < self._ceiling:
-            self._ceiling = burst
+        if burst < self.ceiling:
+            self.ceiling = burst
         if burst >= self._burst:
             return False
         self.set_burst(burst, now)
-        self._clean_since = now
+        self.clean_since = now
         return True
 
     def widen_burst(self, burst: float, now: float) -> bool:
@@ -320,8 +321,8 @@ class Pool:
         burst = min(1.0, burst)
         if burst <= self._burst:
             return False
-        if burst > self._ceiling:
-            self._ceiling = burst
+        if burst > self.ceiling:
+            self.ceiling = burst
         self.set_burst(burst, now)
         return True
 
@@ -345,7 +346,7 @@ class Pool:
     def shrink_burst(self, now: float, factor: float = 0.5) -> float:
         """An unpredicted 429: the server enforces a shorter interval than assumed."""
         self.set_burst(max(MIN_BURST, self._burst * factor), now)
-        self._clean_since = now
+        self.clean_since = now
         return self._burst
 
     def grow_burst(self, now: float, *, clean_for: float = 60.0, factor: float = 1.25) -> float:
@@ -354,10 +355,10 @@ class Pool:
         Never past the smallest bucket the headers showed (``fit_burst``): growing
         into a size the server has proven it does not have only buys 429s.
         """
-        ceiling = self._ceiling
-        if self._burst < ceiling and now - self._clean_since >= clean_for:
+        ceiling = self.ceiling
+        if self._burst < ceiling and now - self.clean_since >= clean_for:
             self.set_burst(min(ceiling, self._burst * factor), now)
-            self._clean_since = now
+            self.clean_since = now
         return self._burst
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ import math
 import threading
 from asyncio import _get_running_loop as _running_loop
 from collections.abc import Mapping
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, final
 
 import anyio
@@ -35,6 +36,7 @@ from ratekeeper.errors import (
 )
 from ratekeeper.gate._demand import _ONE_REQUEST, Plain, _for_model
 from ratekeeper.gate._local_settle import LocalSettlement
+from ratekeeper.gate._plain import grant_plain
 from ratekeeper.gate._resync import PoolFeedback
 from ratekeeper.gate._state import (
     _ACTIVE,
@@ -47,7 +49,6 @@ from ratekeeper.gate._state import (
     Waiter,
     _placeholder,
     bind_async,
-    plain_permit,
 )
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class LocalEngine:
         self._now = limiter._now
         self._clock = limiter._clock
         self._offset = limiter._time.offset  # the gate clock's (see GateClock), read on the fast path
+        self._gate_clock = limiter._time
         self._window = limiter._window
         self._feedback = PoolFeedback(limiter, dispatch=self.dispatch, fail_impossible=self._fail_impossible)
         # the permit side is the settlement's: its bound methods, so a permit's call to its
@@ -181,7 +183,11 @@ class LocalEngine:
                 return None
             clock = self._clock
             if clock is None and (loop := _running_loop()) is not None:
-                now = loop.time() + self._offset
+                gate_clock = self._gate_clock  # gate_clock.now(), without its call
+                if loop is gate_clock.monotonic_loop:
+                    now = _monotonic() + self._offset
+                else:
+                    now = gate_clock.loop_time(loop) + self._offset
             else:
                 now = self._now()
                 if not -math.inf < now < math.inf:
@@ -207,21 +213,7 @@ class LocalEngine:
                 or take_request(requests, in_bucket, out_bucket, tokens, inp, out, now) is None
             ):
                 return None
-            if inp or out:
-                draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out, "tokens": inp + out}
-            else:
-                draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
-            runtime.waits.add(0.0)
-            seq = next(self._seq)
-            admitted = runtime.admitted  # runtime.record(now, draws), unrolled
-            if now >= admitted.next_snapshot:
-                admitted.snapshot(now)
-            admitted.requests += 1.0
-            admitted.input_tokens += inp
-            admitted.output_tokens += out
-            permit = plain_permit(self._lim, runtime, model, draws, seq, now)
-            runtime.in_flight[seq] = permit
-            runtime.granted += 1
+            permit = grant_plain(self._lim, runtime, model, inp, out, next(self._seq), now)
             if self._lim._on_event is not None:
                 self._lim._emit("grant", runtime, now, {"waited": 0.0})
             return permit

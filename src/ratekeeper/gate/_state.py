@@ -27,16 +27,7 @@ from ratekeeper.errors import ConfigurationError
 from ratekeeper.gate._demand import _MAX_COUNT, _check_status, _usage_counts
 from ratekeeper.gate._queue import WaiterState, WaitQueue
 
-__all__ = [
-    "Permit",
-    "PermitEngine",
-    "PermitOwner",
-    "PermitState",
-    "PoolRuntime",
-    "Waiter",
-    "WaiterState",
-    "plain_permit",
-]
+__all__ = ["Permit", "PermitEngine", "PermitOwner", "PermitState", "PoolRuntime", "Waiter", "WaiterState"]
 
 
 class PermitEngine(Protocol):
@@ -533,22 +524,22 @@ class Permit:
         describe is undocumented), so the limiter reads them with it applied,
         and lets nobody in on the refund before it has read them.
         """
-        if headers is not None and self._state == _ACTIVE:
-            return self._engine.settle_observing(self, usage, credits, headers)
-        return self._settle(usage, credits, wake=True)
-
-    def _settle(self, usage: object, credits: float | None, *, wake: bool) -> Cost:
-        engine = self._engine
-        if self._state == _ACTIVE and self._plain and credits is None:
-            if type(usage) is Usage:
-                return engine.settle_plain(
+        if self._state == _ACTIVE:
+            if headers is not None:
+                return self._engine.settle_observing(self, usage, credits, headers)
+            if type(usage) is Usage and self._plain and credits is None:  # _settle's fast case, sooner
+                return self._engine.settle_plain(
                     self,
                     usage.input_tokens,
                     usage.output_tokens,
                     usage.cache_read_input_tokens,
                     usage.cache_creation_input_tokens,
-                    wake=wake,
                 )
+        return self._settle(usage, credits, wake=True)
+
+    def _settle(self, usage: object, credits: float | None, *, wake: bool) -> Cost:
+        engine = self._engine
+        if self._state == _ACTIVE and self._plain and credits is None:
             counts = _usage_counts(usage)
             if counts is not None:
                 return engine.settle_plain(self, *counts, wake=wake)
@@ -599,46 +590,6 @@ def _drawn(permit: Permit) -> tuple[float, float]:
     """When and in which order ``permit`` drew on the server, as its ``sends`` entry says."""
     send = permit._send
     return (send[0], float(permit.seq)) if send is not None else (permit.started_at, float(permit.seq))
-
-
-_new_permit = object.__new__
-
-
-def plain_permit(
-    limiter: PermitOwner, runtime: PoolRuntime, model: str, draws: dict[str, float], seq: int, now: float
-) -> Permit:
-    """``Permit(limiter, runtime, model, draws, 0.0, seq, now)`` and ``runtime.note_grant``, in one step.
-
-    For an ordinary request (no credits, no priority or batch draws: ``_plain``) on the
-    uncontended path, where the class call, ``__init__``, ``mark`` and ``note_grant`` are
-    most of a grant's cost. The same fields as ``Permit.__init__`` (``tests/test_fast_path.py``
-    compares the two permits slot by slot). ``draws`` is the permit's alone: it serves as
-    ``reserved``, the charge and the send entry's charges, none changed in place.
-    """
-    permit: Permit = _new_permit(Permit)
-    permit._limiter = limiter
-    permit._engine = limiter._engine
-    permit._runtime = runtime
-    permit.pool = runtime.pool.name
-    permit.model = model
-    permit.reserved = draws
-    permit._charged = draws
-    admitted = runtime.admitted
-    permit._mark = (
-        (admitted.requests, admitted.input_tokens, admitted.output_tokens, admitted.other),
-        runtime.uncounted,
-    )
-    permit._plain = True
-    permit.credits = 0.0
-    permit.seq = seq
-    permit.started_at = now
-    permit._state = _ACTIVE
-    permit.sent = False
-    permit.sent_at = math.nan
-    permit.response_status = None
-    permit._send = entry = [now, seq, draws, now, seq]
-    runtime.sends.append(entry)
-    return permit
 
 
 def _placeholder(limiter: PermitOwner, runtime: PoolRuntime, w: Waiter, now: float) -> Permit:
