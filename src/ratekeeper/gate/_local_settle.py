@@ -131,9 +131,9 @@ class LocalSettlement:
                     burst < pool.ceiling and now - pool.clean_since >= self._host._burst_recovery
                 ):
                     self._feedback.grow_burst(runtime, now)
-                if wake and (runtime.queued or runtime.queue or self._host._warmup is not None):
+                if wake and (runtime.queued or runtime.queue.stored or self._host._warmup is not None):
                     self._dispatch(runtime, now)
-            elif wake and runtime.queue:
+            elif wake and runtime.queue.stored:
                 runtime.queue.clear()  # what _dispatch does when nobody waits: drop the cancelled
             return request_cost(inp, out)
         finally:
