@@ -1,86 +1,66 @@
-"""``parse_headers`` of this checkout against another version of ``core/_headers.py``, in one process.
+"""``parse_headers`` of this checkout against another tree's, in one process.
 
-    git show 1c4ae0f:src/ratekeeper/core/_headers.py > /tmp/headers_before.py
-    python benchmarks/headers_against.py /tmp/headers_before.py
+    git archive main src | tar -x -C /tmp/base
+    python benchmarks/headers_against.py /tmp/base/src [rounds]
 
-Up to the split into ``_headers``, ``_snapshot`` and ``_header_values`` the module
-was self-contained (the standard library and attrs), so such a version is loaded
-from its file beside this one; a later ``_headers.py`` loaded this way takes its
-converters and types from this checkout, so only its own code is compared.
-Batches of the baseline (``{k.lower(): v}`` of the same headers), the other
-version and this one alternate; each figure is the fastest batch, in CPU
-microseconds a call, so that other processes on the machine weigh on all three
-alike.
+The header sets of ``test_bench_headers.py`` (48 headers of every family, as a dict and
+as an ``httpx2.Headers``; a Messages response's 16, likewise), each timed in turn for:
+the baseline (a ``{k.lower(): v}`` dict of the same headers), the other tree's
+``parse_headers`` and this one's. Each figure is the fastest round, per call; the
+ratios are over the baseline of the same round set, so other load weighs on all alike.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-import time
+import tempfile
+import timeit
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_bench_headers import (
-    API_HEADERS,
-    API_HTTPX_HEADERS,
-    HEADERS,
-    HTTPX_HEADERS,
-    RECEIVED,
-)
+from sdk_overhead_against import _other
+from test_bench_headers import API_HEADERS, API_HTTPX_HEADERS, HEADERS, HTTPX_HEADERS, RECEIVED
 
-from ratekeeper.core import _headers as current
+import ratekeeper
 
-CASES: dict[str, Mapping[str, str]] = {
-    "48 headers, dict": HEADERS,
-    "48 headers, httpx2.Headers": HTTPX_HEADERS,
-    "a Messages response, dict": API_HEADERS,
-    "a Messages response, httpx2.Headers": API_HTTPX_HEADERS,
-}
+PER_ROUND = 2_000
 
 
-def _load(path: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("headers_against_other", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # attrs looks the module up by name
-    spec.loader.exec_module(module)
-    return module
+def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
 
 
-def _batch(call: Callable[[], object], n: int) -> float:
-    start = time.process_time()
-    for _ in range(n):
-        call()
-    return (time.process_time() - start) / n * 1e6
-
-
-def main(other_path: str, rounds: int = 80, per_batch: int = 200) -> None:
-    other = _load(other_path)
-    print("| header set | `{k.lower(): v}` (us) | other (us) | ratio | this (us) | ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, headers in CASES.items():
-        best = dict.fromkeys(("baseline", "other", "this"), float("inf"))
+def main() -> None:
+    """Measure, then print one table row per header set."""
+    other_src = Path(sys.argv[1])
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 15
+    with tempfile.TemporaryDirectory() as tmp:
+        other, _ = _other(other_src, Path(tmp))
+        sets = {
+            "48 headers, dict": HEADERS,
+            "48 headers, httpx2.Headers": HTTPX_HEADERS,
+            "16 headers, dict": API_HEADERS,
+            "16 headers, httpx2.Headers": API_HTTPX_HEADERS,
+        }
+        calls: dict[tuple[str, str], Callable[[], object]] = {}
+        for name, headers in sets.items():
+            calls[name, "baseline"] = partial(_lowered, headers)
+            calls[name, "other"] = partial(other.parse_headers, headers, received_at=RECEIVED)
+            calls[name, "this"] = partial(ratekeeper.parse_headers, headers, received_at=RECEIVED)
+        best = dict.fromkeys(calls, float("inf"))
         for _ in range(rounds):
-            for key, call in _calls(headers, other).items():
-                best[key] = min(best[key], _batch(call, per_batch))
-        base, before, after = best["baseline"], best["other"], best["this"]
-        ratios = f"{before:.2f} | {before / base:.1f}x | {after:.2f} | {after / base:.1f}x"
-        print(f"| {name} | {base:.2f} | {ratios} |")
-
-
-def _calls(headers: Mapping[str, str], other: ModuleType) -> dict[str, Callable[[], object]]:
-    items = headers.items
-    return {
-        "baseline": lambda: {k.lower(): v for k, v in items()},
-        "other": lambda: other.parse_headers(headers, received_at=RECEIVED),
-        "this": lambda: current.parse_headers(headers, received_at=RECEIVED),
-    }
+            for key, call in calls.items():
+                best[key] = min(best[key], timeit.timeit(call, number=PER_ROUND) / PER_ROUND * 1e6)
+    print(f"{rounds} rounds of {PER_ROUND}; the other tree: {other_src}")
+    print("| headers | baseline µs | other µs | over baseline | this µs | over baseline |")
+    print("|---|---|---|---|---|---|")
+    for name in sets:
+        base, was, now = best[name, "baseline"], best[name, "other"], best[name, "this"]
+        print(f"| {name} | {base:.2f} | {was:.2f} | {was / base:.2f}x | {now:.2f} | {now / base:.2f}x |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main()

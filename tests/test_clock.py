@@ -127,3 +127,39 @@ def test_in_async_context_says_what_sniffio_says_outside_a_task() -> None:
     finally:
         loop.close()
     assert seen == [(False, False)]
+
+
+class _ShiftedLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop whose clock is its own (as uvloop's is): not ``time.monotonic()``."""
+
+    def time(self) -> float:
+        return time.monotonic() + 5_000.0
+
+
+@pytest.mark.parametrize("loop_class", [asyncio.SelectorEventLoop, _ShiftedLoop])
+def test_the_fast_paths_read_the_loops_own_clock(loop_class: type[asyncio.AbstractEventLoop]) -> None:
+    """A grant and a settlement on the uncontended path take the running loop's time, also
+    when that loop's ``time()`` is not ``time.monotonic()`` (only asyncio's own is read
+    without the call)."""
+    limiter = Limiter("tier-1")
+    offset = limiter._time.offset
+
+    async def run() -> tuple[float, float, float, float]:
+        loop = asyncio.get_running_loop()
+        before = loop.time() + offset
+        async with limiter.acquire("claude-sonnet-4-5", input_tokens=10, max_tokens=10) as first:
+            pass
+        async with limiter.acquire("claude-sonnet-4-5", input_tokens=10, max_tokens=10) as second:
+            # a charge on settling (more output than reserved) reads the clock too, and a sent
+            # request's settlement is kept for replaying with its time
+            second.mark_sent()
+            second.settle({"input_tokens": 10, "output_tokens": 20})
+        return before, first.started_at, second.started_at, limiter._pools["sonnet-4.x"].changes[-1][0]
+
+    loop = loop_class()
+    try:
+        before, first, second, settled = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert before <= first <= second <= settled <= before + 5.0
+    assert (limiter._time.monotonic_loop is loop) is (loop_class is asyncio.SelectorEventLoop)

@@ -21,6 +21,7 @@ from limiter_support import FakeClock
 from ratekeeper import Demand, Limiter, Usage
 from ratekeeper.core._feedback import _Series
 from ratekeeper.core._pool import Pool
+from ratekeeper.gate._state import Permit
 
 LIMITS = st.fixed_dictionaries(
     {
@@ -270,3 +271,82 @@ def test_an_awaited_acquire_takes_the_fast_path_to_the_same_state(
         return admitted, _end_state(limiter)
 
     _assert_same_end(anyio.run(run, True), anyio.run(run, False))
+
+
+def _permit_fields(permit: Permit) -> list[tuple[str, object]]:
+    """Every slot of a permit (nan as a string, so nan equals nan), its limiter and pool by type."""
+    out: list[tuple[str, object]] = []
+    for slot in Permit.__slots__:
+        value = getattr(permit, slot)
+        if slot in ("_limiter", "_engine", "_runtime"):
+            value = type(value)
+        elif slot == "_send":
+            value = [type(v) for v in value] + value
+        out.append((slot, "nan" if value != value else value))
+    return out
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0.0, 3.0),  # seconds since the last request
+            st.sampled_from([0, 100, 3_000]),  # input_tokens
+            st.sampled_from([0, 1, 700]),  # max_tokens
+            st.sampled_from(["settle", "release", "keep"]),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.sampled_from(["max_tokens", "actual"]),
+)
+def test_a_fast_grant_is_the_general_one_slot_for_slot(
+    traffic: list[tuple[float, int, int, str]], rule: str
+) -> None:
+    """A permit ``grant_plain`` built (the uncontended grant) has every slot the general
+    path's ``Permit.__init__`` and ``note_grant`` give it, with the same values (its mark of
+    what was spent, its send entry), and its pool keeps the same sends and wait samples."""
+
+    def run(fast: bool) -> tuple[list[object], list[object]]:
+        clock = FakeClock()
+        limiter = Limiter("tier-1", clock=clock, output_rule=rule)
+        if not fast:
+            limiter._engine.admit_plain = lambda model, plain: None  # type: ignore[method-assign]
+        permits: list[object] = []
+        for dt, inp, max_tokens, then in traffic:
+            clock.advance(dt)
+            try:
+                with limiter.acquire_sync(
+                    "claude-sonnet-4-5", input_tokens=inp, max_tokens=max_tokens, timeout=0.0
+                ) as p:
+                    permits.append(_permit_fields(p))
+                    if then == "settle":
+                        p.mark_sent()
+                        p.settle(Usage(input_tokens=inp, output_tokens=max_tokens // 2))
+                    elif then == "keep":
+                        p.mark_sent()
+            except Exception as exc:  # (a short bucket: both paths must refuse alike)
+                permits.append(type(exc).__name__)
+        runtime = limiter._pools["sonnet-4.x"]
+        state = [list(runtime.sends), runtime.waits.quantile(0.5), runtime.granted, len(runtime.in_flight)]
+        return permits, state
+
+    assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("rule", ["max_tokens", "actual"])
+def test_a_fast_permits_reservation_stays_as_granted(rule: str) -> None:
+    """The uncontended grant shares one dict as the reservation, the charge and the send
+    entry's charges: charging output as a stream runs, and releasing, leave it as granted."""
+    limiter = Limiter("tier-1", clock=FakeClock(), output_rule=rule, opening=60)
+    streamed = limiter.acquire_nowait("claude-sonnet-4-5", input_tokens=100, max_tokens=50)
+    granted = dict(streamed.reserved)
+    entry = limiter._pools["sonnet-4.x"].sends[-1]
+    streamed.mark_sent()
+    streamed.record_output(80)  # beyond the reservation: charged
+    assert dict(streamed.reserved) == granted
+    assert entry[2] == granted
+    unsent = limiter.acquire_nowait("claude-sonnet-4-5", input_tokens=100, max_tokens=50)
+    entry = limiter._pools["sonnet-4.x"].sends[-1]
+    unsent.release()
+    assert dict(unsent.reserved) == granted
+    assert entry[2] == {}

@@ -26,17 +26,6 @@ UNIFIED = {
 }
 
 
-def test_a_remembered_unified_family_is_the_one_read() -> None:
-    _headers._UNIFIED_MEMO.clear()
-    first = parse_headers(UNIFIED | {"x-other": "1"})
-    assert _headers._UNIFIED_MEMO  # remembered
-    again = parse_headers(dict(UNIFIED) | {"x-other": "1"})
-    assert again == first
-    assert again.custom == {"x-other": "1"}  # the family's names taken, nothing else
-    _headers._UNIFIED_MEMO.clear()
-    assert parse_headers(UNIFIED | {"x-other": "1"}) == first
-
-
 def test_the_order_of_the_windows_is_part_of_what_is_remembered() -> None:
     forward = parse_headers(UNIFIED)
     backward = parse_headers(dict(reversed(UNIFIED.items())))
@@ -73,6 +62,43 @@ def test_a_long_value_is_not_remembered() -> None:
     _headers._UNIFIED_MEMO.clear()
     parse_headers({U + "upgrade-paths": "x" * 10_000})
     assert not _headers._UNIFIED_MEMO
+
+
+QUOTA = {"x-quota-credits-used": "28500", "x-quota-balance": "-12.5", "x-quota-markup": "1.25"}
+
+
+@pytest.mark.parametrize(
+    ("memo", "family"),
+    [(_headers._UNIFIED_MEMO, UNIFIED), (_headers._QUOTA_MEMO, QUOTA)],
+    ids=["unified", "quota"],
+)
+def test_a_remembered_family_is_the_one_read(memo: dict[object, object], family: dict[str, str]) -> None:
+    memo.clear()
+    first = parse_headers(family | {"x-other": "1"})
+    assert memo  # remembered
+    again = parse_headers(dict(family) | {"x-other": "1"})
+    assert again == first
+    assert again.custom == {"x-other": "1"}  # the family's names taken, nothing else
+    memo.clear()
+    assert parse_headers(family | {"x-other": "1"}) == first
+
+
+def test_one_more_quota_header_is_another_family() -> None:
+    first = parse_headers(QUOTA)
+    assert parse_headers(QUOTA | {"x-quota-credits-reserved": "5"}).quota != first.quota
+
+
+def test_a_malformed_quota_value_is_reported_and_logged_every_time(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="ratekeeper.headers")
+    headers = QUOTA | {"x-quota-markup": "lots"}
+    for _ in range(2):
+        snapshot = parse_headers(headers)
+        assert snapshot.unparsed == {"x-quota-markup": "lots"}
+    assert len(caplog.records) == 2
+    assert parse_headers({"x-quota-balance": "1" * 10_000}).unparsed  # too long to be a number
+    _headers._QUOTA_MEMO.clear()
+    parse_headers({"x-quota-balance": "1" * 300})
+    assert not _headers._QUOTA_MEMO  # nor remembered
 
 
 NAMES = st.sampled_from(

@@ -109,23 +109,24 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
         if "retry-after" in reader.values
         else None
     )
-    infos = {field: _limit_info(reader, prefix) for _, field, prefix in _DIMENSIONS}
-
+    requests, tokens, inp, out, priority_inp, priority_out, fast_inp, fast_out = _limit_infos(reader)
+    request_id = reader.parse("request-id", _text)
+    quota = _quota_info(reader)  # (before the unified family: fewer names left to look through)
     return RateLimitSnapshot(
-        request_id=reader.parse("request-id", _text),
-        request_limit=infos["request_limit"],
-        token_limit=infos["token_limit"],
-        input_token_limit=infos["input_token_limit"],
-        output_token_limit=infos["output_token_limit"],
-        priority_input_token_limit=infos["priority_input_token_limit"],
-        priority_output_token_limit=infos["priority_output_token_limit"],
-        fast_input_token_limit=infos["fast_input_token_limit"],
-        fast_output_token_limit=infos["fast_output_token_limit"],
+        request_id=request_id,
+        request_limit=requests,
+        token_limit=tokens,
+        input_token_limit=inp,
+        output_token_limit=out,
+        priority_input_token_limit=priority_inp,
+        priority_output_token_limit=priority_out,
+        fast_input_token_limit=fast_inp,
+        fast_output_token_limit=fast_out,
         retry_after=retry_s if retry_ms is None else retry_ms / 1000.0,
         server_date=server_date,
         received_at=received,
         unified=_unified_info(reader),
-        quota=_quota_info(reader),
+        quota=quota,
         custom=MappingProxyType(reader.leftovers()),
         unparsed=MappingProxyType(reader.unparsed),
     )
@@ -268,24 +269,39 @@ def _aware_utc(moment: _dt.datetime | None) -> _dt.datetime | None:
 
 # (limit, remaining, reset) texts -> their LimitInfo, for buckets whose three values were well-formed
 _LIMIT_MEMO: dict[tuple[str | None, str | None, str | None], LimitInfo] = {}
+#: each dimension's three names, in ``_DIMENSIONS`` order
+_LIMIT_TRIPLES: Final = tuple(_LIMIT_NAMES[prefix] for _, _, prefix in _DIMENSIONS)
 
 
-def _limit_info(reader: _Reader, prefix: str) -> LimitInfo | None:
-    """One bucket, or ``None`` if none of its names is there (most responses carry four of eight).
+def _limit_infos(reader: _Reader) -> list[LimitInfo | None]:
+    """Every bucket in ``_DIMENSIONS`` order, ``None`` where none of its names is there (most
+    responses carry four of eight).
 
     A bucket's three texts repeat from response to response (the reset moves once
     a second at most), so a well-formed triple is remembered whole: three
     look-ups and no conversion on a hit.
     """
-    limit, remaining, reset = _LIMIT_NAMES[prefix]
     values = reader.values
-    if limit not in values and remaining not in values and reset not in values:
-        return None
-    key = (values.get(limit), values.get(remaining), values.get(reset))
-    known = _LIMIT_MEMO.get(key)
-    if known is not None and not reader.undecodable:
-        del values[limit], values[remaining], values[reset]  # a hit has all three: misses are not kept
-        return known
+    infos: list[LimitInfo | None] = []
+    for names in _LIMIT_TRIPLES:  # one loop, not a call per bucket: this runs on every response
+        limit, remaining, reset = names
+        if limit not in values and remaining not in values and reset not in values:
+            infos.append(None)
+            continue
+        key = (values.get(limit), values.get(remaining), values.get(reset))
+        known = _LIMIT_MEMO.get(key)
+        if known is not None and not reader.undecodable:
+            del values[limit], values[remaining], values[reset]  # a hit has all three: misses are not kept
+            infos.append(known)
+        else:
+            infos.append(_read_limit(reader, names, key))
+    return infos
+
+
+def _read_limit(
+    reader: _Reader, names: tuple[str, str, str], key: tuple[str | None, str | None, str | None]
+) -> LimitInfo:
+    limit, remaining, reset = names
     rejected = len(reader.unparsed)
     info = LimitInfo(
         limit=reader.parse(limit, _count),
@@ -306,6 +322,7 @@ _UNIFIED_MEMO: dict[tuple[tuple[str, str], ...], UnifiedInfo] = {}
 _UNIFIED_MEMO_SIZE: Final = 64
 _UNIFIED_MEMO_NAMES: Final = 32
 _UNIFIED_MEMO_NAME: Final = 128
+_UNIFIED_LEN: Final = len(_UNIFIED)
 
 
 def _unified_info(reader: _Reader) -> UnifiedInfo | None:
@@ -316,7 +333,7 @@ def _unified_info(reader: _Reader) -> UnifiedInfo | None:
     malformed value is remembered by its texts: one look-up and no conversion on a hit.
     """
     values = reader.values
-    names = [name for name in values if name.startswith(_UNIFIED)]
+    names = [name for name in values if name[:_UNIFIED_LEN] == _UNIFIED]  # (a slice: no method call)
     if not names:
         return None
     key = tuple([(name, values[name]) for name in names])
@@ -389,6 +406,11 @@ def _unified_window(reader: _Reader, window: str) -> UnifiedWindow:
     )
 
 
+# The five quota texts -> their QuotaInfo, for families read without a malformed value (a
+# proxy's balance moves with every request, but its markup and the rest repeat)
+_QUOTA_MEMO: dict[tuple[str | None, ...], QuotaInfo] = {}
+
+
 def _quota_info(reader: _Reader) -> QuotaInfo | None:
     used, balance, markup, reserved, balance_reserved = _QUOTA
     values = reader.values
@@ -400,10 +422,23 @@ def _quota_info(reader: _Reader) -> QuotaInfo | None:
         or balance_reserved in values
     ):
         return None
-    return QuotaInfo(
+    get = values.get
+    key = (get(used), get(balance), get(markup), get(reserved), get(balance_reserved))
+    known = _QUOTA_MEMO.get(key)
+    if known is not None and not reader.undecodable:
+        for name in _QUOTA:
+            values.pop(name, None)
+        return known
+    rejected = len(reader.unparsed)
+    info = QuotaInfo(
         credits_used=reader.parse(used, _non_negative),
         balance=reader.parse(balance, _signed),
         markup=reader.parse(markup, _non_negative),
         credits_reserved=reader.parse(reserved, _non_negative),
         balance_reserved=reader.parse(balance_reserved, _signed),
     )
+    if len(reader.unparsed) == rejected and all(text is None or len(text) <= _MAX_RAW for text in key):
+        if len(_QUOTA_MEMO) >= _MEMO_SIZE:
+            _QUOTA_MEMO.clear()  # bounded: a burst of new values starts it over
+        _QUOTA_MEMO[key] = info
+    return info

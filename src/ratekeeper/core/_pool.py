@@ -42,14 +42,14 @@ class Pool:
 
     __slots__ = (
         "_burst",
-        "_ceiling",
-        "_clean_since",
-        "_plain",
         "buckets",
+        "ceiling",
+        "clean_since",
         "limits",
         "name",
         "pause_reason",
         "paused_until",
+        "plain",
         "version",
     )
 
@@ -68,11 +68,13 @@ class Pool:
         self.buckets: dict[str, TokenBucket] = {}
         self.paused_until = -math.inf
         self.pause_reason = ""
-        self._clean_since = now
-        # the largest burst the headers allow (fit_burst, widen_burst); 1.0 until they show less
-        self._ceiling = 1.0
-        # take_plain's buckets, found at its first call; None again whenever a bucket is replaced
-        self._plain: tuple[TokenBucket | None, ...] | None = None
+        #: since when no 429 has cut the burst (``grow_burst`` waits for ``clean_for`` of it)
+        self.clean_since = now
+        #: the largest burst the headers allow (fit_burst, widen_burst); 1.0 until they show less
+        self.ceiling = 1.0
+        #: the buckets of an ordinary request (requests, input, output, tokens), found by
+        #: ``plain_buckets`` at the first call; None again whenever a bucket is replaced
+        self.plain: tuple[TokenBucket | None, ...] | None = None
         #: counts the changes of a bucket's capacity (a level noted before one is not comparable)
         self.version = 0
         for dim, limit in limits.items():
@@ -84,7 +86,7 @@ class Pool:
         self.limits[dim] = float(limit)
         capacity = max(limit * self._burst, 1.0) if dim == "requests" else limit * self._burst
         self.buckets[dim] = TokenBucket(capacity, limit / 60.0 * rate_scale, now=now, debt_limit=limit)
-        self._plain = None
+        self.plain = None
         self.version += 1
 
     # -- queries ---------------------------------------------------------------
@@ -180,7 +182,7 @@ class Pool:
         """
         if self.paused_until > now:
             return None
-        requests, inp, out, tokens = self._plain or self._plain_buckets()
+        requests, inp, out, tokens = self.plain or self.plain_buckets()
         if requests is None or inp is None or out is None:
             return None
         return take_request(requests, inp, out, tokens, input_tokens, output_tokens, now)
@@ -198,7 +200,7 @@ class Pool:
         >>> p.levels(0.0)
         {'requests': 49.0, 'input_tokens': 28800.0, 'output_tokens': 7500.0}
         """
-        _, inp, out, tokens = self._plain or self._plain_buckets()
+        _, inp, out, tokens = self.plain or self.plain_buckets()
         if input_tokens and inp is not None:
             adjust(inp, input_tokens, now)
         if output_tokens and out is not None:
@@ -207,10 +209,11 @@ class Pool:
         if both and tokens is not None:
             adjust(tokens, both, now)
 
-    def _plain_buckets(self) -> tuple[TokenBucket | None, ...]:
+    def plain_buckets(self) -> tuple[TokenBucket | None, ...]:
+        """The requests, input, output and tokens buckets (None where absent), kept as ``plain``."""
         get = self.buckets.get
-        self._plain = (get("requests"), get("input_tokens"), get("output_tokens"), get("tokens"))
-        return self._plain
+        self.plain = (get("requests"), get("input_tokens"), get("output_tokens"), get("tokens"))
+        return self.plain
 
     def give_back(self, amounts: Mapping[str, float], now: float) -> None:
         """Refund positive amounts and charge negative ones (a settlement's difference)."""
@@ -269,7 +272,7 @@ class Pool:
             now=t,
             debt_limit=self.limits[dim],
         )
-        self._plain = None
+        self.plain = None
         self.version += 1
 
     def scale_rates(self, rate_scale: float, now: float) -> None:
@@ -301,12 +304,12 @@ class Pool:
         True if the burst shrank.
         """
         burst = max(MIN_BURST, min(1.0, burst))
-        if burst < self._ceiling:
-            self._ceiling = burst
+        if burst < self.ceiling:
+            self.ceiling = burst
         if burst >= self._burst:
             return False
         self.set_burst(burst, now)
-        self._clean_since = now
+        self.clean_since = now
         return True
 
     def widen_burst(self, burst: float, now: float) -> bool:
@@ -318,8 +321,8 @@ class Pool:
         burst = min(1.0, burst)
         if burst <= self._burst:
             return False
-        if burst > self._ceiling:
-            self._ceiling = burst
+        if burst > self.ceiling:
+            self.ceiling = burst
         self.set_burst(burst, now)
         return True
 
@@ -343,7 +346,7 @@ class Pool:
     def shrink_burst(self, now: float, factor: float = 0.5) -> float:
         """An unpredicted 429: the server enforces a shorter interval than assumed."""
         self.set_burst(max(MIN_BURST, self._burst * factor), now)
-        self._clean_since = now
+        self.clean_since = now
         return self._burst
 
     def grow_burst(self, now: float, *, clean_for: float = 60.0, factor: float = 1.25) -> float:
@@ -352,10 +355,10 @@ class Pool:
         Never past the smallest bucket the headers showed (``fit_burst``): growing
         into a size the server has proven it does not have only buys 429s.
         """
-        ceiling = self._ceiling
-        if self._burst < ceiling and now - self._clean_since >= clean_for:
+        ceiling = self.ceiling
+        if self._burst < ceiling and now - self.clean_since >= clean_for:
             self.set_burst(min(ceiling, self._burst * factor), now)
-            self._clean_since = now
+            self.clean_since = now
         return self._burst
 
     def __repr__(self) -> str:

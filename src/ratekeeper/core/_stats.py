@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, final
 
 import attrs
@@ -185,13 +185,12 @@ class LimiterEvent:
 class WaitSamples:
     """The most recent wait times (bounded), for p50/p99."""
 
-    __slots__ = ("_samples",)
+    __slots__ = ("_samples", "add")
 
     def __init__(self, size: int = 2048) -> None:
         self._samples: deque[float] = deque(maxlen=size)
-
-    def add(self, wait: float) -> None:
-        self._samples.append(wait)
+        #: add one wait (the deque's own append: this runs on every grant)
+        self.add: Callable[[float], None] = self._samples.append
 
     def quantile(self, q: float) -> float:
         if not self._samples:
@@ -224,11 +223,11 @@ class AdmittedWindow:
     """
 
     __slots__ = (
-        "_next",
         "_resolution",
         "_snapshots",
         "_span",
         "input_tokens",
+        "next_snapshot",
         "other",
         "output_tokens",
         "requests",
@@ -243,12 +242,12 @@ class AdmittedWindow:
         #: totals of the rarer dimensions (priority tier, batch queue); replaced, never changed in place
         self.other: Mapping[str, float] = {}
         self._snapshots: deque[tuple[float, Mark]] = deque()
-        self._next = -math.inf
+        self.next_snapshot = -math.inf
 
     def add(self, now: float, draws: Mapping[str, float], sign: float = 1.0) -> None:
         """Add ``draws`` (or with ``sign=-1`` take them off: a refund) at ``now``."""
-        if now >= self._next:
-            self._snapshot(now)
+        if now >= self.next_snapshot:
+            self.snapshot(now)
         other: dict[str, float] | None = None
         for dim, amount in draws.items():
             if dim == "requests":
@@ -266,8 +265,8 @@ class AdmittedWindow:
 
     def add_request(self, now: float, requests: float, input_tokens: float, output_tokens: float) -> None:
         """``add`` of requests, input and output (and so their sum, ``tokens``), without a mapping."""
-        if now >= self._next:
-            self._snapshot(now)
+        if now >= self.next_snapshot:
+            self.snapshot(now)
         self.requests += requests
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
@@ -290,10 +289,11 @@ class AdmittedWindow:
                 out[dim] = amount - other.get(dim, 0.0)
         return with_tokens(out)
 
-    def _snapshot(self, now: float) -> None:
+    def snapshot(self, now: float) -> None:
+        """Keep a copy of the running totals at ``now`` (due at ``next_snapshot``); drop the old."""
         snapshots = self._snapshots
         snapshots.append((now, self.mark()))
-        self._next = now + self._resolution
+        self.next_snapshot = now + self._resolution
         cutoff = now - self._span
         while snapshots[0][0] <= cutoff:
             snapshots.popleft()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from asyncio import AbstractEventLoop, BaseEventLoop
 from asyncio import _get_running_loop as _running_loop
 from collections.abc import Callable
 from typing import final
@@ -27,12 +28,14 @@ import sniffio
 
 __all__ = ["GateClock", "in_async_context"]
 
+_BASE_LOOP_TIME = BaseEventLoop.time  # ``return time.monotonic()``
+
 
 @final
 class GateClock:
     """Seconds, from ``user`` if given, else the running event loop, else a thread's estimate of it."""
 
-    __slots__ = ("_thread_offset", "offset", "user")
+    __slots__ = ("_thread_offset", "monotonic_loop", "offset", "user")
 
     def __init__(self, user: Callable[[], float] | None = None, *, offset: float | None = None) -> None:
         self.user = user
@@ -40,6 +43,9 @@ class GateClock:
             offset = float(os.environ.get("RATEKEEPER_CLOCK_OFFSET", "0") or 0)
         self.offset = offset if user is None else 0.0
         self._thread_offset = 0.0
+        #: the last asyncio loop seen whose ``time()`` is ``time.monotonic()`` itself (asyncio's
+        #: own loops; not uvloop's): the fast paths read the clock without the method's call
+        self.monotonic_loop: AbstractEventLoop | None = None
 
     def now(self) -> float:
         """The current time on the gate's clock."""
@@ -48,7 +54,9 @@ class GateClock:
             return user()
         loop = _running_loop()
         if loop is not None:  # asyncio: what anyio.current_time() returns, without its lookups
-            return loop.time() + self.offset
+            if loop is self.monotonic_loop:
+                return time.monotonic() + self.offset
+            return self.loop_time(loop) + self.offset
         if "trio" not in sys.modules:
             # no trio loop can run without trio imported, and asyncio's was looked for above:
             # a plain thread, known without anyio's lookup and the exception it raises here
@@ -61,6 +69,12 @@ class GateClock:
             return time.monotonic() + self._thread_offset + self.offset
         self._thread_offset = now - time.monotonic()
         return now + self.offset
+
+    def loop_time(self, loop: AbstractEventLoop) -> float:
+        """``loop.time()``, noting the loop as ``monotonic_loop`` if that is ``time.monotonic()``."""
+        if type(loop).time is _BASE_LOOP_TIME:
+            self.monotonic_loop = loop
+        return loop.time()
 
     def __repr__(self) -> str:
         source = "user clock" if self.user is not None else "event loop"

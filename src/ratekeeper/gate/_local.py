@@ -20,11 +20,13 @@ import math
 import threading
 from asyncio import _get_running_loop as _running_loop
 from collections.abc import Mapping
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, final
 
 import anyio
 
 from ratekeeper.core._accounting import Cost, Demand
+from ratekeeper.core._bucket import take_request
 from ratekeeper.core._snapshot import RateLimitSnapshot
 from ratekeeper.errors import (
     AcquireTimeout,
@@ -34,6 +36,7 @@ from ratekeeper.errors import (
 )
 from ratekeeper.gate._demand import _ONE_REQUEST, Plain, _for_model
 from ratekeeper.gate._local_settle import LocalSettlement
+from ratekeeper.gate._plain import grant_plain
 from ratekeeper.gate._resync import PoolFeedback
 from ratekeeper.gate._state import (
     _ACTIVE,
@@ -71,6 +74,7 @@ class LocalEngine:
         self._now = limiter._now
         self._clock = limiter._clock
         self._offset = limiter._time.offset  # the gate clock's (see GateClock), read on the fast path
+        self._gate_clock = limiter._time
         self._window = limiter._window
         self._feedback = PoolFeedback(limiter, dispatch=self.dispatch, fail_impossible=self._fail_impossible)
         # the permit side is the settlement's: its bound methods, so a permit's call to its
@@ -179,7 +183,11 @@ class LocalEngine:
                 return None
             clock = self._clock
             if clock is None and (loop := _running_loop()) is not None:
-                now = loop.time() + self._offset
+                gate_clock = self._gate_clock  # gate_clock.now(), without its call
+                if loop is gate_clock.monotonic_loop:
+                    now = _monotonic() + self._offset
+                else:
+                    now = gate_clock.loop_time(loop) + self._offset
             else:
                 now = self._now()
                 if not -math.inf < now < math.inf:
@@ -194,21 +202,20 @@ class LocalEngine:
                 out = float(min(expected or 0, max_tokens))
                 if max_tokens > runtime.most_output:
                     runtime.most_output = float(max_tokens)
-            if runtime.pool.take_plain(inp, out, now) is None:
+            pool = runtime.pool  # pool.take_plain(inp, out, now), unrolled
+            if pool.paused_until > now:
                 return None
-            if inp or out:
-                draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out, "tokens": inp + out}
-            else:
-                draws = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
-            runtime.waits.add(0.0)
-            seq = next(self._seq)
-            runtime.admitted.add_request(now, 1.0, inp, out)  # runtime.record(now, draws), unrolled
-            permit = Permit(self._lim, runtime, model, draws, 0.0, seq, now)
-            runtime.in_flight[seq] = permit
-            runtime.granted += 1
+            requests, in_bucket, out_bucket, tokens = pool.plain or pool.plain_buckets()
+            if (
+                requests is None
+                or in_bucket is None
+                or out_bucket is None
+                or take_request(requests, in_bucket, out_bucket, tokens, inp, out, now) is None
+            ):
+                return None
+            permit = grant_plain(self._lim, runtime, model, inp, out, next(self._seq), now)
             if self._lim._on_event is not None:
                 self._lim._emit("grant", runtime, now, {"waited": 0.0})
-            runtime.note_grant(permit, now)
             return permit
         finally:
             lock.release()

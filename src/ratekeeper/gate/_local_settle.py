@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 from asyncio import _get_running_loop as _running_loop
 from collections.abc import Callable
+from time import monotonic as _monotonic
 from typing import TYPE_CHECKING, final
 
 from ratekeeper.core._accounting import Cost, Usage, request_cost
 from ratekeeper.errors import ConfigurationError
 from ratekeeper.gate._demand import _diff, _draws
+from ratekeeper.gate._plain import settle_plain_amounts
 from ratekeeper.gate._resync import _RESYNC_DIMS, PoolFeedback
 from ratekeeper.gate._state import _ACTIVE, _RELEASED, _SETTLED, Permit, PoolRuntime, _drawn
 
@@ -38,6 +40,7 @@ class LocalSettlement:
         self._now = host._now
         self._clock = host._clock
         self._offset = host._time.offset  # the gate clock's (see GateClock), read on the fast path
+        self._gate_clock = host._time
         self._account = host._account
         self._feedback = feedback
         # the engine's: grant whoever the refund lets in
@@ -88,7 +91,7 @@ class LocalSettlement:
     ) -> Cost:
         """``settle`` for a permit of requests and tokens only, without intermediate objects."""
         lock = self._lock
-        lock.acquire()  # not ``with``: see _admit_plain
+        lock.acquire()  # not ``with``: see admit_plain
         try:
             if permit._state != _ACTIVE:  # settled or released by another thread meanwhile
                 if permit._state == _SETTLED:
@@ -102,10 +105,11 @@ class LocalSettlement:
             estimated = charged.get("input_tokens", 0.0)
             give_in = estimated - inp
             give_out = charged.get("output_tokens", 0.0) - out
-            if estimated > 0.0:
-                runtime.shortfalls.append(max(0.0, -give_in / estimated))
-            refunds_only = give_in >= 0.0 and give_out >= 0.0
-            if refunds_only and pool.burst == 1.0 and runtime.share == 1.0 and not runtime.queued:
+            if estimated > 0.0:  # (by how much the estimate fell short: max(0.0, -give_in / estimated))
+                runtime.shortfalls.append(-give_in / estimated if give_in < 0.0 else 0.0)
+            burst = pool.burst
+            share = runtime.share
+            if give_in >= 0.0 and give_out >= 0.0 and burst == 1.0 and share == 1.0 and not runtime.queued:
                 # Only refunds, and nobody to wake: no clock is read. A refund leaves the
                 # same level whether it is added before or after the refill since the
                 # bucket's last update (both clamp at capacity), so each bucket takes it
@@ -113,29 +117,23 @@ class LocalSettlement:
                 now = -math.inf
             else:
                 now = self._settle_time()
-            if give_in or give_out:
-                pool.give_back_plain(give_in, give_out, now)
-                runtime.admitted.add_request(now, 0.0, -give_in, -give_out)  # runtime.record(now, diff, -1.0)
-                if permit.sent:  # for replaying after a report (see _resync): when it happened
-                    at = now if now > -math.inf else self._now()
-                    change = {
-                        "input_tokens": give_in,
-                        "output_tokens": give_out,
-                        "tokens": give_in + give_out,
-                    }
-                    runtime.changes.append((at, change, *_drawn(permit)))
-            charged = {"requests": 1.0, "input_tokens": inp, "output_tokens": out}
-            if inp or out:
-                charged["tokens"] = inp + out
-            permit._charged = charged
+            settle_plain_amounts(permit, inp, out, give_in, give_out, now)
+            if permit.sent and (give_in or give_out):  # for replaying after a report (see _resync)
+                at = now if now > -math.inf else self._now()
+                change = {"input_tokens": give_in, "output_tokens": give_out, "tokens": give_in + give_out}
+                runtime.changes.append((at, change, *_drawn(permit)))
             permit._state = _SETTLED
             del runtime.in_flight[permit.seq]
             if now > -math.inf:
-                if pool.burst < 1.0 or runtime.share < 1.0:
+                # (what grow_burst would change: a cut share, or a burst below what the
+                # headers allow after a clean stretch; asked here, it costs no call)
+                if share < 1.0 or (
+                    burst < pool.ceiling and now - pool.clean_since >= self._host._burst_recovery
+                ):
                     self._feedback.grow_burst(runtime, now)
-                if wake and (runtime.queued or runtime.queue or self._host._warmup is not None):
+                if wake and (runtime.queued or runtime.queue.stored or self._host._warmup is not None):
                     self._dispatch(runtime, now)
-            elif wake and runtime.queue:
+            elif wake and runtime.queue.stored:
                 runtime.queue.clear()  # what _dispatch does when nobody waits: drop the cancelled
             return request_cost(inp, out)
         finally:
@@ -144,7 +142,10 @@ class LocalSettlement:
     def _settle_time(self) -> float:
         clock = self._clock
         if clock is None and (loop := _running_loop()) is not None:
-            return loop.time() + self._offset
+            gate_clock = self._gate_clock  # gate_clock.now(), without its call
+            if loop is gate_clock.monotonic_loop:
+                return _monotonic() + self._offset
+            return gate_clock.loop_time(loop) + self._offset
         now = self._now()
         # a broken clock: no time passes, nothing is lost
         return now if -math.inf < now < math.inf else -math.inf
@@ -154,8 +155,7 @@ class LocalSettlement:
         if permit._state != _ACTIVE:
             return
         with self._lock:
-            charged = permit._charged.get("output_tokens", 0.0)
-            extra = output - charged
+            extra = output - permit._charged.get("output_tokens", 0.0)
             if extra <= 0.0:
                 return
             now = self._now()
@@ -166,8 +166,10 @@ class LocalSettlement:
             runtime.pool.take(more, now)
             runtime.record(now, more)
             runtime.changes.append((now, {d: -a for d, a in more.items()}, math.inf, math.inf))
+            charged = dict(permit._charged)  # a new dict: the permit's reservation may share the old one
             for dim, amount in more.items():
-                permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
+                charged[dim] = charged.get(dim, 0.0) + amount
+            permit._charged = charged
 
     def release(self, permit: Permit) -> None:
         """Give back what the request did not use (see ``Permit.release``)."""
@@ -188,10 +190,10 @@ class LocalSettlement:
         if refund:
             runtime.pool.give_back(refund, now)
             runtime.record(now, refund, -1.0, counted=False)
-            if permit._send is not None:  # refused (or never sent): it drew nothing but the request
-                drew = permit._send[2]
-                for dim in refund:
-                    drew.pop(dim, None)
+            send = permit._send
+            if send is not None:  # refused (or never sent): it drew nothing but the request
+                # (a new dict: the permit's reservation and charge may share the old one)
+                send[2] = {dim: amount for dim, amount in send[2].items() if dim not in refund}
         if self._account.wallet is not None and permit.credits and (not permit.sent or refund):
             self._account.wallet.give_back(permit.credits, now)
         permit._state = _RELEASED

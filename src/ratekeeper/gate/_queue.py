@@ -65,7 +65,7 @@ class WaitQueue(Generic[W]):
     (True, True)
     """
 
-    __slots__ = ("_compact_at", "_heap", "_levels", "_stored")
+    __slots__ = ("_compact_at", "_heap", "_levels", "stored")
 
     def __init__(self) -> None:
         self._levels: dict[int, deque[W]] = {}
@@ -73,16 +73,17 @@ class WaitQueue(Generic[W]):
         # holds exactly the keys of ``_levels``: a level that empties stays (empty) until it
         # reaches the top or a compaction pass rebuilds the heap.
         self._heap: list[int] = []
-        self._stored = 0  # waiters held, whether still waiting or not
+        #: waiters held, whether still waiting or not (``bool(queue)``, without the call)
+        self.stored = 0
         self._compact_at = _SLACK
 
     def __bool__(self) -> bool:
         """Whether the queue holds any waiter at all (some may have left the line)."""
-        return self._stored > 0
+        return self.stored > 0
 
     def __len__(self) -> int:
         """How many waiters the queue holds, still waiting or not (``first`` counts the waiting)."""
-        return self._stored
+        return self.stored
 
     def push(self, waiter: W) -> None:
         """``waiter`` joins the end of its priority's line."""
@@ -91,8 +92,8 @@ class WaitQueue(Generic[W]):
             level = self._levels[waiter.priority] = deque()
             heapq.heappush(self._heap, -waiter.priority)
         level.append(waiter)
-        self._stored += 1
-        if self._stored > self._compact_at or len(self._levels) > self._compact_at:
+        self.stored += 1
+        if self.stored > self._compact_at or len(self._levels) > self._compact_at:
             self._compact()
 
     def head(self) -> W | None:
@@ -138,31 +139,31 @@ class WaitQueue(Generic[W]):
 
     def waiting(self) -> Iterator[W]:
         """Every waiter still waiting, in line order, from a copy (the caller may change them)."""
-        return iter(self.first(self._stored))
+        return iter(self.first(self.stored))
 
     def clear(self) -> None:
         """Forget every waiter (whoever still waits must have been told why by the caller)."""
         self._levels.clear()
         self._heap.clear()
-        self._stored = 0
+        self.stored = 0
         self._compact_at = _SLACK
 
     def _trim(self, level: deque[W]) -> None:
         """Drop the waiters at the front of ``level`` that have left the line."""
         while level and level[0].state is not _WAITING:
             level.popleft()
-            self._stored -= 1
+            self.stored -= 1
 
     def _compact(self) -> None:
         # Waiters that left from the middle of a line stay until reached; this pass drops them all
         # once they outnumber the ones still waiting, so the queue's size follows the line's.
         for priority, level in list(self._levels.items()):
             kept = deque(w for w in level if w.state is _WAITING)
-            self._stored -= len(level) - len(kept)
+            self.stored -= len(level) - len(kept)
             if kept:
                 self._levels[priority] = kept
             else:
                 del self._levels[priority]
         self._heap = [-priority for priority in self._levels]
         heapq.heapify(self._heap)
-        self._compact_at = 2 * self._stored + _SLACK
+        self._compact_at = 2 * self.stored + _SLACK

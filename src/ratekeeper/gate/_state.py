@@ -524,22 +524,22 @@ class Permit:
         describe is undocumented), so the limiter reads them with it applied,
         and lets nobody in on the refund before it has read them.
         """
-        if headers is not None and self._state == _ACTIVE:
-            return self._engine.settle_observing(self, usage, credits, headers)
-        return self._settle(usage, credits, wake=True)
-
-    def _settle(self, usage: object, credits: float | None, *, wake: bool) -> Cost:
-        engine = self._engine
-        if self._state == _ACTIVE and self._plain and credits is None:
-            if type(usage) is Usage:
-                return engine.settle_plain(
+        if self._state == _ACTIVE:
+            if headers is not None:
+                return self._engine.settle_observing(self, usage, credits, headers)
+            if type(usage) is Usage and self._plain and credits is None:  # _settle's fast case, sooner
+                return self._engine.settle_plain(
                     self,
                     usage.input_tokens,
                     usage.output_tokens,
                     usage.cache_read_input_tokens,
                     usage.cache_creation_input_tokens,
-                    wake=wake,
                 )
+        return self._settle(usage, credits, wake=True)
+
+    def _settle(self, usage: object, credits: float | None, *, wake: bool) -> Cost:
+        engine = self._engine
+        if self._state == _ACTIVE and self._plain and credits is None:
             counts = _usage_counts(usage)
             if counts is not None:
                 return engine.settle_plain(self, *counts, wake=wake)

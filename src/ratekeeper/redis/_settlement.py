@@ -96,8 +96,10 @@ class Settlement:
             if "priority_output_tokens" in permit._charged:
                 more["priority_output_tokens"] = extra
             runtime.admitted.add(limiter._now(), more)
+            charged = dict(permit._charged)  # a new dict: the permit's reservation may share the old one
             for dim, amount in more.items():
-                permit._charged[dim] = permit._charged.get(dim, 0.0) + amount
+                charged[dim] = charged.get(dim, 0.0) + amount
+            permit._charged = charged
             diff = {dim: -amount for dim, amount in more.items()}
             remote = self._parts.remote_for(runtime)
             entry = self._prefetches.admitted.get(permit.seq)
