@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from ratekeeper.core._feedback import (
     NO_READINGS,
     MomentEvidence,
-    Readings,
     admission_estimate,
     correction,
     response_estimate,
@@ -135,7 +134,7 @@ def test_a_report_of_unknown_age_lifts_nothing_and_bars_older_ones() -> None:
 def test_readings_above_the_capacity_hold_the_capacity() -> None:
     target, readings = correction(80_000, 90_000, (95_000, 120_000), ((1.0, 1), (1.0, 1)), "unknown")
     assert target == 90_000
-    assert readings == Readings((0.0, 0.0), ((1.0, 1), (1.0, 1)))
+    assert (readings.offsets, readings.moments) == ((0.0, 0.0), ((1.0, 1), (1.0, 1)))
 
 
 # ---------------------------------------------------------------- what the reports show

@@ -135,6 +135,17 @@ class Readings:
 
     offsets: tuple[float, float] = (0.0, 0.0)
     moments: tuple[Moment, Moment] = ((-math.inf, -math.inf), (-math.inf, -math.inf))
+    #: ``(instant, offset)`` of the response reading of earlier reports that may still be the
+    #: latest any report describes (see ``correction``): instants ascending, offsets rising.
+    answers: tuple[tuple[float, float], ...] = ()
+
+    def shifted(self, shift: float) -> Readings:
+        """These readings with every value ``shift`` higher against the model."""
+        return Readings(
+            (self.offsets[0] + shift, self.offsets[1] + shift),
+            self.moments,
+            tuple((at, offset + shift) for at, offset in self.answers),
+        )
 
 
 NO_READINGS: Final = Readings()
@@ -149,6 +160,7 @@ def correction(
     readings: Readings = NO_READINGS,
     *,
     latest: tuple[Moment, Moment] | None = None,
+    answered: bool = True,
 ) -> tuple[float, Readings]:
     """Where the model's level goes after a report, and the readings then.
 
@@ -183,16 +195,74 @@ def correction(
         resp = min(capacity, resp_estimate)
     else:
         resp = min(min(capacity, level + resp_offset), resp_estimate)
+    seen = moments if latest is None else latest
+    adm_seen, resp_seen = max(seen[0], adm_seen), max(seen[1], resp_seen)
+    # the latest instant a report so far can have been taken at its request's admission: an
+    # earlier report's answer no earlier than that may be the latest moment of them all
+    admitted_by = adm_seen[0]
+    answers = readings.answers
     if belief == "admission":
         target = adm
     elif belief == "response":
         target = resp
     else:
         target = min(adm, resp)
+        for at, offset in answers:
+            if at >= admitted_by:
+                target = min(target, level + offset)
     if target != target:  # nan: no estimate
         return level, readings
-    seen = moments if latest is None else latest
-    return target, Readings((adm - target, resp - target), (max(seen[0], adm_seen), max(seen[1], resp_seen)))
+    return target, Readings(
+        (adm - target, resp - target),
+        (adm_seen, resp_seen),
+        _answers(
+            answers,
+            level,
+            capacity,
+            target,
+            admitted_by,
+            (seen[1][0], min(capacity, resp_estimate) if answered else math.nan),
+        ),
+    )
+
+
+#: How many earlier answers a reading keeps: past that, two merge into one that is lower and
+#: lasts longer (safe: it bounds where either did, and longer).
+_ANSWERS: Final = 8
+
+
+def _answers(
+    answers: tuple[tuple[float, float], ...],
+    level: float,
+    capacity: float,
+    target: float,
+    admitted_by: float,
+    new: tuple[float, float],
+) -> tuple[tuple[float, float], ...]:
+    """The answers that may still be the latest moment, the new report's too, against ``target``.
+
+    When the server may report either moment, each report's moment is one of two, and
+    the one that bounds the level is the report whose moment is the latest of all: under
+    some mix of readings that is the answer of any report sent no earlier than the latest
+    admission a report can show (take every other report as of its admission). Whatever
+    the mix, the level is then at most the lowest of those answers' values and of the
+    latest admission's. An answer that an admission after it outdates can never be the
+    latest again, nor can one a later and lower answer outlasts.
+    """
+    values = [(at, min(capacity, level + offset)) for at, offset in answers if at >= admitted_by]
+    if new[1] == new[1] and new[0] >= admitted_by:
+        values.append(new)
+        values.sort(key=_earliest_then_highest)
+    kept: list[tuple[float, float]] = []
+    lowest = math.inf
+    for at, value in reversed(values):
+        if value < lowest:
+            lowest = value
+            kept.append((at, value - target))
+    kept.reverse()
+    while len(kept) > _ANSWERS:
+        kept[0:2] = [(kept[1][0], kept[0][1])]
+    return tuple(kept)
 
 
 @final
@@ -366,3 +436,7 @@ class _Series:
         los.append(low)
         his.append(high)
         return broken
+
+
+def _earliest_then_highest(answer: tuple[float, float]) -> tuple[float, float]:
+    return answer[0], -answer[1]

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Final, TypeAlias, final
 
 from ratekeeper.core._feedback import (
     NO_READINGS,
-    Readings,
     admission_estimate,
     correction,
     response_estimate,
@@ -73,7 +72,8 @@ _RESYNC_DIMS: Final = (
 _NO_ERROR: Final = (None, None, "")
 
 #: A report's two readings of one level (at the admission, at the answer) and their moments.
-_Readings: TypeAlias = tuple[float, float, tuple[tuple[float, float], tuple[float, float]]]
+#: (and whether it may be of the answer's: not when shown older than that)
+_Readings: TypeAlias = tuple[float, float, tuple[tuple[float, float], tuple[float, float]], bool]
 
 
 @final
@@ -179,7 +179,7 @@ class PoolFeedback:
                 # a response of unknown age: the report less everything that could be
                 # missing from it, under either reading; it lifts nothing
                 unknown = lowest - own.since.get(dim, 0.0)
-                readings = unknown, unknown, NO_READINGS.moments
+                readings = unknown, unknown, NO_READINGS.moments, True
             changed = self._correct(runtime, dim, readings, permit, now) or changed
         return fitted, changed
 
@@ -303,13 +303,13 @@ class PoolFeedback:
         # a refusal is answered as it arrives: its report is of then, either way
         order = float(own.seq)
         moments = ((admitted, order), (admitted, order) if own.refused else (now, order))
-        return admission, response, moments
+        return admission, response, moments, own.taken_by is None
 
     def _correct(
         self, runtime: PoolRuntime, dim: str, readings: _Readings, permit: Permit | None, now: float
     ) -> bool:
         """Move ``dim``'s bucket to what both readings allow (see ``core._feedback.correction``)."""
-        admission, response, moments = readings
+        admission, response, moments, answered = readings
         pool = runtime.pool
         bucket = pool.buckets[dim]
         level = bucket.level_at(now)
@@ -321,7 +321,9 @@ class PoolFeedback:
             runtime.moment.belief,
             runtime.readings.get(dim, NO_READINGS),
             latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
+            answered=answered,
         )
+        owed = 0.0  # of the readings' values, what the level stays below only for now
         if target > level:
             # Lifted only as far as the traffic still to come leaves safe: output charged as it
             # is produced (requests under way may each draw up to their max_tokens beyond what
@@ -329,15 +331,19 @@ class PoolFeedback:
             # request settles already counts that request's real input, which the settlement
             # may give back again, up to its whole estimate (a stream's report, at its first
             # byte: its max_tokens reservation is the server's too).
-            target = max(level, target - still_to_come(runtime, dim, permit))
+            produced, settled = still_to_come(runtime, dim, permit)
+            lifted = max(level, target - produced - settled)
+            # the output still to come is charged as it is learned of: the readings keep their
+            # value (kept lowered, each report would take it off again on top)
+            owed = max(0.0, target - lifted - settled)
+            target = lifted
         if target > level:  # a reading refuted: what it took off comes back
             delta = bucket.resync(target, now, allow_increase=True)
         else:
             delta = pool.resync(dim, target, now)
         after = level + delta
-        if after != target:  # clamped (debt, capacity): the readings stay where they were
-            shift = target - after
-            kept = Readings((kept.offsets[0] + shift, kept.offsets[1] + shift), kept.moments)
+        if after != target or owed:  # clamped (debt, capacity): the readings stay where they were
+            kept = kept.shifted(target - after + owed)
         runtime.readings[dim] = kept
         if delta == 0.0:
             return False
