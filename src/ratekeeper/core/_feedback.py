@@ -174,7 +174,10 @@ def correction(
     refuted reading took off, and a stale report never lifts the model.
     ``latest``: for a report whose moment is not known, the latest it can be
     (``moments`` are then the earliest): what it lowered, no report older than
-    that lifts.
+    that lifts. While the moment is unknown, a server may also mix the two from
+    one report to the next; the answers of earlier reports that may still be the
+    latest moment of all then bound the target too (see ``_answers``).
+    ``answered``: False for a report shown older than its answer (it adds none).
 
     >>> r = Readings()
     >>> target, r = correction(10.0, 100.0, (4.0, 12.0), ((1.0, 1), (5.0, 1)), "unknown", r)
@@ -207,9 +210,12 @@ def correction(
         target = resp
     else:
         target = min(adm, resp)
-        for at, offset in answers:
-            if at >= admitted_by:
-                target = min(target, level + offset)
+        # (not once the server is known to mix: each report is then read by itself, and
+        # the bound held back 2-3% of a one-minute run; see docs/benchmarks.md)
+        if belief == "unknown":
+            for at, offset in answers:
+                if at >= admitted_by:
+                    target = min(target, level + offset)
     if target != target:  # nan: no estimate
         return level, readings
     return target, Readings(
@@ -263,6 +269,10 @@ def _answers(
     while len(kept) > _ANSWERS:
         kept[0:2] = [(kept[1][0], kept[0][1])]
     return tuple(kept)
+
+
+def _earliest_then_highest(answer: tuple[float, float]) -> tuple[float, float]:
+    return answer[0], -answer[1]
 
 
 @final
@@ -436,7 +446,3 @@ class _Series:
         los.append(low)
         his.append(high)
         return broken
-
-
-def _earliest_then_highest(answer: tuple[float, float]) -> tuple[float, float]:
-    return answer[0], -answer[1]
