@@ -218,18 +218,15 @@ def correction(
                     target = min(target, level + offset)
     if target != target:  # nan: no estimate
         return level, readings
-    return target, Readings(
-        (adm - target, resp - target),
-        (adm_seen, resp_seen),
-        _answers(
-            answers,
-            level,
-            capacity,
-            target,
-            admitted_by,
-            (seen[1][0], min(capacity, resp_estimate) if answered else math.nan),
-        ),
-    )
+    if belief != "unknown":  # (the belief never goes back to unknown: no answer bounds again)
+        kept: tuple[tuple[float, float], ...] = ()
+    elif not answers:  # (the first report, most often)
+        value = min(capacity, resp_estimate)
+        kept = ((seen[1][0], value - target),) if answered and value == value else ()
+    else:
+        value = min(capacity, resp_estimate) if answered else math.nan
+        kept = _answers(answers, level, capacity, target, admitted_by, (seen[1][0], value))
+    return target, Readings((adm - target, resp - target), (adm_seen, resp_seen), kept)
 
 
 #: How many earlier answers a reading keeps: past that, two merge into one that is lower and
@@ -258,7 +255,8 @@ def _answers(
     values = [(at, min(capacity, level + offset)) for at, offset in answers if at >= admitted_by]
     if new[1] == new[1] and new[0] >= admitted_by:
         values.append(new)
-        values.sort(key=_earliest_then_highest)
+        if len(values) > 1 and values[-2][0] >= new[0]:  # (it is the latest, most often)
+            values.sort(key=_earliest_then_highest)
     kept: list[tuple[float, float]] = []
     lowest = math.inf
     for at, value in reversed(values):
