@@ -174,10 +174,7 @@ def correction(
     refuted reading took off, and a stale report never lifts the model.
     ``latest``: for a report whose moment is not known, the latest it can be
     (``moments`` are then the earliest): what it lowered, no report older than
-    that lifts. While the moment is unknown, a server may also mix the two from
-    one report to the next; the answers of earlier reports that may still be the
-    latest moment of all then bound the target too (see ``_answers``).
-    ``answered``: False for a report shown older than its answer (it adds none).
+    that lifts. While the moment is unknown, earlier answers bound it too (``_answers``).
 
     >>> r = Readings()
     >>> target, r = correction(10.0, 100.0, (4.0, 12.0), ((1.0, 1), (5.0, 1)), "unknown", r)
@@ -200,33 +197,36 @@ def correction(
         resp = min(min(capacity, level + resp_offset), resp_estimate)
     seen = moments if latest is None else latest
     adm_seen, resp_seen = max(seen[0], adm_seen), max(seen[1], resp_seen)
-    # the latest instant a report so far can have been taken at its request's admission: an
-    # earlier report's answer no earlier than that may be the latest moment of them all
-    admitted_by = adm_seen[0]
-    answers = readings.answers
     if belief == "admission":
         target = adm
     elif belief == "response":
         target = resp
     else:
         target = min(adm, resp)
-        # (not once the server is known to mix: each report is then read by itself, and
-        # the bound held back 2-3% of a one-minute run; see docs/benchmarks.md)
         if belief == "unknown":
-            for at, offset in answers:
-                if at >= admitted_by:
-                    target = min(target, level + offset)
+            target = _below_answers(target, level, readings.answers, adm_seen[0])
     if target != target:  # nan: no estimate
         return level, readings
-    if belief != "unknown":  # (the belief never goes back to unknown: no answer bounds again)
-        kept: tuple[tuple[float, float], ...] = ()
-    elif not answers:  # (the first report, most often)
-        value = min(capacity, resp_estimate)
-        kept = ((seen[1][0], value - target),) if answered and value == value else ()
-    else:
-        value = min(capacity, resp_estimate) if answered else math.nan
-        kept = _answers(answers, level, capacity, target, admitted_by, (seen[1][0], value))
+    new = (seen[1][0], min(capacity, resp_estimate) if answered else math.nan)  # (see _answers)
+    kept = _answers(readings.answers, level, capacity, target, adm_seen[0], new, belief)
     return target, Readings((adm - target, resp - target), (adm_seen, resp_seen), kept)
+
+
+def _below_answers(
+    target: float, level: float, answers: tuple[tuple[float, float], ...], admitted_by: float
+) -> float:
+    """``target``, at most the value of every answer no earlier than ``admitted_by``.
+
+    ``admitted_by``: the latest instant a report so far can have been taken at its
+    request's admission; an earlier report's answer no earlier than that may be the
+    latest moment of them all (see ``_answers``). Only while the moment is unknown: once
+    the server is known to mix, each report is read by itself (the bound held back 2-3%
+    of a one-minute run then; see docs/benchmarks.md).
+    """
+    for at, offset in answers:
+        if at >= admitted_by:
+            target = min(target, level + offset)
+    return target
 
 
 #: How many earlier answers a reading keeps: past that, two merge into one that is lower and
@@ -241,6 +241,7 @@ def _answers(
     target: float,
     admitted_by: float,
     new: tuple[float, float],
+    belief: Belief,
 ) -> tuple[tuple[float, float], ...]:
     """The answers that may still be the latest moment, the new report's too, against ``target``.
 
@@ -250,8 +251,14 @@ def _answers(
     admission a report can show (take every other report as of its admission). Whatever
     the mix, the level is then at most the lowest of those answers' values and of the
     latest admission's. An answer that an admission after it outdates can never be the
-    latest again, nor can one a later and lower answer outlasts.
+    latest again, nor can one a later and lower answer outlasts. ``new``: the report's own
+    answer, its value NaN when the report is shown older than its answer (it adds none).
+    None are kept once the moment is believed: the belief never goes back to unknown.
     """
+    if belief != "unknown":
+        return ()
+    if not answers:  # (the first report, most often)
+        return ((new[0], new[1] - target),) if new[1] == new[1] else ()
     values = [(at, min(capacity, level + offset)) for at, offset in answers if at >= admitted_by]
     if new[1] == new[1] and new[0] >= admitted_by:
         values.append(new)
