@@ -152,13 +152,6 @@ def test_a_believed_moment_is_read_alone() -> None:
     assert target == 8_000
 
 
-def test_a_report_shown_older_than_its_answer_adds_no_answer() -> None:
-    _, readings = correction(10_000, 90_000, (9_000, 5_000), ((1.0, 1), (3.0, 1)), "unknown", answered=False)
-    assert readings.answers == ()
-    target, _ = correction(5_000, 90_000, (8_000, 8_000), ((2.0, 2), (4.0, 2)), "unknown", readings)
-    assert target == 8_000
-
-
 def test_answers_kept_are_few_and_never_higher_than_those_they_replace() -> None:
     readings = NO_READINGS
     level = 50_000.0

@@ -160,7 +160,6 @@ def correction(
     readings: Readings = NO_READINGS,
     *,
     latest: tuple[Moment, Moment] | None = None,
-    answered: bool = True,
 ) -> tuple[float, Readings]:
     """Where the model's level goes after a report, and the readings then.
 
@@ -207,7 +206,7 @@ def correction(
             target = _below_answers(target, level, readings.answers, adm_seen[0])
     if target != target:  # nan: no estimate
         return level, readings
-    new = (seen[1][0], min(capacity, resp_estimate) if answered else math.nan)  # (see _answers)
+    new = (seen[1][0], min(capacity, resp_estimate))
     kept = _answers(readings.answers, level, capacity, target, adm_seen[0], new, belief)
     return target, Readings((adm - target, resp - target), (adm_seen, resp_seen), kept)
 
@@ -252,8 +251,8 @@ def _answers(
     the mix, the level is then at most the lowest of those answers' values and of the
     latest admission's. An answer that an admission after it outdates can never be the
     latest again, nor can one a later and lower answer outlasts. ``new``: the report's own
-    answer, its value NaN when the report is shown older than its answer (it adds none).
-    None are kept once the moment is believed: the belief never goes back to unknown.
+    answer (a NaN value adds none). None are kept once the moment is believed: the belief
+    never goes back to unknown.
     """
     if belief != "unknown":
         return ()

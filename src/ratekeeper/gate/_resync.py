@@ -72,8 +72,7 @@ _RESYNC_DIMS: Final = (
 _NO_ERROR: Final = (None, None, "")
 
 #: A report's two readings of one level (at the admission, at the answer) and their moments.
-#: (and whether it may be of the answer's: not when shown older than that)
-_Readings: TypeAlias = tuple[float, float, tuple[tuple[float, float], tuple[float, float]], bool]
+_Readings: TypeAlias = tuple[float, float, tuple[tuple[float, float], tuple[float, float]]]
 
 
 @final
@@ -179,7 +178,7 @@ class PoolFeedback:
                 # a response of unknown age: the report less everything that could be
                 # missing from it, under either reading; it lifts nothing
                 unknown = lowest - own.since.get(dim, 0.0)
-                readings = unknown, unknown, NO_READINGS.moments, True
+                readings = unknown, unknown, NO_READINGS.moments
             changed = self._correct(runtime, dim, readings, permit, now) or changed
         return fitted, changed
 
@@ -303,13 +302,13 @@ class PoolFeedback:
         # a refusal is answered as it arrives: its report is of then, either way
         order = float(own.seq)
         moments = ((admitted, order), (admitted, order) if own.refused else (now, order))
-        return admission, response, moments, own.taken_by is None
+        return admission, response, moments
 
     def _correct(
         self, runtime: PoolRuntime, dim: str, readings: _Readings, permit: Permit | None, now: float
     ) -> bool:
         """Move ``dim``'s bucket to what both readings allow (see ``core._feedback.correction``)."""
-        admission, response, moments, answered = readings
+        admission, response, moments = readings
         pool = runtime.pool
         bucket = pool.buckets[dim]
         level = bucket.level_at(now)
@@ -321,7 +320,6 @@ class PoolFeedback:
             runtime.moment.belief,
             runtime.readings.get(dim, NO_READINGS),
             latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
-            answered=answered,
         )
         owed = 0.0  # of the readings' values, what the level stays below only for now
         if target > level:
