@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from ratekeeper.core._feedback import (
     NO_READINGS,
     MomentEvidence,
-    Readings,
     admission_estimate,
     correction,
     response_estimate,
@@ -132,10 +131,44 @@ def test_a_report_of_unknown_age_lifts_nothing_and_bars_older_ones() -> None:
     assert target == 2_000
 
 
+def test_an_answer_after_the_latest_admission_bounds_a_lift() -> None:
+    """Report A may be of its answer at 3 s; report B of its admission at 2 s: A is the later.
+
+    Read one reading at a time, B is newer than A under both and would lift to 8,000; under
+    the mix (A of its answer, B of its admission) the server holds what A said.
+    """
+    _, readings = correction(10_000, 90_000, (9_000, 5_000), ((1.0, 1), (3.0, 1)), "unknown")
+    target, readings = correction(5_000, 90_000, (8_000, 8_000), ((2.0, 2), (4.0, 2)), "unknown", readings)
+    assert target == 5_000
+    # once a report's admission is after A's answer, A can no longer be the latest moment
+    target, readings = correction(5_000, 90_000, (7_000, 7_500), ((3.5, 3), (5.0, 3)), "unknown", readings)
+    assert target == 7_000
+    assert [at for at, _ in readings.answers] == [5.0]
+
+
+def test_a_believed_moment_is_read_alone() -> None:
+    _, readings = correction(10_000, 90_000, (9_000, 5_000), ((1.0, 1), (3.0, 1)), "unknown")
+    target, _ = correction(5_000, 90_000, (8_000, 8_000), ((2.0, 2), (4.0, 2)), "admission", readings)
+    assert target == 8_000
+
+
+def test_answers_kept_are_few_and_never_higher_than_those_they_replace() -> None:
+    readings = NO_READINGS
+    level = 50_000.0
+    for k in range(20):  # ever later answers, all after the one admission: each may be the latest
+        level, readings = correction(
+            level, 90_000, (60_000, 40_000 + 100 * k), ((1.0, 0), (2.0 + k, k)), "unknown", readings
+        )
+    assert level == 40_000
+    assert len(readings.answers) <= 8
+    assert min(offset for _, offset in readings.answers) == 0.0
+    assert readings.answers[-1] == (21.0, 1_900.0)
+
+
 def test_readings_above_the_capacity_hold_the_capacity() -> None:
     target, readings = correction(80_000, 90_000, (95_000, 120_000), ((1.0, 1), (1.0, 1)), "unknown")
     assert target == 90_000
-    assert readings == Readings((0.0, 0.0), ((1.0, 1), (1.0, 1)))
+    assert (readings.offsets, readings.moments) == ((0.0, 0.0), ((1.0, 1), (1.0, 1)))
 
 
 # ---------------------------------------------------------------- what the reports show

@@ -250,6 +250,34 @@ def test_record_output_charges_progressively_under_the_actual_rule() -> None:
     assert levels(limiter)["output_tokens"] == 6_500
 
 
+def test_output_still_to_come_is_kept_off_a_lift_not_off_what_the_reports_said() -> None:
+    """Under the real-time rule a lift leaves room for what the requests under way may produce.
+
+    That room is owed until the model learns of the output (it charges it then), not for
+    ever: kept off the report's value, an older report read next took it off once more.
+    """
+    clock = FakeClock()
+    limiter = Limiter("tier-1", opening=60, output_rule="actual", clock=clock)
+    first = limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=1_000)
+    first.mark_sent()
+    clock.advance(1.0)
+    first.observe(headers(output_tokens=(8_000, 2_000)), status=200)
+    first.settle({"input_tokens": 100, "output_tokens": 10})
+    assert levels(limiter)["output_tokens"] == 1_490
+    clock.advance(0.5)
+    earlier, later = (limiter.acquire_nowait(SONNET, input_tokens=100, max_tokens=1_000) for _ in range(2))
+    earlier.mark_sent()
+    later.mark_sent()
+    clock.advance(0.5)
+    later.observe(headers(output_tokens=(8_000, 8_000)), status=200)
+    # 7,500 (the report's lowest) less 1,000 each the two under way may still produce
+    assert levels(limiter)["output_tokens"] == 5_500
+    later.settle({"input_tokens": 100, "output_tokens": 10})
+    # a report of an earlier grant, at the same instant: it bounds, and one request is under way
+    earlier.observe(headers(output_tokens=(8_000, 8_000)), status=200)
+    assert levels(limiter)["output_tokens"] == 7_500 - 10 - 1_000
+
+
 def test_record_output_under_the_max_tokens_rule_is_covered_by_the_reservation() -> None:
     limiter = Limiter("tier-1", opening=60, clock=FakeClock())
     permit = limiter.acquire_nowait(SONNET, max_tokens=2_000)

@@ -662,17 +662,15 @@ def test_permits_never_marked_sent_do_not_refute_the_right_reading() -> None:
     m.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="open: a server that mixes moments per report (issue 12)")
 def test_a_report_of_an_admission_does_not_lift_past_a_later_answer() -> None:
     """A sequence the mixed-moment machine found (one run in about 9,000): two requests at one instant.
 
     Another client draws 501 output tokens; the first request's report is of its answer
     (it saw that draw), the second's of its admission (before the draw). Read one reading
-    at a time, the second report is the newer under both, and it lifts output 1 token past
-    what the server has. Safe would be: while the moment is unknown, a report lifts only if
-    its admission is after every moment the reports before it can describe; tried, that
-    held back every lift of the opening and cost 0.95x -> 0.68x at 64 concurrent under
-    ``mixed``, so it is not in. Strict: this fails once the defect is fixed.
+    at a time, the second report is the newer under both, and it lifted output 1 token past
+    what the server has. While the moment is not known, the first report's answer may be
+    the latest moment of the two (it is no earlier than the second's admission), so it
+    bounds the lift.
     """
 
     def nothing() -> Demand:

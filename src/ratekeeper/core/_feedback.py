@@ -135,6 +135,17 @@ class Readings:
 
     offsets: tuple[float, float] = (0.0, 0.0)
     moments: tuple[Moment, Moment] = ((-math.inf, -math.inf), (-math.inf, -math.inf))
+    #: ``(instant, offset)`` of the response reading of earlier reports that may still be the
+    #: latest any report describes (see ``correction``): instants ascending, offsets rising.
+    answers: tuple[tuple[float, float], ...] = ()
+
+    def shifted(self, shift: float) -> Readings:
+        """These readings with every value ``shift`` higher against the model."""
+        return Readings(
+            (self.offsets[0] + shift, self.offsets[1] + shift),
+            self.moments,
+            tuple((at, offset + shift) for at, offset in self.answers),
+        )
 
 
 NO_READINGS: Final = Readings()
@@ -162,7 +173,7 @@ def correction(
     refuted reading took off, and a stale report never lifts the model.
     ``latest``: for a report whose moment is not known, the latest it can be
     (``moments`` are then the earliest): what it lowered, no report older than
-    that lifts.
+    that lifts. While the moment is unknown, earlier answers bound it too (``_answers``).
 
     >>> r = Readings()
     >>> target, r = correction(10.0, 100.0, (4.0, 12.0), ((1.0, 1), (5.0, 1)), "unknown", r)
@@ -183,16 +194,89 @@ def correction(
         resp = min(capacity, resp_estimate)
     else:
         resp = min(min(capacity, level + resp_offset), resp_estimate)
+    seen = moments if latest is None else latest
+    adm_seen, resp_seen = max(seen[0], adm_seen), max(seen[1], resp_seen)
     if belief == "admission":
         target = adm
     elif belief == "response":
         target = resp
     else:
         target = min(adm, resp)
+        if belief == "unknown":
+            target = _below_answers(target, level, readings.answers, adm_seen[0])
     if target != target:  # nan: no estimate
         return level, readings
-    seen = moments if latest is None else latest
-    return target, Readings((adm - target, resp - target), (max(seen[0], adm_seen), max(seen[1], resp_seen)))
+    new = (seen[1][0], min(capacity, resp_estimate))
+    kept = _answers(readings.answers, level, capacity, target, adm_seen[0], new, belief)
+    return target, Readings((adm - target, resp - target), (adm_seen, resp_seen), kept)
+
+
+def _below_answers(
+    target: float, level: float, answers: tuple[tuple[float, float], ...], admitted_by: float
+) -> float:
+    """``target``, at most the value of every answer no earlier than ``admitted_by``.
+
+    ``admitted_by``: the latest instant a report so far can have been taken at its
+    request's admission; an earlier report's answer no earlier than that may be the
+    latest moment of them all (see ``_answers``). Only while the moment is unknown: once
+    the server is known to mix, each report is read by itself (the bound held back 2-3%
+    of a one-minute run then; see docs/benchmarks.md).
+    """
+    for at, offset in answers:
+        if at >= admitted_by:
+            target = min(target, level + offset)
+    return target
+
+
+#: How many earlier answers a reading keeps: past that, two merge into one that is lower and
+#: lasts longer (safe: it bounds where either did, and longer).
+_ANSWERS: Final = 8
+
+
+def _answers(
+    answers: tuple[tuple[float, float], ...],
+    level: float,
+    capacity: float,
+    target: float,
+    admitted_by: float,
+    new: tuple[float, float],
+    belief: Belief,
+) -> tuple[tuple[float, float], ...]:
+    """The answers that may still be the latest moment, the new report's too, against ``target``.
+
+    When the server may report either moment, each report's moment is one of two, and
+    the one that bounds the level is the report whose moment is the latest of all: under
+    some mix of readings that is the answer of any report sent no earlier than the latest
+    admission a report can show (take every other report as of its admission). Whatever
+    the mix, the level is then at most the lowest of those answers' values and of the
+    latest admission's. An answer that an admission after it outdates can never be the
+    latest again, nor can one a later and lower answer outlasts. ``new``: the report's own
+    answer (a NaN value adds none). None are kept once the moment is believed: the belief
+    never goes back to unknown.
+    """
+    if belief != "unknown":
+        return ()
+    if not answers:  # (the first report, most often)
+        return ((new[0], new[1] - target),) if new[1] == new[1] else ()
+    values = [(at, min(capacity, level + offset)) for at, offset in answers if at >= admitted_by]
+    if new[1] == new[1] and new[0] >= admitted_by:
+        values.append(new)
+        if len(values) > 1 and values[-2][0] >= new[0]:  # (it is the latest, most often)
+            values.sort(key=_earliest_then_highest)
+    kept: list[tuple[float, float]] = []
+    lowest = math.inf
+    for at, value in reversed(values):
+        if value < lowest:
+            lowest = value
+            kept.append((at, value - target))
+    kept.reverse()
+    while len(kept) > _ANSWERS:
+        kept[0:2] = [(kept[1][0], kept[0][1])]
+    return tuple(kept)
+
+
+def _earliest_then_highest(answer: tuple[float, float]) -> tuple[float, float]:
+    return answer[0], -answer[1]
 
 
 @final

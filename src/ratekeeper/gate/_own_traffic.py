@@ -202,17 +202,22 @@ def note_evidence(
     )
 
 
-def still_to_come(runtime: PoolRuntime, dim: str, permit: Permit | None) -> float:
-    """The most ``dim`` may still lose that neither the report nor the model holds yet."""
-    held = 0.0
+def still_to_come(runtime: PoolRuntime, dim: str, permit: Permit | None) -> tuple[float, float]:
+    """The most ``dim`` may still lose that neither the report nor the model holds yet.
+
+    In two parts: what the requests under way may still produce (the model charges it as
+    it learns of it, so it is owed only until then), and what ``permit``'s settlement may
+    give back that the report already counts (owed by every reading of this report).
+    """
+    produced = settled = 0.0
     if dim in _PRODUCED and not runtime.reserves_max_tokens:
         most = runtime.most_output
         for other in runtime.in_flight.values():
-            held += max(0.0, most - other._charged.get("output_tokens", 0.0))
+            produced += max(0.0, most - other._charged.get("output_tokens", 0.0))
     if dim in _ESTIMATED and permit is not None and permit._state == _ACTIVE:
         estimated = "priority_input_tokens" if dim.startswith("priority") else "input_tokens"
-        held += permit._charged.get(estimated, 0.0)
-    return held
+        settled = permit._charged.get(estimated, 0.0)
+    return produced, settled
 
 
 def transit_cap(runtime: PoolRuntime) -> float:

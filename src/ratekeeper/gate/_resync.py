@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Final, TypeAlias, final
 
 from ratekeeper.core._feedback import (
     NO_READINGS,
-    Readings,
     admission_estimate,
     correction,
     response_estimate,
@@ -322,6 +321,7 @@ class PoolFeedback:
             runtime.readings.get(dim, NO_READINGS),
             latest=None if permit is not None else ((now, math.inf), (now, math.inf)),
         )
+        owed = 0.0  # of the readings' values, what the level stays below only for now
         if target > level:
             # Lifted only as far as the traffic still to come leaves safe: output charged as it
             # is produced (requests under way may each draw up to their max_tokens beyond what
@@ -329,15 +329,19 @@ class PoolFeedback:
             # request settles already counts that request's real input, which the settlement
             # may give back again, up to its whole estimate (a stream's report, at its first
             # byte: its max_tokens reservation is the server's too).
-            target = max(level, target - still_to_come(runtime, dim, permit))
+            produced, settled = still_to_come(runtime, dim, permit)
+            lifted = max(level, target - produced - settled)
+            # the output still to come is charged as it is learned of: the readings keep their
+            # value (kept lowered, each report would take it off again on top)
+            owed = max(0.0, target - lifted - settled)
+            target = lifted
         if target > level:  # a reading refuted: what it took off comes back
             delta = bucket.resync(target, now, allow_increase=True)
         else:
             delta = pool.resync(dim, target, now)
         after = level + delta
-        if after != target:  # clamped (debt, capacity): the readings stay where they were
-            shift = target - after
-            kept = Readings((kept.offsets[0] + shift, kept.offsets[1] + shift), kept.moments)
+        if after != target or owed:  # clamped (debt, capacity): the readings stay where they were
+            kept = kept.shifted(target - after + owed)
         runtime.readings[dim] = kept
         if delta == 0.0:
             return False
