@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from ratekeeper import RateLimitSnapshot, parse_headers
 from ratekeeper.core import _headers
+from ratekeeper.core._snapshot import _DIMENSIONS
 
 U = "anthropic-ratelimit-unified-"
 NAMES = [
@@ -19,7 +20,7 @@ NAMES = [
     "retry-after",
     "retry-after-ms",
     "request-id",
-    *(prefix + field for _, _, prefix in _headers._DIMENSIONS for field in ("limit", "remaining", "reset")),
+    *(prefix + field for _, _, prefix in _DIMENSIONS for field in ("limit", "remaining", "reset")),
     "x-quota-balance",
     "x-quota-markup",
     "x-quota-credits-used",

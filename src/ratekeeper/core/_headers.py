@@ -137,7 +137,8 @@ class _Pending:
             for other in _FAMILIES[:-1]:
                 if other not in self.rejected:
                     self._read(snapshot, other)
-        reader.unparsed = rejected = {}
+        rejected: dict[str, str] = {}
+        reader.unparsed = rejected
         if family == "server_date":
             _set(snapshot, "server_date", reader.parse("date", _http_date))
         elif family == "retry_after":
