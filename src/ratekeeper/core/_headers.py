@@ -99,37 +99,95 @@ def parse_headers(headers: HeadersInput, *, received_at: _dt.datetime | None = N
         # already parsed (the middleware parses a response once and passes the result on)
         return headers
     received = _aware_utc(received_at)
-    reader = _Reader(*_collect(headers))
+    # One pass here (names lowered, bytes decoded); each family is converted when first
+    # read, so a caller that reads three buckets pays for three.
+    snapshot: RateLimitSnapshot = object.__new__(RateLimitSnapshot)
+    _set(snapshot, "received_at", received)
+    _set(snapshot, "_pending", _Pending(_Reader(*_collect(headers))))
+    if _log.isEnabledFor(logging.DEBUG):
+        # a malformed value is logged while parse_headers runs, in the same order as ever
+        snapshot.unparsed  # noqa: B018  (reading it converts every family)
+    return snapshot
 
-    server_date = reader.parse("date", _http_date)
-    reference = server_date if server_date is not None else received
-    retry_ms = reader.parse("retry-after-ms", _non_negative)
-    retry_s = (
-        reader.parse("retry-after", lambda value: _retry_after(value, reference))
-        if "retry-after" in reader.values
-        else None
-    )
-    requests, tokens, inp, out, priority_inp, priority_out, fast_inp, fast_out = _limit_infos(reader)
-    request_id = reader.parse("request-id", _text)
-    quota = _quota_info(reader)  # (before the unified family: fewer names left to look through)
-    return RateLimitSnapshot(
-        request_id=request_id,
-        request_limit=requests,
-        token_limit=tokens,
-        input_token_limit=inp,
-        output_token_limit=out,
-        priority_input_token_limit=priority_inp,
-        priority_output_token_limit=priority_out,
-        fast_input_token_limit=fast_inp,
-        fast_output_token_limit=fast_out,
-        retry_after=retry_s if retry_ms is None else retry_ms / 1000.0,
-        server_date=server_date,
-        received_at=received,
-        unified=_unified_info(reader),
-        quota=quota,
-        custom=MappingProxyType(reader.leftovers()),
-        unparsed=MappingProxyType(reader.unparsed),
-    )
+
+_set = object.__setattr__  # (the snapshot is frozen: its slots are filled around that)
+
+_BUCKET_FIELDS: Final = tuple(field for _, field, _ in _DIMENSIONS)
+
+
+class _Pending:
+    """What a lazy snapshot still has to read, and the malformed values of each family read."""
+
+    __slots__ = ("reader", "rejected")
+
+    def __init__(self, reader: _Reader) -> None:
+        self.reader = reader
+        # family -> its malformed values; merged in ``_FAMILIES`` order for ``unparsed``
+        self.rejected: dict[str, dict[str, str]] = {}
+
+    def resolve(self, snapshot: RateLimitSnapshot, name: str) -> object:
+        family = _FAMILY_OF[name]
+        if family not in self.rejected:
+            self._read(snapshot, family)
+        return getattr(snapshot, name)
+
+    def _read(self, snapshot: RateLimitSnapshot, family: str) -> None:
+        reader = self.reader
+        if family == "leftovers":
+            for other in _FAMILIES[:-1]:
+                if other not in self.rejected:
+                    self._read(snapshot, other)
+        rejected: dict[str, str] = {}
+        reader.unparsed = rejected
+        if family == "server_date":
+            _set(snapshot, "server_date", reader.parse("date", _http_date))
+        elif family == "retry_after":
+            server_date = snapshot.server_date  # (first: a date in retry-after is measured from it)
+            reader.unparsed = rejected
+            reference = server_date if server_date is not None else snapshot.received_at
+            retry_ms = reader.parse("retry-after-ms", _non_negative)
+            retry_s = (
+                reader.parse("retry-after", lambda value: _retry_after(value, reference))
+                if "retry-after" in reader.values
+                else None
+            )
+            _set(snapshot, "retry_after", retry_s if retry_ms is None else retry_ms / 1000.0)
+        elif family in _BUCKET_INDEX:
+            _set(snapshot, family, _limit_info(reader, _BUCKET_INDEX[family]))
+        elif family == "request_id":
+            _set(snapshot, "request_id", reader.parse("request-id", _text))
+        elif family == "quota":
+            _set(snapshot, "quota", _quota_info(reader))
+        elif family == "unified":
+            _set(snapshot, "unified", _unified_info(reader))
+        else:
+            _set(snapshot, "custom", MappingProxyType(reader.leftovers()))
+            merged: dict[str, str] = {}
+            for other in _FAMILIES[:-1]:
+                merged.update(self.rejected[other])
+            merged.update(rejected)
+            _set(snapshot, "unparsed", MappingProxyType(merged))
+            _set(snapshot, "_pending", None)  # every field set: the headers can go
+        self.rejected[family] = rejected
+
+
+#: The families in the order they have always been read: ``unparsed`` keeps this order,
+#: whatever order they are first read in. A family is named by the field it sets.
+_FAMILIES: Final = (
+    "server_date",
+    "retry_after",
+    *_BUCKET_FIELDS,
+    "request_id",
+    "quota",  # (before the unified family: fewer names left to look through)
+    "unified",
+    "leftovers",
+)
+_BUCKET_INDEX: Final = {field: index for index, field in enumerate(_BUCKET_FIELDS)}
+_FAMILY_OF: Final = {
+    **{family: family for family in _FAMILIES[:-1]},
+    "custom": "leftovers",
+    "unparsed": "leftovers",
+}
 
 
 class _Reader:
@@ -273,8 +331,8 @@ _LIMIT_MEMO: dict[tuple[str | None, str | None, str | None], LimitInfo] = {}
 _LIMIT_TRIPLES: Final = tuple(_LIMIT_NAMES[prefix] for _, _, prefix in _DIMENSIONS)
 
 
-def _limit_infos(reader: _Reader) -> list[LimitInfo | None]:
-    """Every bucket in ``_DIMENSIONS`` order, ``None`` where none of its names is there (most
+def _limit_info(reader: _Reader, index: int) -> LimitInfo | None:
+    """One bucket of ``_DIMENSIONS``, ``None`` where none of its names is there (most
     responses carry four of eight).
 
     A bucket's three texts repeat from response to response (the reset moves once
@@ -282,20 +340,16 @@ def _limit_infos(reader: _Reader) -> list[LimitInfo | None]:
     look-ups and no conversion on a hit.
     """
     values = reader.values
-    infos: list[LimitInfo | None] = []
-    for names in _LIMIT_TRIPLES:  # one loop, not a call per bucket: this runs on every response
-        limit, remaining, reset = names
-        if limit not in values and remaining not in values and reset not in values:
-            infos.append(None)
-            continue
-        key = (values.get(limit), values.get(remaining), values.get(reset))
-        known = _LIMIT_MEMO.get(key)
-        if known is not None and not reader.undecodable:
-            del values[limit], values[remaining], values[reset]  # a hit has all three: misses are not kept
-            infos.append(known)
-        else:
-            infos.append(_read_limit(reader, names, key))
-    return infos
+    names = _LIMIT_TRIPLES[index]
+    limit, remaining, reset = names
+    if limit not in values and remaining not in values and reset not in values:
+        return None
+    key = (values.get(limit), values.get(remaining), values.get(reset))
+    known = _LIMIT_MEMO.get(key)
+    if known is not None and not reader.undecodable:
+        del values[limit], values[remaining], values[reset]  # a hit has all three: misses are not kept
+        return known
+    return _read_limit(reader, names, key)
 
 
 def _read_limit(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable, Mapping
-from typing import Final, TypeVar, final
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar, final
 
 import attrs
 
@@ -49,6 +49,27 @@ _QUOTA: Final = (
 
 
 # -- the data ------------------------------------------------------------------
+
+
+class _Owed(Protocol):
+    """What a snapshot still owes from its headers (``_headers._Pending``)."""
+
+    def resolve(self, snapshot: RateLimitSnapshot, name: str) -> object: ...
+
+
+class _Deferred:
+    """The slot for a parse still owed.
+
+    A plain base, not an attrs field: equality, repr, hashing and pickling see only
+    the fields, and ask for each, so a lazy snapshot is observed through its values.
+    """
+
+    __slots__ = ("_pending",)
+
+    _pending: _Owed | None
+
+
+_PENDING: Final = _Deferred.__dict__["_pending"]
 
 
 @final
@@ -150,7 +171,7 @@ class QuotaInfo:
 
 @final
 @attrs.frozen(kw_only=True)
-class RateLimitSnapshot:
+class RateLimitSnapshot(_Deferred):
     """Everything rate-related in one response's headers, as returned by ``parse_headers``.
 
     The ``*_limit`` fields are ``None`` when none of their three headers is
@@ -177,6 +198,18 @@ class RateLimitSnapshot:
     quota: QuotaInfo | None = None
     custom: Mapping[str, str] = attrs.field(factory=dict, hash=False)
     unparsed: Mapping[str, str] = attrs.field(factory=dict, hash=False)
+
+    if not TYPE_CHECKING:  # (mypy would otherwise take any attribute name for a field)
+
+        def __getattr__(self, name: str) -> object:
+            # only reached for a slot not yet set: a field ``parse_headers`` left to first use
+            try:
+                pending = _PENDING.__get__(self)
+            except AttributeError:
+                pending = None
+            if pending is None or name not in _LAZY_FIELDS:
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            return pending.resolve(self, name)
 
     @property
     def clock_skew(self) -> float | None:
@@ -244,6 +277,12 @@ class RateLimitSnapshot:
                 if number is not None:
                     out[name] = _format_number(number)
         return out
+
+
+#: The fields ``parse_headers`` may leave to first use (all but ``received_at``).
+_LAZY_FIELDS: Final = frozenset(
+    field.name for field in attrs.fields(RateLimitSnapshot) if field.name != "received_at"
+)
 
 
 # -- formatting for ``to_dict`` -------------------------------------------------------
