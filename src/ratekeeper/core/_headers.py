@@ -133,17 +133,19 @@ class _Pending:
 
     def _read(self, snapshot: RateLimitSnapshot, family: str) -> None:
         reader = self.reader
+        # a family's dependencies are read before its own rejected values are collected
         if family == "leftovers":
             for other in _FAMILIES[:-1]:
                 if other not in self.rejected:
                     self._read(snapshot, other)
+        elif family == "retry_after" and "server_date" not in self.rejected:
+            self._read(snapshot, "server_date")  # a date in retry-after is measured from it
         rejected: dict[str, str] = {}
         reader.unparsed = rejected
         if family == "server_date":
             _set(snapshot, "server_date", reader.parse("date", _http_date))
         elif family == "retry_after":
-            server_date = snapshot.server_date  # (first: a date in retry-after is measured from it)
-            reader.unparsed = rejected
+            server_date = snapshot.server_date
             reference = server_date if server_date is not None else snapshot.received_at
             retry_ms = reader.parse("retry-after-ms", _non_negative)
             retry_s = (
