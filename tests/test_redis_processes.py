@@ -38,15 +38,19 @@ base_url, redis_url = sys.argv[1], sys.argv[2]
 duration, rpm, burst = (float(a) for a in sys.argv[3:6])
 tasks = int(sys.argv[6]) if len(sys.argv) > 6 else 4
 prefetch = int(sys.argv[7]) if len(sys.argv) > 7 else 16
+# (the utilization benchmark's token-bound runs: the output limit and max_tokens)
+otpm = float(sys.argv[8]) if len(sys.argv) > 8 else 10_000_000
+max_tokens = int(sys.argv[9]) if len(sys.argv) > 9 else 8
 MODEL = "claude-sonnet-4-5"
-BODY = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "Say hi."}]}
+BODY = {"model": MODEL, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Say hi."}]}
 statuses = {}
+produced = [0]
 
 async def main():
     backend = RedisBackend(redis_url, org="multi", prefetch=prefetch)
     limiter = Limiter(
         "tier-1",
-        limits={"sonnet-4.x": {"requests": rpm, "input_tokens": 10_000_000, "output_tokens": 10_000_000}},
+        limits={"sonnet-4.x": {"requests": rpm, "input_tokens": 10_000_000, "output_tokens": otpm}},
         burst=burst,
         backend=backend,
     )
@@ -55,7 +59,7 @@ async def main():
     async with httpx2.AsyncClient(base_url=base_url, timeout=60) as client:
         async def task():
             while True:
-                async with limiter.acquire(MODEL, input_tokens=20, max_tokens=8) as permit:
+                async with limiter.acquire(MODEL, input_tokens=20, max_tokens=max_tokens) as permit:
                     if time.time() >= deadline:
                         return
                     permit.mark_sent()
@@ -63,13 +67,16 @@ async def main():
                     statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
                     permit.observe(resp.headers, status=resp.status_code, body=resp.content)
                     if resp.status_code == 200:
-                        permit.settle(resp.json()["usage"])
+                        usage = resp.json()["usage"]
+                        produced[0] += usage["output_tokens"]
+                        permit.settle(usage)
         async with anyio.create_task_group() as tg:
             for _ in range(tasks):
                 tg.start_soon(task)
     backend.close()
 
 anyio.run(main)
+print(json.dumps({"output_tokens": produced[0]}))
 print(json.dumps({str(k): v for k, v in statuses.items()}))
 """
 

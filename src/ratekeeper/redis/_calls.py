@@ -116,19 +116,20 @@ class ScriptCalls:
 
     def resync(self, keys: PoolKeys, args: list[str | int], on_reply: OnReply) -> ScriptCall:
         """``resync.lua``: ``args`` are since, learn, moment, cutoff, since_sent, admitted_by,
-        own, then quadruples (dim, limit, target, extra).
+        own, lifts, then quadruples (dim, limit, target, extra).
 
         With an id, as every change: sent again after a reply that never came, it is a no-op.
         """
         full = [*args[:2], self.op_ttl_ms, *args[2:]]
         return ScriptCall("resync", keys.resync, full, on_reply, self._backend.new_ident())
 
-    def sent(self, keys: PoolKeys, seq: int, requests: float) -> ScriptCall:
+    def sent(self, keys: PoolKeys, seq: int, requests: float, tokens: Mapping[str, float]) -> ScriptCall:
         """``sent.lua``: a request of reservation ``seq`` (``requests`` of it) is leaving.
 
-        With an id: counted twice, a prefetch's unsent requests would look sent.
+        ``tokens``: its charge on the token buckets. With an id: counted twice, a prefetch's
+        unsent requests would look sent.
         """
-        args: list[str | int] = [seq, repr(requests), self.key_ttl_ms, self.op_ttl_ms]
+        args: list[str | int] = [seq, repr(requests), self.key_ttl_ms, self.op_ttl_ms, encode_draws(tokens)]
         return ScriptCall("sent", keys.sent, args, ident=self._backend.new_ident())
 
     def control(

@@ -12,7 +12,7 @@ import datetime as _dt
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import final
+from typing import Final, final
 
 from ratekeeper.core._feedback import response_estimate
 from ratekeeper.core._headers import parse_headers
@@ -188,7 +188,7 @@ class Feedback:
         transit = _note_moment(runtime, limits, date, permit, now)
         offset = self._clock.offset
         if transit is None or offset is None:
-            return ["", "", "", "", ""]
+            return ["", "", "", "", "", ""]
         assert permit is not None
         error = self._clock.error
         redis_now = time.monotonic() + offset
@@ -196,13 +196,14 @@ class Feedback:
         sent = redis_now - max(0.0, now - (permit.sent_at if marked else permit.started_at))
         cutoff, since_sent = redis_now - transit - error, sent - transit - error
         if not math.isfinite(cutoff):
-            return ["", "", "", "", ""]
+            return ["", "", "", "", "", ""]
         own = "all" if permit.seq >= 0 else ("" if marked else "one")
         belief = runtime.moment.belief
         if permit.response_status is not None and permit.response_status >= 400:
             belief, cutoff = "unknown", since_sent  # (answered as it arrived: of then)
         mode = {"unknown": "", "mixed": "either"}.get(belief, belief)
-        return [mode, repr(cutoff), repr(since_sent), repr(sent + transit + error), own]
+        lifts = _token_lifts(runtime) if mode else ""
+        return [mode, repr(cutoff), repr(since_sent), repr(sent + transit + error), own, lifts]
 
     def _since(self, runtime: PoolRuntime, permit: Permit | None) -> tuple[int, dict[str, float]]:
         """The observed request's reservation (-1: none) and what the server had not counted of it.
@@ -403,6 +404,29 @@ def _note_moment(
     if not refused and date is not None and reset_before_date(limits, date, runtime.pool):
         runtime.moment.reset_before_date()  # full again before the answer left: not of then
     return own.transit
+
+
+#: The token buckets a report of the answer may set in Redis whatever the output rule, and
+#: those it may set only when output is reserved as max_tokens (see ``_token_lifts``).
+_INPUT_LIFTS: Final = ("input_tokens", "priority_input_tokens")
+_OUTPUT_LIFTS: Final = ("output_tokens", "priority_output_tokens", "tokens")
+
+
+def _token_lifts(runtime: PoolRuntime) -> str:
+    """``resync.lua``'s lifts: the token buckets whose level a report of the answer may set.
+
+    What a report of the answer cannot show is what the shared model charged and the
+    server had not counted then, and Redis knows that of every process's records (their
+    tokens not sent, the sends after the report's moment). Input, the server counts at
+    admission, and output reserved as max_tokens too; output counted as it is produced
+    (the real-time rule) each request under way may still draw beyond what any report
+    shows, and only its own process knows how much: those buckets keep the lower-only rule.
+    """
+    limits = runtime.pool.limits
+    dims: list[str] = [dim for dim in _INPUT_LIFTS if dim in limits]
+    if runtime.reserves_max_tokens:
+        dims += [dim for dim in _OUTPUT_LIFTS if dim in limits]
+    return ",".join(dims)
 
 
 def _learns(pool: Pool, dim: str, limit: float) -> bool:

@@ -83,15 +83,31 @@ class Prefetch:
     ``fresh`` is the part of ``left`` the server has never counted (never handed out,
     or given back by a request that never reached it; not settlement refunds, which
     the server makes too): resync allows for it. ``given`` is what of it went back.
+    ``kept``: token refunds of its requests that reached the server, held for Redis
+    rather than handed out again (``Prefetches.refund``); ``kept_uncounted`` the part
+    of them the server never counted (a refusal's).
     """
 
-    __slots__ = ("fresh", "given", "holders", "left", "open", "returned", "seq", "until")
+    __slots__ = (
+        "fresh",
+        "given",
+        "holders",
+        "kept",
+        "kept_uncounted",
+        "left",
+        "open",
+        "returned",
+        "seq",
+        "until",
+    )
 
     def __init__(self, seq: int, left: dict[str, float], until: float) -> None:
         self.seq = seq
         self.left = left
         self.fresh = dict(left)
         self.given: dict[str, float] = {}
+        self.kept: dict[str, float] = {}
+        self.kept_uncounted: dict[str, float] = {}
         self.until = until
         self.holders = 0
         self.open = True

@@ -100,6 +100,12 @@ class Prefetches:
                 uncounted[dim] = given
                 c.fresh[dim] -= given
                 c.given[dim] = c.given.get(dim, 0.0) + given
+        if c.kept:
+            for dim, amount in c.kept.items():
+                unused[dim] = unused.get(dim, 0.0) + amount
+            for dim, amount in c.kept_uncounted.items():
+                uncounted[dim] = uncounted.get(dim, 0.0) + amount
+            c.kept, c.kept_uncounted = {}, {}
         self._send_back(remote, c, unused, uncounted)
 
     def close_all(self, remotes: Mapping[str, _RemotePool]) -> None:
@@ -148,11 +154,16 @@ class Prefetches:
         amounts: Mapping[str, float],
         done: bool,
         uncounted: bool = False,
+        sent: bool = True,
     ) -> None:
         """Under the lock: a prefetched request's refund (> 0) or extra charge (< 0).
 
         While ``c`` is open it goes to what ``c`` can still hand out; once closed, to
         Redis. ``uncounted``: the request never reached the server, or it refused it.
+        ``sent``: it left for the server. Its token refunds are then held for Redis, not
+        handed out again: ``resync.lua`` reads a record's tokens less those sent as what
+        a report of the answer cannot hold, which a refund handed out again would make
+        too little, and Redis holds back a refund a report already showed (see there).
         """
         if done:
             c.holders -= 1
@@ -163,6 +174,11 @@ class Prefetches:
             return
         left = c.left
         for dim, amount in diff.items():
+            if sent and amount > 0.0 and dim != "requests":
+                c.kept[dim] = c.kept.get(dim, 0.0) + amount
+                if uncounted:
+                    c.kept_uncounted[dim] = c.kept_uncounted.get(dim, 0.0) + amount
+                continue
             left[dim] += amount
             if uncounted and amount > 0.0:
                 c.fresh[dim] += amount

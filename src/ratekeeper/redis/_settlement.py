@@ -118,7 +118,8 @@ class Settlement:
         if seq < 0 or not requests:  # (a prefetch's request that is done: its record is too)
             return
         remote = self._parts.remote_for(permit._runtime)
-        self._parts.backend.send(self._parts.calls.sent(remote.keys, seq, requests))
+        tokens = {dim: amount for dim, amount in permit._charged.items() if dim != "requests" and amount}
+        self._parts.backend.send(self._parts.calls.sent(remote.keys, seq, requests, tokens))
 
     def release(self, permit: Permit) -> None:
         """``Limiter._release`` in remote mode (same rules, applied by ``release.lua``)."""
@@ -144,7 +145,7 @@ class Settlement:
             remote = self._parts.remote_for(runtime)
             entry = self._prefetches.admitted.pop(permit.seq, None)
             if entry is not None:
-                self._prefetches.refund(remote, entry[0], refund, done=True, uncounted=True)
+                self._prefetches.refund(remote, entry[0], refund, done=True, uncounted=True, sent=permit.sent)
             else:
                 self._parts.backend.send(self._parts.calls.release(remote.keys, permit.seq, mode, charged))
             if refund:

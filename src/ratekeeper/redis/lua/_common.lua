@@ -174,6 +174,28 @@ local SENT = '~sent'
 -- How long the log of sends (sent.lua) keeps each: a report read against it is younger.
 local SENT_LOG_SECONDS = 120
 
+-- A refund of reservation seq, less what must not go back: on a token bucket whose level a
+-- report of the answer set after seq was granted (resync.lua's 'wm'), that report may
+-- already hold the refund the server made itself. Reads the marks only for a refund.
+local function held_back(pool_key, seq, refund)
+  local marks = nil
+  local out = {}
+  for d, a in pairs(refund) do
+    if a > 0 and d ~= 'requests' then
+      if not marks then
+        marks = parse_draws(redis.call('HGET', pool_key, 'wm'))
+      end
+      local m = marks[d]
+      if not (m and tonumber(seq) <= m) then
+        out[d] = a
+      end
+    else
+      out[d] = a
+    end
+  end
+  return out
+end
+
 -- What the log holds of reservations granted after seq ``since``, per dimension.
 local function uncounted_after(unc_key, since)
   local out = {}

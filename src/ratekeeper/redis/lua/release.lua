@@ -26,6 +26,7 @@ local function forget(s)
 end
 
 local function give_back(p, s, refund)
+  refund = held_back(KEYS[2], s, refund) -- (see resync.lua: a report may hold it already)
   if next(refund) then
     advance(p, now)
     apply_diff(p, refund)

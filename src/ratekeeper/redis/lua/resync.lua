@@ -9,7 +9,8 @@
 --       earliest that answer's moment can be, in Redis time, less a request's way to the
 --       server), since_sent and admitted_by (the observed request's send less, and plus,
 --       that way: the span its admission lies in), own ('all': the observed reservation is
---       the observed request alone; 'one': a prefetch's, one of its requests unmarked), then
+--       the observed request alone; 'one': a prefetch's, one of its requests unmarked),
+--       lifts (the token buckets the response rule may set, comma separated: see below), then
 --       quadruples: dim, limit ('' if absent),
 --       target (-remaining minus the rounding margin, '' if absent), extra (what the
 --       caller knows the server had not counted though the pool had at the grant: the
@@ -47,7 +48,26 @@
 -- heard of after since_sent. Under each reading, a report of a moment older than the latest
 -- one a level was read from only lowers (others may have drawn since: 'rcut' and 'acut' in
 -- the pool's hash), and one older than the log of sends reads nothing.
+--
+-- The token buckets named in 'lifts' follow the same rules as the requests bucket, in
+-- tokens: what the shared model has charged and the server may not have counted is each
+-- record's tokens not sent (sent.lua's '~dim') and the tokens of every send heard of after
+-- the cutoff (or since_sent). Unlike a request, a reservation's tokens come back in part
+-- when it settles, and the server makes that refund itself when it answers: a report, of
+-- either moment, may already hold the refund of a request whose settlement has not reached
+-- Redis yet, which would then give it back a second time. So once a token bucket's level
+-- was read from a report, the refunds of every reservation granted before then ('wm' in
+-- the pool's hash: the last seq handed out, per bucket) do not go back to that bucket
+-- (settle.lua, release.lua): the model stays that much lower until the next report sets
+-- the level again, the safe side. The caller names only the buckets whose traffic still
+-- to come no report shows is within what the records hold: input, and output reserved as
+-- max_tokens (output counted as it is produced may each draw more than a report shows).
 local since, learn = tonumber(ARGV[1]), ARGV[2] == '1'
+local FIRST = 10 -- the first quadruple's
+local lifts = {}
+for d in string.gmatch(ARGV[9] or '', '[^,]+') do
+  lifts[d] = true
+end
 local now = clock()
 if KEYS[8] and not redis.call('SET', KEYS[8], '1', 'PX', tonumber(ARGV[3]), 'NX') then
   return {'DUP', fmt(now)}
@@ -61,7 +81,7 @@ advance(p, now)
 local out = {'OK', fmt(now)}
 local dirty = false
 if learn then
-  for i = 9, #ARGV, 4 do
+  for i = FIRST, #ARGV, 4 do
     local d, lim = ARGV[i], tonumber(ARGV[i + 1])
     if lim and lim > 0 then
       local ok
@@ -105,10 +125,12 @@ local latest, latest_adm = tonumber(held[1] or '') or -math.huge, tonumber(held[
 
 -- The response rule's: the requests the shared model holds that the server had not
 -- counted by then (not sent; sent, as Redis heard, after ``after``), less the observed one.
-local unsent = nil
-local function not_counted(after)
+-- (and, for a token bucket d, the same in tokens: a record's d less its '~d' sent, and each
+-- send's own d; the observed request's part of a prefetch is counted, the safe side)
+local unsent, late = nil, nil
+local function not_counted(after, d)
   if not unsent then
-    unsent = 0
+    unsent = {}
     local flat = redis.call('HGETALL', KEYS[3])
     for j = 1, #flat, 2 do
       if not (own == 'all' and flat[j] == ARGV[1]) then
@@ -118,20 +140,36 @@ local function not_counted(after)
           u = u - 1
         end
         if u > 0 then
-          unsent = unsent + u
+          unsent['requests'] = (unsent['requests'] or 0) + u
+        end
+        for dd in pairs(lifts) do
+          local ut = (t[dd] or 0) - (t['~' .. dd] or 0)
+          if ut > 0 then
+            unsent[dd] = (unsent[dd] or 0) + ut
+          end
         end
       end
     end
   end
-  local n = unsent
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. fmt(after), '+inf')) do
-    if not (own == 'all' and string.match(m, '^([^:]*):') == ARGV[1]) then
-      n = n + (tonumber(string.match(m, '|([^|]*)$')) or 0)
+  if not late or late.after ~= after then
+    late = {after = after, n = {}}
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. fmt(after), '+inf')) do
+      if not (own == 'all' and string.match(m, '^([^:]*):') == ARGV[1]) then
+        local count, tokens = string.match(m, '|([^|]*)|([^|]*)$')
+        if not count then -- (a send logged before the log held tokens)
+          count, tokens = string.match(m, '|([^|]*)$'), ''
+        end
+        late.n['requests'] = (late.n['requests'] or 0) + (tonumber(count) or 0)
+        for dd, a in pairs(parse_draws(tokens)) do
+          late.n[dd] = (late.n[dd] or 0) + a
+        end
+      end
     end
   end
-  return n
+  return (unsent[d] or 0) + (late.n[d] or 0)
 end
 
+local read = {} -- the token buckets the response rule set
 local younger = note and uncounted_after(KEYS[6], ARGV[1]) or {} -- (ARGV: all the digits)
 
 -- The admission rule's level for bucket b: a bound on the server's under that reading
@@ -156,32 +194,39 @@ local function admission_rule(d, b, at, target, extra)
   end
   return target - (unseen_at[d] or 0)
 end
-for i = 9, #ARGV, 4 do
+for i = FIRST, #ARGV, 4 do
   local d, target, extra = ARGV[i], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]) or 0
   local b = p.b[d]
   if b and target then
     local at = note and note[d]
     local t
-    local lifts = false
-    if d == 'requests' and (response or admission) then
+    local moves = false
+    if (d == 'requests' or lifts[d]) and (response or admission) then
+      -- (read: the level comes from the report itself, not from the model's own change)
       t = math.huge
+      local read_here = false
       if response then
-        t = target - not_counted(cutoff)
+        t = target - not_counted(cutoff, d)
+        read_here = true
         if cutoff < latest and t > b.lvl then
-          t = b.lvl
+          t, read_here = b.lvl, false
         end
       end
       if admission then
         local refilled = math.min(b.cap, target + b.rate * math.max(0, now - admitted_by))
-        local adm = math.max(refilled - not_counted(since_sent), admission_rule(d, b, at, target, extra))
+        local absolute, relative = refilled - not_counted(since_sent, d), admission_rule(d, b, at, target, extra)
+        local adm, adm_read = math.max(absolute, relative), absolute > relative
         if since_sent < latest_adm and adm > b.lvl then
-          adm = b.lvl
+          adm, adm_read = b.lvl, false
         end
         if adm < t then
-          t = adm
+          t, read_here = adm, adm_read
         end
       end
-      lifts = true
+      moves = true
+      if read_here and d ~= 'requests' then
+        read[#read + 1] = d
+      end
     else
       t = admission_rule(d, b, at, target, extra)
     end
@@ -191,13 +236,22 @@ for i = 9, #ARGV, 4 do
     if t > b.cap then
       t = b.cap
     end
-    if t < b.lvl or (lifts and t > b.lvl) then
+    if t < b.lvl or (moves and t > b.lvl) then
       out[#out + 1] = 'level:' .. d .. ':' .. fmt(t - b.lvl)
       b.low = b.low + (b.lvl - t) -- (a lift too: the admission rule reads it as a change of the model)
       b.lvl = t
       dirty = true
     end
   end
+end
+-- the token buckets the report set: refunds of what was granted before do not go back to them
+if #read > 0 then
+  local held_marks = parse_draws(redis.call('HGET', KEYS[2], 'wm'))
+  local last = last_seq(KEYS[1])
+  for _, d in ipairs(read) do
+    held_marks[d] = last
+  end
+  redis.call('HSET', KEYS[2], 'wm', encode_draws(held_marks))
 end
 -- every report moves the latest moments on (the core's: a report of unknown age is of
 -- now at the latest, and so no report of before it lifts)

@@ -14,7 +14,8 @@
 --
 -- A refund needs no clock: min(cap, level + refund) brought up to a later time is the
 -- level brought up first and refunded after, so only charges and burst recovery read
--- TIME (now is then the pool's own time of its levels).
+-- TIME (now is then the pool's own time of its levels). A refund to a token bucket that a
+-- report of the answer set since this reservation's grant stays out (see resync.lua).
 local seq, mode = ARGV[1], ARGV[2]
 if KEYS[7] and not redis.call('SET', KEYS[7], '1', 'PX', tonumber(ARGV[7]), 'NX') then
   return {'DUP', fmt(clock()), ''}
@@ -54,7 +55,14 @@ if timed then
   now = clock()
   advance(p, now)
 end
-apply_diff(p, diff)
+-- (the record changes by the whole diff: only the level may keep a refund, see held_back)
+local applied = held_back(KEYS[2], seq, diff)
+apply_diff(p, applied)
+for d in pairs(uncounted) do
+  if not applied[d] then
+    uncounted[d] = nil
+  end
+end
 if next(uncounted) then
   add_uncounted(p, uncounted, KEYS[6], seq, clock(), tonumber(ARGV[6]) or 86400000)
 end
