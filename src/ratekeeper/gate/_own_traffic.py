@@ -175,6 +175,11 @@ def note_evidence(
     """
     if own.refused or not (dim == "requests" or runtime.reserves_max_tokens):
         return
+    moment = runtime.moment
+    if moment.refuted_admission and moment.refuted_response:
+        # both readings refuted: the belief is "mixed" for good (refutations are never taken
+        # back), and a note could change nothing but the evidence's own counts
+        return
     then = own.early.get(dim, 0.0)
     then_maybe = own.early_maybe.get(dim, 0.0)
     # permits never marked sent: only the client knows whether it sent them (a client of
@@ -185,7 +190,7 @@ def note_evidence(
     now_maybe = own.unsent_maybe.get(dim, 0.0) + own.unsent.get(dim, 0.0)
     limit = runtime.pool.limits[dim]
     after_maybe = own.late_maybe.get(dim, 0.0)
-    runtime.moment.note(
+    moment.note(
         dim,
         lowest - then + own.early_unmarked.get(dim, 0.0) + (after_maybe - then_maybe) / 2,
         response + now_maybe / 2,
