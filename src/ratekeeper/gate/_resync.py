@@ -110,7 +110,6 @@ class PoolFeedback:
         error_type, error_code, message = error_fields(body) if body is not None else _NO_ERROR
         with self._lock:
             now = self._now()
-            skew = snap.clock_skew or 0.0
             if error_code == "enforced_spend_limit_reached":
                 self._lim._account.spend_limit(snap, now, message)
             changed = False
@@ -123,8 +122,8 @@ class PoolFeedback:
                 elif status < 400:
                     runtime.overload_backoff = 0.0
                     self.grow_burst(runtime, now)
-            if snap.unified is not None:
-                self._lim._account.on_unified(snap, now, skew, status, runtime)
+            if snap.unified is not None:  # (the skew only for it: a datetime subtraction)
+                self._lim._account.on_unified(snap, now, snap.clock_skew or 0.0, status, runtime)
             if snap.quota is not None:
                 self._lim._account.on_quota(snap, permit, now)
             if status == 402 and self._lim._account.wallet is not None:
@@ -271,19 +270,18 @@ class PoolFeedback:
                 # it away, as the server's may have (the other order could mint)
                 events.sort(key=_gives_back_first)
             pending = own.unsent.get(dim, 0.0)
-
-            def estimate(late: float) -> float:
-                return admission_estimate(
-                    lowest - then_maybe, admitted, now, events, rate=bucket.rate, capacity=bucket.capacity,
-                    pending=pending, late=late,
-                )  # fmt: skip
-
-            admission = estimate(transit)
+            start, rate, capacity = lowest - then_maybe, bucket.rate, bucket.capacity
+            admission = admission_estimate(
+                start, admitted, now, events, rate=rate, capacity=capacity, pending=pending, late=transit
+            )
             if own.taken_by is not None:
                 # a report shown older than its answer was taken between the admission and
                 # its earliest reset: with the refill counted from the latest it can have
                 # been, safe anywhere in between, whatever the server does with others
-                own.bounded = estimate(max(transit, own.taken_by - admitted))
+                late = max(transit, own.taken_by - admitted)
+                own.bounded = admission_estimate(
+                    start, admitted, now, events, rate=rate, capacity=capacity, pending=pending, late=late
+                )
         else:  # the rings do not reach back to the admission: all refill first, the safe side
             admission = (
                 min(lowest + bucket.rate * max(0.0, now - admitted - transit), bucket.capacity)

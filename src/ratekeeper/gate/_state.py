@@ -347,16 +347,20 @@ class PoolRuntime:
         """What ``spent`` is now, for a permit to note at its grant."""
         return self.admitted.mark(), self.uncounted
 
-    def spent_since(self, mark: tuple[Mark, Mapping[str, float]]) -> dict[str, float]:
+    def spent_since(
+        self, mark: tuple[Mark, Mapping[str, float]], admitted: dict[str, float] | None = None
+    ) -> dict[str, float]:
         """What this client charged (or refunded) on the pool since ``mark``.
 
         Spent is everything charged, net of the settlements the server makes
         too; a request the server never counted keeps its charge when it is
         given back. A resync subtracts what was spent since a response's
         request was admitted: the server could not have seen it yet.
+        ``admitted``: ``self.admitted.since(mark[0])`` when the caller has it already
+        (copied, not changed).
         """
         admitted_then, uncounted_then = mark
-        out = self.admitted.since(admitted_then)
+        out = self.admitted.since(admitted_then) if admitted is None else dict(admitted)
         uncounted = self.uncounted
         if uncounted is not uncounted_then:
             for dim, amount in uncounted.items():
