@@ -164,6 +164,9 @@ class PoolFeedback:
                 # otherwise the evidence soon decides the reading for all of them)
                 own.taken_by = taken_by(limits, snap.server_date, now)
         pool = runtime.pool
+        # a resync event (DEBUG, and no count of its own) reaches only the hook and a DEBUG log:
+        # with neither, its detail is not built three times a response
+        heard = self._lim._on_event is not None or self._lim._events_log.debug_on()
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None or info.remaining is None or dim not in pool.limits:
@@ -178,7 +181,7 @@ class PoolFeedback:
                 # missing from it, under either reading; it lifts nothing
                 unknown = lowest - own.since.get(dim, 0.0)
                 readings = unknown, unknown, NO_READINGS.moments
-            changed = self._correct(runtime, dim, readings, permit, now) or changed
+            changed = self._correct(runtime, dim, readings, permit, now, heard) or changed
         return fitted, changed
 
     def _fit_shape(
@@ -303,9 +306,18 @@ class PoolFeedback:
         return admission, response, moments
 
     def _correct(
-        self, runtime: PoolRuntime, dim: str, readings: _Readings, permit: Permit | None, now: float
+        self,
+        runtime: PoolRuntime,
+        dim: str,
+        readings: _Readings,
+        permit: Permit | None,
+        now: float,
+        heard: bool = True,
     ) -> bool:
-        """Move ``dim``'s bucket to what both readings allow (see ``core._feedback.correction``)."""
+        """Move ``dim``'s bucket to what both readings allow (see ``core._feedback.correction``).
+
+        ``heard``: whether a ``resync`` event reaches anyone (see ``_resync``).
+        """
         admission, response, moments = readings
         pool = runtime.pool
         bucket = pool.buckets[dim]
@@ -347,7 +359,8 @@ class PoolFeedback:
             runtime.resyncs += 1
         else:
             runtime.raised += 1
-        self._lim._emit("resync", runtime, now, {"dimension": dim, "delta": delta})
+        if heard:
+            self._lim._emit("resync", runtime, now, {"dimension": dim, "delta": delta})
         return True
 
     def _check_room(self, runtime: PoolRuntime, permit: Permit, now: float) -> None:
