@@ -167,6 +167,10 @@ class PoolFeedback:
         # a resync event (DEBUG, and no count of its own) reaches only the hook and a DEBUG log:
         # with neither, its detail is not built three times a response
         heard = self._lim._on_event is not None or self._lim._events_log.debug_on()
+        if permit is not None:
+            # a refusal is answered as it arrives: its report is of then, either way
+            order = float(own.seq)
+            moments = ((own.admitted, order), (own.admitted, order) if own.refused else (now, order))
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None or info.remaining is None or dim not in pool.limits:
@@ -175,7 +179,7 @@ class PoolFeedback:
             # band could admit up to twice the rounding more than the server has left
             lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
             if permit is not None:  # the report's age is known: see _feedback
-                readings = self._readings(runtime, dim, lowest, own, now)
+                readings = self._readings(runtime, dim, lowest, own, now, moments)
             else:
                 # a response of unknown age: the report less everything that could be
                 # missing from it, under either reading; it lifts nothing
@@ -220,7 +224,12 @@ class PoolFeedback:
                     learn = dim in pool_limits or dim.startswith("priority")
                 if scale != scale:
                     scale = lim._warm_scale(now) * runtime.share
-                if learn and pool.set_limit(dim, float(limit), now, rate_scale=scale):
+                # (set_limit changes nothing for a limit it holds already: not called then)
+                if (
+                    learn
+                    and (pool_limits.get(dim) != limit or dim not in buckets)
+                    and pool.set_limit(dim, float(limit), now, rate_scale=scale)
+                ):
                     changed = True
                     self._fail_impossible(runtime)
                     lim._emit("limit_change", runtime, now, {dim: limit})
@@ -253,9 +262,17 @@ class PoolFeedback:
         return False, False
 
     def _readings(
-        self, runtime: PoolRuntime, dim: str, lowest: float, own: OwnTraffic, now: float
+        self,
+        runtime: PoolRuntime,
+        dim: str,
+        lowest: float,
+        own: OwnTraffic,
+        now: float,
+        moments: tuple[tuple[float, float], tuple[float, float]],
     ) -> _Readings:
         """The level now if the report was of the admission, and if of the answer; with their moments.
+
+        ``moments``: the two instants the report may describe (the same for every dimension).
 
         Also notes the evidence of which moment the server reports, where the client's own
         traffic is known exactly.
@@ -300,9 +317,6 @@ class PoolFeedback:
             # not a report of the answer's moment: in place of that reading, the bound (the
             # admission reading stays, for when the reports turn out to be of the admission)
             response = max(own.bounded, min(admission, response))
-        # a refusal is answered as it arrives: its report is of then, either way
-        order = float(own.seq)
-        moments = ((admitted, order), (admitted, order) if own.refused else (now, order))
         return admission, response, moments
 
     def _correct(
