@@ -292,7 +292,7 @@ class PoolRuntime:
         out: list[tuple[float, Mapping[str, float]]] = []
         sends, changes = self.sends, self.changes
         in_flight = self.in_flight
-        under = max(self.shortfalls, default=0.0) + _SHORTFALL_SLACK
+        under = math.nan  # (the shortfalls' max, read at the first send that needs it)
         oldest = t0 - self.look_back()
         reached = len(sends) < _SENDS_KEPT
         for t, other, charged, granted, _ in reversed(sends):
@@ -306,6 +306,8 @@ class PoolRuntime:
             if held is not None and not held.sent:
                 continue
             draws = {d: -a for d, a in charged.items()}
+            if held is not None and under != under:
+                under = max(self.shortfalls, default=0.0) + _SHORTFALL_SLACK
             if held is not None and under > 0.0 and (estimated := charged.get("input_tokens", 0.0)):
                 # still unsettled: the server counted its actual input, which may be more than
                 # this estimate; by as much as the estimates settled lately fell short
