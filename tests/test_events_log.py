@@ -191,3 +191,15 @@ def test_the_redis_engine_says_its_429s_through_the_same_log(
     assert lines["rate_limited"] == "sonnet-4.x: 429 rate limited (not predicted); retrying after 2 s"
     assert lines["pause"] == "sonnet-4.x: paused for 2 s (429)"
     assert {"pause", "rate_limited"} <= set(seen)
+
+
+def test_a_resync_is_logged_at_debug_without_a_hook(caplog: pytest.LogCaptureFixture) -> None:
+    # (its detail is built only for a hook or a DEBUG log: see PoolFeedback._resync)
+    limiter = Limiter("tier-1", opening=60, clock=FakeClock())
+    limiter.acquire_nowait(SONNET, max_tokens=10).observe(headers(requests=(60, 50)))
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "resync"]
+    caplog.set_level(logging.DEBUG, logger="ratekeeper")
+    limiter.acquire_nowait(SONNET, max_tokens=10).observe(headers(requests=(60, 40)))
+    resyncs = [r for r in caplog.records if getattr(r, "event", None) == "resync"]
+    assert [r.levelno for r in resyncs] == [logging.DEBUG]
+    assert resyncs[0].dimension == "requests"  # type: ignore[attr-defined]

@@ -242,3 +242,37 @@ def test_a_restart_keeps_what_was_refuted_and_drops_the_series() -> None:
     # a report admitted before the restart cannot refute anything now
     _note(ev, 50.0, admitted_at=5.0, now=21.0, spent=20.0, since=0.0)
     assert ev.refuted_response == 0
+
+
+_NOTE = st.tuples(
+    st.sampled_from(["requests", "output_tokens"]),
+    st.floats(-100, 100),
+    st.floats(-100, 100),
+    st.floats(0, 10),
+    st.floats(0, 10),
+    st.floats(0, 50),
+    st.floats(0, 20),
+)
+
+
+@given(st.lists(st.one_of(_NOTE, st.just("restart"), st.just("reset")), max_size=12))
+def test_mixed_is_for_good(steps: list[object]) -> None:
+    # the limiter stops noting once both readings are refuted (gate._own_traffic.note_evidence):
+    # nothing noted after that could move the belief
+    ev = MomentEvidence()
+    ev.start(0.0)
+    ev.refuted_admission = ev.refuted_response = 1
+    assert ev.belief == "mixed"
+    for step in steps:
+        if step == "restart":
+            ev.restart(5.0)
+        elif step == "reset":
+            ev.reset_before_date()
+        else:
+            assert isinstance(step, tuple)
+            dim, admission, response, admitted_at, later, spent, since = step
+            ev.note(
+                dim, admission, response, admitted_at=admitted_at, now=admitted_at + later, spent=spent,
+                spent_since=min(since, spent), rate=1.0, tolerance=1.5, ceiling=100.0,
+            )  # fmt: skip
+        assert ev.belief == "mixed"

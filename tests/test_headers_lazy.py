@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ratekeeper import RateLimitSnapshot, parse_headers
+from ratekeeper import LimitInfo, RateLimitSnapshot, parse_headers
 from ratekeeper.core import _headers
 from ratekeeper.core._snapshot import _DIMENSIONS
 
@@ -85,6 +85,26 @@ def test_reading_in_any_order_says_what_a_full_reading_says(
     assert lazy == eager
     assert repr(lazy) == repr(eager)
     assert hash(lazy) == hash(eager)
+
+
+@given(HEADERS, st.permutations([*FIELDS, "custom", "unparsed"]), st.integers(0, len(FIELDS) + 2))
+def test_limits_reads_the_buckets_as_a_full_reading_does(
+    headers: dict[str, str | bytes], order: list[str], read_before: int
+) -> None:
+    # limits() reads every bucket family in one call, whatever was read before it
+    lazy = parse_headers(headers, received_at=RECEIVED)
+    for name in order[:read_before]:
+        getattr(lazy, name)
+    eager = _eager(headers)
+    assert list(lazy.limits().items()) == list(eager.limits().items())
+    assert _full_reading(lazy) == _full_reading(eager)
+
+
+def test_limits_of_a_constructed_snapshot() -> None:
+    info = LimitInfo(limit=50, remaining=49)
+    snapshot = RateLimitSnapshot(output_token_limit=info, request_limit=info)
+    assert list(snapshot.limits().items()) == [("requests", info), ("output_tokens", info)]
+    assert RateLimitSnapshot().limits() == {}
 
 
 def test_a_family_not_read_is_not_converted() -> None:

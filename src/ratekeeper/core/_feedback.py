@@ -206,8 +206,11 @@ def correction(
             target = _below_answers(target, level, readings.answers, adm_seen[0])
     if target != target:  # nan: no estimate
         return level, readings
-    new = (seen[1][0], min(capacity, resp_estimate))
-    kept = _answers(readings.answers, level, capacity, target, adm_seen[0], new, belief)
+    if belief == "unknown":
+        new = (seen[1][0], min(capacity, resp_estimate))
+        kept = _answers(readings.answers, level, capacity, target, adm_seen[0], new, belief)
+    else:  # (what _answers keeps once the moment is believed: none)
+        kept = ()
     return target, Readings((adm - target, resp - target), (adm_seen, resp_seen), kept)
 
 

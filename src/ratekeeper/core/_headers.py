@@ -131,6 +131,16 @@ class _Pending:
             self._read(snapshot, family)
         return getattr(snapshot, name)
 
+    def read_buckets(self, snapshot: RateLimitSnapshot) -> None:
+        """Every bucket family not read yet (``limits()`` reads all eight), as ``_read`` would."""
+        reader, done = self.reader, self.rejected
+        for index, family in enumerate(_BUCKET_FIELDS):
+            if family not in done:
+                rejected: dict[str, str] = {}
+                reader.unparsed = rejected
+                _set(snapshot, family, _limit_info(reader, index))
+                done[family] = rejected
+
     def _read(self, snapshot: RateLimitSnapshot, family: str) -> None:
         reader = self.reader
         # a family's dependencies are read before its own rejected values are collected

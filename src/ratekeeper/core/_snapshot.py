@@ -9,6 +9,7 @@ The header names live here, where ``to_dict`` writes them; ``_headers`` reads by
 from __future__ import annotations
 
 import datetime as _dt
+import operator
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar, final
 
@@ -55,6 +56,8 @@ class _Owed(Protocol):
     """What a snapshot still owes from its headers (``_headers._Pending``)."""
 
     def resolve(self, snapshot: RateLimitSnapshot, name: str) -> object: ...
+
+    def read_buckets(self, snapshot: RateLimitSnapshot) -> None: ...
 
 
 class _Deferred:
@@ -233,23 +236,21 @@ class RateLimitSnapshot(_Deferred):
         The other keys are ``"output_tokens"``, ``"priority_input_tokens"``,
         ``"priority_output_tokens"``, ``"fast_input_tokens"`` and ``"fast_output_tokens"``.
         """
+        try:
+            pending = _PENDING.__get__(self)
+        except AttributeError:  # (a snapshot made by its constructor: every field is set)
+            pending = None
+        if pending is not None:
+            # the eight bucket families read in one call, not one ``__getattr__`` each
+            pending.read_buckets(self)
         return {
             dimension: info
-            for (dimension, _, _), info in zip(_DIMENSIONS, self._limit_infos(), strict=True)
+            for dimension, info in zip(_DIMENSION_NAMES, _limit_infos(self), strict=True)
             if info is not None
         }
 
     def _limit_infos(self) -> tuple[LimitInfo | None, ...]:
-        return (
-            self.request_limit,
-            self.token_limit,
-            self.input_token_limit,
-            self.output_token_limit,
-            self.priority_input_token_limit,
-            self.priority_output_token_limit,
-            self.fast_input_token_limit,
-            self.fast_output_token_limit,
-        )
+        return _limit_infos(self)
 
     def to_dict(self) -> dict[str, int | str]:
         """The parsed values under their header names, like seed 001's ``toArray()``.
@@ -278,6 +279,12 @@ class RateLimitSnapshot(_Deferred):
                     out[name] = _format_number(number)
         return out
 
+
+#: The dimension names of ``_DIMENSIONS``, in order, and a snapshot's eight buckets in that order.
+_DIMENSION_NAMES: Final = tuple(dimension for dimension, _, _ in _DIMENSIONS)
+_limit_infos: Final[Callable[[RateLimitSnapshot], tuple[LimitInfo | None, ...]]] = operator.attrgetter(
+    *(field for _, field, _ in _DIMENSIONS)
+)
 
 #: The fields ``parse_headers`` may leave to first use (all but ``received_at``).
 _LAZY_FIELDS: Final = frozenset(

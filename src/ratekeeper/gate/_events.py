@@ -94,6 +94,10 @@ class EventLog:
         self._last: dict[tuple[str, str], float] = {}
         self._held: dict[tuple[str, str], int] = {}
 
+    def debug_on(self) -> bool:
+        """Whether a DEBUG line (a ``resync``, a quick grant) would be logged at all."""
+        return self._logger.isEnabledFor(logging.DEBUG)
+
     def record(self, kind: str, pool: str, now: float, detail: Mapping[str, Any]) -> None:
         """Log one event raised at ``now`` (the limiter's clock)."""
         info = kind in _INFO_KINDS or (kind == "grant" and detail.get("waited", 0.0) >= self._slow)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ratekeeper.gate._account import Account
     from ratekeeper.gate._clock import GateClock
     from ratekeeper.gate._engine import Engine
-    from ratekeeper.gate._events import HookLock
+    from ratekeeper.gate._events import EventLog, HookLock
     from ratekeeper.gate._pool_table import PoolTable
     from ratekeeper.gate._state import PoolRuntime
 
@@ -43,6 +43,7 @@ class GateHost(Protocol):
     _learn: bool
     _burst_recovery: float
     _on_event: Callable[[LimiterEvent], None] | None
+    _events_log: EventLog
     # changed as the limiter runs
     _account: Account
     _table: PoolTable

@@ -106,7 +106,10 @@ def own_traffic(runtime: PoolRuntime, permit: Permit, now: float, *, replay: boo
     server by then: those are kept apart (``*_maybe``) so each reading counts them the
     safe way and the evidence of the moment as a blur either way.
     """
-    own = OwnTraffic(since=runtime.spent_since(permit._mark))
+    # (nothing below changes the totals: what the server counted of ours since the grant,
+    # read once, serves both ``since`` and ``counted_since``)
+    counted_since = runtime.admitted.since(permit._mark[0])
+    own = OwnTraffic(since=runtime.spent_since(permit._mark, counted_since))
     own.refused = permit.response_status is not None and permit.response_status >= 400
     if own.refused:
         # refused: the server never took its tokens, and release() will give them back
@@ -153,7 +156,7 @@ def own_traffic(runtime: PoolRuntime, permit: Permit, now: float, *, replay: boo
     # flight or done; what was given back since without the server ever counting it stays
     # in (if admitted before this request, the server never had it; if after, counting it
     # lowers more than needed: safe)
-    own.counted_since = runtime.admitted.since(permit._mark[0])
+    own.counted_since = counted_since
     if own.refused:  # did it cost an RPM token? unknown: earlier and later values do not compare
         runtime.moment.restart(now)
     return own
@@ -175,6 +178,11 @@ def note_evidence(
     """
     if own.refused or not (dim == "requests" or runtime.reserves_max_tokens):
         return
+    moment = runtime.moment
+    if moment.refuted_admission and moment.refuted_response:
+        # both readings refuted: the belief is "mixed" for good (refutations are never taken
+        # back), and a note could change nothing but the evidence's own counts
+        return
     then = own.early.get(dim, 0.0)
     then_maybe = own.early_maybe.get(dim, 0.0)
     # permits never marked sent: only the client knows whether it sent them (a client of
@@ -185,7 +193,7 @@ def note_evidence(
     now_maybe = own.unsent_maybe.get(dim, 0.0) + own.unsent.get(dim, 0.0)
     limit = runtime.pool.limits[dim]
     after_maybe = own.late_maybe.get(dim, 0.0)
-    runtime.moment.note(
+    moment.note(
         dim,
         lowest - then + own.early_unmarked.get(dim, 0.0) + (after_maybe - then_maybe) / 2,
         response + now_maybe / 2,

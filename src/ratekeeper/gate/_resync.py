@@ -110,7 +110,6 @@ class PoolFeedback:
         error_type, error_code, message = error_fields(body) if body is not None else _NO_ERROR
         with self._lock:
             now = self._now()
-            skew = snap.clock_skew or 0.0
             if error_code == "enforced_spend_limit_reached":
                 self._lim._account.spend_limit(snap, now, message)
             changed = False
@@ -123,8 +122,8 @@ class PoolFeedback:
                 elif status < 400:
                     runtime.overload_backoff = 0.0
                     self.grow_burst(runtime, now)
-            if snap.unified is not None:
-                self._lim._account.on_unified(snap, now, skew, status, runtime)
+            if snap.unified is not None:  # (the skew only for it: a datetime subtraction)
+                self._lim._account.on_unified(snap, now, snap.clock_skew or 0.0, status, runtime)
             if snap.quota is not None:
                 self._lim._account.on_quota(snap, permit, now)
             if status == 402 and self._lim._account.wallet is not None:
@@ -165,6 +164,13 @@ class PoolFeedback:
                 # otherwise the evidence soon decides the reading for all of them)
                 own.taken_by = taken_by(limits, snap.server_date, now)
         pool = runtime.pool
+        # a resync event (DEBUG, and no count of its own) reaches only the hook and a DEBUG log:
+        # with neither, its detail is not built three times a response
+        heard = self._lim._on_event is not None or self._lim._events_log.debug_on()
+        if permit is not None:
+            # a refusal is answered as it arrives: its report is of then, either way
+            order = float(own.seq)
+            moments = ((own.admitted, order), (own.admitted, order) if own.refused else (now, order))
         for dim in _RESYNC_DIMS:
             info = limits.get(dim)
             if info is None or info.remaining is None or dim not in pool.limits:
@@ -173,13 +179,13 @@ class PoolFeedback:
             # band could admit up to twice the rounding more than the server has left
             lowest = info.remaining - (0.0 if dim == "requests" else ROUNDING_MARGIN)
             if permit is not None:  # the report's age is known: see _feedback
-                readings = self._readings(runtime, dim, lowest, own, now)
+                readings = self._readings(runtime, dim, lowest, own, now, moments)
             else:
                 # a response of unknown age: the report less everything that could be
                 # missing from it, under either reading; it lifts nothing
                 unknown = lowest - own.since.get(dim, 0.0)
                 readings = unknown, unknown, NO_READINGS.moments
-            changed = self._correct(runtime, dim, readings, permit, now) or changed
+            changed = self._correct(runtime, dim, readings, permit, now, heard) or changed
         return fitted, changed
 
     def _fit_shape(
@@ -218,7 +224,12 @@ class PoolFeedback:
                     learn = dim in pool_limits or dim.startswith("priority")
                 if scale != scale:
                     scale = lim._warm_scale(now) * runtime.share
-                if learn and pool.set_limit(dim, float(limit), now, rate_scale=scale):
+                # (set_limit changes nothing for a limit it holds already: not called then)
+                if (
+                    learn
+                    and (pool_limits.get(dim) != limit or dim not in buckets)
+                    and pool.set_limit(dim, float(limit), now, rate_scale=scale)
+                ):
                     changed = True
                     self._fail_impossible(runtime)
                     lim._emit("limit_change", runtime, now, {dim: limit})
@@ -251,9 +262,17 @@ class PoolFeedback:
         return False, False
 
     def _readings(
-        self, runtime: PoolRuntime, dim: str, lowest: float, own: OwnTraffic, now: float
+        self,
+        runtime: PoolRuntime,
+        dim: str,
+        lowest: float,
+        own: OwnTraffic,
+        now: float,
+        moments: tuple[tuple[float, float], tuple[float, float]],
     ) -> _Readings:
         """The level now if the report was of the admission, and if of the answer; with their moments.
+
+        ``moments``: the two instants the report may describe (the same for every dimension).
 
         Also notes the evidence of which moment the server reports, where the client's own
         traffic is known exactly.
@@ -271,19 +290,18 @@ class PoolFeedback:
                 # it away, as the server's may have (the other order could mint)
                 events.sort(key=_gives_back_first)
             pending = own.unsent.get(dim, 0.0)
-
-            def estimate(late: float) -> float:
-                return admission_estimate(
-                    lowest - then_maybe, admitted, now, events, rate=bucket.rate, capacity=bucket.capacity,
-                    pending=pending, late=late,
-                )  # fmt: skip
-
-            admission = estimate(transit)
+            start, rate, capacity = lowest - then_maybe, bucket.rate, bucket.capacity
+            admission = admission_estimate(
+                start, admitted, now, events, rate=rate, capacity=capacity, pending=pending, late=transit
+            )
             if own.taken_by is not None:
                 # a report shown older than its answer was taken between the admission and
                 # its earliest reset: with the refill counted from the latest it can have
                 # been, safe anywhere in between, whatever the server does with others
-                own.bounded = estimate(max(transit, own.taken_by - admitted))
+                late = max(transit, own.taken_by - admitted)
+                own.bounded = admission_estimate(
+                    start, admitted, now, events, rate=rate, capacity=capacity, pending=pending, late=late
+                )
         else:  # the rings do not reach back to the admission: all refill first, the safe side
             admission = (
                 min(lowest + bucket.rate * max(0.0, now - admitted - transit), bucket.capacity)
@@ -299,15 +317,21 @@ class PoolFeedback:
             # not a report of the answer's moment: in place of that reading, the bound (the
             # admission reading stays, for when the reports turn out to be of the admission)
             response = max(own.bounded, min(admission, response))
-        # a refusal is answered as it arrives: its report is of then, either way
-        order = float(own.seq)
-        moments = ((admitted, order), (admitted, order) if own.refused else (now, order))
         return admission, response, moments
 
     def _correct(
-        self, runtime: PoolRuntime, dim: str, readings: _Readings, permit: Permit | None, now: float
+        self,
+        runtime: PoolRuntime,
+        dim: str,
+        readings: _Readings,
+        permit: Permit | None,
+        now: float,
+        heard: bool = True,
     ) -> bool:
-        """Move ``dim``'s bucket to what both readings allow (see ``core._feedback.correction``)."""
+        """Move ``dim``'s bucket to what both readings allow (see ``core._feedback.correction``).
+
+        ``heard``: whether a ``resync`` event reaches anyone (see ``_resync``).
+        """
         admission, response, moments = readings
         pool = runtime.pool
         bucket = pool.buckets[dim]
@@ -349,7 +373,8 @@ class PoolFeedback:
             runtime.resyncs += 1
         else:
             runtime.raised += 1
-        self._lim._emit("resync", runtime, now, {"dimension": dim, "delta": delta})
+        if heard:
+            self._lim._emit("resync", runtime, now, {"dimension": dim, "delta": delta})
         return True
 
     def _check_room(self, runtime: PoolRuntime, permit: Permit, now: float) -> None:

@@ -292,7 +292,7 @@ class PoolRuntime:
         out: list[tuple[float, Mapping[str, float]]] = []
         sends, changes = self.sends, self.changes
         in_flight = self.in_flight
-        under = max(self.shortfalls, default=0.0) + _SHORTFALL_SLACK
+        under = math.nan  # (the shortfalls' max, read at the first send that needs it)
         oldest = t0 - self.look_back()
         reached = len(sends) < _SENDS_KEPT
         for t, other, charged, granted, _ in reversed(sends):
@@ -306,6 +306,8 @@ class PoolRuntime:
             if held is not None and not held.sent:
                 continue
             draws = {d: -a for d, a in charged.items()}
+            if held is not None and under != under:
+                under = max(self.shortfalls, default=0.0) + _SHORTFALL_SLACK
             if held is not None and under > 0.0 and (estimated := charged.get("input_tokens", 0.0)):
                 # still unsettled: the server counted its actual input, which may be more than
                 # this estimate; by as much as the estimates settled lately fell short
@@ -347,16 +349,20 @@ class PoolRuntime:
         """What ``spent`` is now, for a permit to note at its grant."""
         return self.admitted.mark(), self.uncounted
 
-    def spent_since(self, mark: tuple[Mark, Mapping[str, float]]) -> dict[str, float]:
+    def spent_since(
+        self, mark: tuple[Mark, Mapping[str, float]], admitted: dict[str, float] | None = None
+    ) -> dict[str, float]:
         """What this client charged (or refunded) on the pool since ``mark``.
 
         Spent is everything charged, net of the settlements the server makes
         too; a request the server never counted keeps its charge when it is
         given back. A resync subtracts what was spent since a response's
         request was admitted: the server could not have seen it yet.
+        ``admitted``: ``self.admitted.since(mark[0])`` when the caller has it already
+        (copied, not changed).
         """
         admitted_then, uncounted_then = mark
-        out = self.admitted.since(admitted_then)
+        out = self.admitted.since(admitted_then) if admitted is None else dict(admitted)
         uncounted = self.uncounted
         if uncounted is not uncounted_then:
             for dim, amount in uncounted.items():
