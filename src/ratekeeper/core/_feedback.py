@@ -165,15 +165,14 @@ def correction(
 
     ``estimates`` are the report's value of the server's level now under the
     admission and the response reading, ``moments`` the instants it describes
-    under each. Under a reading, a report more recent than any before it gives
-    the value (down or up: it has seen all they saw, and more of others'
-    traffic); an older one can only lower it (both are bounds). The model goes to the
-    value of the reading believed, or the lower of the two while the moment is
-    not known (safe under both). So learning the moment gives back what the
-    refuted reading took off, and a stale report never lifts the model.
-    ``latest``: for a report whose moment is not known, the latest it can be
-    (``moments`` are then the earliest): what it lowered, no report older than
-    that lifts. While the moment is unknown, earlier answers bound it too (``_answers``).
+    under each. Under a reading, a report more recent than any before it gives the
+    value (down or up: it has seen all they saw, and more of others' traffic); an
+    older one can only lower it (both are bounds). The model goes to the value of the
+    reading believed, or the lower of the two while the moment is not known (safe
+    under both). So learning the moment gives back what the refuted reading took
+    off, and a stale report never lifts the model.
+    ``latest``: for a report of unknown moment, the latest it can be (``moments`` are then the
+    earliest): no report older lifts what it lowered. Earlier answers bound it too (``_answers``).
 
     >>> r = Readings()
     >>> target, r = correction(10.0, 100.0, (4.0, 12.0), ((1.0, 1), (5.0, 1)), "unknown", r)

@@ -106,8 +106,7 @@ def own_traffic(runtime: PoolRuntime, permit: Permit, now: float, *, replay: boo
     server by then: those are kept apart (``*_maybe``) so each reading counts them the
     safe way and the evidence of the moment as a blur either way.
     """
-    # (nothing below changes the totals: what the server counted of ours since the grant,
-    # read once, serves both ``since`` and ``counted_since``)
+    # (what the server counted of ours since the grant, read once, serves ``since`` and ``counted_since``)
     counted_since = runtime.admitted.since(permit._mark[0])
     own = OwnTraffic(since=runtime.spent_since(permit._mark, counted_since))
     own.refused = permit.response_status is not None and permit.response_status >= 400

@@ -213,19 +213,16 @@ class PoolRuntime:
         self.resyncs = self.raised = 0
         # the quickest answer seen from sending to its headers: no request travels longer
         self.fastest = math.inf
-        # the longest a request has been shown to take to reach the server (0: nothing shown;
-        # grown on refusals the reports did not foresee), and the grant order it was set at
+        # the longest shown to reach the server (0: none; grown on unforeseen 429s), and its grant order
         self.transit, self.transit_seq = 0.0, -1
         # the dimensions whose bucket was found smaller than a request's reservation (said once)
         self.too_small: set[str] = set()
-        # [sent at, seq, charges, granted at, grant order (see note_grant)] of the latest grants
-        # (sent at = granted at until marked sent): what reached the server after a report's
-        # moment, and what may not have reached it yet; bounded
+        # [sent at (= granted at until sent), seq, charges, granted at, grant order] of the latest
+        # grants: what reached the server after a report's moment, and what may not yet; bounded
         self.sends: deque[list[Any]] = deque(maxlen=_SENDS_KEPT)
         self.send_delay = 0.0  # the longest grant-to-send seen: how far back look_back() goes
-        # (time, {dim: change}) of what settlements (and output charged as it is produced) did
-        # to the server's buckets lately, for replaying them after a report (see _feedback)
-        # (and when, in which order, the request settled had drawn, as ``sends`` has it)
+        # (time, {dim: change}, granted at, order) of what settlements (and output charged as it is
+        # produced) did to the server's buckets lately, replayed after a report (see _feedback)
         self.changes: deque[tuple[float, Mapping[str, float], float, float]] = deque(maxlen=_SENDS_KEPT)
         # by how much (a fraction) the input estimates settled lately fell short of the usage
         self.shortfalls: deque[float] = deque(maxlen=_SHORTFALLS_KEPT)
@@ -246,8 +243,7 @@ class PoolRuntime:
         self.uncounted: Mapping[str, float] = {}
         # permits admitted before the last burst shrink: their 429s are old news
         self.shrink_seq = -1
-        # the fraction of each refill this client counts on: others may be drawing too
-        # (lowered by 429s the model did not foresee, raised back by clean traffic)
+        # the share of each refill counted on: others may draw too (lowered by unforeseen 429s)
         self.share = 1.0
         self.share_seq, self.share_since = -1, -math.inf
         # the engine's, if it must hear of each send (remote mode: Redis counts what was sent)
