@@ -41,7 +41,7 @@ def main() -> None:
         server.start()
         try:
             backend = RedisBackend(server.url, org="cost", prefetch=0)
-            limiter = Limiter("tier-1", limits=HUGE, backend=backend)
+            limiter = Limiter("tier-1", opening=60.0, limits=HUGE, backend=backend)
 
             async def cycles(n: int) -> None:
                 for _ in range(n):

@@ -64,9 +64,9 @@ class Setup:
         pool = self.client.connection_pool
         self.conn = pool.connection_class(**pool.connection_kwargs)
         self.backend = RedisBackend(url, org="bench")
-        self.limiter = Limiter("tier-1", limits=HUGE, backend=self.backend)
+        self.limiter = Limiter("tier-1", opening=60.0, limits=HUGE, backend=self.backend)
         self.direct_backend = RedisBackend(url, org="bench-direct", prefetch=0)
-        self.direct_limiter = Limiter("tier-1", limits=HUGE, backend=self.direct_backend)
+        self.direct_limiter = Limiter("tier-1", opening=60.0, limits=HUGE, backend=self.direct_backend)
         self.runner.run(self.pings(50))  # connect, load the scripts, create the pool
         self.runner.run(self.raw_pings(50))
         self.runner.run(self.cycles(50))
@@ -172,7 +172,7 @@ done = 0
 async def main():
     global done
     backend = RedisBackend(url, org=f"bench-throughput-{prefetch}", prefetch=prefetch)
-    limiter = Limiter("tier-1", limits=HUGE, backend=backend)
+    limiter = Limiter("tier-1", opening=60.0, limits=HUGE, backend=backend)
     print("ready", flush=True)
     start = float(sys.stdin.readline())  # every process starts on the same signal
     while time.time() < start:

@@ -176,7 +176,7 @@ def test_the_redis_engine_says_its_429s_through_the_same_log(
     done = False
     try:
         limits = {POOL: {"requests": 60.0, "input_tokens": 100_000.0, "output_tokens": 20_000.0}}
-        limiter = Limiter("tier-1", limits=limits, backend=backend, on_event=hook)
+        limiter = Limiter("tier-1", opening=60.0, limits=limits, backend=backend, on_event=hook)
 
         def run() -> None:
             permit = limiter.acquire_nowait(SONNET, input_tokens=10, max_tokens=10)

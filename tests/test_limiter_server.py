@@ -28,7 +28,7 @@ from limiter_support import (
     unified_headers,
 )
 
-from ratekeeper import ConfigurationError, Limiter, Permit, SpendLimitReached, WouldBlock
+from ratekeeper import Limiter, Permit, SpendLimitReached, WouldBlock
 
 pytestmark = pytest.mark.anyio
 
@@ -704,17 +704,6 @@ def test_under_the_real_time_rule_a_report_lifts_output_less_what_requests_under
     )
     # the report less its rounding, less the 1,000 the request under way may still produce
     assert levels(limiter)["output_tokens"] == pytest.approx(8_000 - 500 - 1_000)
-
-
-def test_opening_with_a_backend_is_refused() -> None:
-    """A backend's corrections only lower a level: a pool opened at one second would stay there."""
-
-    class Backend:
-        def _bind_limiter(self, limiter: Limiter) -> object:
-            raise AssertionError("not reached")
-
-    with pytest.raises(ConfigurationError, match="opening cannot be given with a backend"):
-        Limiter("tier-1", opening=1.0, backend=Backend())
 
 
 def test_opening_is_checked() -> None:

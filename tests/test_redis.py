@@ -71,7 +71,7 @@ def make(
     options.setdefault("org", "acme")
     backend = RedisBackend(server.url, **options)
     made.append(backend)
-    return Limiter("tier-1", limits=limits, burst=burst, backend=backend), backend
+    return Limiter("tier-1", opening=60.0, limits=limits, burst=burst, backend=backend), backend
 
 
 def client(server: RedisServer) -> redis.Redis:
@@ -190,7 +190,7 @@ def test_a_skewed_caller_clock_mints_nothing(redis_server: RedisServer, backends
     now = [1_000.0]
     backend = RedisBackend(redis_server.url, org="acme")
     backends.append(backend)
-    limiter = Limiter("tier-1", limits=LIMITS, backend=backend, clock=lambda: now[0])
+    limiter = Limiter("tier-1", opening=60.0, limits=LIMITS, backend=backend, clock=lambda: now[0])
     limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=20_000)
     with pytest.raises(WouldBlock) as info:
         limiter.acquire_nowait(SONNET, input_tokens=1_000, max_tokens=20_000)
@@ -248,7 +248,7 @@ def draws_of(text: str) -> dict[str, float]:
 
 def test_a_backend_is_a_context_manager_that_closes_it(redis_server: RedisServer) -> None:
     with RedisBackend(redis_server.url, org="acme") as backend:
-        limiter = Limiter("tier-1", limits=SMALL, backend=backend)
+        limiter = Limiter("tier-1", opening=60.0, limits=SMALL, backend=backend)
         with limiter.acquire_sync(SONNET, input_tokens=10, max_tokens=10) as permit:
             permit.settle({"output_tokens": 5})
         assert backend.flush()
@@ -260,7 +260,7 @@ def test_a_backend_is_a_context_manager_that_closes_it(redis_server: RedisServer
 @pytest.mark.anyio
 async def test_a_backend_is_an_async_context_manager_that_closes_it(redis_server: RedisServer) -> None:
     async with RedisBackend(redis_server.url, org="acme") as backend:
-        limiter = Limiter("tier-1", limits=SMALL, backend=backend)
+        limiter = Limiter("tier-1", opening=60.0, limits=SMALL, backend=backend)
         async with limiter.acquire(SONNET, input_tokens=10, max_tokens=10) as permit:
             permit.settle({"output_tokens": 5})
         assert await backend.aflush()
@@ -341,10 +341,13 @@ def test_a_prefetched_requests_report_is_read_against_its_prefetch(
         first.mark_sent()
         prefetched.mark_sent()
         # the server saw these two and 10 requests of someone else's: 48 left. The pool was
-        # noted at 56 with the prefetch's three charged, two of them not sent yet: 10 ahead
+        # noted at 56 with the prefetch's three charged, two of them not sent yet: 10 ahead,
+        # so 46 as of the admission. The moment is not known yet: as of the answer too, where
+        # the two unsent and the two sends just now (they may not have reached the server
+        # before the answer left) come off the 48: the lower of the two, 44
         prefetched.observe(rpm_headers(48), status=200)
         assert backend.flush()
-        assert level(redis_server, "requests") == pytest.approx(46, abs=0.1)
+        assert level(redis_server, "requests") == pytest.approx(44, abs=0.1)
 
 
 def test_no_prefetch_while_others_wait_or_the_pool_is_under_half(
@@ -445,14 +448,18 @@ async def test_resync_lowers_by_how_far_the_shared_model_was_ahead_at_the_grant(
     await anyio.sleep(0.5)  # half a request of refill: 28.5
     # the server saw the first and 10 requests of someone else's: 19 left. The shared model
     # was 10 ahead at the grant: it comes down 10, and keeps the refill since (lowering to
-    # the report less what was admitted since would give 18)
+    # the report less what was admitted since would give 18). The moment is not known yet,
+    # and as of the answer it is 18 if the second's send lies within a way to the server
+    # of the answer (so it may have been counted), else 19 less nothing: the lower of the two
     first.observe(rpm_headers(19), status=200)
     assert a_backend.flush()
-    assert level(redis_server, "requests") == pytest.approx(18.5, abs=0.1)
-    # the second's report shows the same foreign traffic: already taken off, not again
+    after_first = level(redis_server, "requests")
+    assert 18.0 - 0.05 <= after_first <= 18.5 + 0.1
+    # the second's report shows the same foreign traffic: already taken off, not again (as
+    # of its answer it is 18 at most, the same for both)
     second.observe(rpm_headers(18), status=200)
     assert b_backend.flush()
-    assert level(redis_server, "requests") == pytest.approx(18.5, abs=0.1)
+    assert 18.0 - 0.05 <= level(redis_server, "requests") <= after_first + 0.1
     for permit in held:
         permit.release()
 
@@ -515,7 +522,7 @@ def test_each_process_learns_the_moment_its_reports_describe(
     t = [1000.0]
     backend = RedisBackend(redis_server.url, org="acme", prefetch=0)
     backends.append(backend)
-    limiter = Limiter("tier-1", limits=LIMITS, backend=backend, clock=lambda: t[0])
+    limiter = Limiter("tier-1", opening=60.0, limits=LIMITS, backend=backend, clock=lambda: t[0])
     permits = []
     for _ in range(10):
         permit = limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
@@ -537,7 +544,7 @@ def test_own_traffic_is_read_in_grant_order_across_redis_and_prefetched_seqs(
     its prefetch among the reservations, then the local one within it, as they were granted."""
     backend = RedisBackend(redis_server.url, org="acme", prefetch=prefetch, prefetch_ttl=60.0)
     backends.append(backend)
-    limiter = Limiter("tier-1", limits=BIG, backend=backend)
+    limiter = Limiter("tier-1", opening=60.0, limits=BIG, backend=backend)
     demand = Demand(input_tokens=1, max_tokens=1)
     with contextlib.ExitStack() as stack:
         permits = [stack.enter_context(limiter.acquire_sync(SONNET, demand)) for _ in range(10)]
@@ -582,7 +589,7 @@ def _clocked(
     t = [1000.0]
     backend = RedisBackend(server.url, org="acme", **options)
     made.append(backend)
-    return Limiter("tier-1", limits=LIMITS, backend=backend, clock=lambda: t[0]), backend, t
+    return Limiter("tier-1", opening=60.0, limits=LIMITS, backend=backend, clock=lambda: t[0]), backend, t
 
 
 @pytest.mark.parametrize("prefetch", [0, 3])
@@ -696,7 +703,9 @@ def test_reports_shown_to_be_of_the_admission_give_back_what_the_server_never_co
         mine[k].observe(rpm_headers(59 - k), status=200)
     assert a_backend.flush()
     assert a.statistics()[POOL].report_moment == "admission"
-    assert level(redis_server, "requests") < 48.5  # (older admissions than the tenth: they only lower)
+    # the first (the tenth's: 50 left) was read while the moment was not known, as of both
+    # moments, and lifted the model's 45 to it; the older admissions after it only lower
+    assert level(redis_server, "requests") <= 50.05
     # one more, reported as of its admission: eleven gone, and the refill since. The model
     # has five more gone (and the same refill): it comes up to the report
     mine.append(a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1))
@@ -824,7 +833,7 @@ async def test_waiters_in_different_processes_go_in_arrival_order(
     for _ in range(2):
         backend = RedisBackend(redis_server.url, org="acme", poll_interval=1.0)
         backends.append(backend)
-        procs.append(Limiter("tier-1", limits=limits, burst=1 / 60, backend=backend))
+        procs.append(Limiter("tier-1", opening=60.0, limits=limits, burst=1 / 60, backend=backend))
     a, b = procs
     for _ in range(10):
         a.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
@@ -979,7 +988,7 @@ async def test_a_restart_mid_run_loses_no_request(
         redis_server.url, org="acme", on_unavailable="local", timeout=0.3, retry_interval=0.1
     )
     backends.append(backend)
-    limiter = Limiter("tier-1", limits=limits, backend=backend)
+    limiter = Limiter("tier-1", opening=60.0, limits=limits, backend=backend)
     remote = local = 0
     restarted = False
     deadline = time.monotonic() + 1.5

@@ -57,7 +57,7 @@ def make(
     options.setdefault("org", ORG)
     backend = RedisBackend(cluster.client(), **options)
     made.append(backend)
-    return Limiter("tier-1", limits=limits, backend=backend), backend
+    return Limiter("tier-1", opening=60.0, limits=limits, backend=backend), backend
 
 
 def stored(cluster: RedisClusterServer, backend: RedisBackend, dim: str) -> float:

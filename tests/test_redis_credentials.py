@@ -48,7 +48,7 @@ async def test_an_unreachable_redis_is_named_without_its_password(
 ) -> None:
     backend = RedisBackend(url.format(s=SECRET, p=_closed_port()), timeout=0.2, retry_interval=5.0)
     try:
-        limiter = Limiter("tier-1", backend=backend)
+        limiter = Limiter("tier-1", opening=60.0, backend=backend)
         with caplog.at_level(logging.DEBUG), pytest.raises(BackendUnavailable) as raised:
             async with limiter.acquire("claude-sonnet-4-5", input_tokens=1, max_tokens=1):
                 pytest.fail("admitted")

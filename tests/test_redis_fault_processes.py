@@ -59,7 +59,7 @@ async def main():
     backend = RedisBackend(
         url, org="faults", timeout=0.2, retry_interval=0.05, prefetch=rng.choice([0, 16]), flush_delay=0.002
     )
-    limiter = Limiter("tier-1", limits=LIMITS, burst=0.1, backend=backend)
+    limiter = Limiter("tier-1", opening=60.0, limits=LIMITS, burst=0.1, backend=backend)
     end = time.time() + duration
 
     async def task():

@@ -72,7 +72,7 @@ def make(server: RedisServer, made: list[RedisBackend], **options: Any) -> tuple
     options.setdefault("retry_interval", 0.05)
     backend = RedisBackend(server.url, **options)
     made.append(backend)
-    return Limiter("tier-1", limits=LIMITS, burst=1.0, backend=backend), backend
+    return Limiter("tier-1", opening=60.0, limits=LIMITS, burst=1.0, backend=backend), backend
 
 
 def client(server: RedisServer) -> redis.Redis:
@@ -480,10 +480,10 @@ async def test_a_pool_that_cannot_be_created_is_backend_unavailable(
     client(server).acl_setuser("limited", enabled=True, nopass=True, keys=["~*"], commands=["+@all", "-hdel"])
     url = server.url.replace("redis://", "redis://limited@")
     message = r"can.t run this command"
-    limiter = Limiter("tier-1", limits=LIMITS, backend=limited(url, backends))
+    limiter = Limiter("tier-1", opening=60.0, limits=LIMITS, backend=limited(url, backends))
     with pytest.raises(BackendUnavailable, match=message):
         limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)
-    limiter = Limiter("tier-1", limits=LIMITS, backend=limited(url, backends))
+    limiter = Limiter("tier-1", opening=60.0, limits=LIMITS, backend=limited(url, backends))
     with anyio.fail_after(5), pytest.raises(BackendUnavailable, match=message):
         await limiter.acquire(SONNET, input_tokens=1, max_tokens=1).__aenter__()
 

@@ -43,7 +43,7 @@ async def test_scripts_lost_mid_run_are_loaded_again_and_every_failed_call_repea
 ) -> None:
     backend = RedisBackend(redis_server.url, org="acme", prefetch=0)
     backends.append(backend)
-    limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
+    limiter = Limiter("tier-1", opening=60.0, limits=LIMITS, backend=backend)
     await cycle(limiter)
     leave = ScriptCall(
         "reserve", backend.pool_keys(POOL).reserve, [backend.participant, "600", "10", 86_400_000, "", "1", 0]
@@ -65,7 +65,7 @@ async def test_a_timed_out_round_trip_leaves_no_stale_reply_behind(
 ) -> None:
     backend = RedisBackend(redis_server.url, org="acme", timeout=0.1, retry_interval=0.05, prefetch=0)
     backends.append(backend)
-    limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
+    limiter = Limiter("tier-1", opening=60.0, limits=LIMITS, backend=backend)
     await cycle(limiter)
     client(redis_server).client_pause(300)  # the next reserve is answered only after the pause
     with pytest.raises(BackendUnavailable):
@@ -90,7 +90,7 @@ async def test_a_given_asyncio_client_without_decoding_works(
     given = redis.asyncio.Redis.from_url(redis_server.url)  # replies as bytes
     backend = RedisBackend(redis_server.url, org="acme", async_client=given, prefetch=0)
     backends.append(backend)
-    limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
+    limiter = Limiter("tier-1", opening=60.0, limits=LIMITS, backend=backend)
     seqs = [await cycle(limiter) for _ in range(3)]
     assert seqs == sorted(set(seqs))
     assert await given.ping()  # its own pool is untouched by the backend's connection
@@ -104,7 +104,7 @@ def test_the_flusher_thread_outlives_a_batch_redis_refuses(
 ) -> None:
     backend = RedisBackend(redis_server.url, org="acme", prefetch=0)
     backends.append(backend)
-    limiter = Limiter("tier-1", limits=LIMITS, backend=backend)
+    limiter = Limiter("tier-1", opening=60.0, limits=LIMITS, backend=backend)
     limiter.acquire_nowait(SONNET, input_tokens=1, max_tokens=1)  # creates the pool: 599 left
     org, pool = backend.pool_keys(POOL).control
     bad = ScriptCall("control", [org, pool], ["no-such-operation", 60_000], ident=backend.new_ident())

@@ -85,8 +85,8 @@ class Limiter:
     the server's: a minute's limit may be enforced over a second, where a
     minute's burst at once meets a wave of 429s; the report widens the
     buckets and lifts the levels to what the server holds; default 1, the
-    shortest interval documented; 60: a full bucket from the start; none
-    with a ``backend``), ``clock`` (a
+    shortest interval documented; 60: a full bucket from the start; with a
+    ``backend``, the first process sets the shared pool's), ``clock`` (a
     zero-argument function returning seconds; default: the event loop's clock
     in async code, ``time.monotonic`` in threads), ``on_event`` (called with a
     ``LimiterEvent`` for grants, pauses, resyncs, 429s..., once the limiter's
@@ -119,7 +119,7 @@ class Limiter:
         bind = _binder(backend)
         self._rules = _rules_of(rules, output_rule)
         _check_options(preset, warmup, warmup_floor, backfill_window, opening, burst, limits)
-        opening = _opening(opening, bind is not None)
+        opening = DEFAULT_OPENING if opening is None else opening
         self._preset = preset
         self._burst = burst
         self._adaptive = adaptive_burst
@@ -470,22 +470,6 @@ def _rules_of(rules: AccountingRules | None, output_rule: OutputRule | str | Non
                 f"unknown output_rule {output_rule!r}; choose one of: {choices}"
             ) from None
     return rules or AccountingRules(output_rule=output_rule or OutputRule.MAX_TOKENS)
-
-
-def _opening(opening: float | None, backend: bool) -> float | None:
-    """The opening new pools get: ``DEFAULT_OPENING`` unless given; none with a backend.
-
-    A backend's corrections only lower a level, so a pool it opened at one second would
-    stay there: it starts from the full bucket, as it always has.
-    """
-    if not backend:
-        return DEFAULT_OPENING if opening is None else opening
-    if opening is not None:
-        raise ConfigurationError(
-            "opening cannot be given with a backend: its corrections only lower a level,"
-            " so a pool would never open past it"
-        )
-    return None
 
 
 def _check_options(

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Final, final
 
+import attrs
+
 from ratekeeper.core._feedback import response_estimate
 from ratekeeper.core._headers import parse_headers
 from ratekeeper.core._pool import Pool
@@ -38,6 +40,14 @@ from ratekeeper.redis._prefetch import Prefetches
 from ratekeeper.redis._replies import BurstReply, PauseReply, ResyncReply
 
 __all__ = ["Feedback"]
+
+
+@attrs.frozen
+class _BurstChange:
+    """A change of the shared burst a report asks for: ``control.lua``'s call, and whether it shrinks."""
+
+    call: ScriptCall
+    fitted: bool
 
 
 @final
@@ -152,18 +162,40 @@ class Feedback:
                 if permit is not None and info.reset is not None and date is not None:
                     age = max(0.0, now - permit.started_at)
                     bound = min(bound, burst_bound(info.remaining, info.reset, date, dim, pool, age))
-        bound = fitted_burst(bound, floor)
+        burst = self._shared_burst(remote, fitted_burst(bound, floor), floor, now)
+        if burst is not None and not burst.fitted:
+            calls.append(burst.call)  # widened first: the resync may then lift into the room
         args[2:2] = self._reading(runtime, limits, date, permit, now)
         calls.append(self._parts.calls.resync(remote.keys, args, self._resync_handler(runtime)))
-        if not (limiter._adaptive and bound < 1.0 and pool.fit_burst(bound, now)):
-            return False
+        if burst is not None and burst.fitted:
+            calls.append(burst.call)
+        return burst is not None and burst.fitted
+
+    def _shared_burst(
+        self, remote: _RemotePool, bound: float, floor: float, now: float
+    ) -> _BurstChange | None:
+        """The burst a report bounds between ``floor`` and ``bound``: the mirror's change, and Redis's.
+
+        Shrunk to a clearly smaller bound (``control.lua fit``), or widened to the floor
+        (``widen``: the pool opened small, ``opening``, and the server's bucket holds more;
+        not past another dimension's bound, since one burst serves them all).
+        """
+        limiter = self._parts.limiter
+        runtime = remote.runtime
+        pool = runtime.pool
+        if not limiter._adaptive:
+            return None
+        if bound < 1.0 and pool.fit_burst(bound, now):
+            op, burst, fitted = "fit", bound, True
+        elif floor <= bound and pool.widen_burst(floor, now):
+            op, burst, fitted = "widen", floor, False
+        else:
+            return None
         limiter._emit("burst_change", runtime, now, {"burst": pool.burst, "from": "headers"})
-        calls.append(
-            self._parts.calls.control(
-                remote.keys.control, "fit", repr(bound), on_reply=self.burst_handler(runtime)
-            )
+        call = self._parts.calls.control(
+            remote.keys.control, op, repr(burst), on_reply=self.burst_handler(runtime)
         )
-        return True
+        return _BurstChange(call, fitted)
 
     def _reading(
         self,
@@ -200,8 +232,9 @@ class Feedback:
         own = "all" if permit.seq >= 0 else ("" if marked else "one")
         belief = runtime.moment.belief
         if permit.response_status is not None and permit.response_status >= 400:
-            belief, cutoff = "unknown", since_sent  # (answered as it arrived: of then)
-        mode = {"unknown": "", "mixed": "either"}.get(belief, belief)
+            mode, cutoff = "", since_sent  # (answered as it arrived: of then; only lowers)
+        else:
+            mode = belief if belief in ("admission", "response") else "either"
         lifts = _token_lifts(runtime) if mode else ""
         return [mode, repr(cutoff), repr(since_sent), repr(sent + transit + error), own, lifts]
 

@@ -10,6 +10,10 @@
 --   fit burst                     the headers bound the server's bucket: shrink the burst of
 --                                 KEYS[2] to burst if that is clearly smaller (< 0.95x);
 --                                 levels are clamped. Returns {status, now, burst, '1' | '0'}
+--   widen burst                   the headers show the server's bucket holds at least burst:
+--                                 grow the burst of KEYS[2] to it if that is clearly larger
+--                                 (> 1.05x; a pool opened small). Levels do not jump, they
+--                                 refill. Returns {status, now, burst, '1' | '0'}
 --   hold seconds reason scope     an organization-wide subscription hold ('all' or a family)
 --   spend seconds resets_at       the monthly spend cap: every reserve fails until then
 --   limits dim value ...          set per-minute limits of KEYS[2] by hand
@@ -85,6 +89,14 @@ else
     end
     save_pool(p)
     return {'OK', fmt(now), fmt(p.burst), fitted and '1' or '0'}
+  elseif op == 'widen' then
+    local burst = math.min(1, tonumber(ARGV[3]))
+    local widened = burst > p.burst * 1.05
+    if widened then
+      set_burst(p, burst)
+    end
+    save_pool(p)
+    return {'OK', fmt(now), fmt(p.burst), widened and '1' or '0'}
   else
     return redis.error_reply('ratekeeper control: unknown operation ' .. op)
   end
