@@ -75,7 +75,11 @@ def run_once(args: argparse.Namespace, prefetch: int) -> dict[str, int]:
             return totals
         finally:
             server.send_signal(signal.SIGINT)
-            server.wait(timeout=10)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # (still closing connections: the run is measured)
+                server.kill()
+                server.wait()
             redis.stop()
 
 

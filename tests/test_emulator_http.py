@@ -135,6 +135,30 @@ def test_cli_emulate_serves_until_interrupted() -> None:
         assert proc.wait(timeout=10) == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_cli_emulate_stops_on_an_interrupt_or_term_even_started_with_sigint_ignored(signum: int) -> None:
+    """A shell script's background job (``ratekeeper emulate &``) starts with SIGINT ignored."""
+    code = "from ratekeeper.cli._main import main; raise SystemExit(main())"
+    args = [sys.executable, "-c", code, "emulate", "--port", "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=ignore_sigint
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening on http://127.0.0.1:")
+        proc.send_signal(signum)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _raw_post(url: str, head: bytes, body: bytes = b"") -> bytes:
     """Send one hand-made POST and read the answer until the server closes."""
     import socket

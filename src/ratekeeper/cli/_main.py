@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -150,6 +152,11 @@ def _emulate(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+    # Ctrl-C and SIGTERM both stop it cleanly, even when started as a script's background
+    # job (`ratekeeper emulate &`), which inherits SIGINT ignored and so would never stop
+    if threading.current_thread() is threading.main_thread():  # (only there can it set them)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         # said inside the try: an interrupt right after the line (a script that waits for it,
         # then stops the server) is a clean stop, not a traceback and exit status -2
@@ -161,6 +168,10 @@ def _emulate(args: argparse.Namespace) -> int:
     finally:
         http.close()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _emulator_config(args: argparse.Namespace, epoch: dt.datetime) -> EmulatorConfig:
