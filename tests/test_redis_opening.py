@@ -13,13 +13,14 @@ Every test starts its own ``redis-server``.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 from redis_server import RedisServer
-from test_redis import stored_pool
+from test_redis import level, stored_pool
 
 from ratekeeper import Demand, Limiter, RedisBackend, WouldBlock
 from ratekeeper.core._pool import MIN_BURST
@@ -164,3 +165,49 @@ def test_widen_grows_only_when_clearly_larger_and_never_past_a_minute(
     assert widen(3.0, "d")[3] == b"1"
     assert stored_pool(redis_server)["burst"] == pytest.approx(1.0)
     assert widen(0.5, "d")[0] == b"DUP"  # the same op again changes nothing
+
+
+def test_while_the_moment_is_unknown_an_earlier_answer_bounds_a_later_report_of_an_admission(
+    redis_server: RedisServer, backends: list[RedisBackend]
+) -> None:
+    """Two requests at one instant, a server that mixes the moments (the local machine's case).
+
+    Another client draws 5,000 output tokens half a second after both were admitted. The
+    first request's report is of its answer (it saw that draw: 13,333 left), the second's,
+    read later, of its admission (before the draw: 18,000). Read as of both moments but
+    each report by itself, the second is the newer under both readings and lifts output
+    about 3,500 tokens past what the server has. The first report's answer is no earlier
+    than the second's admission, so it may be the latest moment of the two: it bounds it.
+    """
+    limits = {POOL: {"requests": 600.0, "input_tokens": 1_000_000.0, "output_tokens": 20_000.0}}
+    backend = RedisBackend(redis_server.url, org="acme", prefetch=0)
+    backends.append(backend)
+    limiter = Limiter("tier-1", limits=limits, backend=backend, opening=60.0)
+    demand = Demand(input_tokens=100, max_tokens=1_000)
+
+    def report(output: int) -> dict[str, str]:
+        out = {}
+        for name, limit, remaining in (
+            ("requests", 600, 598),
+            ("input-tokens", 1_000_000, 999_800),
+            ("output-tokens", 20_000, output),
+        ):
+            out[f"anthropic-ratelimit-{name}-limit"] = str(limit)
+            out[f"anthropic-ratelimit-{name}-remaining"] = str(remaining)
+        return out
+
+    with limiter.acquire_sync(SONNET, demand) as first, limiter.acquire_sync(SONNET, demand) as second:
+        first.mark_sent()
+        second.mark_sent()
+        assert backend.flush()
+        time.sleep(1.0)
+        first.observe(report(13_333), status=200)  # of its answer, after the other's draw
+        assert backend.flush()
+        assert limiter.statistics()[POOL].report_moment == "unknown"
+        time.sleep(0.3)
+        second.observe(report(18_000), status=200)  # of its admission, before the draw
+        assert backend.flush()
+        # the server: 13,000 and its refill since the sends (333 a second, under 2 s of it)
+        assert level(redis_server, "output_tokens") <= 13_000 + 2 * 20_000 / 60
+        first.release()
+        second.release()

@@ -209,8 +209,8 @@ class Feedback:
 
         The moment is what this process's reports have shown (``core._feedback``: the
         reading believed once the other is refuted, else the lower of the two: 'either'
-        once both were); only once it is known does a report lift the shared requests
-        bucket (until then the admission rule, which only lowers, is the lower of the two).
+        once both were, 'unknown' before either was, where the earlier answers bound it
+        too, as ``_below_answers`` does in-process); a refusal's report only lowers ('').
         The cutoff is when the answer arrived in Redis time, less a request's way to the
         server (the local limiter's ``transit``: a request sent before it is in a report
         taken as the answer left), the admission within that way of the send; each less
@@ -234,7 +234,13 @@ class Feedback:
         if permit.response_status is not None and permit.response_status >= 400:
             mode, cutoff = "", since_sent  # (answered as it arrived: of then; only lowers)
         else:
-            mode = belief if belief in ("admission", "response") else "either"
+            mode = (
+                belief
+                if belief in ("admission", "response")
+                else "either"
+                if belief == "mixed"
+                else "unknown"
+            )
         lifts = _token_lifts(runtime) if mode else ""
         return [mode, repr(cutoff), repr(since_sent), repr(sent + transit + error), own, lifts]
 

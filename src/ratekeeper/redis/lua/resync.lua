@@ -4,8 +4,9 @@
 -- ARGV: since (seq of the observed request: reservations admitted after it, by any
 --       process, were not seen by the server when it answered; -1: all in flight),
 --       learn ('1': adopt the -limit headers), op_ttl (ms: how long the op's id is
---       kept), moment ('response', 'admission' or 'either': what the caller's reports have
---       shown of the moment they are taken at, see below; '' not known yet), cutoff (the
+--       kept), moment ('response', 'admission', 'either' or 'unknown': what the caller's
+--       reports have shown of the moment they are taken at, see below; '': only lower,
+--       a refusal's report), cutoff (the
 --       earliest that answer's moment can be, in Redis time, less a request's way to the
 --       server), since_sent and admitted_by (the observed request's send less, and plus,
 --       that way: the span its admission lies in), own ('all': the observed reservation is
@@ -41,7 +42,8 @@
 -- the report less those, down or up. A request is one request: no refund the server made
 -- is still to come to Redis. The observed request itself is in the report (it was answered).
 -- With moment 'admission', the requests bucket goes (down or up) to the report read as of
--- the admission, and with 'either' (the reports are of both moments) to the lower of the two
+-- the admission, and with 'either' (the reports are of both moments) or 'unknown' (not
+-- shown yet; the earlier answers bound it too, see keep_answers) to the lower of the two
 -- readings; as of the admission it is the larger of two bounds: the admission rule's, and
 -- the report with the refill from the latest the admission can have been (clamped at the
 -- capacity, before any draw: the safe order), less every request not sent and every send
@@ -113,15 +115,68 @@ end
 local mode, cutoff, since_sent, admitted_by = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local own = ARGV[8]
 local horizon = now - SENT_LOG_SECONDS + 1
-local response = (mode == 'response' or mode == 'either') and cutoff ~= nil and cutoff <= now and cutoff > horizon
-local admission = (mode == 'admission' or mode == 'either') and since_sent ~= nil and admitted_by ~= nil
+local unknown = mode == 'unknown' -- both readings, and the earlier answers bound them (below)
+local either = mode == 'either' or unknown
+local response = (mode == 'response' or either) and cutoff ~= nil and cutoff <= now and cutoff > horizon
+local admission = (mode == 'admission' or either) and since_sent ~= nil and admitted_by ~= nil
   and since_sent > horizon and since_sent <= now
-if mode == 'either' and not (response and admission) then
+if either and not (response and admission) then
   response, admission = false, false
 end
 -- the latest moment a report set the level from, under each reading: an older one only lowers
-local held = redis.call('HMGET', KEYS[2], 'rcut', 'acut')
+local held = redis.call('HMGET', KEYS[2], 'rcut', 'acut', 'alast')
 local latest, latest_adm = tonumber(held[1] or '') or -math.huge, tonumber(held[2] or '') or -math.huge
+-- the latest instant a report so far can have been taken at its admission (this one's too)
+local alast = tonumber(held[3] or '') or -math.huge
+if admitted_by and since >= 0 and admitted_by <= now + SENT_LOG_SECONDS and admitted_by > alast then
+  alast = admitted_by
+end
+
+-- While the moment is unknown (core._feedback._below_answers, _answers): the answers of
+-- earlier reports no earlier than ``alast`` may be the latest moment of all (take every
+-- other report as of its admission), so each one's value bounds the level. Kept per
+-- bucket in 'ans:DIM' as "at:offset;..." (offset: its value less the level, which moves
+-- with the server's under every draw), at most eight, each lower than every later one.
+local function answers_of(d)
+  local out = {}
+  for at, off in string.gmatch(redis.call('HGET', KEYS[2], 'ans:' .. d) or '', '([^:;]+):([^;]+)') do
+    out[#out + 1] = {tonumber(at), tonumber(off)}
+  end
+  return out
+end
+local function keep_answers(d, list, old_lvl, new_lvl, cap, new_value)
+  local values = {}
+  for _, a in ipairs(list) do
+    if a[1] >= alast then
+      values[#values + 1] = {a[1], math.min(cap, old_lvl + a[2])}
+    end
+  end
+  if new_value then -- (its answer left no later than this script runs: now is the latest it can be)
+    values[#values + 1] = {now, math.min(cap, new_value)}
+  end
+  table.sort(values, function(x, y)
+    if x[1] ~= y[1] then
+      return x[1] < y[1]
+    end
+    return x[2] > y[2]
+  end)
+  local kept, lowest = {}, math.huge
+  for j = #values, 1, -1 do
+    if values[j][2] < lowest then
+      lowest = values[j][2]
+      table.insert(kept, 1, {values[j][1], values[j][2] - new_lvl})
+    end
+  end
+  while #kept > 8 do -- two merge into one that is lower and lasts longer: it bounds where either did
+    kept[2] = {kept[2][1], kept[1][2]}
+    table.remove(kept, 1)
+  end
+  local parts = {}
+  for _, a in ipairs(kept) do
+    parts[#parts + 1] = fmt(a[1]) .. ':' .. fmt(a[2])
+  end
+  redis.call('HSET', KEYS[2], 'ans:' .. d, table.concat(parts, ';'))
+end
 
 -- The response rule's: the requests the shared model holds that the server had not
 -- counted by then (not sent; sent, as Redis heard, after ``after``), less the observed one.
@@ -201,12 +256,14 @@ for i = FIRST, #ARGV, 4 do
     local at = note and note[d]
     local t
     local moves = false
+    local answers, answer_value = nil, nil
     if (d == 'requests' or lifts[d]) and (response or admission) then
       -- (read: the level comes from the report itself, not from the model's own change)
       t = math.huge
       local read_here = false
       if response then
         t = target - not_counted(cutoff, d)
+        answer_value = t
         read_here = true
         if cutoff < latest and t > b.lvl then
           t, read_here = b.lvl, false
@@ -223,6 +280,14 @@ for i = FIRST, #ARGV, 4 do
           t, read_here = adm, adm_read
         end
       end
+      if unknown then
+        answers = answers_of(d)
+        for _, a in ipairs(answers) do
+          if a[1] >= alast and b.lvl + a[2] < t then
+            t, read_here = b.lvl + a[2], true -- (an earlier report's value: its refunds stay out too)
+          end
+        end
+      end
       moves = true
       if read_here and d ~= 'requests' then
         read[#read + 1] = d
@@ -235,6 +300,9 @@ for i = FIRST, #ARGV, 4 do
     end
     if t > b.cap then
       t = b.cap
+    end
+    if answers then
+      keep_answers(d, answers, b.lvl, t, b.cap, answer_value)
     end
     if t < b.lvl or (moves and t > b.lvl) then
       out[#out + 1] = 'level:' .. d .. ':' .. fmt(t - b.lvl)
@@ -268,6 +336,9 @@ else
 end
 if seen > latest or seen_adm > latest_adm then
   redis.call('HSET', KEYS[2], 'rcut', fmt(seen), 'acut', fmt(seen_adm))
+end
+if alast > (tonumber(held[3] or '') or -math.huge) then
+  redis.call('HSET', KEYS[2], 'alast', fmt(alast))
 end
 if dirty or p.lx_changed then
   save_pool(p)
