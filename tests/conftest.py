@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -11,6 +13,9 @@ from hypothesis import HealthCheck, settings
 # a real redis-server on a free port, for the Redis backend's tests
 from redis_server import redis_server  # noqa: F401
 from trio.testing import MockClock
+
+if TYPE_CHECKING:
+    from ratekeeper import RedisBackend
 
 # The gate's clock (ratekeeper.gate._clock.GateClock) runs shifted by this much in every test,
 # as trio's SystemClock does: the shift changes nothing the gate does, so a stray
@@ -35,3 +40,12 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
     if request.param == "trio":
         return ("trio", {"clock": MockClock(autojump_threshold=0)})
     return "asyncio"
+
+
+@pytest.fixture
+def backends() -> Iterator[list[RedisBackend]]:
+    """Redis backends made by a test, closed after it (their flusher threads stop)."""
+    made: list[RedisBackend] = []
+    yield made
+    for b in made:
+        b.close()

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -48,15 +47,6 @@ BIG = {POOL: {"requests": 600.0, "input_tokens": 1_000_000.0, "output_tokens": 2
 def anyio_backend(request: pytest.FixtureRequest) -> object:
     """Real clocks on both libraries: Redis TIME does not follow a mock clock."""
     return request.param
-
-
-@pytest.fixture
-def backends() -> Iterator[list[RedisBackend]]:
-    """Backends made by a test, closed after it (their flusher threads stop)."""
-    made: list[RedisBackend] = []
-    yield made
-    for b in made:
-        b.close()
 
 
 def make(

@@ -57,14 +57,6 @@ def server() -> Iterator[RedisServer]:
             srv.stop()
 
 
-@pytest.fixture
-def backends() -> Iterator[list[RedisBackend]]:
-    made: list[RedisBackend] = []
-    yield made
-    for b in made:
-        b.close()
-
-
 def make(server: RedisServer, made: list[RedisBackend], **options: Any) -> tuple[Limiter, RedisBackend]:
     options.setdefault("org", "acme")
     options.setdefault("prefetch", 0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,28 +31,23 @@ LIMITS = {POOL: {"requests": 600.0, "input_tokens": 600_000.0, "output_tokens": 
 DEMAND = Demand(input_tokens=100, max_tokens=100)
 
 
-@pytest.fixture
-def backends() -> Iterator[list[RedisBackend]]:
-    made: list[RedisBackend] = []
-    yield made
-    for b in made:
-        b.close()
-
-
 def _limiter(server: RedisServer, made: list[RedisBackend], **options: Any) -> tuple[Limiter, RedisBackend]:
     backend = RedisBackend(server.url, org="acme", prefetch=0)
     made.append(backend)
     return Limiter("tier-1", limits=LIMITS, backend=backend, **options), backend
 
 
-def _report(requests: int, input_: int, output: int) -> dict[str, str]:
+def _report(
+    requests: int, input_: int, output: int, limits: dict[str, float] = LIMITS[POOL]
+) -> dict[str, str]:
+    """Headers with each bucket's limit (``limits``) and what it has left."""
     out = {}
-    for name, (limit, remaining) in {
-        "requests": (600, requests),
-        "input-tokens": (600_000, input_),
-        "output-tokens": (60_000, output),
-    }.items():
-        out[f"anthropic-ratelimit-{name}-limit"] = str(limit)
+    for name, dim, remaining in (
+        ("requests", "requests", requests),
+        ("input-tokens", "input_tokens", input_),
+        ("output-tokens", "output_tokens", output),
+    ):
+        out[f"anthropic-ratelimit-{name}-limit"] = str(int(limits[dim]))
         out[f"anthropic-ratelimit-{name}-remaining"] = str(remaining)
     return out
 
@@ -186,15 +180,7 @@ def test_while_the_moment_is_unknown_an_earlier_answer_bounds_a_later_report_of_
     demand = Demand(input_tokens=100, max_tokens=1_000)
 
     def report(output: int) -> dict[str, str]:
-        out = {}
-        for name, limit, remaining in (
-            ("requests", 600, 598),
-            ("input-tokens", 1_000_000, 999_800),
-            ("output-tokens", 20_000, output),
-        ):
-            out[f"anthropic-ratelimit-{name}-limit"] = str(limit)
-            out[f"anthropic-ratelimit-{name}-remaining"] = str(remaining)
-        return out
+        return _report(598, 999_800, output, limits[POOL])
 
     with limiter.acquire_sync(SONNET, demand) as first, limiter.acquire_sync(SONNET, demand) as second:
         first.mark_sent()

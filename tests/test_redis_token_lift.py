@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,14 +34,6 @@ SONNET = "claude-sonnet-4-5"
 POOL = "sonnet-4.x"
 LIMITS = {POOL: {"requests": 60.0, "input_tokens": 100_000.0, "output_tokens": 20_000.0}}
 DEMAND = Demand(input_tokens=100, max_tokens=1_000)
-
-
-@pytest.fixture
-def backends() -> Iterator[list[RedisBackend]]:
-    made: list[RedisBackend] = []
-    yield made
-    for b in made:
-        b.close()
 
 
 def _limiter(

@@ -6,8 +6,6 @@ requests after a timeout, scripts reloaded after ``SCRIPT FLUSH``, clients
 given by the caller. Real ``redis-server``, real clocks.
 """
 
-# ruff: noqa: F811 (test parameters named after the fixtures imported below)
-
 from __future__ import annotations
 
 import time
@@ -19,7 +17,7 @@ import redis.asyncio
 from redis_server import RedisServer
 
 # the same fixtures as test_redis.py (pytest finds them by name, hence the noqa)
-from test_redis import anyio_backend, backends, client, stored_pool  # noqa: F401
+from test_redis import anyio_backend, client, stored_pool  # noqa: F401
 
 from ratekeeper import BackendUnavailable, Limiter, RedisBackend
 from ratekeeper.redis._ops import ScriptCall
