@@ -234,13 +234,7 @@ class Feedback:
         if permit.response_status is not None and permit.response_status >= 400:
             mode, cutoff = "", since_sent  # (answered as it arrived: of then; only lowers)
         else:
-            mode = (
-                belief
-                if belief in ("admission", "response")
-                else "either"
-                if belief == "mixed"
-                else "unknown"
-            )
+            mode = "either" if belief == "mixed" else belief  # (admission, response or unknown)
         lifts = _token_lifts(runtime) if mode else ""
         return [mode, repr(cutoff), repr(since_sent), repr(sent + transit + error), own, lifts]
 

@@ -144,6 +144,7 @@ local function answers_of(d)
   end
   return out
 end
+local answer_fields = {} -- (written once, after every bucket: 'ans:DIM', value, ...)
 local function keep_answers(d, list, old_lvl, new_lvl, cap, new_value)
   local values = {}
   for _, a in ipairs(list) do
@@ -175,7 +176,8 @@ local function keep_answers(d, list, old_lvl, new_lvl, cap, new_value)
   for _, a in ipairs(kept) do
     parts[#parts + 1] = fmt(a[1]) .. ':' .. fmt(a[2])
   end
-  redis.call('HSET', KEYS[2], 'ans:' .. d, table.concat(parts, ';'))
+  answer_fields[#answer_fields + 1] = 'ans:' .. d
+  answer_fields[#answer_fields + 1] = table.concat(parts, ';')
 end
 
 -- The response rule's: the requests the shared model holds that the server had not
@@ -338,7 +340,11 @@ if seen > latest or seen_adm > latest_adm then
   redis.call('HSET', KEYS[2], 'rcut', fmt(seen), 'acut', fmt(seen_adm))
 end
 if alast > (tonumber(held[3] or '') or -math.huge) then
-  redis.call('HSET', KEYS[2], 'alast', fmt(alast))
+  answer_fields[#answer_fields + 1] = 'alast'
+  answer_fields[#answer_fields + 1] = fmt(alast)
+end
+if #answer_fields > 0 then
+  redis.call('HSET', KEYS[2], unpack(answer_fields))
 end
 if dirty or p.lx_changed then
   save_pool(p)
